@@ -1,0 +1,55 @@
+"""The Prefect flow `srcflow`: runs the stages in order, each as a task cached on its fingerprint.
+
+Only wiring lives here; what a stage does is in `stages/`, how it is planned and committed in
+`pipeline/runner.py`. A stage whose output is complete on disk shows as Cached; one whose
+output is missing or partial is (re)run with `refresh_cache`, so a deleted artifact is rebuilt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from pipeline.config import config_dict, load_config, validate_config
+from pipeline.progress import set_mode
+from pipeline.runner import plan, run_stage, select_stages, upstream_manifests
+from storage_schemas.success import Manifest
+
+
+def fingerprint_key(context, parameters) -> str:
+    return f"{parameters['stage']}-{parameters['fingerprint']}"
+
+
+@task(cache_key_fn=fingerprint_key, persist_result=True)
+def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, dict], force: bool = False) -> dict:
+    """Runs one stage; returns its small manifest (never arrays)."""
+    cfg = validate_config(config)
+    (p,) = [p for p in plan(cfg) if p.name == stage]
+    if p.fingerprint != fingerprint:
+        raise RuntimeError(f"{stage}: fingerprint changed between planning and running ({fingerprint[:16]} -> "
+                           f"{p.fingerprint[:16]}); an input changed during the run")
+    return run_stage(p, cfg, {k: Manifest.model_validate(v) for k, v in upstream.items()}, force=force).model_dump()
+
+
+@flow(name="srcflow", log_prints=True)
+def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = None, stages: list[str] | None = None,
+            until: str | None = None, force: list[str] | None = None) -> dict[str, dict]:
+    """shard -> encode -> (fit_decoder) -> fit_src -> compress -> train_flow -> sample -> evaluate."""
+    cfg = load_config(config, overrides or [])
+    set_mode(cfg.runtime.progress)
+    force = force or []
+    results_dir = Path(cfg.storage.root).absolute() / ".prefect-results"
+    manifests: dict[str, Manifest] = {}
+    for p in select_stages(plan(cfg), stages, until):
+        rerun = p.state != "done" or p.name in force
+        task_fn = stage_task.with_options(name=p.name, refresh_cache=rerun, result_storage=results_dir)
+        upstream = {u: m.model_dump() for u, m in upstream_manifests(cfg, p, manifests).items()}
+        result = task_fn(p.name, p.fingerprint, config_dict(cfg), upstream, force=p.name in force)
+        manifests[p.name] = Manifest.model_validate(result)
+    create_table_artifact(key="srcflow-stages", table=[
+        {"stage": name, "fingerprint": m.fingerprint[:16], "path": m.path,
+         "metrics": ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))}
+        for name, m in manifests.items()], description="srcflow stage outputs")
+    return {name: m.model_dump() for name, m in manifests.items()}

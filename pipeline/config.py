@@ -1,0 +1,320 @@
+"""Typed pipeline configuration: YAML -> pydantic models, with dotted `--set` overrides.
+
+Every field is *semantic* (it changes a stage's output and enters its fingerprint) unless it is
+declared with `operational(...)` (batch sizes for inference, workers, device, progress, logging):
+those never enter a fingerprint. The whole `runtime` and `storage` sections are operational.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line naming the full key path."""
+
+
+def operational(default: Any, description: str = "") -> Any:
+    """A field that changes how a stage runs, never what it produces."""
+    return Field(default, description=description, json_schema_extra={"operational": True})
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- where things live and how they run (all operational) -------------------------------------
+
+
+class StorageConfig(Section):
+    root: str = operational("data/artifacts", "artifact store root; relative paths are taken from the working directory")
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = operational("auto")
+    workers: int = operational(1, "parallel worker processes for shard/encode/compress/sample (Dask LocalCluster when > 1)")
+    dask_address: str | None = operational(None, "an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    nproc: int = operational(1, "torchrun processes per node for training stages")
+    progress: Literal["auto"] | bool = operational("auto", "progress bars: auto (on a terminal), true or false")
+    log_level: str = operational("INFO")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+class TinyImageNetConfig(Section):
+    """Parameters of the procedural dataset generated at `data.root` when it is missing."""
+
+    classes: int = 4
+    per_class: int = 32
+    val_per_class: int = 8
+    size: int = 64
+    seed: int = 0
+
+
+class DataConfig(Section):
+    root: str = "data/imagenet"
+    layout: Literal["auto", "imagefolder", "kaggle"] = "auto"
+    classes: list[str] | int | None = Field(None, description="a list of synsets or a count of the first ones")
+    max_per_class: int | None = None
+    resolution: Literal[256, 512] | int = 256
+    generate_tiny: TinyImageNetConfig | None = Field(
+        None, description="generate the tiny procedural ImageNet at data.root when it does not exist (smoke/CI)"
+    )
+
+
+class ShardConfig(Section):
+    samples_per_shard: int = Field(1000, gt=0)
+    splits: list[Literal["train", "val"]] = ["train", "val"]
+    workers: int = operational(4, "parallel processes")
+
+
+# --- the RAE (frozen encoder + decoder) -------------------------------------------------------
+
+
+class EncoderArch(Section):
+    """Overrides of the timm ViT for small random encoders (smoke/tests). Empty = the real DINOv2-B."""
+
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+
+
+class EncoderConfig(Section):
+    name: str = "vit_base_patch14_reg4_dinov2"
+    weights: str = Field("random", description="local .safetensors/.pth (timm or HF format), or 'random'")
+    input_size: int = 224
+    arch: EncoderArch = EncoderArch()
+    seed: int = 0
+
+
+class EncodeConfig(Section):
+    views: list[Literal["plain", "flip"]] = ["plain"]
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    stats: Literal["computed", "file"] = "computed"
+    stats_file: str | None = None
+    rows_per_shard: int = Field(256, gt=0, description="rows per Zarr shard: the unit of a writer and of resume")
+    rows_per_chunk: int = Field(16, gt=0, description="rows per inner chunk: the unit of a random read")
+    subset_per_class: int | None = Field(None, description="encode only the first K train images per class")
+    batch_size: int = operational(64)
+
+
+class DecoderConfig(Section):
+    weights: str | None = Field(None, description="released RAE decoder checkpoint; None trains one (fit_decoder)")
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    patch_size: int = 16
+
+
+class FitDecoderConfig(Section):
+    steps: int = 20000
+    batch_size: int = 512
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    noise_tau: float = 0.8
+    ema_decay: float = 0.999
+    lpips_weights: str | None = None
+    seed: int = 0
+    ckpt_every: int = operational(1000)
+
+
+# --- the compressor ----------------------------------------------------------------------------
+
+
+class SRCConfig(Section):
+    kind: Literal["pca", "learned"] = "learned"
+    dim: int = Field(32, gt=0)
+    arch: Literal["mlp", "transformer"] = "mlp"
+    hidden: int = 1024
+    depth: int = 2
+    noise_sigma: float = Field(0.2, ge=0)
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-4
+    cosine_weight: float = 1.0
+    pixel_loss_weight: float = 0.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    ckpt_every: int = operational(500)
+
+
+class CompressConfig(Section):
+    source: Literal["features", "images"] = Field("features", alias="from")
+    batch_size: int = operational(256)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- the flow ---------------------------------------------------------------------------------
+
+
+class FlowConfig(Section):
+    width: int = 1024
+    heads: int = 16
+    num_blocks: int = 8
+    layers_per_block: int = 2
+    deep_layers: int | None = 16
+    cond: Literal["additive", "prefix"] = "additive"
+    scale: Literal["exp", "softplus"] = "softplus"
+    start_token: bool = True
+    soft_clip: float | None = 4.0
+    label_drop: float = 0.1
+    noise_sigma: float = 0.2
+
+
+class TrainConfig(Section):
+    steps: int = 400000
+    batch_size: int = 256
+    lr: float = 1e-4
+    warmup_steps: int = 5000
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    ckpt_every: int = operational(5000)
+
+
+class SampleConfig(Section):
+    per_class: int = 50
+    cfg_scale: list[float] = [1.0]
+    cfg_mode: Literal["tarflow", "starflow"] = "starflow"
+    cfg_anneal: bool = False
+    denoise: Literal["none", "tweedie"] = "none"
+    seed: int = 0
+    batch_size: int = operational(125)
+
+
+class ReferenceConfig(Section):
+    kind: Literal["train", "adm_npz"] = "train"
+    path: str | None = Field(None, description="the ADM reference batch .npz for kind adm_npz")
+    max_images: int | None = None
+
+
+class EvaluateConfig(Section):
+    inception_weights: str = "weights/weights-inception-2015-12-05-6726825d.pth"
+    kid_subset_size: int = 1000
+    batch_size: int = operational(64)
+
+
+class Config(Section):
+    storage: StorageConfig = StorageConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig()
+    shard: ShardConfig = ShardConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    encode: EncodeConfig = EncodeConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    fit_decoder: FitDecoderConfig = FitDecoderConfig()
+    src: SRCConfig = SRCConfig()
+    compress: CompressConfig = CompressConfig()
+    flow: FlowConfig = FlowConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (or defaults) + `section.key=value` overrides -> a validated Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "defaults")
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key {key}{known_keys_hint(err['loc'])}{more}") from None
+        raise ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r}){more}") from None
+
+
+def known_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    return f"; known: {', '.join(model.model_fields)}"
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.c=value` with value parsed as YAML (`16`, `0.5`, `[plain, flip]`, `null`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: key {key!r} must be section.key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def semantic_values(model: BaseModel) -> dict[str, Any]:
+    """The fields of a section that determine outputs (operational ones dropped), JSON-ready."""
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        if (field.json_schema_extra or {}).get("operational"):
+            continue
+        value = getattr(model, name)
+        out[name] = semantic_values(value) if isinstance(value, BaseModel) else _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def select(cfg: Config, dotted: str) -> Any:
+    """`select(cfg, "data.resolution")` -> the value; `select(cfg, "src")` -> the section."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,328 @@
+"""FID, Inception Score, KID and precision/recall with torch-fidelity's Inception-v3.
+
+SRC-FLOW.md, "Evaluation protocol": papers report the ADM TensorFlow evaluator against
+`VIRTUAL_imagenet256_labeled.npz`; the PyTorch route is torch-fidelity's `inception-v3-compat`
+against the ADM mu/sigma (close, not bit-identical). This module is that route:
+
+    samples (N, H, W, 3) uint8 -> Inception pool features (2048) + unbiased logits, computed once
+      -> FID  against the reference mu/sigma                      (fid_statistics_to_metric)
+      -> IS   on the logits, 10 splits                            (isc_features_to_metric)
+      -> KID  against the reference pool features                 (kid_features_to_metric)
+      -> precision/recall, k-NN manifolds of Kynkaennemi et al. 2019, on the Inception pool
+         features like ADM (torch-fidelity's prc_features_to_metric takes any features; its
+         VGG16 default only applies inside calculate_metrics, which is not used here)
+
+A reference is a dict {mu, sigma, pr_features, meta}: built from images, imported from an ADM
+reference batch, or stored as a versioned .npz. The Inception weights are always a local file
+(`evaluate.inception_weights`): torch-fidelity never downloads here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+FEATURE_EXTRACTOR = "inception-v3-compat"
+FEATURES = ("2048", "logits_unbiased")  # pool_3 features (FID, KID, P/R) and logits without bias (IS)
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# torch.hub names checkpoints `<name>-<first hex digits of the sha256>.pth`: the official file's
+# digest starts with this; any other digest (a stand-in) marks the metrics as not reportable.
+OFFICIAL_WEIGHTS_SHA256_PREFIX = "6726825d"
+REFERENCE_SCHEMA_VERSION = 1
+ADM_KEYS = ("mu", "sigma", "arr_0")  # guided-diffusion evaluations/evaluator.py (also mu_s/sigma_s: sFID)
+ISC_SPLITS = 10
+RNG_SEED = 2020  # torch-fidelity's default seed for IS shuffling and KID subsets
+
+
+def compute_metrics(samples_uint8, reference: dict, weights_path, device="cpu", batch_size: int = 64,
+                    kid_subset_size: int = 1000, pr_k: int = 3, verbose: bool = False) -> dict:
+    """FID / IS / KID / precision / recall of (N, H, W, 3) uint8 samples (array or Dataset) against `reference`."""
+    weights_sha256 = check_inception_weights(weights_path)
+    check_reference_weights(reference, weights_sha256)  # before minutes of Inception, not after
+    features = inception_features(samples_uint8, weights_path, device, batch_size, verbose)
+    return metrics_from_features(features, reference, weights_sha256, device, kid_subset_size, pr_k, verbose)
+
+
+def metrics_from_features(features: dict, reference: dict, weights_sha256: str, device="cpu",
+                          kid_subset_size: int = 1000, pr_k: int = 3, verbose: bool = False) -> dict:
+    """Every metric from one set of sample features (`inception_features` output), float64 throughout."""
+    check_reference_weights(reference, weights_sha256)
+    pool = torch.from_numpy(np.asarray(features["2048"], dtype=np.float64))
+    logits = torch.from_numpy(np.asarray(features["logits_unbiased"], dtype=np.float64))
+    n = len(pool)
+    if n < 2:
+        raise ValueError(f"metrics need at least 2 samples, got {n}")
+
+    # FID: ||mu_s - mu_r||^2 + Tr(S_s + S_r - 2 (S_s S_r)^1/2) (Heusel et al. 2017).
+    ref_stats = {"mu": np.asarray(reference["mu"], np.float64), "sigma": np.asarray(reference["sigma"], np.float64)}
+    if ref_stats["mu"].shape != (pool.shape[1],):
+        raise ValueError(f"reference mu has shape {ref_stats['mu'].shape}, samples have {pool.shape[1]}-d pool features")
+    fid = fid_statistics_to_metric(fid_statistics(pool.numpy()), ref_stats, verbose)[KEY_METRIC_FID]
+
+    # IS: exp E_x KL(p(y|x) || p(y)), mean/std over splits (Salimans et al. 2016).
+    splits = min(ISC_SPLITS, n)
+    isc = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=RNG_SEED)
+
+    out = {
+        "fid": fid,
+        "inception_score_mean": isc[KEY_METRIC_ISC_MEAN],
+        "inception_score_std": isc[KEY_METRIC_ISC_STD],
+        "kid_mean": None, "kid_std": None, "precision": None, "recall": None,
+    }
+    ref_pool = reference.get("pr_features")
+    if ref_pool is not None:
+        ref_pool = torch.from_numpy(np.asarray(ref_pool, dtype=np.float64))
+        if min(n, len(ref_pool)) <= pr_k:
+            raise ValueError(f"precision/recall with k={pr_k} needs more than {pr_k} samples and reference "
+                             f"images, got {n} and {len(ref_pool)}")
+        # KID: unbiased MMD^2 with a cubic polynomial kernel over random subsets (Binkowski et al. 2018).
+        kid_subset_size = min(kid_subset_size, n, len(ref_pool))
+        kid = kid_features_to_metric(pool, ref_pool, kid_subset_size=kid_subset_size, rng_seed=RNG_SEED,
+                                     verbose=verbose)
+        # Precision/recall: a point is on a manifold if it lies within the k-th-NN radius of one of
+        # that set's points (Kynkaennemi et al. 2019); generated = input 1, real = input 2.
+        dev = torch.device(device)
+        prc = prc_features_to_metric(pool.to(dev), ref_pool.to(dev), prc_neighborhood=pr_k, save_cpu_ram=True,
+                                     verbose=verbose)
+        out.update(kid_mean=kid[KEY_METRIC_KID_MEAN], kid_std=kid[KEY_METRIC_KID_STD],
+                   precision=prc[KEY_METRIC_PRECISION], recall=prc[KEY_METRIC_RECALL])
+
+    return out | {
+        "evaluator": "torch-fidelity",
+        "evaluator_version": torch_fidelity.__version__,
+        "feature_extractor": FEATURE_EXTRACTOR,
+        "inception_weights_sha256": weights_sha256,
+        "inception_weights_official": weights_sha256.startswith(OFFICIAL_WEIGHTS_SHA256_PREFIX),
+        "num_samples": n,
+        "num_reference": len(ref_pool) if ref_pool is not None else reference.get("meta", {}).get("num_images"),
+        "isc_splits": splits,
+        "kid_subset_size": kid_subset_size if ref_pool is not None else None,
+        "pr_k": pr_k,
+    }
+
+
+# --- Inception features -------------------------------------------------------------------------
+
+
+class UInt8Images(Dataset):
+    """(N, H, W, 3) uint8 images (an ADM `arr_0`, possibly memory-mapped) as uint8 (3, H, W) tensors."""
+
+    def __init__(self, images):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be (N, H, W, 3) uint8, got {tuple(images.shape)} {images.dtype}")
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).contiguous()
+
+
+def inception_features(images, weights_path, device="cpu", batch_size: int = 64,
+                       verbose: bool = False) -> dict[str, np.ndarray]:
+    """{'2048': (N, 2048) pool features, 'logits_unbiased': (N, 1008)} of uint8 images (array or Dataset)."""
+    check_inception_weights(weights_path)
+    dataset = images if isinstance(images, Dataset) else UInt8Images(images)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    extractor = load_inception(weights_path, device, verbose)
+    # get_featuresdict_from_dataset moves batches with .cuda(): the device context picks the GPU.
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+        features = get_featuresdict_from_dataset(dataset, extractor, batch_size, cuda, save_cpu_ram=True,
+                                                 verbose=verbose)
+    return {name: features[name].numpy() for name in FEATURES}
+
+
+def load_inception(weights_path, device="cpu", verbose: bool = False) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's inception-v3-compat from a local weights file, float64 inside, on `device`."""
+    try:
+        extractor = create_feature_extractor(
+            FEATURE_EXTRACTOR, list(FEATURES), cuda=False, verbose=verbose,
+            feature_extractor_weights_path=str(weights_path), feature_extractor_internal_dtype="float64")
+    except Exception as e:  # torch.load / load_state_dict errors span many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"evaluate.inception_weights: {weights_path} is not a torch-fidelity InceptionV3 "
+                         f"state dict ({first})") from None
+    # torch-fidelity 0.4.0's helpers.text_to_dtype maps "float64" to torch.float32, so the option
+    # alone runs in float32; set the dtype its forward() casts to, and the weights, ourselves.
+    extractor.feature_extractor_internal_dtype = torch.float64
+    return extractor.to(device=device, dtype=torch.float64)
+
+
+# --- Reference statistics -----------------------------------------------------------------------
+
+
+def fid_statistics(features_2048) -> dict[str, np.ndarray]:
+    """{'mu': mean, 'sigma': covariance (ddof=1)} of (N, 2048) pool features, float64."""
+    features = torch.from_numpy(np.asarray(features_2048, dtype=np.float64))
+    return fid_features_to_statistics(features)
+
+
+def reference_from_features(features_2048, weights_sha256: str, meta: dict | None = None) -> dict:
+    """A reference whose mu/sigma and pr_features all come from the same images' pool features."""
+    features = np.asarray(features_2048)
+    stats = fid_statistics(features)
+    meta = {"source": "images", "num_images": len(features), "inception_weights_sha256": weights_sha256} | (meta or {})
+    return _reference(stats["mu"], stats["sigma"], features.astype(np.float32), meta)
+
+
+def reference_from_images(images, weights_path, device="cpu", batch_size: int = 64, meta: dict | None = None,
+                          verbose: bool = False) -> dict:
+    """Reference statistics and pool features of (N, H, W, 3) uint8 images (array or Dataset)."""
+    weights_sha256 = check_inception_weights(weights_path)
+    features = inception_features(images, weights_path, device, batch_size, verbose)
+    return reference_from_features(features["2048"], weights_sha256, meta)
+
+
+def import_adm_reference_npz(path, weights_path, device="cpu", batch_size: int = 64, verbose: bool = False) -> dict:
+    """ADM's reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) -> a reference.
+
+    mu/sigma are ADM's (TensorFlow Inception pool_3 over the train set) and are used as they are;
+    the pool features for KID and precision/recall come from torch-fidelity's Inception on the
+    batch's `arr_0` images (10k for ImageNet). mu_s/sigma_s (sFID) are not used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference.path: {path} does not exist (an ADM reference batch .npz with "
+                                f"{', '.join(ADM_KEYS)})")
+    weights_sha256 = check_inception_weights(weights_path)
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in ADM_KEYS if k not in npz.files]
+        if missing:
+            raise ValueError(f"reference.path: {path} lacks {', '.join(missing)} (has {', '.join(npz.files)}); "
+                             f"expected ADM's reference batch layout")
+        mu, sigma, images = npz["mu"], npz["sigma"], npz["arr_0"]
+    features = inception_features(images, weights_path, device, batch_size, verbose)["2048"]
+    meta = {"source": "adm-npz", "file": path.name, "file_sha256": _sha256(path), "num_images": len(images),
+            "mu_sigma_from": "ADM TensorFlow Inception pool_3", "inception_weights_sha256": weights_sha256}
+    return _reference(mu, sigma, features, meta)
+
+
+def save_reference(path, mu, sigma, pr_features=None, meta: dict | None = None) -> Path:
+    """Write a reference .npz (schema_version, mu, sigma, optional pr_features, meta json) atomically."""
+    ref = _reference(mu, sigma, pr_features, meta or {})
+    path = Path(path)
+    arrays = {"schema_version": np.int64(REFERENCE_SCHEMA_VERSION), "mu": ref["mu"], "sigma": ref["sigma"],
+              "meta": np.array(json.dumps(ref["meta"], sort_keys=True))}
+    if ref["pr_features"] is not None:
+        arrays["pr_features"] = ref["pr_features"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to names without it
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference(path) -> dict:
+    """Read a reference written by `save_reference`; refuses other schema versions and ADM batches."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} do not exist")
+    with np.load(path, allow_pickle=False) as npz:
+        if "schema_version" not in npz.files:
+            hint = " (an ADM reference batch: read it with import_adm_reference_npz)" if "arr_0" in npz.files else ""
+            raise ValueError(f"{path} has no schema_version entry, so it is not a srcflow reference{hint}")
+        version = int(npz["schema_version"])
+        if version != REFERENCE_SCHEMA_VERSION:
+            raise ValueError(f"{path} has reference schema_version {version}; this code reads "
+                             f"version {REFERENCE_SCHEMA_VERSION} only")
+        pr_features = npz["pr_features"] if "pr_features" in npz.files else None
+        return _reference(npz["mu"], npz["sigma"], pr_features, json.loads(str(npz["meta"])))
+
+
+def check_reference_weights(reference: dict, weights_sha256: str) -> None:
+    """Refuse a reference whose pool features came from other Inception weights than the samples'."""
+    ref_sha = reference.get("meta", {}).get("inception_weights_sha256")
+    if ref_sha is not None and ref_sha != weights_sha256:
+        raise ValueError(f"reference features come from Inception weights sha256 {ref_sha[:12]}.., samples would "
+                         f"use {weights_sha256[:12]}..; rebuild the reference with evaluate.inception_weights")
+
+
+def _reference(mu, sigma, pr_features, meta) -> dict:
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    pr_features = None if pr_features is None else np.asarray(pr_features)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"reference mu/sigma must be (D,) and (D, D), got {mu.shape} and {sigma.shape}")
+    if pr_features is not None and (pr_features.ndim != 2 or pr_features.shape[1] != len(mu)):
+        raise ValueError(f"reference pr_features must be (N, {len(mu)}), got {pr_features.shape}")
+    return {"mu": mu, "sigma": sigma, "pr_features": pr_features, "meta": dict(meta)}
+
+
+# --- Inception weights ---------------------------------------------------------------------------
+
+
+def check_inception_weights(path) -> str:
+    """The sha256 of the local Inception weights file; a one-line error when it is missing."""
+    need = f"needs torch-fidelity's {WEIGHTS_FILE}, from {URL_INCEPTION_V3}; place it locally"
+    if path is None or str(path) == "":
+        raise ValueError(f"evaluate.inception_weights is not set ({need})")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluate.inception_weights: {path} does not exist ({need})")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ValueError(f"evaluate.inception_weights: {path} is not a non-empty file ({need})")
+    return _sha256(path)
+
+
+class _UnloadedInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 that keeps PyTorch's initialisation instead of loading a checkpoint."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def make_standin_inception_weights(path, seed: int = 0) -> str:
+    """Write a stand-in for the Inception weights (same architecture and state-dict keys); return its sha256.
+
+    Only for tests and smoke runs: it proves the code path, never a reportable number. PyTorch's
+    default init shrinks activations layer by layer until features collapse (FID ~1e-13), so the
+    convs get Kaiming-normal init (fan_in, ReLU); BatchNorm keeps its identity statistics.
+    """
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    model = _UnloadedInceptionV3(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu", generator=generator)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=module.in_features ** -0.5, generator=generator)
+            nn.init.zeros_(module.bias)
+    # torch-fidelity reads the file with torch.load(path) + load_state_dict(strict): a plain state dict.
+    # Saved through a buffer: torch.save names the archive after the file, and the bytes (so the
+    # sha256 recorded with every metric) should depend on the seed only.
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return _sha256(path)
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

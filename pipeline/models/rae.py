@@ -1,0 +1,393 @@
+"""The frozen RAE pieces SRC-Flow stands on (SRC-FLOW.md, "RAE"; Zheng et al. 2025, "Diffusion
+Transformers with Representation Autoencoders").
+
+    image --center_crop_arr--> uint8 R x R --to_encoder_input--> ImageNet-normalised 224 x 224
+          --RAEEncoder--> (B, 256, 768) tokens, final LayerNorm without affine
+          ... SRC / flow ...
+    tokens --RAEDecoder--> (B, 3, 256, 256) ImageNet-normalised pixels --to_uint8_pixels--> uint8
+
+Reference code checked (public RAE release, github bytetriper/RAE, commit 0fbcd59; src/stage1/rae.py at
+34b0679 is the same):
+  stage1/encoders/dinov2.py  Dinov2withNorm: HF Dinov2WithRegistersModel, final layernorm with
+                             elementwise_affine=False, drop 5 tokens (CLS + 4 registers).
+  stage1/rae.py              encode: bicubic resize to 224, then (x - mean) / std; decode: unpatchify,
+                             then x * std + mean; decoder loaded with load_state_dict(strict=True).
+  stage1/decoders/decoder.py GeneralDecoder + ViTMAELayer: the decoder below and its key names.
+Plain torch + timm + PIL + safetensors: no storage, orchestration or config objects in here.
+"""
+
+import hashlib
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ENCODER_WEIGHTS_EXPECTED = "a local DINOv2-B/reg4 checkpoint, .safetensors or .pth, timm or HF format"
+DECODER_WEIGHTS_EXPECTED = (
+    "an RAE decoder checkpoint, .pt/.pth or .safetensors, e.g. decoders/dinov2/wReg_base/ViTXL_n08/model.pt"
+)
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unreadable or does not fit the model. The message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixels in and out (SRC-FLOW.md "RAE": ADM center crop, ImageNet mean/std).
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM center crop (guided-diffusion image_datasets.py center_crop_arr): BOX-halve while the short
+    side >= 2 * image_size, BICUBIC so the short side == image_size, then crop the center.
+    Returns uint8 (image_size, image_size, 3). ADM converts to RGB before cropping (CMYK, L, RGBA)."""
+    pil_image = pil_image.convert("RGB")
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: bool = True) -> torch.Tensor:
+    """uint8 images, (B, H, W, 3) or (B, 3, H, W) -> float (B, 3, input_size, input_size): [0, 1] pixels,
+    bicubic resize (256 -> 224 in RAE), then ImageNet mean/std. RAE's own encode (stage1/rae.py) calls
+    F.interpolate(mode='bicubic') WITHOUT antialias; antialias=True is this project's default."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
+        raise ValueError(f"expected uint8 images (B, H, W, 3) or (B, 3, H, W), got {images_uint8.dtype} "
+                         f"{tuple(images_uint8.shape)}")
+    x = images_uint8
+    if x.shape[1] != 3 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    x = x.float() / 255.0
+    if x.shape[-2:] != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False,
+                          antialias=antialias)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def to_uint8_pixels(x_normalized: torch.Tensor) -> torch.Tensor:
+    """Decoder output (B, 3, H, W), ImageNet-normalised -> uint8 (B, H, W, 3): x * std + mean (as RAE
+    decode), clamp to [0, 1], round to 0..255."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x_normalized.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x_normalized.device).view(1, 3, 1, 1)
+    x = (x_normalized.float() * std + mean).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# RAE encoder: frozen DINOv2-B with 4 registers (SRC-FLOW.md "RAE", feature normalization step 1).
+
+
+class RAEEncoder(nn.Module):
+    """Patch tokens of a frozen timm DINOv2/reg4 ViT, (B, 3, S, S) -> (B, (S/patch)^2, C), each token
+    LayerNorm-ed over its C channels WITHOUT the final norm's affine weight/bias (RAE Dinov2withNorm)."""
+
+    def __init__(self, vit: nn.Module, input_size: int):
+        super().__init__()
+        # timm's forward_features ends with the affine model.norm; RAE uses that LayerNorm without
+        # weight/bias. Keep its eps, make the module an Identity, and apply F.layer_norm in forward.
+        self.norm_eps = vit.norm.eps
+        vit.norm = nn.Identity()
+        self.vit = vit
+        self.input_size = input_size
+        self.grid_size = vit.patch_embed.grid_size[0]
+        self.num_tokens = self.grid_size * self.grid_size
+        self.channels = vit.embed_dim
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always in eval mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]  # drop CLS + registers
+        return F.layer_norm(tokens, (self.channels,), eps=self.norm_eps)
+
+
+def build_rae_encoder(
+    weights: str,
+    *,
+    model_name: str = "vit_base_patch14_reg4_dinov2",
+    input_size: int = 224,
+    arch: dict | None = None,
+    seed: int = 0,
+) -> RAEEncoder:
+    """weights: "random" (init under torch.manual_seed(seed)) or a local checkpoint: timm names
+    (.safetensors/.pth), HF facebook/dinov2-with-registers-base names, or the original facebookresearch
+    dinov2_vitb14_reg4_pretrain.pth layout (timm converts it). Never downloads.
+    input_size 224 -> 16x16 tokens, 448 -> 32x32; arch: timm kwargs (embed_dim, depth, num_heads,
+    patch_size) for small test models. pos_embed is resampled to the grid as timm does for
+    pretrained=True with pretrained_cfg_overlay=dict(file=...) (same checkpoint_filter_fn)."""
+    state = None
+    if weights != "random":
+        state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED)  # before building
+        state = _unwrap(state, ("state_dict", "model"))
+        if "embeddings.patch_embeddings.projection.weight" in state:
+            state = dinov2_hf_to_timm(state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = timm.create_model(model_name, pretrained=False, img_size=input_size, num_classes=0,
+                                **(arch or {}))
+    if state is not None:
+        try:  # timm: original-DINOv2 layout (mask_token, register_tokens), pos_embed resampled to this grid
+            state = checkpoint_filter_fn(state, vit)
+        except Exception as e:
+            raise WeightsError(f"encoder.weights: {weights} is not a DINOv2 checkpoint: timm could not adapt it "
+                               f"({type(e).__name__}) (expected {ENCODER_WEIGHTS_EXPECTED})") from e
+        # norm.weight/bias are optional: RAE drops the final LN affine (diffusers' RAE port strips them)
+        _check_state_dict(state, vit.state_dict(), "encoder.weights", weights, "a DINOv2 checkpoint",
+                          optional=("norm.weight", "norm.bias"))
+        vit.load_state_dict(state, strict=False)  # strict in substance: _check_state_dict above
+    return RAEEncoder(vit, input_size)
+
+
+def dinov2_hf_to_timm(state: dict) -> dict:
+    """HF Dinov2WithRegistersModel names -> timm vit_*_reg4_dinov2 names. Inverse of transformers'
+    convert_dinov2_with_registers_to_hf.py (create_rename_keys, read_in_q_k_v), followed by timm's
+    _convert_dinov2 fold: timm's reg4 models use no_embed_class, so the CLS slot of HF's
+    position_embeddings is added into cls_token and dropped from pos_embed; mask_token is unused."""
+    out, qkv = {}, {}
+    for k, v in state.items():
+        if k == "embeddings.cls_token":
+            pos = state.get("embeddings.position_embeddings")
+            out["cls_token"] = v + pos[:, :1] if pos is not None else v
+        elif k == "embeddings.position_embeddings":
+            out["pos_embed"] = v[:, 1:]
+        elif k == "embeddings.register_tokens":
+            out["reg_token"] = v
+        elif k == "embeddings.mask_token":
+            continue
+        elif k.startswith("embeddings.patch_embeddings.projection."):
+            out[k.replace("embeddings.patch_embeddings.projection.", "patch_embed.proj.")] = v
+        elif k.startswith("layernorm."):
+            out["norm." + k[len("layernorm."):]] = v
+        elif m := re.match(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", k):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
+        elif k.startswith("encoder.layer."):
+            k = "blocks." + k[len("encoder.layer."):]
+            k = k.replace(".layer_scale1.lambda1", ".ls1.gamma").replace(".layer_scale2.lambda1", ".ls2.gamma")
+            out[k.replace(".attention.output.dense.", ".attn.proj.")] = v  # norm1/2, mlp.fc1/2 keep names
+        else:
+            out[k] = v  # unknown: reported as unexpected by the caller
+    for (i, kind), parts in qkv.items():
+        if len(parts) == 3:  # timm packs q, k, v into one Linear, in that order
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# RAE decoder: MAE-style ViT (SRC-FLOW.md "RAE", Decoder). Module and parameter names follow RAE's
+# stage1/decoders/decoder.py (GeneralDecoder, ViTMAELayer, checked at bytetriper/RAE commit 0fbcd59)
+# so a released checkpoint loads with strict=True:
+#   decoder_embed.{weight,bias}                      Linear(in_channels -> hidden)
+#   decoder_pos_embed                                (1, 1 + T, hidden), fixed 2-D sin-cos, CLS row 0
+#   trainable_cls_token                              (1, 1, hidden)
+#   decoder_layers.{i}.layernorm_before.{weight,bias}
+#   decoder_layers.{i}.attention.attention.{query,key,value}.{weight,bias}
+#   decoder_layers.{i}.attention.output.dense.{weight,bias}
+#   decoder_layers.{i}.layernorm_after.{weight,bias}
+#   decoder_layers.{i}.intermediate.dense.{weight,bias}   Linear(hidden -> intermediate), exact GELU
+#   decoder_layers.{i}.output.dense.{weight,bias}         Linear(intermediate -> hidden)
+#   decoder_norm.{weight,bias}, decoder_pred.{weight,bias}  Linear(hidden -> patch * patch * 3)
+# RAE's decoder config (configs/decoder/ViTXL/config.json, a ViTMAEConfig): hidden_act "gelu",
+# layer_norm_eps 1e-12, qkv_bias true, dropout 0.
+
+DECODER_SIZES = {  # RAE paper / diffusers convert_rae_to_diffusers.py DECODER_CONFIGS
+    "ViT-B": {"hidden_size": 768, "depth": 12, "num_heads": 12, "intermediate_size": 3072},
+    "ViT-L": {"hidden_size": 1024, "depth": 24, "num_heads": 16, "intermediate_size": 4096},
+    "ViT-XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16, "intermediate_size": 4096},  # ~415M params
+}
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """MAE get_2d_sincos_pos_embed(dim, grid, add_cls_token=True) -> (1 + grid^2, dim), float32. The first
+    dim/2 channels encode the column (MAE's meshgrid puts w first), the rest the row; each half is
+    [sin(p * w_k), cos(p * w_k)] with w_k = 10000^(-k / (dim/4)). Row 0 (CLS) is zeros. float64 as MAE."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    halves = []
+    for pos in (cols.reshape(-1), rows.reshape(-1)):
+        out = np.einsum("m,d->md", pos, omega)
+        halves += [np.sin(out), np.cos(out)]
+    emb = np.concatenate([np.zeros([1, dim])] + [np.concatenate(halves, axis=1)], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+def _named(**children: nn.Module) -> nn.Module:
+    """An empty module holding children under these names, to mirror HF's nesting (so keys match)."""
+    m = nn.Module()
+    for name, child in children.items():
+        m.add_module(name, child)
+    return m
+
+
+class ViTMAELayer(nn.Module):
+    """Pre-LN transformer block, HF ViTMAELayer semantics and names:
+    x += attn(layernorm_before(x)); x += mlp(layernorm_after(x))."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.layernorm_before = nn.LayerNorm(hidden_size, eps=eps)
+        self.attention = _named(
+            attention=_named(query=nn.Linear(hidden_size, hidden_size), key=nn.Linear(hidden_size, hidden_size),
+                             value=nn.Linear(hidden_size, hidden_size)),
+            output=_named(dense=nn.Linear(hidden_size, hidden_size)))
+        self.layernorm_after = nn.LayerNorm(hidden_size, eps=eps)
+        self.intermediate = _named(dense=nn.Linear(hidden_size, intermediate_size))
+        self.output = _named(dense=nn.Linear(intermediate_size, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, W = x.shape
+        h = self.layernorm_before(x)
+        sa = self.attention.attention
+        q, k, v = (lin(h).view(B, N, self.num_heads, -1).transpose(1, 2) for lin in (sa.query, sa.key, sa.value))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W)
+        x = x + self.attention.output.dense(a)
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+
+
+class RAEDecoder(nn.Module):
+    """RAE GeneralDecoder: tokens (B, T, in_channels), T = g*g -> pixels (B, 3, g*patch, g*patch) in
+    ImageNet-normalised space. Linear embed, prepend learned CLS, add fixed sin-cos positions,
+    transformer layers, LayerNorm, Linear to patch pixels, drop CLS, unpatchify. Defaults: ViT-XL."""
+
+    def __init__(self, in_channels: int = 768, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
+                 intermediate_size: int = 4096, patch_size: int = 16, num_tokens: int = 256,
+                 layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.grid_size = math.isqrt(num_tokens)
+        if self.grid_size ** 2 != num_tokens:
+            raise ValueError(f"num_tokens must be a square, got {num_tokens}")
+        self.patch_size, self.num_tokens, self.in_channels = patch_size, num_tokens, in_channels
+        self.decoder_embed = nn.Linear(in_channels, hidden_size)
+        # RAE holds this as a frozen nn.Parameter; a persistent buffer has the same state-dict key.
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None])
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))  # RAE: zeros at init
+        self.decoder_layers = nn.ModuleList(
+            [ViTMAELayer(hidden_size, num_heads, intermediate_size, layer_norm_eps) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.decoder_pred = nn.Linear(hidden_size, patch_size * patch_size * 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T, C = tokens.shape
+        if T != self.num_tokens or C != self.in_channels:
+            raise ValueError(f"expected tokens (B, {self.num_tokens}, {self.in_channels}), got {tuple(tokens.shape)}")
+        x = self.decoder_embed(tokens)
+        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], dim=1) + self.decoder_pos_embed
+        for layer in self.decoder_layers:
+            x = layer(x)
+        x = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.unpatchify(x)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, g*g, p*p*3) -> (B, 3, g*p, g*p); each token's vector is laid out (p_row, p_col, channel),
+        as RAE's einsum 'nhwpqc->nchpwq'."""
+        g, p = self.grid_size, self.patch_size
+        x = x.reshape(x.shape[0], g, g, p, p, 3)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, g * p, g * p)
+
+
+def build_rae_decoder(weights: str | None = None, *, seed: int = 0, **arch) -> RAEDecoder:
+    """weights: None / "random" (init under torch.manual_seed(seed): PyTorch defaults, zero CLS, as
+    RAE's GeneralDecoder) or a released / training checkpoint, loaded strictly. arch: RAEDecoder kwargs
+    (see DECODER_SIZES). Returned in eval mode; freezing is the caller's choice."""
+    state = None
+    if weights not in (None, "random"):
+        state = load_rae_decoder_state(weights)  # before building
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = RAEDecoder(**arch)
+    if state is not None:
+        _check_state_dict(state, decoder.state_dict(), "decoder.weights", weights, "an RAE decoder checkpoint",
+                          optional=("decoder_pos_embed",))
+        state.setdefault("decoder_pos_embed", decoder.decoder_pos_embed)  # recomputed, identical sin-cos
+        decoder.load_state_dict(state, strict=True)
+    return decoder.eval()
+
+
+def load_rae_decoder_state(path: str) -> dict:
+    """A decoder state dict from .pt/.pth (torch.load weights_only=True) or .safetensors: a plain
+    state_dict (the release's model.pt) or a training checkpoint {ema (preferred), model, state_dict,
+    ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) and a whole-model 'decoder.' prefix
+    are stripped; 'n_averaged' (torch AveragedModel EMA counter) is dropped."""
+    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED), ("ema", "model", "state_dict"))
+    out = {}
+    for k, v in state.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    out.pop("n_averaged", None)
+    if out and all(k.startswith("decoder.") for k in out):
+        out = {k[len("decoder."):]: v for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files.
+
+
+def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: str, key: str, expected: str) -> dict:
+    """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True)."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{key}: {path} does not exist (expected {expected})")
+    try:
+        if str(path).endswith(".safetensors"):
+            obj = safetensors.torch.load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise WeightsError(
+            f"{key}: {path} could not be read ({type(e).__name__}: {reason}) (expected {expected})") from e
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{key}: {path} holds a {type(obj).__name__}, not a state dict (expected {expected})")
+    return obj
+
+
+def _unwrap(obj: dict, wrappers: tuple) -> dict:
+    """The first wrapper key holding a dict (e.g. training checkpoints' 'ema'), else obj itself."""
+    for name in wrappers:
+        if isinstance(obj.get(name), dict):
+            return obj[name]
+    return obj
+
+
+def _check_state_dict(state: dict, model_state: dict, key: str, path: str, what: str, optional=()) -> None:
+    """One-line WeightsError for missing / unexpected keys, non-tensors and shape mismatches."""
+    def fail(problem, names):
+        raise WeightsError(f"{key}: {path} is not {what}: {len(names)} {problem} (e.g. {', '.join(names[:3])})")
+    if missing := [k for k in model_state if k not in state and k not in optional]:
+        fail("expected keys missing", missing)
+    if unexpected := [k for k in state if k not in model_state]:
+        fail("unexpected keys", unexpected)
+    if not_tensors := [k for k, v in state.items() if not isinstance(v, torch.Tensor)]:
+        fail("values are not tensors", not_tensors)
+    if bad := [k for k in state if state[k].shape != model_state[k].shape]:
+        k = bad[0]
+        raise WeightsError(f"{key}: {path} does not fit the configured architecture: {len(bad)} shape mismatches "
+                           f"(e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)})")

@@ -1,0 +1,72 @@
+"""Fan independent jobs (shard ranges) out over Dask, or run them in this process.
+
+One mechanism for every data-parallel stage (`shard`, `encode`, `compress`, `sample`): a job
+is a picklable function call that owns its outputs (whole tars, whole Zarr shards), so the
+result does not depend on how many workers ran it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipeline.progress import progress
+
+
+@contextmanager
+def dask_client(workers: int, address: str | None, worker_env: list[dict[str, str]] | None = None):
+    """A client for `address`, or a LocalCluster of `workers` single-threaded processes on 127.0.0.1.
+
+    `worker_env` gives each local worker its own environment (e.g. CUDA_VISIBLE_DEVICES=i).
+    """
+    from distributed import Client, LocalCluster, Nanny, SpecCluster, Scheduler
+
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    if worker_env:
+        workers_spec = {
+            i: {"cls": Nanny, "options": {"nthreads": 1, "env": env, "host": "127.0.0.1"}}
+            for i, env in enumerate(worker_env)
+        }
+        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+        cluster = SpecCluster(workers=workers_spec, scheduler=scheduler, silence_logs=40)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None, silence_logs=40)
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def map_jobs(fn: Callable[..., Any], jobs: Iterable[Any], *, workers: int = 1, dask_address: str | None = None,
+             desc: str = "jobs", unit: str = "jobs", weights: Callable[[Any], int] | None = None,
+             worker_env: list[dict[str, str]] | None = None) -> Iterator[Any]:
+    """Yield fn(job) for every job, in completion order, with a progress bar.
+
+    In-process when workers <= 1 and no address is given (tests, a single GPU).
+    `weights(job)` sizes each job for the bar (e.g. images in a shard).
+    """
+    jobs = list(jobs)
+    size = weights or (lambda job: 1)
+    with progress(desc, sum(size(j) for j in jobs), unit) as meter:
+        if workers <= 1 and not dask_address and not worker_env:
+            for job in jobs:
+                result = fn(job)
+                meter.advance(size(job))
+                yield result
+            return
+        from distributed import as_completed
+
+        with dask_client(workers, dask_address, worker_env) as client:
+            futures = {client.submit(fn, job, pure=False): job for job in jobs}
+            for future in as_completed(futures):
+                result = future.result()  # re-raises a job's exception here
+                meter.advance(size(futures[future]))
+                yield result
+
+
+def cpu_workers(requested: int) -> int:
+    return max(1, min(requested, os.cpu_count() or 1))

@@ -1,0 +1,104 @@
+"""Plan and run stages against the artifact store, without Prefect (the flow wraps these calls)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import ArtifactStore, fingerprint, now
+from pipeline.config import Config, select, semantic_values
+from stages import STAGE_NAMES, STAGES, Stage
+from storage_schemas.success import Manifest
+
+log = logging.getLogger("srcflow")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage: Stage
+    fingerprint: str
+    semantic: dict
+    upstream: dict[str, str]  # upstream stage -> its fingerprint
+    external: dict[str, str]
+    state: str  # done | partial | stale | missing
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+def plan(cfg: Config) -> list[PlannedStage]:
+    """Every enabled stage with its fingerprint and state. Reads the store; runs nothing."""
+    store = ArtifactStore(cfg.storage.root)
+    fingerprints: dict[str, str] = {}
+    planned = []
+    for stage in STAGES:
+        if not stage.enabled(cfg):
+            continue
+        semantic = {section: _semantic(select(cfg, section)) for section in stage.sections}
+        upstream = {u: fingerprints[u] for u in stage.upstream if u in fingerprints}  # disabled ones drop out
+        external = stage.external(cfg)
+        fp = fingerprint(stage.name, stage.code_version, semantic, upstream, external)
+        fingerprints[stage.name] = fp
+        planned.append(PlannedStage(stage, fp, semantic, upstream, external, store.state(stage.name, fp),
+                                    store.stage_dir(stage.name, fp)))
+    return planned
+
+
+def _semantic(value):
+    return semantic_values(value) if hasattr(type(value), "model_fields") else value
+
+
+def select_stages(planned: list[PlannedStage], only: list[str] | None = None, until: str | None = None) -> list[PlannedStage]:
+    """`only`: exactly these stages (their upstream must be done); `until`: everything up to it."""
+    names = [p.name for p in planned]
+    for name in (only or []) + ([until] if until else []):
+        if name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+        if name not in names:
+            raise ValueError(f"stage {name!r} is disabled by the config (e.g. fit_decoder when decoder.weights is set)")
+    if only:
+        chosen = [p for p in planned if p.name in only]
+        by_name = {p.name: p for p in planned}
+        for p in chosen:
+            for u in p.upstream:
+                if u not in only and by_name[u].state != "done":
+                    raise ValueError(f"stage {p.name!r} needs {u!r}, which is {by_name[u].state}: run it first "
+                                     f"(srcflow run --until {p.name})")
+        return chosen
+    if until:
+        return planned[: names.index(until) + 1]
+    return planned
+
+
+def run_stage(p: PlannedStage, cfg: Config, upstream: dict[str, Manifest], force: bool = False) -> Manifest:
+    """Skip a complete output; else run the stage into its (possibly partial) directory and commit it."""
+    store = ArtifactStore(cfg.storage.root)
+    if store.state(p.name, p.fingerprint) == "done" and not force:
+        log.info("%s: done, skipped (%s)", p.name, p.path)
+        return store.manifest(p.name, p.fingerprint)
+    out = store.open_output(p.name, p.fingerprint, force=force)
+    log.info("%s: running -> %s", p.name, out.path)
+    started = now()
+    metrics = p.stage.run(cfg, {u: upstream[u] for u in p.upstream}, out)
+    manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
+                            external=p.external, started=started, metrics=metrics or {})
+    log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
+    return manifest
+
+
+def upstream_manifests(cfg: Config, p: PlannedStage, have: dict[str, Manifest]) -> dict[str, Manifest]:
+    """The manifests `p` reads: from this run, else from the store (where they must be complete)."""
+    store = ArtifactStore(cfg.storage.root)
+    return {u: have[u] if u in have else store.manifest(u, fp) for u, fp in p.upstream.items()}
+
+
+def run_pipeline(cfg: Config, only: list[str] | None = None, until: str | None = None,
+                 force: list[str] | tuple[str, ...] = ()) -> dict[str, Manifest]:
+    """The whole pipeline in this process, no Prefect: what tests and the flow's tasks share."""
+    manifests: dict[str, Manifest] = {}
+    for p in select_stages(plan(cfg), only, until):
+        manifests[p.name] = run_stage(p, cfg, upstream_manifests(cfg, p, manifests), force=p.name in force)
+    return manifests

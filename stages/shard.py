@@ -1,0 +1,193 @@
+"""Stage `shard`: ImageNet (ImageFolder or Kaggle layout) -> WebDataset tars + Parquet manifests.
+
+Each split's sorted listing is cut into fixed runs of `shard.samples_per_shard` files; shard i
+always holds run i, so the output does not depend on the number of workers, and a killed run
+resumes shard by shard. A tar is written under a temporary name and renamed when whole; its
+manifest part, renamed after it, is the shard's commit marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.artifacts import StageOutput
+from pipeline.config import Config
+from pipeline.data.imagenet import (RejectedImage, SourceImage, detect_layout, listing_digest, prepare_image_bytes,
+                                    scan_split)
+from pipeline.data.tiny_imagenet import make_tiny_imagenet
+from pipeline.parallel import cpu_workers, map_jobs
+from storage_schemas.shards import INDEX, MANIFEST_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION, shard_name
+from storage_schemas.success import write_atomic
+
+CODE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int
+    images: tuple[SourceImage, ...]
+    data_root: str
+    out_dir: str
+
+
+def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+    listing = source_listing(cfg)
+    jobs, duplicates = plan_jobs(cfg, listing, out.path)
+    parts = out.path / "parts"
+    parts.mkdir(exist_ok=True)
+    (out.path / "shards").mkdir(exist_ok=True)
+    todo = [j for j in jobs if not (parts / part_name(j, "manifest")).is_file()]
+    for _ in map_jobs(write_shard, todo, workers=cpu_workers(cfg.shard.workers), dask_address=cfg.runtime.dask_address,
+                      desc="shard", unit="img", weights=lambda j: len(j.images)):
+        out.report_progress(sum((parts / part_name(j, "manifest")).is_file() for j in jobs), len(jobs), "shards")
+
+    manifest = pa.concat_tables([pq.read_table(parts / part_name(j, "manifest")) for j in jobs]).cast(MANIFEST_SCHEMA)
+    rejected = pa.concat_tables([pq.read_table(parts / part_name(j, "rejected")) for j in jobs]
+                                + [rejected_table(duplicates)]).cast(REJECTED_SCHEMA)
+    pq.write_table(manifest, out.path / "manifest.parquet")
+    pq.write_table(rejected, out.path / "rejected.parquet")
+    splits = {s: {"shards": sum(j.split == s for j in jobs), "samples": int(pa.compute.sum(
+        pa.compute.equal(manifest["split"], s)).as_py() or 0)} for s in cfg.shard.splits}
+    index = {"schema_version": SCHEMA_VERSION, "layout": listing.layout, "synsets": listing.synsets, "splits": splits}
+    write_atomic(out.path / INDEX, json.dumps(index, indent=2))
+    shutil.rmtree(parts)
+    return {
+        "samples": manifest.num_rows,
+        "rejected": rejected.num_rows,
+        "converted": int(pa.compute.sum(manifest["converted"]).as_py() or 0),
+        "ignored": listing.ignored,
+        "splits": splits,
+        "classes": len(listing.synsets),
+    }
+
+
+# --- the source listing (also the dataset's identity for the fingerprint) --------------------
+
+
+@dataclass(frozen=True)
+class Listing:
+    layout: str
+    synsets: list[str]
+    images: dict[str, list[SourceImage]]
+    ignored: dict[str, int]
+    digest: str
+
+
+def external_inputs(cfg: Config) -> dict[str, str]:
+    return {"dataset_listing": source_listing(cfg).digest}
+
+
+def source_listing(cfg: Config) -> Listing:
+    prepare_source(cfg)
+    d = cfg.data
+    classes = tuple(d.classes) if isinstance(d.classes, list) else d.classes
+    return _scan(str(Path(d.root).absolute()), d.layout, classes, d.max_per_class, tuple(cfg.shard.splits))
+
+
+def prepare_source(cfg: Config) -> None:
+    """The smoke config's dataset is generated on first use; a real one must exist."""
+    root = Path(cfg.data.root)
+    tiny = cfg.data.generate_tiny
+    if tiny is not None:
+        make_tiny_imagenet(root, classes=tiny.classes, per_class=tiny.per_class, val_per_class=tiny.val_per_class,
+                           size=tiny.size, seed=tiny.seed)
+    elif not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} does not exist (expected ImageNet in ImageFolder or Kaggle layout)")
+
+
+@lru_cache(maxsize=4)
+def _scan(root: str, layout: str, classes, max_per_class, splits) -> Listing:
+    layout = detect_layout(root) if layout == "auto" else layout
+    images, ignored = {}, {}
+    for split in splits:
+        images[split], ign = scan_split(root, split, layout, classes=list(classes) if isinstance(classes, tuple) else classes,
+                                        max_per_class=max_per_class)
+        for reason, n in ign.items():
+            ignored[reason] = ignored.get(reason, 0) + n
+    synsets = sorted({im.synset for split in images.values() for im in split})
+    digest = listing_digest([im for split in splits for im in images[split]], root)
+    return Listing(layout, synsets, images, ignored, digest)
+
+
+def plan_jobs(cfg: Config, listing: Listing, out_dir: Path) -> tuple[list[ShardJob], list[tuple[SourceImage, str]]]:
+    """Fixed runs of the sorted listing -> shards. Files whose key repeats an earlier key are rejected."""
+    jobs, duplicates = [], []
+    n = cfg.shard.samples_per_shard
+    for split in cfg.shard.splits:
+        seen: dict[str, str] = {}
+        kept = []
+        for im in listing.images[split]:
+            key = sample_key(im)
+            if key in seen:
+                duplicates.append((im, f"duplicate key {key} (also {seen[key]})"))
+            else:
+                seen[key] = im.rel_path
+                kept.append(im)
+        for i in range(0, len(kept), n):
+            jobs.append(ShardJob(split, i // n, tuple(kept[i:i + n]), str(Path(cfg.data.root).absolute()), str(out_dir)))
+    return jobs, duplicates
+
+
+def sample_key(im: SourceImage) -> str:
+    # WebDataset splits a member name at its first dot: keys must not contain one.
+    return Path(im.rel_path).stem.replace(".", "_")
+
+
+# --- one shard --------------------------------------------------------------------------------
+
+
+def part_name(job: ShardJob, kind: str) -> str:
+    return f"{shard_name(job.split, job.index)[:-4]}.{kind}.parquet"
+
+
+def write_shard(job: ShardJob) -> int:
+    out = Path(job.out_dir)
+    name = shard_name(job.split, job.index)
+    rows, rejected = [], []
+    tmp = out / "shards" / f".{name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0.0) as tar:
+        for im in job.images:
+            try:
+                raw = (Path(job.data_root) / im.rel_path).read_bytes()
+                data, info = prepare_image_bytes(raw)
+            except RejectedImage as e:
+                rejected.append((im, e.reason))
+                continue
+            except OSError as e:
+                rejected.append((im, f"unreadable: {e.strerror or e}"))
+                continue
+            key = sample_key(im)
+            meta = {"synset": im.synset, "source_path": im.rel_path, **info}
+            tar.write({"__key__": key, "jpg": data, "cls": str(im.label).encode(),
+                       "json": json.dumps(meta, sort_keys=True).encode()})
+            rows.append({"key": key, "split": im.split, "synset": im.synset, "label": im.label,
+                         "source_path": im.rel_path, "shard": name, "width": info["width"], "height": info["height"],
+                         "orig_format": info["orig_format"], "orig_mode": info["orig_mode"],
+                         "converted": info["converted"], "sha256": hashlib.sha256(data).hexdigest()})
+    os.replace(tmp, out / "shards" / name)
+    _write_part(out / "parts" / part_name(job, "rejected"), rejected_table(rejected))
+    _write_part(out / "parts" / part_name(job, "manifest"), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    return len(rows)
+
+
+def rejected_table(rejected: list[tuple[SourceImage, str]]) -> pa.Table:
+    return pa.Table.from_pylist([{"source_path": im.rel_path, "split": im.split, "reason": reason}
+                                 for im, reason in rejected], schema=REJECTED_SCHEMA)
+
+
+def _write_part(path: Path, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_atomic(path, buf.getvalue())

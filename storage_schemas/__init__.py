@@ -1,0 +1,19 @@
+"""Every on-disk layout of srcflow, each with a schema version and a validator.
+
+- `success`:  the `_SUCCESS.json` manifest that marks a stage output complete;
+- `shards`:   the WebDataset sample fields and the Parquet manifests of the shard set;
+- `zarr_layouts`: the Zarr groups (`features.zarr`, `codes.zarr`): arrays, dims, dtypes, attrs.
+
+Readers call the validators and refuse a layout or version they do not know.
+"""
+
+
+class SchemaError(ValueError):
+    """An on-disk layout that this code does not know; the message is one line."""
+
+
+def check_version(what: str, found: object, supported: int) -> None:
+    if found != supported:
+        raise SchemaError(
+            f"{what}: schema version {found!r} is not supported by this srcflow (reads version {supported})"
+        )

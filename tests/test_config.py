@@ -1,0 +1,48 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config, semantic_values
+from tests.conftest import SMOKE
+
+
+def test_override_is_type_checked():
+    cfg = load_config(SMOKE, ["src.dim=16", "encode.views=[plain]", "flow.soft_clip=null"])
+    assert cfg.src.dim == 16 and cfg.encode.views == ["plain"] and cfg.flow.soft_clip is None
+
+
+def test_unknown_key_fails_with_one_line_naming_the_full_path():
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, ["encode.batchsize=3"])
+    msg = str(e.value)
+    assert "\n" not in msg and "encode.batchsize" in msg and "batch_size" in msg  # hints the known keys
+
+
+def test_bad_type_fails_with_one_line_naming_the_full_path():
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, ["src.dim=lots"])
+    assert "\n" not in str(e.value) and "src.dim" in str(e.value) and "lots" in str(e.value)
+
+
+def test_unknown_section_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shrad: {samples_per_shard: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key shrad"):
+        load_config(bad)
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_operational_fields_are_not_semantic():
+    cfg = load_config(SMOKE)
+    assert "batch_size" not in semantic_values(cfg.encode) and "rows_per_shard" in semantic_values(cfg.encode)
+    assert "workers" not in semantic_values(cfg.shard) and semantic_values(cfg.runtime) == {}
+    assert "batch_size" in semantic_values(cfg.train)  # a training batch changes the result
+
+
+def test_paper_configs_validate():
+    from tests.conftest import REPO
+
+    for name in ("imagenet256.yaml", "imagenet512.yaml"):
+        load_config(REPO / "configs" / name)

@@ -1,0 +1,171 @@
+"""Specification of pipeline/metrics/fidelity.py: torch-fidelity's Inception metrics, offline.
+
+Every test runs on a seeded stand-in Inception (Kaiming-initialised, never a reportable number):
+it proves the code path. Inception costs ~0.1-0.5 s per image on CPU whatever the input size
+(torch-fidelity resizes to 299), so features of one small set are computed once per module.
+"""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.metrics.fidelity import (
+    WEIGHTS_FILE,
+    UInt8Images,
+    check_inception_weights,
+    compute_metrics,
+    fid_statistics,
+    import_adm_reference_npz,
+    inception_features,
+    load_reference,
+    make_standin_inception_weights,
+    metrics_from_features,
+    reference_from_features,
+    save_reference,
+)
+
+N = 16  # images in the shared set; halves of it serve as "samples" and "reference images"
+METRICS = ("fid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
+
+
+def make_images(n, seed, size=32):
+    """Blocky random colour images with pixel noise: distinct enough for a random Inception."""
+    rng = np.random.default_rng(seed)
+    blocks = np.kron(rng.integers(0, 256, (n, 4, 4, 3)), np.ones((1, size // 4, size // 4, 1)))
+    return np.clip(blocks + rng.normal(0, 20, blocks.shape), 0, 255).astype(np.uint8)
+
+
+def colour_shift(images):
+    return np.clip(images.astype(np.int16) + np.array([60, -40, 0]), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inception")
+    weights = root / "standin-inception.pth"
+    sha = make_standin_inception_weights(weights, seed=0)
+    images = make_images(N, seed=0)
+    features = inception_features(images, weights, "cpu", batch_size=8)
+    return SimpleNamespace(root=root, weights=weights, sha=sha, images=images, features=features)
+
+
+def half(features, part):
+    sl = slice(0, N // 2) if part == 0 else slice(N // 2, N)
+    return {name: f[sl] for name, f in features.items()}
+
+
+def test_standin_weights_are_reproducible_from_the_seed(inception, tmp_path):
+    assert check_inception_weights(inception.weights) == inception.sha
+    assert make_standin_inception_weights(tmp_path / "elsewhere.pth", seed=0) == inception.sha
+
+
+def test_standin_features_are_not_degenerate(inception):
+    pool, logits = inception.features["2048"], inception.features["logits_unbiased"]
+    assert pool.shape == (N, 2048) and logits.shape == (N, 1008)
+    assert np.isfinite(pool).all() and np.isfinite(logits).all()
+    assert pool.std(axis=0).mean() > 1e-3 * np.abs(pool).mean()  # default init collapses to ~1e-9
+    assert logits.std(axis=0).mean() > 0
+
+
+def test_fid_of_a_set_against_its_own_statistics_is_zero(inception):
+    reference = reference_from_features(inception.features["2048"], inception.sha)
+    metrics = metrics_from_features(inception.features, reference, inception.sha)
+    assert abs(metrics["fid"]) < 1e-3 * np.trace(reference["sigma"])
+
+
+def test_all_metrics_are_finite_and_pr_of_a_set_against_itself_is_one(inception):
+    reference = reference_from_features(inception.features["2048"], inception.sha)
+    metrics = metrics_from_features(inception.features, reference, inception.sha, kid_subset_size=1000)
+    assert all(math.isfinite(metrics[k]) for k in METRICS)
+    assert (metrics["precision"], metrics["recall"]) == (1.0, 1.0)
+    assert metrics["inception_score_mean"] >= 1.0
+    assert metrics["kid_subset_size"] == N  # clamped to min(N, N_ref)
+    assert metrics | {
+        "evaluator": "torch-fidelity", "evaluator_version": "0.4.0", "feature_extractor": "inception-v3-compat",
+        "inception_weights_sha256": inception.sha, "inception_weights_official": False,
+        "num_samples": N, "num_reference": N,
+    } == metrics
+    json.dumps(metrics)  # plain Python values only
+
+
+def test_fid_rises_when_samples_shift_colour(inception):
+    reference = reference_from_features(inception.features["2048"], inception.sha)
+    samples = inception.images[: N // 2]
+    unshifted = metrics_from_features(half(inception.features, 0), reference, inception.sha)
+    shifted = compute_metrics(colour_shift(samples), reference, inception.weights, "cpu", batch_size=5)
+    assert shifted["fid"] > unshifted["fid"] + 0.1 * np.trace(reference["sigma"])
+    assert shifted["num_samples"] == N // 2 and all(math.isfinite(shifted[k]) for k in METRICS)
+
+
+def test_adm_reference_npz_gives_the_same_fid_as_statistics_of_the_same_images(inception, tmp_path):
+    # ADM layout: mu/sigma of the reference set (mu float32 as np.mean of float32 activations
+    # gives), mu_s/sigma_s for sFID, and arr_0 images for precision/recall.
+    stats = fid_statistics(inception.features["2048"][N // 2:])
+    arr_0 = inception.images[N // 2: N // 2 + 4]
+    npz = tmp_path / "VIRTUAL_fake_labeled.npz"
+    np.savez(npz, mu=stats["mu"].astype(np.float32), sigma=stats["sigma"], mu_s=np.zeros(4),
+             sigma_s=np.eye(4), arr_0=arr_0)
+    adm = import_adm_reference_npz(npz, inception.weights, "cpu", batch_size=3)
+    ours = reference_from_features(inception.features["2048"][N // 2:], inception.sha)
+    samples = half(inception.features, 0)
+    fid_adm = metrics_from_features(samples, adm, inception.sha)["fid"]
+    fid_ours = metrics_from_features(samples, ours, inception.sha)["fid"]
+    assert fid_ours > 1e-3 * np.trace(ours["sigma"])  # disjoint halves: a non-trivial distance
+    assert fid_adm == pytest.approx(fid_ours, rel=1e-5)
+    # arr_0 features, computed at another batch size, match the same images' features
+    np.testing.assert_allclose(adm["pr_features"], inception.features["2048"][N // 2: N // 2 + 4], rtol=1e-5)
+    assert adm["meta"]["num_images"] == 4 and adm["meta"]["inception_weights_sha256"] == inception.sha
+
+
+def test_missing_weights_fail_with_one_line_naming_the_key_and_file(inception, tmp_path):
+    absent = tmp_path / "absent" / WEIGHTS_FILE
+    reference = reference_from_features(inception.features["2048"], inception.sha)
+    with pytest.raises(FileNotFoundError) as err:
+        compute_metrics(inception.images[:2], reference, absent)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"evaluate.inception_weights: {absent} does not exist")
+    assert WEIGHTS_FILE in message and "place it locally" in message
+
+
+def test_reference_from_other_inception_weights_is_refused(inception):
+    reference = reference_from_features(inception.features["2048"], "0" * 64)
+    with pytest.raises(ValueError, match="rebuild the reference with evaluate.inception_weights"):
+        metrics_from_features(inception.features, reference, inception.sha)
+
+
+def test_reference_round_trips_and_unknown_versions_are_refused(inception, tmp_path):
+    reference = reference_from_features(inception.features["2048"], inception.sha, meta={"split": "val"})
+    path = save_reference(tmp_path / "ref.npz", reference["mu"], reference["sigma"], reference["pr_features"],
+                          reference["meta"])
+    loaded = load_reference(path)
+    np.testing.assert_array_equal(loaded["mu"], reference["mu"])
+    np.testing.assert_array_equal(loaded["sigma"], reference["sigma"])
+    np.testing.assert_array_equal(loaded["pr_features"], reference["pr_features"])
+    assert loaded["meta"] == reference["meta"] and loaded["meta"]["split"] == "val"
+    assert load_reference(save_reference(tmp_path / "stats_only.npz", loaded["mu"], loaded["sigma"]))["pr_features"] is None
+
+    future = tmp_path / "future.npz"
+    np.savez(future, schema_version=np.int64(99), mu=loaded["mu"], sigma=loaded["sigma"], meta=np.array("{}"))
+    with pytest.raises(ValueError, match="schema_version 99") as err:
+        load_reference(future)
+    assert "\n" not in str(err.value)
+    adm = tmp_path / "adm.npz"
+    np.savez(adm, mu=loaded["mu"], sigma=loaded["sigma"], arr_0=inception.images[:1])
+    with pytest.raises(ValueError, match="import_adm_reference_npz"):
+        load_reference(adm)
+
+
+def test_uint8_images_serves_chw_tensors_from_a_memory_map(tmp_path):
+    images = make_images(3, seed=1, size=8)
+    np.save(tmp_path / "arr_0.npy", images)
+    dataset = UInt8Images(np.load(tmp_path / "arr_0.npy", mmap_mode="r"))
+    assert len(dataset) == 3
+    item = dataset[2]
+    assert item.dtype.is_floating_point is False and tuple(item.shape) == (3, 8, 8)
+    np.testing.assert_array_equal(item.permute(1, 2, 0).numpy(), images[2])
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\) uint8"):
+        UInt8Images(images.astype(np.float32))

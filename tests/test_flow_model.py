@@ -1,0 +1,224 @@
+"""Specification of the TARFlow / STARFlow model in pipeline/models/flow.py (tiny models, CPU)."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.models.flow import TARFlow, bits_per_dim, cfg_starflow, cfg_tarflow, tweedie_denoise
+
+NUM_CLASSES = 3
+VARIANTS = [  # (cond, scale, start_token, deep_layers)
+    ("additive", "exp", False, None),
+    ("additive", "softplus", True, None),
+    ("prefix", "softplus", False, None),
+    ("prefix", "exp", True, None),
+    ("additive", "exp", True, 2),
+    ("prefix", "softplus", True, 2),
+    ("prefix", "exp", False, 2),
+]
+VARIANT_IDS = [f"{c}-{s}-{'start' if st else 'pass0'}-{'deep' if d else 'uniform'}" for c, s, st, d in VARIANTS]
+
+
+def make_flow(cond="additive", scale="exp", start_token=False, deep_layers=None, *, tokens=6, channels=4,
+              width=32, num_blocks=3, soft_clip=4.0, output_std=0.1, seed=0):
+    """A tiny flow whose zero-initialized output heads are replaced by random ones (non-identity)."""
+    torch.manual_seed(seed)
+    model = TARFlow(
+        in_channels=channels, num_tokens=tokens, num_classes=NUM_CLASSES, width=width, heads=4,
+        num_blocks=num_blocks, layers_per_block=1, deep_layers=deep_layers, cond=cond, scale=scale,
+        start_token=start_token, soft_clip=soft_clip,
+    )
+    if output_std:
+        for block in model.blocks:
+            torch.nn.init.normal_(block.proj_out.weight, std=output_std)
+            torch.nn.init.normal_(block.proj_out.bias, std=output_std)
+    return model.eval()
+
+
+def batch(model, size=5, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    block = model.blocks[0]
+    x = torch.randn(size, block.pos_embed.shape[0], block.proj_in.in_features, generator=g, dtype=dtype)
+    y = torch.randint(0, NUM_CLASSES + 1, (size,), generator=g)  # includes the null label
+    return x, y
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_reverse_inverts_forward(variant):
+    model = make_flow(*variant)
+    x, y = batch(model)
+    z, _ = model(x, y)
+    assert (z - x).abs().max() > 1e-2  # the flow is not the identity
+    assert torch.allclose(model.reverse(z, y), x, atol=1e-5)
+    assert torch.allclose(model.reverse(z, y, use_cache=False), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_logdet_equals_log_abs_det_jacobian(variant):
+    model = make_flow(*variant, tokens=4, channels=3, output_std=0.3).double()
+    x, y = batch(model, size=1, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: model(v.view_as(x), y)[0].flatten(), x.flatten())
+    sign, logabsdet = torch.linalg.slogdet(jac)
+    _, logdet = model(x, y)
+    assert sign.item() == 1.0  # sigma > 0: the flow preserves orientation
+    assert torch.allclose(logdet, logabsdet.view(1), atol=1e-9)
+    assert logdet.abs().item() > 0.1  # a non-trivial check
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=VARIANT_IDS[:4])
+def test_block_output_never_depends_on_later_tokens(variant):
+    model = make_flow(*variant).double()
+    x, y = batch(model, dtype=torch.float64)
+    for block in model.blocks:
+        z, _ = block(x, y)
+        for j in range(x.shape[1]):
+            x2 = x.clone()
+            x2[:, j] += 1.0
+            z2, _ = block(x2, y)
+            assert torch.equal(z2[:, :j], z[:, :j]), f"token {j} leaked into earlier outputs"
+            assert (z2[:, j] - z[:, j]).abs().min() > 0  # z_j depends on x_j
+
+
+def test_token_zero_passes_through_without_start_token_and_is_transformed_with_it():
+    for start_token in (False, True):
+        model = make_flow(start_token=start_token)
+        x, y = batch(model)
+        z, _ = model.blocks[0](x, y)
+        assert torch.equal(z[:, 0], x[:, 0]) != start_token
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("cfg_mode", ["tarflow", "starflow"])
+def test_kv_cache_reverse_equals_naive_reverse(variant, cfg_mode):
+    model = make_flow(*variant)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    for w, anneal in [(0.0, False), (1.5, False), (3.0, True)]:
+        kw = dict(cfg_scale=w, cfg_mode=cfg_mode, cfg_anneal=anneal)
+        cached, naive = model.reverse(z, y, **kw), model.reverse(z, y, use_cache=False, **kw)
+        assert torch.allclose(cached, naive, atol=1e-5), (w, anneal)
+
+
+def test_guidance_changes_samples_and_is_deterministic():
+    model = make_flow("prefix", "softplus", True, 2)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    plain = model.reverse(z, y)
+    for cfg_mode in ("tarflow", "starflow"):
+        guided = model.reverse(z, y, cfg_scale=2.0, cfg_mode=cfg_mode)
+        assert (guided - plain).abs().max() > 1e-3
+        assert torch.equal(guided, model.reverse(z, y, cfg_scale=2.0, cfg_mode=cfg_mode))
+
+
+def test_cfg_rules_at_zero_scale_return_the_conditional_head():
+    g = torch.Generator().manual_seed(0)
+    mu_c, mu_u, a_c, a_u = torch.randn(4, 10, generator=g)
+    assert all(torch.equal(p, q) for p, q in zip(cfg_tarflow(mu_c, a_c, mu_u, a_u, 0.0), (mu_c, a_c)))
+    mu, sig = cfg_starflow(mu_c, a_c.exp(), mu_u, a_u.exp(), 0.0)
+    assert torch.allclose(mu, mu_c) and torch.allclose(sig, a_c.exp())
+
+
+def test_starflow_cfg_is_the_gaussian_of_p_c_to_the_1_plus_w_over_p_u_to_the_w():
+    w, grid = 1.5, torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    mu_c, sig_c, mu_u, sig_u = (torch.tensor(v, dtype=torch.float64) for v in (0.7, 0.5, -0.3, 0.8))
+    log_p = lambda m, s: -0.5 * ((grid - m) / s) ** 2 - s.log()
+    mu, sig = cfg_starflow(mu_c, sig_c, mu_u, sig_u, w)
+    diff = (1 + w) * log_p(mu_c, sig_c) - w * log_p(mu_u, sig_u) - log_p(mu, sig)
+    assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-9)  # equal up to a constant
+
+
+@pytest.mark.parametrize("cfg_mode", ["tarflow", "starflow"])
+def test_cfg_with_zero_scale_equals_plain_conditional_sampling(cfg_mode):
+    model = make_flow("additive", "softplus", False, None)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    plain = model.reverse(z, y)
+    assert torch.equal(model.reverse(z, y, cfg_scale=0.0, cfg_mode=cfg_mode), plain)
+    # a vanishing scale runs the doubled (cond, uncond) batch and must land on the same samples
+    assert torch.allclose(model.reverse(z, y, cfg_scale=1e-9, cfg_mode=cfg_mode), plain, atol=1e-5)
+
+
+def test_deep_shallow_conditions_only_the_deep_block_nearest_the_gaussian():
+    model = make_flow(deep_layers=3, num_blocks=4)
+    assert [len(b.layers) for b in model.blocks] == [1, 1, 1, 3]
+    assert [b.cond for b in model.blocks] == [None, None, None, "additive"]
+    assert [b.flip for b in model.blocks] == [False, True, False, True]
+
+
+def test_null_label_embedding():
+    additive, prefix = make_flow("additive").blocks[0], make_flow("prefix").blocks[0]
+    null = torch.tensor([NUM_CLASSES])
+    assert torch.allclose(additive.label_embedding(null)[0], additive.class_embed.mean(0))  # TARFlow
+    assert prefix.class_embed.shape[0] == NUM_CLASSES + 1  # STARFlow: its own learned embedding
+
+
+def test_drop_labels_replaces_labels_with_the_null_label():
+    model = make_flow()
+    y = torch.randint(0, NUM_CLASSES, (4000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.drop_labels(y, 0.0), y)
+    assert (model.drop_labels(y, 1.0) == NUM_CLASSES).all()
+    dropped = model.drop_labels(y, generator=torch.Generator().manual_seed(1))  # p = label_drop = 0.1
+    kept = dropped != NUM_CLASSES
+    assert torch.equal(dropped[kept], y[kept])
+    assert abs((~kept).float().mean().item() - model.label_drop) < 0.02
+    assert torch.equal(dropped, model.drop_labels(y, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_zero_initialized_flow_is_a_standard_gaussian(variant):
+    model = make_flow(*variant, output_std=0.0)
+    x, y = batch(model)
+    z, logdet = model(x, y)
+    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(len(x)))
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum((1, 2))
+    assert torch.allclose(model.log_prob(x, y), expected, atol=1e-4)
+
+
+def test_logdet_and_latents_stay_fp32_under_bf16_autocast():
+    model = make_flow("prefix", "softplus", True, 2)
+    x, y = batch(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logdet = model(x, y)
+        sample = model.reverse(z, y, cfg_scale=1.0, cfg_mode="starflow")
+    assert z.dtype == logdet.dtype == sample.dtype == torch.float32
+    assert torch.allclose(logdet, model(x, y)[1], rtol=0.05, atol=0.05)
+
+
+def test_bits_per_dim_divides_nats_by_ln2():
+    assert bits_per_dim(math.log(2.0)) == pytest.approx(1.0)
+    assert bits_per_dim(torch.tensor(2.0)).item() == pytest.approx(2.0 / math.log(2.0))
+
+
+def test_tweedie_step_follows_the_score_of_a_gaussian():
+    # zero-initialized flow = N(0, I): the score is -x, so x + s^2 * score = (1 - s^2) x
+    model = make_flow(output_std=0.0)
+    x, y = batch(model)
+    assert torch.allclose(tweedie_denoise(model, x, y, 0.3), (1 - 0.09) * x, atol=1e-6)
+
+
+def test_short_training_fits_a_two_class_gaussian_mixture():
+    torch.manual_seed(0)
+    tokens, channels, std = 4, 2, 0.3
+    model = TARFlow(in_channels=channels, num_tokens=tokens, num_classes=2, width=32, heads=2, num_blocks=2,
+                    layers_per_block=1, cond="additive", scale="softplus", start_token=True, soft_clip=4.0)
+    means = torch.tensor([1.5, -1.5]).view(2, 1, 1) * torch.tensor([[1.0, -1.0]] * tokens)  # class c: +-m
+
+    def sample(n, g):
+        y = torch.randint(0, 2, (n,), generator=g)
+        return means[y] + std * torch.randn(n, tokens, channels, generator=g), y
+
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        x, y = sample(64, g)
+        loss = model.nll_per_dim(x, model.drop_labels(y, generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x, y = sample(2000, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        nll = model.nll_per_dim(x, y).item()
+    baseline = -torch.distributions.Normal(0.0, 1.0).log_prob(x).mean().item()  # ~2.09 nats/dim
+    optimum = 0.5 * math.log(2 * math.pi * math.e * std**2)  # ~0.21 nats/dim
+    assert nll < baseline - 1.5, (nll, baseline, optimum)  # well below N(0, 1), near the optimum
