@@ -44,7 +44,8 @@ def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = No
     manifests: dict[str, Manifest] = {}
     for p in select_stages(plan(cfg), stages, until):
         rerun = p.state != "done" or p.name in force
-        task_fn = stage_task.with_options(name=p.name, refresh_cache=rerun, result_storage=results_dir)
+        task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
+                                          result_storage=results_dir)
         upstream = {u: m.model_dump() for u, m in upstream_manifests(cfg, p, manifests).items()}
         result = task_fn(p.name, p.fingerprint, config_dict(cfg), upstream, force=p.name in force)
         manifests[p.name] = Manifest.model_validate(result)

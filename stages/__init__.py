@@ -7,7 +7,8 @@ A stage is a plain function `run(cfg, upstream, out) -> metrics`:
   output directory (resume or rebuild); the runner writes `_SUCCESS.json` after it returns.
 
 `sections` are the config sections or dotted fields whose semantic values enter the fingerprint;
-`external` returns digests of inputs outside the store (weights, the dataset listing).
+`external` returns digests of inputs outside the store (weights, the dataset listing); a stage
+whose `enabled` is false is left out, and so is it from its consumers' upstream.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.config import Config
-from stages import shard
+from stages import compress, encode, evaluate, fit_decoder, fit_src, reference, sample, shard, train_flow
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,32 @@ STAGES: tuple[Stage, ...] = (
     Stage("shard", shard.run, shard.CODE_VERSION,
           sections=("data.layout", "data.classes", "data.max_per_class", "shard"),
           external=shard.external_inputs),
+    Stage("encode", encode.run, encode.CODE_VERSION,
+          sections=("data.resolution", "encoder", "encode.views", "encode.dtype", "encode.rows_per_shard",
+                    "encode.rows_per_chunk", "encode.subset_per_class"),
+          upstream=("shard",), external=encode.external_inputs),
+    Stage("fit_decoder", fit_decoder.run, fit_decoder.CODE_VERSION,
+          sections=("decoder", "fit_decoder"),
+          upstream=("shard", "encode"), enabled=fit_decoder.enabled),
+    Stage("fit_src", fit_src.run, fit_src.CODE_VERSION,
+          sections=("src", "encode.stats"),
+          upstream=("shard", "encode", "fit_decoder"), external=lambda cfg: {**fit_decoder.external_inputs(cfg),
+                                                                              **encode.stats_inputs(cfg)}),
+    Stage("compress", compress.run, compress.CODE_VERSION,
+          sections=("compress",),
+          upstream=("shard", "encode", "fit_src")),
+    Stage("train_flow", train_flow.run, train_flow.CODE_VERSION,
+          sections=("flow", "train"),
+          upstream=("compress",)),
+    Stage("sample", sample.run, sample.CODE_VERSION,
+          sections=("sample",),
+          upstream=("fit_src", "compress", "train_flow", "fit_decoder"), external=fit_decoder.external_inputs),
+    Stage("reference", reference.run, reference.CODE_VERSION,
+          sections=("reference", "data.resolution"),
+          upstream=("shard",), external=reference.external_inputs),
+    Stage("evaluate", evaluate.run, evaluate.CODE_VERSION,
+          sections=("evaluate.kid_subset_size",),
+          upstream=("sample", "reference"), external=evaluate.external_inputs),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)

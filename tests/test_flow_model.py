@@ -139,6 +139,22 @@ def test_cfg_with_zero_scale_equals_plain_conditional_sampling(cfg_mode):
     assert torch.allclose(model.reverse(z, y, cfg_scale=1e-9, cfg_mode=cfg_mode), plain, atol=1e-5)
 
 
+@pytest.mark.parametrize("deep_layers", [None, 2])
+def test_cfg_runs_only_in_conditioned_blocks_and_anneals_linearly(monkeypatch, deep_layers):
+    import pipeline.models.flow as flow
+
+    scales = []
+    monkeypatch.setattr(flow, "cfg_tarflow", lambda mu_c, a_c, mu_u, a_u, w: scales.append(w) or (mu_c, a_c))
+    model = make_flow(deep_layers=deep_layers, tokens=5, num_blocks=3)  # no start token: 4 steps per block
+    z, y = batch(model)
+    model.reverse(z, y, cfg_scale=2.0, cfg_anneal=True)
+    ramp = [2.0 * (j + 1) / 4 for j in range(4)]
+    assert scales == ramp * (1 if deep_layers else 3)
+    scales.clear()
+    model.reverse(z, y, cfg_scale=2.0)
+    assert scales == [2.0] * 4 * (1 if deep_layers else 3)
+
+
 def test_deep_shallow_conditions_only_the_deep_block_nearest_the_gaussian():
     model = make_flow(deep_layers=3, num_blocks=4)
     assert [len(b.layers) for b in model.blocks] == [1, 1, 1, 3]

@@ -62,10 +62,11 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
-def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: bool = True) -> torch.Tensor:
+def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: bool = False) -> torch.Tensor:
     """uint8 images, (B, H, W, 3) or (B, 3, H, W) -> float (B, 3, input_size, input_size): [0, 1] pixels,
     bicubic resize (256 -> 224 in RAE), then ImageNet mean/std. RAE's own encode (stage1/rae.py) calls
-    F.interpolate(mode='bicubic') WITHOUT antialias; antialias=True is this project's default."""
+    F.interpolate(mode='bicubic') WITHOUT antialias, and the released decoder and statistics were made
+    that way, so that is the default here too."""
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
         raise ValueError(f"expected uint8 images (B, H, W, 3) or (B, 3, H, W), got {images_uint8.dtype} "
                          f"{tuple(images_uint8.shape)}")

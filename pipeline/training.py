@@ -1,0 +1,456 @@
+"""Building blocks the three training stages (RAE decoder, SRC, flow) share.
+
+Each stage writes its own readable loop; this module only holds the pieces that loop calls:
+
+    device = resolve_device(cfg.runtime.device)
+    seed_all(cfg.seed + rank)
+    model, ema = ..., EMA(model, decay)
+    optimizer = torch.optim.AdamW(...); scheduler = warmup_cosine(optimizer, warmup, steps)
+    batches = BatchSchedule(n, batch_size, seed, rank, world_size)
+    checkpoints = Checkpointer(run_dir / "checkpoints", every=cfg.ckpt_every)
+    step, extra = checkpoints.restore(model, ema, optimizer, scheduler)     # 0, {} on a fresh run
+    with StopSignal() as stop:
+        while step < steps:
+            idx = batches.indices(step)                                     # the data position is `step`
+            with autocast(device): loss = ...
+            ...; optimizer.step(); scheduler.step(); ema.update(model); step += 1
+            if checkpoints.due(step) or stop.agreed(device):
+                checkpoints.save(step, model, ema, optimizer, scheduler, extra={...})
+                if stop.requested: break
+    save_safetensors(ema.module, out / "ema.safetensors", metadata={...})
+
+Resume contract: a checkpoint holds model, EMA, optimizer, scheduler, every rank's RNG state and
+`step`; the data order is a pure function of (seed, step) (BatchSchedule), so a run resumed at
+step s replays exactly what an uninterrupted run would have done (same world size).
+Nothing here knows about Zarr or Prefect; DDP is only unwrapped (`.module`) and, when a process
+group is up, used to gather RNG states and to agree on a stop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file is missing, unreadable or does not fit the model. One-line message."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision.
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available else CPU; "cpu"; "cuda" (or "cuda:i"). Under torchrun (LOCAL_RANK
+    set) a bare "cuda"/"auto" means this process's GPU, cuda:LOCAL_RANK."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False "
+                         f"(no GPU visible or a CPU-only torch build); use device=cpu or auto")
+    if name.startswith("cuda:"):
+        return torch.device(name)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA (no loss scaling needed), a no-op context on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / DataParallel / torch.compile wrappers (state-dict keys without
+    `module.` / `_orig_mod.`)."""
+    # torch.compile's wrapper class lives in torch._dynamo, which is slow to import: only look if loaded.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight averaging and learning rate.
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging; as edm2 / timm ModelEmaV3):
+    ema <- decay * ema + (1 - decay) * param, computed in fp32; buffers (e.g. running statistics)
+    are copied. `module` is a frozen deep copy in eval mode, usable for evaluation and export."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        model = unwrap(model)
+        for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            e.copy_(e.float().lerp_(p.detach().float(), 1.0 - self.decay))
+        for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup (Goyal et al. 2017) then cosine decay to min_ratio * lr (Loshchilov & Hutter 2017).
+    The factor at step s (optimizer steps taken so far; call scheduler.step() after optimizer.step()):
+      s < warmup:  (s + 1) / warmup                     -- the first step already has a non-zero lr
+      s >= warmup: min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2,  p = (s - warmup) / (total - warmup)
+    clamped at p = 1 (min_ratio) past total_steps."""
+    if warmup_steps < 0 or total_steps < warmup_steps:
+        raise ValueError(f"need 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data position.
+
+
+class BatchSchedule:
+    """Which samples each rank trains on at each global step: a pure function of (seed, step).
+
+    Every epoch is a fresh permutation of range(n), np.random.default_rng((seed, epoch)).permutation(n).
+    The global batch of `batch_size` samples at step s is cut from the stream of epochs:
+      drop_last=True:  epoch = s // (n // batch_size); the batch is that epoch's permutation
+                       [k * batch_size, (k + 1) * batch_size), k = s % (n // batch_size); the last
+                       n % batch_size samples of each epoch are skipped;
+      drop_last=False: the permutations are concatenated and the batch is the stream positions
+                       [s * batch_size, (s + 1) * batch_size), so epoch = position // n and a batch
+                       may straddle two epochs; nothing is skipped.
+    Either way every batch is full and each index appears at most once per epoch. Rank r of W takes
+    the contiguous slice [r * b, (r + 1) * b) of the global batch, b = batch_size / W, so W processes
+    together see exactly the samples one process sees at the same global batch size.
+
+    This is the run's data position: resuming at step s needs nothing but s (no sampler or loader
+    state in the checkpoint), and changing the world size keeps the global data order.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        if batch_size % world_size:
+            raise ValueError(f"global batch_size {batch_size} is not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if n < 1 or (drop_last and n < batch_size):
+            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} with drop_last={drop_last}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.local_batch_size = batch_size // world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.n // self.batch_size if self.drop_last else self.n / self.batch_size
+
+    def epoch(self, step: int) -> int:
+        """The epoch step's global batch starts in."""
+        if self.drop_last:
+            return step // (self.n // self.batch_size)
+        return step * self.batch_size // self.n
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # batches only ever touch the current and the next epoch
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """This rank's sample indices (int64, local_batch_size of them) for global step `step`."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        b = self.local_batch_size
+        if self.drop_last:
+            per_epoch = self.n // self.batch_size
+            start = (step % per_epoch) * self.batch_size + self.rank * b
+            return self.permutation(step // per_epoch)[start:start + b].astype(np.int64)
+        start = step * self.batch_size + self.rank * b  # stream position of this rank's first sample
+        parts, position, end = [], start, start + b
+        while position < end:
+            epoch, offset = divmod(position, self.n)
+            take = min(end - position, self.n - offset)
+            parts.append(self.permutation(epoch)[offset:offset + take])
+            position += take
+        return np.concatenate(parts).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state.
+
+
+def seed_all(seed: int) -> None:
+    """Seed python `random`, numpy's global generator, torch CPU and every CUDA device."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, numpy (global), torch CPU and all CUDA generator states, as plain ints / lists / tensors
+    so the dict survives torch.save + torch.load(weights_only=True)."""
+    version, mt, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of rng_state(). CUDA states are restored for the devices both the state and this
+    machine have."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _temp_path(path: Path) -> Path:
+    # `.<name>.tmp-<pid>`: the artifact store deletes `.*.tmp-*` leftovers when a stage resumes.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(temp_path) in path's directory, fsync, then os.replace: readers see the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, **state) -> None:
+    """torch.save(state) atomically. Values must be tensors / plain containers / numbers / strings so
+    that load_checkpoint (weights_only=True) can read them back."""
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict save_checkpoint wrote, tensors on the CPU; weights_only=True (no code runs on load)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line})") from e
+
+
+class Checkpointer:
+    """Periodic training checkpoints `ckpt-{step:08d}.pt` in `directory`, keeping the newest `keep`.
+
+    `step` counts optimizer steps taken. save() and restore() are called on every rank: save gathers
+    each rank's RNG state (a collective when a process group is up) and rank 0 writes; restore reads
+    the newest file on every rank and puts back this rank's RNG state (when the world size matches).
+    """
+
+    PATTERN = re.compile(r"ckpt-(\d{8,})\.pt")
+
+    def __init__(self, directory: str | os.PathLike, every: int, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory, self.every, self.keep = Path(directory), every, keep
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temp files `.ckpt-*.pt.tmp-*` never match)."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self.PATTERN.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
+             scheduler=None, extra: dict | None = None) -> Path:
+        rngs = [None] * _world_size()
+        if _world_size() > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs[0] = rng_state()
+        path = self.directory / f"ckpt-{step:08d}.pt"
+        if _rank() == 0:
+            save_checkpoint(path, step=step, model=unwrap(model).state_dict(),
+                            ema=ema.state_dict() if ema is not None else None,
+                            optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict() if scheduler is not None else None,
+                            rng=rngs, extra=extra or {})
+            for old in self.checkpoints()[:-self.keep]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def restore(self, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer | None,
+                scheduler=None) -> tuple[int, dict]:
+        """Load the newest checkpoint into the given objects; (step, extra), or (0, {}) when there is none."""
+        path = self.latest()
+        if path is None:
+            return 0, {}
+        state = load_checkpoint(path)
+        try:
+            unwrap(model).load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: does not fit this run ({str(e).strip().splitlines()[0]})") from e
+        if len(state["rng"]) == _world_size():
+            set_rng_state(state["rng"][_rank()])
+        return state["step"], state["extra"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Clean stop on SIGTERM / SIGINT.
+
+
+class StopSignal:
+    """`with StopSignal() as stop:` -- SIGTERM / SIGINT set `stop.requested` instead of killing the
+    process, so the loop can checkpoint and return. A second SIGINT raises KeyboardInterrupt. The
+    previous handlers come back on exit. Outside the main thread (where Python cannot install
+    handlers) it does nothing and `requested` stays False."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = tuple(signals)
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def agreed(self, device: torch.device | str = "cpu") -> bool:
+        """`requested` on any rank (an all-reduce when a process group is up), so that all ranks stop,
+        and enter save()'s collective, at the same step. Call it at the same point on every rank.
+        `device` must suit the backend (the rank's GPU for NCCL)."""
+        if _world_size() == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Exported weights.
+
+
+def save_safetensors(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """The module's state dict (unwrapped, on the CPU) as safetensors with string metadata, atomically."""
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise ValueError(f"safetensors metadata must map str -> str; not strings: {bad}")
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(module).state_dict().items()}
+    _atomic_write(Path(path), lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
+
+
+def load_safetensors(module: nn.Module, path: str | os.PathLike) -> dict[str, str]:
+    """Load a save_safetensors file into module, strictly (same names and shapes); returns its metadata."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such weights file") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).strip().splitlines()[0]})") from e
+    module = unwrap(module)
+    expected = module.state_dict()
+    problems = []
+    for what, names in (("missing", sorted(expected.keys() - state.keys())),
+                        ("unexpected", sorted(state.keys() - expected.keys())),
+                        ("wrong shape", [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                                         for k in sorted(expected.keys() & state.keys())
+                                         if state[k].shape != expected[k].shape])):
+        if names:
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            problems.append(f"{what}: {shown}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit {type(module).__name__} ({'; '.join(problems)})")
+    module.load_state_dict(state)
+    return metadata

@@ -1,0 +1,232 @@
+"""Stage `encode`: shard set -> `features.zarr`, frozen RAE encoder tokens (SRC-FLOW.md "RAE").
+
+Rows are (image, view) pairs in manifest order, train then val. The rows are cut into whole
+Zarr shards; each shard is one job (read its images from the tars, ADM center crop, encode,
+write, commit), so any number of workers, or a killed and resumed run, gives the same store.
+Each commit also holds the shard's float64 sums over its train rows; they are reduced in shard
+order at the end into the exact per-position mean and variance (order-independent).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import ArtifactStore, StageOutput, file_sha256
+from pipeline.config import Config
+from pipeline.data.features import widen
+from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.data.zarr_store import Commits, ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.parallel import map_jobs
+from pipeline.training import autocast, resolve_device
+from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
+
+CODE_VERSION = "1"
+VIEWS = {"plain": 0, "flip": 1}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything a worker process needs to build the same frozen encoder."""
+
+    name: str
+    weights: str
+    input_size: int
+    arch: tuple[tuple[str, int], ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    shard: ShardRange
+    images: tuple[tuple[str, int, str, str], ...]  # (key, label, split, tar path) of the images in these rows
+    first_image: int
+    views: tuple[int, ...]
+    encoder: EncoderSpec
+    resolution: int
+    dtype: str
+    batch_size: int
+    device: str
+    store: str
+    commits: str
+
+
+def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+    shard_dir = upstream["shard"].dir
+    images = manifest_rows(shard_dir, ("train", "val"), cfg.encode.subset_per_class)
+    views = tuple(VIEWS[v] for v in cfg.encode.views)
+    n_rows = len(images) * len(views)
+    spec = encoder_spec(cfg)
+    device = str(resolve_device(cfg.runtime.device))
+    encoder = load_encoder(spec, device)  # a bad weights file fails here, before any work
+    store, commits = out.path / "features.zarr", Commits(out.path / "commits")
+    n_train = sum(r["split"] == "train" for r in images) * len(views)
+    if not commits.any():
+        create_row_store(store, FEATURES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
+                         rows_per_chunk=cfg.encode.rows_per_chunk,
+                         row_shapes={"features": ((encoder.num_tokens, encoder.channels), storage_dtype(cfg.encode.dtype))},
+                         attrs={"encoder": spec.name, "weights_sha256": weights_digest(cfg),
+                                "resolution": cfg.data.resolution, "input_size": spec.input_size,
+                                "crop": "adm_center_crop_arr, bicubic resize to input_size (no antialias)",
+                                "normalization": "final LayerNorm without affine; per-position stats_mean/stats_var "
+                                                 "stored beside, NOT applied",
+                                "logical_dtype": cfg.encode.dtype, "views": list(cfg.encode.views),
+                                "splits": {"train": [0, n_train], "val": [n_train, n_rows]},
+                                "grid_size": encoder.grid_size, "source_fingerprint": upstream["shard"].fingerprint,
+                                "stats_count": 0})
+    ranges = shard_ranges(n_rows, cfg.encode.rows_per_shard)
+    jobs = [make_job(r, images, views, spec, cfg, device, shard_dir, store, commits) for r in ranges
+            if not commits.done(r.index)]
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
+                  if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
+    for _ in map_jobs(encode_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
+                      worker_env=worker_env, desc="encode", unit="rows", weights=lambda j: j.shard.stop - j.shard.start):
+        out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
+
+    count, mean, var = reduce_statistics(commits, ranges)
+    grid = encoder.grid_size
+    to_chw = lambda a: a.T.reshape(encoder.channels, grid, grid)  # noqa: E731  (T, C) -> (C, H, W)
+    write_small_array(store, "stats_mean", to_chw(mean), ("channel", "y", "x"))
+    write_small_array(store, "stats_var", to_chw(var), ("channel", "y", "x"))
+    import zarr
+
+    zarr.open_group(str(store), mode="r+").attrs["stats_count"] = int(count)
+    FEATURES.validate(store)
+    return {"rows": n_rows, "images": len(images), "train_rows": n_train, "tokens": encoder.num_tokens,
+            "channels": encoder.channels, "stats_count": int(count), "feature_mean": float(mean.mean()),
+            "feature_var": float(var.mean())}
+
+
+def encoder_geometry(cfg: Config) -> tuple[int, int]:
+    """(grid size, channels) of the configured encoder, without building it (DINOv2-B: patch 14, 768)."""
+    arch = cfg.encoder.arch
+    return cfg.encoder.input_size // (arch.patch_size or 14), arch.embed_dim or 768
+
+
+def encoder_spec(cfg: Config) -> EncoderSpec:
+    arch = tuple(sorted((k, v) for k, v in cfg.encoder.arch.model_dump().items() if v is not None))
+    return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed)
+
+
+def weights_digest(cfg: Config) -> str:
+    if cfg.encoder.weights == "random":
+        return "random"
+    path = Path(cfg.encoder.weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder.weights: {path} does not exist (expected a local DINOv2-B/reg4 "
+                                f"checkpoint, .safetensors or .pth, timm or HF format)")
+    return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
+
+
+def external_inputs(cfg: Config) -> dict[str, str]:
+    return {"encoder_weights": weights_digest(cfg)}
+
+
+def stats_inputs(cfg: Config) -> dict[str, str]:
+    """For the stages that normalize features: the released statistics file, when `encode.stats: file`."""
+    if cfg.encode.stats == "computed":
+        return {}
+    path = Path(cfg.encode.stats_file or "")
+    if not path.is_file():
+        raise FileNotFoundError(f"encode.stats_file: {cfg.encode.stats_file} does not exist (expected RAE's released "
+                                f"statistics for encode.stats: file)")
+    return {"feature_stats": file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)}
+
+
+def storage_dtype(dtype: str) -> str:
+    # Zarr v3 has no bfloat16: bf16 is stored bit-exactly as uint16 (STACK.md), attrs.logical_dtype says so.
+    return "uint16" if dtype == "bfloat16" else "float16"
+
+
+def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: EncoderSpec, cfg: Config, device: str,
+             shard_dir: Path, store: Path, commits: Commits) -> EncodeJob:
+    first, last = r.start // len(views), (r.stop - 1) // len(views)
+    mine = tuple((im["key"], im["label"], im["split"], str(shard_dir / "shards" / im["shard"]))
+                 for im in images[first:last + 1])
+    return EncodeJob(r, mine, first, views, spec, cfg.data.resolution, cfg.encode.dtype, cfg.encode.batch_size,
+                     device, str(store), str(commits.dir))
+
+
+# --- one job, run in a worker process ----------------------------------------------------------
+
+_ENCODERS: dict = {}  # per process: built once, reused by every job the process runs
+
+
+def load_encoder(spec: EncoderSpec, device: str):
+    from pipeline.models.rae import build_rae_encoder
+
+    key = (spec, device)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = build_rae_encoder(spec.weights, model_name=spec.name, input_size=spec.input_size,
+                                           arch=dict(spec.arch), seed=spec.seed).to(device)
+    return _ENCODERS[key]
+
+
+def encode_shard(job: EncodeJob) -> int:
+    from pipeline.models.rae import to_encoder_input
+
+    device = torch.device(job.device)
+    encoder = load_encoder(job.encoder, job.device)
+    n_views = len(job.views)
+    keys = {k for k, *_ in job.images}
+    tars = sorted({tar for *_, tar in job.images})
+    jpegs = dict(iter_jpegs(tars, keys))
+    missing = keys - jpegs.keys()
+    if missing:
+        raise FileNotFoundError(f"encode: {len(missing)} images of the manifest are not in their shards "
+                                f"(e.g. {sorted(missing)[0]}); the shard set is damaged, rerun `shard` with --force")
+    features = np.empty((len(job.images) * n_views, encoder.num_tokens, encoder.channels),
+                        dtype=np.uint16 if job.dtype == "bfloat16" else np.float16)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # JPEG decode + crop overlaps the forward passes
+        crops = pool.map(lambda item: decode_crop(jpegs[item[0]], job.resolution), job.images)
+        for b0 in range(0, len(job.images), job.batch_size):
+            batch = np.stack([next(crops) for _ in range(min(job.batch_size, len(job.images) - b0))])
+            pixels = torch.from_numpy(batch).to(device, non_blocking=True)
+            x = to_encoder_input(pixels, job.encoder.input_size)
+            with torch.inference_mode(), autocast(device):
+                for v_index, view in enumerate(job.views):
+                    tokens = encoder(x.flip(-1) if view == 1 else x)
+                    rows = slice(b0 * n_views + v_index, (b0 + len(batch)) * n_views, n_views)
+                    features[rows] = to_storage(tokens, job.dtype)
+
+    # rows of this shard, as offsets into the images this job holds
+    lo = job.shard.start - job.first_image * n_views
+    hi = lo + job.shard.stop - job.shard.start
+    labels = np.repeat([lab for _, lab, _, _ in job.images], n_views).astype(np.int32)
+    splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in job.images], n_views).astype(np.uint8)
+    write_rows(Path(job.store), job.shard.start, {
+        "features": features[lo:hi], "labels": labels[lo:hi], "split": splits[lo:hi],
+        "keys": np.repeat([k for k, *_ in job.images], n_views)[lo:hi],
+        "view": np.tile(np.array(job.views, dtype=np.uint8), len(job.images))[lo:hi],
+    })
+    stored = features[lo:hi]
+    train = stored[splits[lo:hi] == SPLIT_IDS["train"]]
+    values = widen(train).astype(np.float64)
+    Commits(Path(job.commits)).write(job.shard.index, count=np.array(len(values)), sum=values.sum(0),
+                                     sumsq=np.square(values).sum(0))
+    return hi - lo
+
+
+def to_storage(tokens: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return tokens.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
+    return tokens.to(torch.float16).cpu().numpy()
+
+
+def reduce_statistics(commits: Commits, ranges: list[ShardRange]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Exact per-position mean/variance from the per-shard float64 sums, reduced in shard order."""
+    count, total, total_sq = 0, None, None
+    for r in ranges:
+        part = commits.read(r.index)
+        count += int(part["count"])
+        total = part["sum"] if total is None else total + part["sum"]
+        total_sq = part["sumsq"] if total_sq is None else total_sq + part["sumsq"]
+    if count == 0:
+        raise ValueError("encode: no train rows to compute the normalization statistics from")
+    mean = total / count
+    return count, mean, np.maximum(total_sq / count - mean * mean, 0.0)

@@ -1,0 +1,97 @@
+"""Zarr v3 group layouts: `features.zarr` (stage encode) and `codes.zarr` (stage compress).
+
+Rows are (image, view) pairs, image-major: row = image_index * n_views + view, with the train
+split first, then val (`attrs.splits` gives each split's row range). Every per-row array is
+sharded by `rows_per_shard` rows, so a writer that owns a row range of whole shards owns whole
+files of every array (concurrent writes inside one Zarr shard lose data, see STACK.md).
+
+Open with `dask.array.from_zarr(path, component="features")` or `xarray.open_zarr(path)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage_schemas import SchemaError, check_version
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    dims: tuple[str, ...]
+    dtype: str  # numpy dtype name, or "str" for variable-length UTF-8
+    also: tuple[str, ...] = ()  # other accepted on-disk dtypes
+    per_row: bool = True  # sharded along rows; False = a small whole array (statistics)
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ZarrLayout:
+    kind: str
+    arrays: dict[str, ArraySpec]
+    required_attrs: tuple[str, ...]
+
+    def validate(self, path: str | Path) -> dict:
+        """Refuse a store of another kind, version, or with missing/misshapen arrays. Returns its attrs."""
+        import zarr
+
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as e:
+            raise SchemaError(f"{path}: not a Zarr group ({e})") from None
+        attrs = dict(group.attrs)
+        if attrs.get("srcflow_schema") != self.kind:
+            raise SchemaError(f"{path}: expected a srcflow {self.kind} store, found {attrs.get('srcflow_schema')!r}")
+        check_version(str(path), attrs.get("schema_version"), SCHEMA_VERSION)
+        missing = [a for a in self.required_attrs if a not in attrs]
+        if missing:
+            raise SchemaError(f"{path}: missing attributes {missing}")
+        for name, spec in self.arrays.items():
+            if name not in group:
+                raise SchemaError(f"{path}: missing array {name!r}")
+            arr = group[name]
+            dims = tuple(arr.metadata.dimension_names or ())
+            if dims != spec.dims:
+                raise SchemaError(f"{path}/{name}: dimension_names {dims} != {spec.dims}")
+            if spec.dtype != "str" and str(arr.dtype) not in (spec.dtype, *spec.also):
+                raise SchemaError(f"{path}/{name}: dtype {arr.dtype} != {spec.dtype}")
+        return attrs
+
+
+ROW_ARRAYS = {
+    "labels": ArraySpec(("row",), "int32", doc="class label (index among the sorted train synsets)"),
+    "keys": ArraySpec(("row",), "str", doc="WebDataset key of the source image"),
+    "view": ArraySpec(("row",), "uint8", doc="0 = as is, 1 = horizontally flipped"),
+    "split": ArraySpec(("row",), "uint8", doc="0 = train, 1 = val"),
+}
+SPLIT_IDS = {"train": 0, "val": 1}
+
+FEATURES = ZarrLayout(
+    kind="features",
+    arrays={
+        "features": ArraySpec(("row", "token", "channel"), "float16", also=("uint16",),
+                              doc="RAE encoder tokens after the affine-free LayerNorm, BEFORE the per-position "
+                                  "normalization; bf16 is stored as uint16 with attrs.logical_dtype = bfloat16"),
+        **ROW_ARRAYS,
+        "stats_mean": ArraySpec(("channel", "y", "x"), "float64", per_row=False,
+                                doc="exact per-position mean over the train rows"),
+        "stats_var": ArraySpec(("channel", "y", "x"), "float64", per_row=False,
+                               doc="exact per-position (population) variance over the train rows"),
+    },
+    required_attrs=("encoder", "weights_sha256", "resolution", "input_size", "crop", "normalization", "logical_dtype",
+                    "views", "splits", "grid_size", "source_fingerprint", "stats_count"),
+)
+
+CODES = ZarrLayout(
+    kind="codes",
+    arrays={
+        "codes": ArraySpec(("row", "token", "code_channel"), "float32",
+                           doc="SRC codes, unit variance per channel on the train rows (before any noise)"),
+        **ROW_ARRAYS,
+        "code_mean": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel mean over train rows"),
+        "code_std": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel std over train rows"),
+    },
+    required_attrs=("features_fingerprint", "src_fingerprint", "views", "splits", "grid_size"),
+)

@@ -1,0 +1,172 @@
+"""Stage `encode`: the Zarr feature store, its statistics, resume after a kill, and browsing it."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.data.features import load_normalizer, load_released_stats, widen
+from pipeline.runner import plan, run_pipeline
+from storage_schemas import SchemaError
+from storage_schemas.zarr_layouts import FEATURES
+from tests.conftest import REPO
+
+SMALL = ("encode.rows_per_shard=8", "encode.rows_per_chunk=4", "encode.batch_size=5")
+
+
+def _encode(make_config, *overrides):
+    cfg = make_config(*SMALL, *overrides)
+    return cfg, run_pipeline(cfg, until="encode")["encode"]
+
+
+def _arrays(store) -> dict:
+    group = zarr.open_group(str(store), mode="r")
+    return {name: arr[...] for name, arr in group.arrays()}
+
+
+def test_store_layout_shapes_and_dimension_names(make_config):
+    cfg, out = _encode(make_config)
+    store = out.dir / "features.zarr"
+    attrs = FEATURES.validate(store)
+    group = zarr.open_group(str(store), mode="r")
+    n_images = 4 * 12 + 4 * 4
+    # smoke encoder: input 56, patch 7 -> 8x8 tokens of 64 channels; views plain + flip side by side
+    assert group["features"].shape == (n_images * 2, 64, 64) and group["features"].dtype == np.float16
+    assert tuple(group["features"].metadata.dimension_names) == ("row", "token", "channel")
+    for name in ("labels", "keys", "view", "split"):
+        assert group[name].shape == (n_images * 2,) and tuple(group[name].metadata.dimension_names) == ("row",)
+    assert list(group["view"][:4]) == [0, 1, 0, 1] and group["keys"][0] == group["keys"][1]
+    assert attrs["splits"] == {"train": [0, 96], "val": [96, 128]} and attrs["grid_size"] == 8
+    assert group["stats_var"].shape == (64, 8, 8)
+    # the flipped view is the encoding of the mirrored image, not a copy
+    assert not np.array_equal(group["features"][0], group["features"][1])
+
+
+def test_statistics_are_exact_over_the_train_rows(make_config):
+    _, out = _encode(make_config)
+    arrays = _arrays(out.dir / "features.zarr")
+    train = widen(arrays["features"][arrays["split"] == 0]).astype(np.float64)
+    mean, var = train.mean(0), train.var(0)  # (T, C)
+    np.testing.assert_allclose(arrays["stats_mean"], mean.T.reshape(64, 8, 8), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(arrays["stats_var"], var.T.reshape(64, 8, 8), rtol=1e-10, atol=1e-12)
+    assert zarr.open_group(str(out.dir / "features.zarr")).attrs["stats_count"] == len(train)
+
+
+def test_tokens_are_layernormed_without_affine(make_config):
+    _, out = _encode(make_config)
+    f = widen(zarr.open_group(str(out.dir / "features.zarr"))["features"][:8]).astype(np.float64)
+    np.testing.assert_allclose(f.mean(-1), 0, atol=2e-3)
+    np.testing.assert_allclose(f.var(-1), 1, atol=2e-2)
+
+
+def test_bfloat16_store_round_trips_exactly(make_config):
+    cfg, out = _encode(make_config, "encode.dtype=bfloat16", "encode.views=[plain]")
+    group = zarr.open_group(str(out.dir / "features.zarr"), mode="r")
+    assert group["features"].dtype == np.uint16 and group.attrs["logical_dtype"] == "bfloat16"
+    widened = torch.from_numpy(widen(group["features"][:4]))
+    assert torch.equal(widened.to(torch.bfloat16).float(), widened)  # exactly representable in bf16
+
+
+KILL_SCRIPT = """
+import os, random, signal, sys
+import pipeline.data.zarr_store as zs
+import stages.encode as enc
+rng = random.Random(int(sys.argv[1]))
+die_at, before_commit = rng.randrange(2, 10), rng.random() < 0.5
+calls = [0]
+real_write, real_commit = enc.write_rows, zs.Commits.write
+def write(*a, **k):
+    calls[0] += 1
+    if calls[0] == die_at and not before_commit:
+        os.kill(os.getpid(), signal.SIGKILL)   # mid-shard: nothing of it written yet
+    real_write(*a, **k)
+def commit(self, *a, **k):
+    if calls[0] == die_at and before_commit:
+        os.kill(os.getpid(), signal.SIGKILL)   # data written, commit marker not
+    real_commit(self, *a, **k)
+enc.write_rows, zs.Commits.write = write, commit
+from pipeline.config import load_config
+from pipeline.runner import run_pipeline
+run_pipeline(load_config(None, sys.argv[2:]), until="encode")
+"""
+
+
+def test_kill_at_a_random_point_then_rerun_is_bit_identical(make_config, tmp_path):
+    from tests.conftest import SMOKE
+
+    seed = random.randrange(1000)
+    killed = make_config(*SMALL, f"storage.root={tmp_path / 'killed'}")
+    args = [str(SMOKE)]  # the smoke config file, then the same overrides make_config applied
+    overrides = [f"storage.root={tmp_path / 'killed'}", f"data.root={killed.data.root}", "data.generate_tiny=null",
+                 "data.resolution=32", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16", *SMALL]
+    script = KILL_SCRIPT.replace("load_config(None, sys.argv[2:])", "load_config(sys.argv[2], sys.argv[3:])")
+    proc = subprocess.run([sys.executable, "-c", script, str(seed), *args, *overrides], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, f"seed {seed}"
+    (p,) = [p for p in plan(killed) if p.name == "encode"]
+    assert p.state == "partial"
+    resumed = run_pipeline(killed, until="encode")["encode"]
+    _, reference = _encode(make_config, f"storage.root={tmp_path / 'clean'}")
+    a, b = _arrays(resumed.dir / "features.zarr"), _arrays(reference.dir / "features.zarr")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), f"{name} differs after resume (seed {seed})"
+
+
+def test_two_dask_workers_give_the_same_store_as_one(make_config, tmp_path):
+    _, one = _encode(make_config, f"storage.root={tmp_path / 'one'}")
+    _, two = _encode(make_config, f"storage.root={tmp_path / 'two'}", "runtime.workers=2")
+    assert one.fingerprint == two.fingerprint
+    a, b = _arrays(one.dir / "features.zarr"), _arrays(two.dir / "features.zarr")
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_dask_and_xarray_open_the_store(make_config):
+    import xarray as xr
+
+    _, out = _encode(make_config)
+    store = str(out.dir / "features.zarr")
+    f = da.from_zarr(store, component="features")
+    assert f.shape[1:] == (64, 64)
+    channel_mean = f.astype("float64").mean(axis=(0, 1)).compute()
+    assert channel_mean.shape == (64,)
+    ds = xr.open_zarr(store, consolidated=False)
+    assert ds["features"].dims == ("row", "token", "channel") and ds["labels"].dims == ("row",)
+    assert int(ds["labels"].max()) == 3
+
+
+def test_released_statistics_loader(tmp_path):
+    var = torch.rand(1, 64, 8, 8) + 0.5
+    torch.save({"mean": None, "var": var}, tmp_path / "stats.pt")
+    mean, loaded = load_released_stats(str(tmp_path / "stats.pt"))
+    assert mean is None and loaded.shape == (64, 8, 8)
+    norm = load_normalizer(tmp_path, "file", str(tmp_path / "stats.pt"))
+    f = torch.randn(2, 64, 64)
+    expected = f / (var[0].reshape(64, 64).T + 1e-5).sqrt()
+    torch.testing.assert_close(norm(f), expected)
+    torch.testing.assert_close(norm.inverse(norm(f)), f)
+    with pytest.raises(FileNotFoundError, match="encode.stats_file: .*nope.pt does not exist"):
+        load_released_stats(str(tmp_path / "nope.pt"))
+
+
+def test_wrong_encoder_weights_path_is_one_line(make_config, tmp_path):
+    cfg = make_config(f"encoder.weights={tmp_path / 'missing.safetensors'}")
+    with pytest.raises(FileNotFoundError) as e:
+        plan(cfg)
+    assert "\n" not in str(e.value) and "encoder.weights" in str(e.value) and "missing.safetensors" in str(e.value)
+
+
+def test_an_unknown_store_layout_is_refused(tmp_path):
+    g = zarr.open_group(str(tmp_path / "x.zarr"), mode="w", attributes={"srcflow_schema": "features",
+                                                                        "schema_version": 99})
+    g.create_array("features", shape=(1,), dtype="float16")
+    with pytest.raises(SchemaError, match="schema version 99"):
+        FEATURES.validate(tmp_path / "x.zarr")
