@@ -1,7 +1,9 @@
 """Sampling speed of the flow: KV-cache reverse vs the naive reverse, side by side in one run.
 
-    python -m benchmarks.sample                                  # CPU smoke width, < ~2 min
-    python -m benchmarks.sample --device cuda --paper --bf16     # adds a paper-like width
+    python benchmarks/sample.py                               # CPU smoke width, well under 2 min
+    python benchmarks/sample.py --device cuda --paper --bf16  # adds a paper-like width
+
+(with the package installed, as `make .venv` does; else `python -m benchmarks.sample` from the root)
 
 Prints one JSON object: per model, samples/s of each sampler, the speedup ratio, peak memory
 (torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS, ru_maxrss, which only
@@ -21,7 +23,7 @@ from pipeline.models.flow import TARFlow
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--width", type=int, default=128, help="smoke model width")
     parser.add_argument("--heads", type=int, default=4, help="smoke model heads")
     parser.add_argument("--blocks", type=int, default=4, help="smoke model blocks")
@@ -32,19 +34,22 @@ def main():
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="> 0 doubles the batch in conditioned blocks")
     parser.add_argument("--paper", action="store_true", help="also a paper-like model (CUDA only)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (sampling math stays fp32)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op CPU threads; default 1 on CPU (a token step is too small to split) "
+                             "and torch's choice on CUDA")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if args.paper and not args.device.startswith("cuda"):
         parser.error("--paper needs --device cuda (the naive sampler at width 1024 is hours on CPU)")
 
-    common = dict(in_channels=args.channels, num_tokens=args.tokens, num_classes=1000, cond="prefix",
-                  scale="softplus", start_token=True, soft_clip=4.0)
-    models = {"smoke": dict(width=args.width, heads=args.heads, num_blocks=args.blocks,
-                            layers_per_block=args.layers, **common)}
-    if args.paper:  # STARFlow-like deep-shallow: deep 16-layer conditioned block + 3 shallow 2-layer blocks
-        models["paper"] = dict(width=1024, heads=16, num_blocks=4, layers_per_block=2, deep_layers=16, **common)
+    common = {"in_channels": args.channels, "num_tokens": args.tokens, "num_classes": 1000,
+              "cond": "prefix", "scale": "softplus", "start_token": True, "soft_clip": 4.0}
+    models = {"smoke": {"width": args.width, "heads": args.heads, "num_blocks": args.blocks,
+                        "layers_per_block": args.layers, **common}}
+    if args.paper:  # STARFlow-like deep-shallow: a 16-layer conditioned deep block + 3 shallow 2-layer blocks
+        models["paper"] = {"width": 1024, "heads": 16, "num_blocks": 4, "layers_per_block": 2,
+                           "deep_layers": 16, **common}
 
     report = {"device": args.device, "torch": torch.__version__, "batch": args.batch, "tokens": args.tokens,
               "channels": args.channels, "repeats": args.repeats, "cfg_scale": args.cfg_scale,

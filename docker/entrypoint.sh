@@ -9,7 +9,7 @@
 #
 # Environment:
 #   PREFECT_API_URL        required for the worker, e.g. http://prefect-server:4200/api
-#   SRCFLOW_POOL           work pool to poll (default srcflow-gpu; created if missing)
+#   SRCFLOW_POOL           work pool to poll (default srcflow; created if missing)
 #   SRCFLOW_WORKER_NAME    worker name (default srcflow-<hostname>)
 #   SRCFLOW_WORKER_LIMIT   max concurrent flow runs (default 1: one run per GPU worker)
 #   SRCFLOW_WAIT_TRIES     /health attempts before giving up (default 60)
@@ -21,7 +21,7 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
 fi
 
 : "${PREFECT_API_URL:?PREFECT_API_URL must be set, e.g. http://prefect-server:4200/api}"
-pool="${SRCFLOW_POOL:-srcflow-gpu}"
+pool="${SRCFLOW_POOL:-srcflow}"
 name="${SRCFLOW_WORKER_NAME:-srcflow-${HOSTNAME:-worker}}"
 limit="${SRCFLOW_WORKER_LIMIT:-1}"
 tries="${SRCFLOW_WAIT_TRIES:-60}"

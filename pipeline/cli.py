@@ -135,6 +135,23 @@ def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manif
         fail(str(e))
 
 
+@app.command("plan")
+def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
+    """Per stage: bytes written, files per directory, measured device-hours, peak memory. Runs nothing."""
+    from pipeline.plan import capacity_plan, print_plan
+
+    cfg = _load(config, set_)
+    try:
+        report = capacity_plan(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_plan(report, title=f"srcflow plan ({config})")
+
+
 @app.command("make-tiny-imagenet")
 def make_tiny_imagenet_cmd(out: Path, classes: int = 4, per_class: int = 32, val_per_class: int = 8, size: int = 64,
                            seed: int = 0, layout: str = typer.Option("imagefolder", help="imagefolder | kaggle")):

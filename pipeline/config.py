@@ -114,15 +114,21 @@ class DecoderConfig(Section):
 
 
 class FitDecoderConfig(Section):
-    steps: int = 20000
-    batch_size: int = 512
+    steps: int = Field(20000, gt=0)
+    batch_size: int = Field(512, gt=0)
     lr: float = 2e-4
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="no warmup; cosine decays to 0 at `steps`")
     weight_decay: float = 0.0
-    noise_tau: float = 0.8
+    noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per sample")
     ema_decay: float = 0.999
-    lpips_weights: str | None = None
+    lpips_weights: str | None = Field(None, description="local LPIPS weights: adds an LPIPS term (needs the lpips package)")
+    lpips_weight: float = 1.0
+    report_images: int | None = Field(1000, gt=0, description="held-out val images (view 0) for psnr_val / l1_val and the grid; None = all")
     seed: int = 0
     ckpt_every: int = operational(1000)
+    loader_threads: int = operational(8, "threads decoding JPEGs and reading feature rows for the next batches")
+    memory_mb: int = operational(1024, "hold the train pairs in memory when they fit (small sets); else stream per batch")
+    eval_batch_size: int = operational(64)
 
 
 # --- the compressor ----------------------------------------------------------------------------
@@ -130,19 +136,26 @@ class FitDecoderConfig(Section):
 
 class SRCConfig(Section):
     kind: Literal["pca", "learned"] = "learned"
-    dim: int = Field(32, gt=0)
+    dim: int = Field(32, gt=0, description="code channels d per token (the paper: 32)")
     arch: Literal["mlp", "transformer"] = "mlp"
     hidden: int = 1024
     depth: int = 2
-    noise_sigma: float = Field(0.2, ge=0)
+    heads: int = Field(4, gt=0, description="attention heads of the transformer arch")
+    noise_sigma: float = Field(0.2, ge=0, description="constant code noise the SRC decoder trains under (and the report's noisy rows)")
     steps: int = 5000
-    batch_size: int = 256
+    batch_size: int = Field(256, gt=0, description="images per training step (all their tokens)")
     lr: float = 1e-4
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
     cosine_weight: float = 1.0
-    pixel_loss_weight: float = 0.0
+    pixel_loss_weight: float = Field(0.0, ge=0, description="MSE of RAE_dec(SRC(f)) vs RAE_dec(f) through the frozen decoder")
     ema_decay: float = 0.999
     seed: int = 0
+    report_images: int = Field(256, gt=0, description="held-out val images (view 0) in the reconstruction report")
     ckpt_every: int = operational(500)
+    eval_batch_size: int = operational(64, "images per batch in the reconstruction report")
+    log_every: int = operational(100, "training steps between loss log lines")
 
 
 class CompressConfig(Section):
@@ -198,7 +211,7 @@ class ReferenceConfig(Section):
 
 
 class EvaluateConfig(Section):
-    inception_weights: str = "weights/weights-inception-2015-12-05-6726825d.pth"
+    inception_weights: str = "data/weights/weights-inception-2015-12-05-6726825d.pth"
     kid_subset_size: int = 1000
     batch_size: int = operational(64)
 

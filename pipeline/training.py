@@ -14,9 +14,10 @@ Each stage writes its own readable loop; this module only holds the pieces that 
             idx = batches.indices(step)                                     # the data position is `step`
             with autocast(device): loss = ...
             ...; optimizer.step(); scheduler.step(); ema.update(model); step += 1
-            if checkpoints.due(step) or stop.agreed(device):
+            stopping = stop.agreed(device)                                  # same answer on every rank
+            if checkpoints.due(step) or stopping:
                 checkpoints.save(step, model, ema, optimizer, scheduler, extra={...})
-                if stop.requested: break
+            if stopping: break
     save_safetensors(ema.module, out / "ema.safetensors", metadata={...})
 
 Resume contract: a checkpoint holds model, EMA, optimizer, scheduler, every rank's RNG state and
@@ -56,8 +57,8 @@ class CheckpointError(ValueError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available else CPU; "cpu"; "cuda" (or "cuda:i"). Under torchrun (LOCAL_RANK
-    set) a bare "cuda"/"auto" means this process's GPU, cuda:LOCAL_RANK."""
+    """The device a config names: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:<i>".
+    Under torchrun (LOCAL_RANK set) a bare "cuda" or "auto" means this process's GPU, cuda:LOCAL_RANK."""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -119,7 +120,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         model = unwrap(model)
         for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            e.copy_(e.float().lerp_(p.detach().float(), 1.0 - self.decay))
+            if e.dtype == torch.float32:
+                e.lerp_(p.detach().float(), 1.0 - self.decay)
+            else:  # bf16 / fp16 weights: average in fp32, then round once
+                e.copy_(e.float().lerp_(p.detach().float(), 1.0 - self.decay))
         for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
@@ -235,7 +239,9 @@ def seed_all(seed: int) -> None:
 
 def rng_state() -> dict:
     """Python, numpy (global), torch CPU and all CUDA generator states, as plain ints / lists / tensors
-    so the dict survives torch.save + torch.load(weights_only=True)."""
+    so the dict survives torch.save + torch.load(weights_only=True). CUDA states only once CUDA is in
+    use here: this never initialises CUDA (nor fails in a forked child of a CUDA process), and a
+    generator CUDA has not started holds nothing to save beyond the seed."""
     version, mt, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
@@ -243,7 +249,7 @@ def rng_state() -> dict:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
 
 
@@ -281,11 +287,14 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename itself durable; some filesystems refuse fsync on a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def save_checkpoint(path: str | os.PathLike, **state) -> None:
@@ -336,6 +345,7 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
              scheduler=None, extra: dict | None = None) -> Path:
+        _check_plain(extra or {}, "extra")
         rngs = [None] * _world_size()
         if _world_size() > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -374,6 +384,21 @@ class Checkpointer:
         return state["step"], state["extra"]
 
 
+def _check_plain(value, where: str) -> None:
+    """Fail at save time, not at resume, on values torch.load(weights_only=True) refuses: numpy scalars
+    (np.float64 too, though it subclasses float), arrays, arbitrary objects."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor)):
+        raise TypeError(f"checkpoint {where} is a {type(value).__name__}; use tensors, numbers, strings, "
+                        f"lists or dicts (weights_only loading refuses anything else)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Clean stop on SIGTERM / SIGINT.
 
@@ -395,7 +420,7 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
 
-    def __enter__(self) -> StopSignal:
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
@@ -434,7 +459,8 @@ def load_safetensors(module: nn.Module, path: str | os.PathLike) -> dict[str, st
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            names = f.keys()
+            state = {k: f.get_tensor(k) for k in names}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such weights file") from None
     except Exception as e:

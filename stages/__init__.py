@@ -41,7 +41,7 @@ STAGES: tuple[Stage, ...] = (
           upstream=("shard",), external=encode.external_inputs),
     Stage("fit_decoder", fit_decoder.run, fit_decoder.CODE_VERSION,
           sections=("decoder", "fit_decoder"),
-          upstream=("shard", "encode"), enabled=fit_decoder.enabled),
+          upstream=("shard", "encode"), external=fit_decoder.training_inputs, enabled=fit_decoder.enabled),
     Stage("fit_src", fit_src.run, fit_src.CODE_VERSION,
           sections=("src", "encode.stats"),
           upstream=("shard", "encode", "fit_decoder"), external=lambda cfg: {**fit_decoder.external_inputs(cfg),

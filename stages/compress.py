@@ -1,12 +1,156 @@
-"""Stage `compress`: features (or images) -> `codes.zarr`, the compact codes the flow learns."""
+"""Stage `compress`: normalized RAE features (or images) -> `codes.zarr`, the compact codes the flow learns.
+
+    codes = SRC_enc(normalize(f))      float32 (N, T, d), no noise (the flow adds its own constant noise)
+
+Rows are the feature store's rows (image-major, train then val), cut into the same whole Zarr shards
+(`encode.rows_per_shard`); each shard is one job that writes its rows and then a commit marker holding
+float64 sums of its train codes, so a killed run redoes exactly the uncommitted shards and any worker
+count gives the same store. The sums are reduced in shard order into `code_mean` / `code_std`.
+
+`compress.from: images` streams the images from the shard set through the encoder (encode's own row
+code path, features rounded to the storage dtype) and the SRC, for when the full feature store is not
+kept (`encode.subset_per_class`): every image of the shard set gets a row, and the codes equal the
+features path's for the same images.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.data.features import load_normalizer, open_features, widen
+from pipeline.data.shards import manifest_rows
+from pipeline.data.zarr_store import Commits, ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.parallel import map_jobs
+from pipeline.training import resolve_device
+from stages.encode import VIEWS, EncodeJob, encode_rows, encoder_spec, make_job, reduce_statistics
+from stages.fit_src import load_src
+from storage_schemas.zarr_layouts import CODES, SPLIT_IDS
 
 CODE_VERSION = "1"
 
 
+@dataclass(frozen=True)
+class CompressJob:
+    shard: ShardRange
+    src_dir: str
+    features: str  # the feature store: its rows (from: features) and its normalization statistics
+    stats: str
+    stats_file: str | None
+    batch_size: int
+    device: str
+    store: str
+    commits: str
+    images: EncodeJob | None = None  # from: images, the encode job of these rows
+
+
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage compress is not implemented yet")
+    features = upstream["encode"].dir / "features.zarr"
+    _, feature_attrs = open_features(features)
+    device = str(resolve_device(cfg.runtime.device))
+    src = cached_src(str(upstream["fit_src"].dir), device)  # a bad SRC fails here, before any work
+    tokens = feature_attrs["grid_size"] ** 2
+    n_rows, splits, encode_jobs = row_layout(cfg, upstream, feature_attrs, device)
+    store, commits = out.path / "codes.zarr", Commits(out.path / "commits")
+    if not commits.any():
+        create_row_store(store, CODES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
+                         rows_per_chunk=cfg.encode.rows_per_chunk,
+                         row_shapes={"codes": ((tokens, src.config["dim"]), "float32")},
+                         attrs={"features_fingerprint": upstream["encode"].fingerprint,
+                                "src_fingerprint": upstream["fit_src"].fingerprint,
+                                "src_kind": upstream["fit_src"].metrics.get("kind"), "src_arch": src.arch,
+                                "src_noise_sigma": upstream["fit_src"].metrics.get("noise_sigma"),
+                                "source": cfg.compress.source, "views": feature_attrs["views"], "splits": splits,
+                                "grid_size": feature_attrs["grid_size"],
+                                "normalization": "codes = SRC.encode(per-position normalized features), no "
+                                                 "noise; code_mean/code_std: per channel over the train rows"})
+    ranges = shard_ranges(n_rows, cfg.encode.rows_per_shard)
+    jobs = [CompressJob(r, str(upstream["fit_src"].dir), str(features), cfg.encode.stats, cfg.encode.stats_file,
+                        cfg.compress.batch_size, device, str(store), str(commits.dir),
+                        encode_jobs[r.index] if encode_jobs else None)
+            for r in ranges if not commits.done(r.index)]
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
+                  if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
+    for _ in map_jobs(compress_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
+                      worker_env=worker_env, desc="compress", unit="rows", weights=lambda j: j.shard.stop - j.shard.start):
+        out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
+
+    count, mean, var = reduce_statistics(commits, ranges, stage="compress")
+    std = np.sqrt(var)
+    write_small_array(store, "code_mean", mean, ("code_channel",))
+    write_small_array(store, "code_std", std, ("code_channel",))
+    CODES.validate(store)
+    return {"rows": n_rows, "train_rows": splits["train"][1] - splits["train"][0], "tokens": tokens,
+            "dim": src.config["dim"], "source": cfg.compress.source, "train_tokens": int(count),
+            "code_mean_abs_max": float(np.abs(mean).max()), "code_std_min": float(std.min()),
+            "code_std_max": float(std.max())}
+
+
+def row_layout(cfg: Config, upstream: dict, feature_attrs: dict, device: str,
+               ) -> tuple[int, dict, dict[int, EncodeJob] | None]:
+    """(rows, split row ranges, the encode job of each shard for from: images). from: features copies the
+    feature store's rows; from: images has one row per (image, view) of the whole shard set, in encode's order."""
+    if cfg.compress.source == "features":
+        splits = dict(feature_attrs["splits"])
+        return splits["val"][1], splits, None
+    shard_dir = upstream["shard"].dir
+    images = manifest_rows(shard_dir, ("train", "val"))
+    views = tuple(VIEWS[v] for v in cfg.encode.views)
+    n_rows, n_train = len(images) * len(views), sum(r["split"] == "train" for r in images) * len(views)
+    spec = encoder_spec(cfg)
+    # encode_rows only computes rows: the job's store / commits paths are never used
+    jobs = {r.index: make_job(r, images, views, spec, cfg, device, shard_dir, Path(), Commits(Path()))
+            for r in shard_ranges(n_rows, cfg.encode.rows_per_shard)}
+    return n_rows, {"train": [0, n_train], "val": [n_train, n_rows]}, jobs
+
+
+# --- one job, run in a worker process ----------------------------------------------------------
+
+_NORMALIZERS: dict = {}  # per process, like encode's encoders
+
+
+def compress_shard(job: CompressJob) -> int:
+    start, stop = job.shard.start, job.shard.stop
+    if job.images is None:
+        group = zarr.open_group(job.features, mode="r")
+        arrays = {name: group[name][start:stop] for name in ("features", "labels", "keys", "view", "split")}
+    else:
+        arrays = encode_rows(job.images)  # stored-dtype features, as encode would have written them
+    src = cached_src(job.src_dir, job.device)
+    key = (job.features, job.stats, job.stats_file)
+    if key not in _NORMALIZERS:
+        _NORMALIZERS[key] = load_normalizer(Path(job.features), job.stats, job.stats_file)
+    codes = encode_codes(src, _NORMALIZERS[key], arrays.pop("features"), job.batch_size, job.device)
+    write_rows(Path(job.store), start, {"codes": codes, **arrays})
+    train = codes[arrays["split"] == SPLIT_IDS["train"]].astype(np.float64)
+    Commits(Path(job.commits)).write(job.shard.index, count=np.array(train.shape[0] * train.shape[1]),
+                                     sum=train.sum((0, 1)), sumsq=np.square(train).sum((0, 1)))
+    return stop - start
+
+
+def encode_codes(src, normalizer, features: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """Stored features (N, T, C) -> SRC codes (N, T, d) float32, in fp32 (no autocast), no noise."""
+    out = np.empty((len(features), features.shape[1], src.config["dim"]), np.float32)
+    with torch.inference_mode():
+        for b0 in range(0, len(features), batch_size):
+            f = torch.from_numpy(widen(features[b0:b0 + batch_size])).to(device)
+            out[b0:b0 + len(f)] = src.encode(normalizer(f)).cpu().numpy()
+    return out
+
+
+_SRCS: dict = {}
+
+
+def cached_src(src_dir: str, device: str):
+    """load_src once per process (keyed by the weights file's mtime, so a forced refit is reloaded)."""
+    key = (src_dir, (Path(src_dir) / "src.safetensors").stat().st_mtime_ns, device)
+    if key not in _SRCS:
+        _SRCS[key] = load_src(src_dir, device)
+    return _SRCS[key]

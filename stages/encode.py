@@ -168,6 +168,18 @@ def load_encoder(spec: EncoderSpec, device: str):
 
 
 def encode_shard(job: EncodeJob) -> int:
+    arrays = encode_rows(job)
+    write_rows(Path(job.store), job.shard.start, arrays)
+    train = arrays["features"][arrays["split"] == SPLIT_IDS["train"]]
+    values = widen(train).astype(np.float64)
+    Commits(Path(job.commits)).write(job.shard.index, count=np.array(len(values)), sum=values.sum(0),
+                                     sumsq=np.square(values).sum(0))
+    return len(arrays["labels"])
+
+
+def encode_rows(job: EncodeJob) -> dict[str, np.ndarray]:
+    """The job's rows, computed and not written: features in the storage dtype, labels, split, keys, view.
+    Also the image path of `compress.from: images`, so both paths see the same stored-precision features."""
     from pipeline.models.rae import to_encoder_input
 
     device = torch.device(job.device)
@@ -199,17 +211,11 @@ def encode_shard(job: EncodeJob) -> int:
     hi = lo + job.shard.stop - job.shard.start
     labels = np.repeat([lab for _, lab, _, _ in job.images], n_views).astype(np.int32)
     splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in job.images], n_views).astype(np.uint8)
-    write_rows(Path(job.store), job.shard.start, {
+    return {
         "features": features[lo:hi], "labels": labels[lo:hi], "split": splits[lo:hi],
         "keys": np.repeat([k for k, *_ in job.images], n_views)[lo:hi],
         "view": np.tile(np.array(job.views, dtype=np.uint8), len(job.images))[lo:hi],
-    })
-    stored = features[lo:hi]
-    train = stored[splits[lo:hi] == SPLIT_IDS["train"]]
-    values = widen(train).astype(np.float64)
-    Commits(Path(job.commits)).write(job.shard.index, count=np.array(len(values)), sum=values.sum(0),
-                                     sumsq=np.square(values).sum(0))
-    return hi - lo
+    }
 
 
 def to_storage(tokens: torch.Tensor, dtype: str) -> np.ndarray:
@@ -218,8 +224,11 @@ def to_storage(tokens: torch.Tensor, dtype: str) -> np.ndarray:
     return tokens.to(torch.float16).cpu().numpy()
 
 
-def reduce_statistics(commits: Commits, ranges: list[ShardRange]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Exact per-position mean/variance from the per-shard float64 sums, reduced in shard order."""
+def reduce_statistics(commits: Commits, ranges: list[ShardRange], stage: str = "encode",
+                      ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Exact mean/variance (population) from the per-shard float64 `count`/`sum`/`sumsq` in the commits,
+    reduced in shard order (any worker count gives the same bits); any shape of sums (encode: per position,
+    compress: per code channel)."""
     count, total, total_sq = 0, None, None
     for r in ranges:
         part = commits.read(r.index)
@@ -227,6 +236,6 @@ def reduce_statistics(commits: Commits, ranges: list[ShardRange]) -> tuple[int, 
         total = part["sum"] if total is None else total + part["sum"]
         total_sq = part["sumsq"] if total_sq is None else total_sq + part["sumsq"]
     if count == 0:
-        raise ValueError("encode: no train rows to compute the normalization statistics from")
+        raise ValueError(f"{stage}: no train rows to compute the normalization statistics from")
     mean = total / count
     return count, mean, np.maximum(total_sq / count - mean * mean, 0.0)

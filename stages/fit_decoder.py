@@ -1,25 +1,327 @@
 """Stage `fit_decoder`: train the RAE decoder on (features, images) when no released decoder is given.
 
+    features.zarr train rows (both views)  +  the same images' ADM center crops (mirrored for a flipped row)
+      -> RAE decoder, L1 on ImageNet-normalized pixels (+ LPIPS), on z + s*eps, s ~ tau*U(0, 1) per sample
+      -> decoder.safetensors (EMA weights), decoder.json (arch), recon_grid.png, psnr_val / l1_val
+
+(SRC-FLOW.md "RAE", decoder training: AdamW betas (0.9, 0.95), EMA; the GAN term is left out.)
+The data position is the step (BatchSchedule over the train rows) and the noise of a step is a function of
+(seed, step), so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
+Pixels stream: each batch's JPEGs are read by offset from the shard tars and decoded in threads while the
+previous step trains; memory is bounded by the batch, whatever the dataset size.
+
 Also where every later stage gets "the RAE decoder" from: the released checkpoint named by
 `decoder.weights`, or this stage's EMA weights (`decoder.safetensors`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tarfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.artifacts import ArtifactStore, StageOutput, file_sha256
 from pipeline.config import Config
+from pipeline.data.features import open_features, read_features
+from pipeline.data.shards import decode_crop
+from pipeline.images import save_grid
+from pipeline.progress import progress
+from pipeline.training import (
+    EMA,
+    BatchSchedule,
+    Checkpointer,
+    StopSignal,
+    autocast,
+    load_safetensors,
+    resolve_device,
+    save_safetensors,
+    seed_all,
+    warmup_cosine,
+)
 from stages.encode import encoder_geometry
+from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
 WEIGHTS = "decoder.safetensors"
+ARCH = "decoder.json"
+GRID = "recon_grid.png"
+GRID_COLUMNS = 8
+PREFETCH = 2  # batches loaded ahead of the step that trains
+
+log = logging.getLogger("srcflow")
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage fit_decoder is not implemented yet")
+    from pipeline.models.rae import build_rae_decoder, to_encoder_input  # imports timm: only when run
+
+    fd, resolution = cfg.fit_decoder, cfg.data.resolution
+    device = resolve_device(cfg.runtime.device)
+    arch = decoder_arch(cfg)
+    check_resolution(cfg)
+    lpips = load_lpips(fd.lpips_weights, device)  # a bad LPIPS setting fails here, before any work
+    group, attrs = open_features(upstream["encode"].dir / "features.zarr")
+    train = range(*attrs["splits"]["train"])
+    if len(train) < fd.batch_size:
+        raise ValueError(f"fit_decoder.batch_size: {fd.batch_size} is larger than the {len(train)} train rows of "
+                         f"features.zarr")
+    pairs = PairSource(group, upstream["shard"].dir, resolution, fd.loader_threads)
+    if pairs.hold(train, fd.memory_mb << 20):
+        log.info("fit_decoder: the %d train pairs are held in memory", len(train))
+
+    seed_all(fd.seed)
+    model = build_rae_decoder(None, seed=fd.seed, **arch).to(device).train()
+    ema = EMA(model, fd.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=fd.lr, betas=(0.9, 0.95), weight_decay=fd.weight_decay)
+    scheduler = lr_schedule(optimizer, fd.lr_schedule, fd.steps)
+    batches = BatchSchedule(len(train), fd.batch_size, fd.seed)
+    checkpoints = Checkpointer(out.path / "checkpoints", every=fd.ckpt_every, keep=1)
+    step, extra = checkpoints.restore(model, ema, optimizer, scheduler)  # 0, {} on a fresh run
+    losses: list[float] = list(extra.get("l1", []))  # per-step train L1, for the metrics
+    noise = torch.Generator(device)
+    if step:
+        log.info("fit_decoder: resuming at step %d/%d from %s", step, fd.steps, checkpoints.latest())
+
+    load = lambda s: pairs(train.start + batches.indices(s))  # the batch of step s
+    with StopSignal() as stop, progress("fit_decoder", fd.steps, "steps") as bar, \
+            closing(prefetched(load, range(step, fd.steps))) as stream:
+        bar.advance(step)
+        for features, crops in stream:
+            target = to_encoder_input(torch.from_numpy(crops).to(device), resolution)  # ImageNet-normalized
+            z, _ = noise_augment(features.to(device), fd.noise_tau, noise.manual_seed(step_seed(fd.seed, step)))
+            with autocast(device):
+                recon = model(z)
+            l1 = (recon.float() - target).abs().mean()
+            loss = l1 if lpips is None else l1 + fd.lpips_weight * lpips(to_unit(recon.float()), to_unit(target)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ema.update(model)
+            step += 1
+            losses.append(l1.item())
+            bar.advance()
+            if checkpoints.due(step) or step == fd.steps or stop.agreed(device):
+                checkpoints.save(step, model, ema, optimizer, scheduler, extra={"l1": losses})
+                out.report_progress(step, fd.steps, "steps")
+                log.info("fit_decoder: step %d/%d, train L1 %.4f", step, fd.steps, np.mean(losses[-fd.ckpt_every:]))
+                if stop.requested:
+                    raise InterruptedError(f"fit_decoder: stopped by signal {stop.signum} at step {step}/{fd.steps}; "
+                                           f"checkpoint saved in {checkpoints.directory}, run again to resume")
+
+    metrics, originals, recons = report(ema.module, pairs, held_out_rows(group, attrs, fd.report_images), cfg, device)
+    save_safetensors(ema.module, out.path / WEIGHTS, metadata={"arch": json.dumps(arch), "steps": str(fd.steps)})
+    write_atomic(out.path / ARCH, json.dumps({"schema_version": 1, "arch": arch, "weights": WEIGHTS, "steps": fd.steps,
+                                              "pixels": "ImageNet-normalized (B, 3, R, R); to_uint8_pixels"}, indent=2))
+    if len(originals):
+        save_grid(np.concatenate([originals, recons]), out.path / GRID, ncol=len(originals))  # top: images
+    head = max(1, len(losses) // 10)
+    return {"steps": fd.steps, **metrics,
+            "l1_train_first": float(np.mean(losses[:head])), "l1_train_last": float(np.mean(losses[-head:]))}
+
+
+# --- RAE decoder training pieces ----------------------------------------------------------------
+
+
+def noise_augment(features: torch.Tensor, tau: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAE's decoder noise augmentation: z + s * eps, eps ~ N(0, I), one s ~ tau * U(0, 1) per sample, on the
+    LayerNormed features (before any per-position normalization). Returns (noisy features, s)."""
+    s = tau * torch.rand(features.shape[0], generator=generator, device=features.device)
+    eps = torch.randn(features.shape, generator=generator, device=features.device)
+    return features + s.view(-1, 1, 1) * eps, s
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of a step's noise: a pure function of (seed, step), so resume needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """No warmup: a constant lr, or cosine decay to 0 at `steps`."""
+    if kind == "cosine":
+        return warmup_cosine(optimizer, 0, steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def to_unit(x_normalized: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalized pixels -> [-1, 1], the LPIPS input range."""
+    from pipeline.models.rae import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=x_normalized.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x_normalized.device).view(1, 3, 1, 1)
+    return (x_normalized * std + mean) * 2 - 1
+
+
+def load_lpips(path: str | None, device: torch.device):
+    """LPIPS-VGG (Zhang et al. 2018) from a local state dict holding the VGG16 backbone and the linear
+    layers, frozen; None when no file is given. Never downloads."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"fit_decoder.lpips_weights: {path} does not exist (expected a local LPIPS-VGG "
+                                f"state dict, VGG16 backbone and linear layers)")
+    try:
+        import lpips
+    except ImportError:
+        raise RuntimeError("fit_decoder.lpips_weights: LPIPS is not available here (the `lpips` package is not "
+                           "installed); set fit_decoder.lpips_weights: null to train with L1 only") from None
+    net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)  # random VGG: no download
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("scaling_layer.")]  # constants, not always saved
+    if missing or unexpected:
+        raise ValueError(f"fit_decoder.lpips_weights: {path} does not fit lpips.LPIPS(net='vgg'): {len(missing)} "
+                         f"keys missing, {len(unexpected)} unexpected (e.g. {(missing + unexpected)[:2]}); it must hold "
+                         f"the VGG16 backbone and the linear layers")
+    return net.to(device).eval().requires_grad_(False)
+
+
+# --- data: (features, image crop) pairs, streamed ------------------------------------------------
+
+
+class PairSource:
+    """`pairs(rows)` -> (features (B, T, C) float32, ADM center crops (B, R, R, 3) uint8) for feature-store
+    rows: the features as stored, and the same key's JPEG read by offset from its shard tar, cropped at
+    `resolution` and mirrored for a flipped-view row. `hold(rows)` keeps a small set in memory (read in one
+    pass, each image decoded once); other rows stream from the store and the tars."""
+
+    def __init__(self, group, shard_dir: Path, resolution: int, threads: int):
+        self.group, self.resolution = group, resolution
+        self.pool = ThreadPoolExecutor(max(1, threads))
+        self.jpegs = JpegIndex(sorted((Path(shard_dir) / "shards").glob("*.tar")), self.pool)
+        self.held: tuple[range, torch.Tensor, np.ndarray] | None = None
+
+    def hold(self, rows: range, budget_bytes: int) -> bool:
+        """Keep these rows in memory if their features (float32) and crops fit in budget_bytes."""
+        tokens, channels = self.group["features"].shape[1:]
+        if len(rows) * (tokens * channels * 4 + self.resolution ** 2 * 3) > budget_bytes:
+            return False
+        self.held = (rows, *self.read(slice(rows.start, rows.stop)))
+        return True
+
+    def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        rows = np.asarray(rows)
+        if self.held is not None and len(rows) and rows.min() >= self.held[0].start and rows.max() < self.held[0].stop:
+            held, features, crops = self.held
+            index = rows - held.start
+            return features[torch.from_numpy(index)], crops[index]
+        return self.read(rows)
+
+    def read(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, np.ndarray]:
+        select = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.get_orthogonal_selection((rows,)))
+        keys, views = select(self.group["keys"]), select(self.group["view"])
+        unique = list(dict.fromkeys(keys))  # both views of an image: one decode
+        decoded = dict(zip(unique, self.pool.map(self.crop, unique)))
+        crops = np.stack([decoded[k][:, ::-1] if v == 1 else decoded[k] for k, v in zip(keys, views)])
+        return read_features(self.group, rows), crops  # view 1 was encoded from the mirrored image
+
+    def crop(self, key: str) -> np.ndarray:
+        return decode_crop(self.jpegs.read(str(key)), self.resolution)
+
+
+class JpegIndex:
+    """key -> (tar, offset, size) of `<key>.jpg` in the shard tars, from the tar headers alone, so a batch
+    of keys in any order is a batch of random reads (no sequential pass over the tars)."""
+
+    def __init__(self, tars: list[Path], pool: ThreadPoolExecutor):
+        self.tars = [str(t) for t in tars]
+        self.where: dict[str, tuple[int, int, int]] = {}
+        for i, members in enumerate(pool.map(jpeg_members, self.tars)):
+            self.where.update((key, (i, offset, size)) for key, offset, size in members)
+
+    def read(self, key: str) -> bytes:
+        try:
+            tar, offset, size = self.where[key]
+        except KeyError:
+            raise FileNotFoundError(f"fit_decoder: image {key!r} of features.zarr is not in the shard tars; the shard "
+                                    f"set does not match the store, rerun `shard` and `encode` with --force") from None
+        with open(self.tars[tar], "rb") as f:
+            data = os.pread(f.fileno(), size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.tars[tar]}: truncated tar, {key}.jpg ends early")
+        return data
+
+
+def jpeg_members(tar_path: str) -> list[tuple[str, int, int]]:
+    """(key, data offset, size) of each `<key>.jpg` member; WebDataset's key is the name up to its first dot."""
+    with tarfile.open(tar_path) as tar:
+        return [(m.name.rsplit("/", 1)[-1].split(".", 1)[0], m.offset_data, m.size) for m in tar
+                if m.isfile() and m.name.rsplit("/", 1)[-1].split(".", 1)[-1] == "jpg"]
+
+
+def prefetched(load: Callable[[int], tuple], steps: range, depth: int = PREFETCH) -> Iterator[tuple]:
+    """load(s) for s in steps, in order, computed `depth` steps ahead in a background thread."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = deque(pool.submit(load, s) for s in steps[:depth])
+        for s in steps:
+            batch = pending.popleft().result()
+            if s + depth < steps.stop:
+                pending.append(pool.submit(load, s + depth))
+            yield batch
+
+
+# --- the report on held-out images ---------------------------------------------------------------
+
+
+def held_out_rows(group, attrs: dict, limit: int | None) -> np.ndarray:
+    """The first `limit` val images, plain view (the val split's rows with view 0)."""
+    lo, hi = attrs["splits"]["val"]
+    rows = np.arange(lo, hi)[group["view"][lo:hi] == 0]
+    return rows if limit is None else rows[:limit]
+
+
+@torch.inference_mode()
+def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: torch.device,
+           ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The decoder on clean (un-noised) held-out features against the image crops: PSNR (uint8 pixels, MSE
+    over the whole set), L1 (ImageNet-normalized), and the PSNR of the trivial baseline that predicts the
+    held-out set's own mean image. Also GRID_COLUMNS images spread over the set and their reconstructions."""
+    from pipeline.models.rae import to_encoder_input, to_uint8_pixels
+
+    if len(rows) == 0:
+        log.warning("fit_decoder: no val images in features.zarr: no psnr_val, l1_val or grid")
+        return {"psnr_val": None, "l1_val": None, "psnr_val_mean_image": None, "report_images": 0}, [], []
+    r = cfg.data.resolution
+    sse = l1 = 0.0
+    total, total_sq = np.zeros((r, r, 3)), np.zeros((r, r, 3))
+    originals, recons = [], []
+    grid = set(np.linspace(0, len(rows) - 1, min(GRID_COLUMNS, len(rows))).round().astype(int).tolist())  # all classes
+    with progress("fit_decoder report", len(rows), "img") as bar:
+        for b0 in range(0, len(rows), cfg.fit_decoder.eval_batch_size):
+            features, crops = pairs(rows[b0:b0 + cfg.fit_decoder.eval_batch_size])
+            with autocast(device):
+                recon = decoder(features.to(device)).float()
+            l1 += (recon - to_encoder_input(torch.from_numpy(crops).to(device), r)).abs().sum().item()
+            pixels = to_uint8_pixels(recon).cpu().numpy()
+            truth = crops.astype(np.float64)
+            sse += np.square(pixels - truth).sum()
+            total += truth.sum(0)
+            total_sq += np.square(truth).sum(0)
+            shown = [i for i in range(len(crops)) if b0 + i in grid]
+            originals += list(crops[shown])
+            recons += list(pixels[shown])
+            bar.advance(len(crops))
+    values = len(rows) * r * r * 3
+    baseline_sse = (total_sq - np.square(total) / len(rows)).sum()  # sum of squared deviations from the mean image
+    return {"psnr_val": psnr_from_mse(sse / values), "l1_val": l1 / values,
+            "psnr_val_mean_image": psnr_from_mse(baseline_sse / values), "report_images": len(rows)}, \
+        np.stack(originals), np.stack(recons)
+
+
+def psnr_from_mse(mse: float) -> float:
+    """pipeline.images.psnr's formula (255 peak) on an MSE accumulated over many batches."""
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+# --- what other stages use -------------------------------------------------------------------------
 
 
 def enabled(cfg: Config) -> bool:
@@ -31,6 +333,27 @@ def decoder_arch(cfg: Config) -> dict:
     d = cfg.decoder
     return {"in_channels": channels, "num_tokens": grid * grid, "hidden_size": d.hidden_size, "depth": d.depth,
             "num_heads": d.num_heads, "intermediate_size": d.intermediate_size, "patch_size": d.patch_size}
+
+
+def check_resolution(cfg: Config) -> None:
+    """The decoder's output side (grid x patch) must be the image crop's (data.resolution)."""
+    grid, _ = encoder_geometry(cfg)
+    side = grid * cfg.decoder.patch_size
+    if side != cfg.data.resolution:
+        raise ValueError(f"decoder.patch_size: {grid}x{grid} tokens x patch {cfg.decoder.patch_size} decode to {side} "
+                         f"px but data.resolution is {cfg.data.resolution} (patch_size "
+                         f"{cfg.data.resolution / grid:g} would match)")
+
+
+def training_inputs(cfg: Config) -> dict[str, str]:
+    """For fit_decoder itself: the LPIPS weights' digest, when a file is given."""
+    if cfg.fit_decoder.lpips_weights is None:
+        return {}
+    path = Path(cfg.fit_decoder.lpips_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"fit_decoder.lpips_weights: {path} does not exist (expected a local LPIPS-VGG "
+                                f"state dict, VGG16 backbone and linear layers)")
+    return {"lpips_weights": file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)}
 
 
 def external_inputs(cfg: Config) -> dict[str, str]:
@@ -47,7 +370,6 @@ def external_inputs(cfg: Config) -> dict[str, str]:
 def load_decoder(cfg: Config, upstream: dict, device: torch.device | str = "cpu"):
     """The frozen RAE decoder: released weights, or the EMA weights fit_decoder trained."""
     from pipeline.models.rae import build_rae_decoder
-    from pipeline.training import load_safetensors
 
     if cfg.decoder.weights is not None:
         decoder = build_rae_decoder(cfg.decoder.weights, **decoder_arch(cfg))

@@ -1,12 +1,368 @@
-"""Stage `fit_src`: fit the Semantic Representation Compressor (PCA or learned) on the normalized features."""
+"""Stage `fit_src`: the Semantic Representation Compressor on the normalized RAE features
+(SRC-FLOW.md, "The SRC" and "Constant-noise regularization").
+
+    z = normalize(f)                  per-position RAE statistics (pipeline.data.features)
+    PCA of every train token vector   float64 moments out of core with Dask over `features.zarr`
+    src.kind pca:      SRC = projection onto the top d components, whitened; no training
+    src.kind learned:  SRC initialised from that PCA, trained on
+                       src_loss(z, SRC_dec(SRC_enc(z) + sigma * eps))        (constant noise, one sigma)
+                       [+ w * MSE(RAE_dec(z_hat), RAE_dec(z)) through the frozen RAE decoder]
+                       AdamW + EMA + warmup/cosine; checkpoints resume exactly (data position = step)
+    report:            held-out val images: feature MSE / cosine and pixel PSNR of the round trip, clean
+                       and at sigma, always beside the PCA at the same d
+
+Outputs: src.safetensors (EMA weights) + src.json (how to rebuild it: `load_src`), pca.safetensors,
+explained_variance.json / .png, recon_grid.png; the report goes to the metrics (_SUCCESS.json).
+The SRC works on normalized features; the RAE decoder takes stored-scale ones (normalizer.inverse).
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.data.features import FeatureNormalizer, load_normalizer, open_features, read_features, widen
+from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.images import save_grid
+from pipeline.models.src import SRC, PCAResult, add_code_noise, pca_from_moments, src_loss
+from pipeline.progress import progress
+from pipeline.training import (EMA, BatchSchedule, Checkpointer, StopSignal, autocast, load_safetensors,
+                               resolve_device, save_safetensors, seed_all, warmup_cosine)
+from storage_schemas import SchemaError, check_version
+from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
+WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
+INFO_VERSION = 1  # layout of src.json
+PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
+GRID_IMAGES = 8
+
+log = logging.getLogger("srcflow")
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT during training: a checkpoint was written, the output stays partial."""
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage fit_src is not implemented yet")
+    store = upstream["encode"].dir / "features.zarr"
+    group, attrs = open_features(store)
+    normalizer = load_normalizer(store, cfg.encode.stats, cfg.encode.stats_file)
+    device = resolve_device(cfg.runtime.device)
+    train = tuple(attrs["splits"]["train"])
+
+    pca = fit_pca(store, normalizer, train, out.path)
+    explained = write_explained_variance(pca, cfg.src.dim, out.path)
+    pca_src = SRC.from_pca(pca, dim=cfg.src.dim, num_tokens=group["features"].shape[1]).eval()
+
+    if (out.path / WEIGHTS).is_file():  # a rerun after the weights were written (e.g. killed in the report)
+        src = load_src(out.path, "cpu")
+    elif cfg.src.kind == "pca":
+        src = pca_src
+        save_src(src, cfg, upstream, out.path)
+    else:
+        decoder = load_decoder_for(cfg, upstream, device) if cfg.src.pixel_loss_weight > 0 else None
+        src = train_src(cfg, pca, TrainFeatures(group, train, normalizer), decoder, normalizer, device, out)
+        save_src(src, cfg, upstream, out.path)
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+
+    report = reconstruction_report(cfg, upstream, group, attrs, normalizer, {"src": src, "pca": pca_src}, device,
+                                   out.path)
+    return {"kind": cfg.src.kind, "arch": src.arch, "dim": cfg.src.dim, "noise_sigma": cfg.src.noise_sigma,
+            "train_rows": train[1] - train[0], "pca_explained_variance_at_dim": explained, **report}
+
+
+# --- PCA (SRC-FLOW.md "Linear baseline": streaming covariance, closed form) ---------------------
+
+
+def fit_pca(store: Path, normalizer: FeatureNormalizer, rows: tuple[int, int], out_dir: Path) -> PCAResult:
+    """PCA of the normalized train token vectors; memory is independent of N: Dask streams blocks of rows
+    from the store, each gives float64 sum and X^T X, and a tree reduction adds them. Saved to
+    pca.safetensors (reused by a rerun of a partial output)."""
+    path = out_dir / PCA_FILE
+    if path.is_file():
+        return load_pca(path)
+    import dask
+    import dask.array as da
+
+    _, tokens, channels = da.from_zarr(str(store), component="features").shape
+    n = rows[1] - rows[0]
+    if n < 1:
+        raise ValueError(f"fit_src: the feature store {store} has no train rows to fit the PCA on")
+    block = max(1, PCA_BLOCK_BYTES // (tokens * channels * 8))
+    features = da.from_zarr(str(store), component="features", chunks=(block, tokens, channels))[rows[0]:rows[1]]
+    z = features.map_blocks(lambda b: normalizer(torch.from_numpy(widen(b))).double().numpy(), dtype=np.float64)
+    x = z.reshape(n * tokens, channels)
+    log.info("fit_src: PCA moments over %d token vectors of %d channels", n * tokens, channels)
+    total, outer = dask.compute(x.sum(axis=0), x.T @ x)
+    pca = pca_from_moments(n * tokens, torch.from_numpy(total), torch.from_numpy(outer))
+    tensors = {"mean": pca.mean, "eigenvalues": pca.eigenvalues, "components": pca.components,
+               "explained_variance_ratio": pca.explained_variance_ratio}
+    write_atomic(path, safetensors.torch.save(tensors, metadata={"count": str(n * tokens)}))
+    return pca
+
+
+def load_pca(path: Path) -> PCAResult:
+    t = safetensors.torch.load_file(str(path))
+    return PCAResult(t["mean"], t["eigenvalues"], t["components"], t["explained_variance_ratio"])
+
+
+def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
+    """explained_variance.json (ratio and cumulative per component) and a PNG of the cumulative curve.
+    Returns the fraction explained by the first `dim` components (the paper: 32 -> 99.06% on DINOv2-B)."""
+    ratio = pca.explained_variance_ratio.double().numpy()
+    cumulative = np.cumsum(ratio)
+    first = lambda level: int(np.searchsorted(cumulative, level) + 1)  # noqa: E731  components to reach it
+    summary = {"channels": len(ratio), "dim": dim, "cumulative_at_dim": float(cumulative[min(dim, len(ratio)) - 1]),
+               "components_for": {str(level): first(level) for level in (0.9, 0.99, 0.999)},
+               "ratio": ratio.tolist(), "cumulative": cumulative.tolist()}
+    if len(ratio) >= 32:
+        summary["cumulative_at_32"] = float(cumulative[31])
+    write_atomic(out_dir / "explained_variance.json", json.dumps(summary, indent=1))
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    ax = fig.add_subplot()
+    k = np.arange(1, len(ratio) + 1)
+    ax.plot(k, cumulative, lw=1.5)
+    ax.axvline(dim, color="C3", ls="--", lw=1, label=f"d = {dim}: {cumulative[dim - 1]:.2%}")
+    ax.set(xscale="log", xlabel="principal components", ylabel="cumulative explained variance",
+           title="PCA of the normalized RAE features", ylim=(min(cumulative[0], 0.9) * 0.98, 1.002))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(out_dir / "explained_variance.png", buf.getvalue())
+    return summary["cumulative_at_dim"]
+
+
+# --- the learned SRC (SRC-FLOW.md "Learned SRC", "Constant-noise regularization") -----------------
+
+
+class TrainFeatures:
+    """Normalized feature rows [start, stop) of the store, read per batch (memory independent of N)."""
+
+    def __init__(self, group, rows: tuple[int, int], normalizer: FeatureNormalizer):
+        self.group, self.start, self.n, self.normalizer = group, rows[0], rows[1] - rows[0], normalizer
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, index: np.ndarray) -> torch.Tensor:
+        order = np.argsort(index, kind="stable")  # sorted reads; the batch keeps the schedule's order
+        values = read_features(self.group, self.start + index[order])
+        batch = torch.empty_like(values)
+        batch[torch.from_numpy(order)] = values
+        return self.normalizer(batch)
+
+
+def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normalizer: FeatureNormalizer,
+              device: torch.device, out: StageOutput) -> SRC:
+    """The training loop; returns the EMA model. The data order and the code noise are pure functions of
+    (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one."""
+    s = cfg.src
+    seed_all(s.seed)
+    tokens = data.group["features"].shape[1]
+    model = SRC.from_pca(pca, dim=s.dim, arch=s.arch, hidden=s.hidden, depth=s.depth, num_tokens=tokens,
+                         heads=s.heads).to(device).train()
+    ema = EMA(model, s.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = warmup_cosine(optimizer, min(s.warmup_steps, s.steps), s.steps)
+    batches = BatchSchedule(len(data), s.batch_size, s.seed, drop_last=False)
+    checkpoints = Checkpointer(out.path / "checkpoints", every=s.ckpt_every)
+    step, _ = checkpoints.restore(model, ema, optimizer, scheduler)
+    if step:
+        log.info("fit_src: resumed at step %d from %s", step, checkpoints.latest())
+
+    with StopSignal() as stop, ThreadPoolExecutor(1) as reader, \
+            progress("fit_src", s.steps - step, "steps") as meter:
+        upcoming = reader.submit(data.batch, batches.indices(step)) if step < s.steps else None
+        while step < s.steps:
+            z = upcoming.result().to(device, non_blocking=True)
+            if step + 1 < s.steps:  # read the next batch while this one trains
+                upcoming = reader.submit(data.batch, batches.indices(step + 1))
+            with autocast(device):
+                _, z_hat = model(z, s.noise_sigma, noise_generator(s.seed, step, device))
+                loss, parts = src_loss(z, z_hat, s.cosine_weight)
+                if decoder is not None:
+                    parts["pixel"] = pixel_loss(decoder, normalizer, z, z_hat)
+                    loss = loss + s.pixel_loss_weight * parts["pixel"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            ema.update(model)
+            step += 1
+            meter.advance()
+            if step % s.log_every == 0 or step == s.steps:
+                log.info("fit_src: step %d/%d loss %.4f %s", step, s.steps, loss.item(),
+                         " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()))
+                out.report_progress(step, s.steps, "steps")
+            if checkpoints.due(step) or stop.agreed(device):
+                path = checkpoints.save(step, model, ema, optimizer, scheduler)
+                if stop.requested:
+                    raise TrainingStopped(f"fit_src: stopped by signal {stop.signum} at step {step}/{s.steps}; "
+                                          f"checkpoint {path} written, run again to resume")
+    return ema.module
+
+
+def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The code noise eps of step `step`: its own generator, so resuming needs nothing but the step."""
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+    """MSE in (ImageNet-normalized) pixels between RAE_dec(z_hat) and RAE_dec(z), the decoder frozen in eval
+    mode; the decoder reads stored-scale features, hence normalizer.inverse."""
+    with torch.no_grad():
+        target = decoder(normalizer.inverse(z))
+    return (decoder(normalizer.inverse(z_hat)).float() - target.float()).square().mean()
+
+
+def load_decoder_for(cfg: Config, upstream: dict, device: torch.device):
+    from stages.fit_decoder import load_decoder
+
+    return load_decoder(cfg, upstream, device)
+
+
+# --- saving and loading the SRC ----------------------------------------------------------------
+
+
+def save_src(src: SRC, cfg: Config, upstream: dict, out_dir: Path) -> None:
+    info = {"format_version": INFO_VERSION, "kind": cfg.src.kind, "arch": src.arch, "dim": cfg.src.dim,
+            "noise_sigma": cfg.src.noise_sigma, "model": src.config,
+            "features_fingerprint": upstream["encode"].fingerprint}
+    save_safetensors(src, out_dir / WEIGHTS, metadata={"src": json.dumps(info)})
+    write_atomic(out_dir / INFO, json.dumps(info, indent=1))
+
+
+def load_src(source, device: torch.device | str = "cpu") -> SRC:
+    """The frozen SRC of a fit_src output: its Manifest or directory -> SRC in eval mode on `device`."""
+    directory = Path(getattr(source, "dir", source))
+    try:
+        info = json.loads((directory / INFO).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{directory / INFO}: unreadable SRC description ({type(e).__name__}); "
+                          f"expected the output of stage fit_src") from None
+    check_version(str(directory / INFO), info.get("format_version"), INFO_VERSION)
+    model = SRC(**info["model"])
+    load_safetensors(model, directory / WEIGHTS)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# --- the reconstruction report (SRC-FLOW.md "Report reconstruction fidelity") -----------------------
+
+
+def reconstruction_report(cfg: Config, upstream: dict, group, attrs: dict, normalizer: FeatureNormalizer,
+                          models: dict[str, SRC], device: torch.device, out_dir: Path) -> dict:
+    """For each model (the SRC, and the PCA at the same d): feature MSE and per-token cosine of z vs
+    SRC_dec(SRC_enc(z)), pixel PSNR of RAE_dec(SRC(z)) vs RAE_dec(z) and vs the image crop, clean and with
+    codes + sigma * eps (the same eps for every model). Writes recon_grid.png."""
+    rows, split = report_rows(group, attrs, cfg.src.report_images)
+    keys, views = group["keys"].get_coordinate_selection(rows), group["view"].get_coordinate_selection(rows)
+    images = load_images(upstream["shard"].dir, keys, views, cfg.data.resolution)
+    decoder = load_decoder_for(cfg, upstream, device)
+    models = {name: m.to(device).eval() for name, m in models.items()}
+    sigma, batch_size = cfg.src.noise_sigma, cfg.src.eval_batch_size
+    sums: dict[str, float] = {}
+    grid: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, value: float) -> None:
+        sums[key] = sums.get(key, 0.0) + value
+
+    with torch.inference_mode(), progress("fit_src report", len(rows), "images") as meter:
+        for b0 in range(0, len(rows), batch_size):
+            z = normalizer(read_features(group, rows[b0:b0 + batch_size])).to(device)
+            image = images[b0:b0 + len(z)]
+            decoded = decode_pixels(decoder, normalizer, z)
+            image = resize_like(image, decoded.shape[1])
+            add("pixels", image.size)
+            add("rae_sse_vs_image", sse(decoded, image))
+            pieces = {"image": image, "rae": decoded}
+            for name, model in models.items():
+                c = model.encode(z)
+                noise = torch.Generator(device=device).manual_seed(cfg.src.seed * 7919 + b0)  # same eps per model
+                for variant, codes in (("", c), ("noisy_", add_code_noise(c, sigma, noise))):
+                    z_hat = model.decode(codes)
+                    pixels = decode_pixels(decoder, normalizer, z_hat)
+                    add(f"{name}/{variant}feature_se", (z_hat - z).double().square().sum().item())
+                    add(f"{name}/{variant}cosine_sum", torch.nn.functional.cosine_similarity(
+                        z_hat, z, dim=-1).double().sum().item())
+                    add(f"{name}/{variant}sse_vs_rae", sse(pixels, decoded))
+                    add(f"{name}/{variant}sse_vs_image", sse(pixels, image))
+                    pieces[f"{name}/{variant or 'clean_'}"] = pixels
+            add("values", z.numel())
+            add("tokens", z.shape[0] * z.shape[1])
+            if b0 == 0:
+                grid = {k: v[:GRID_IMAGES] for k, v in pieces.items()}
+            meter.advance(len(z))
+
+    to_psnr = lambda total: psnr_from_mse(total / sums["pixels"])  # noqa: E731
+    report = {"report_split": split, "report_images": len(rows), "rae_psnr_vs_image": to_psnr(sums["rae_sse_vs_image"])}
+    for name in models:
+        for variant in ("", "noisy_"):
+            report[f"{name}/{variant}feature_mse"] = sums[f"{name}/{variant}feature_se"] / sums["values"]
+            report[f"{name}/{variant}feature_cosine"] = sums[f"{name}/{variant}cosine_sum"] / sums["tokens"]
+            report[f"{name}/{variant}psnr_vs_rae"] = to_psnr(sums[f"{name}/{variant}sse_vs_rae"])
+            report[f"{name}/{variant}psnr_vs_image"] = to_psnr(sums[f"{name}/{variant}sse_vs_image"])
+    # rows of the grid: image, RAE_dec(z), RAE_dec(SRC(z)), RAE_dec(SRC_dec(SRC_enc(z) + sigma * eps))
+    save_grid(np.concatenate([grid["image"], grid["rae"], grid["src/clean_"], grid["src/noisy_"]]),
+              out_dir / "recon_grid.png", ncol=len(grid["image"]))
+    return report
+
+
+def report_rows(group, attrs: dict, limit: int) -> tuple[np.ndarray, str]:
+    """Up to `limit` held-out rows, one view per image (the first stored view); train rows when the store
+    has no val split."""
+    split = "val" if attrs["splits"]["val"][1] > attrs["splits"]["val"][0] else "train"
+    start, stop = attrs["splits"][split]
+    views = group["view"][start:stop]
+    rows = start + np.flatnonzero(views == views[0])
+    return rows[:limit].astype(np.int64), split
+
+
+def load_images(shard_dir: Path, keys: np.ndarray, views: np.ndarray, resolution: int) -> np.ndarray:
+    """ADM center crops (uint8, N x R x R x 3) of these images from the shard set, flipped for view 1."""
+    tar_of = {r["key"]: str(Path(shard_dir) / "shards" / r["shard"]) for r in manifest_rows(shard_dir)}
+    wanted = set(keys.tolist())
+    jpegs = dict(iter_jpegs(sorted({tar_of[k] for k in wanted}), wanted))
+    crops = [decode_crop(jpegs[k], resolution) for k in keys]
+    return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, views)])
+
+
+def decode_pixels(decoder, normalizer: FeatureNormalizer, z: torch.Tensor) -> np.ndarray:
+    from pipeline.models.rae import to_uint8_pixels
+
+    return to_uint8_pixels(decoder(normalizer.inverse(z))).cpu().numpy()
+
+
+def resize_like(images: np.ndarray, size: int) -> np.ndarray:
+    """Crops at the decoder's output size (only differs in tests: 32 px data through a 64 px decoder)."""
+    if images.shape[1] == size:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+
+
+def sse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.square(a.astype(np.float64) - b.astype(np.float64)).sum())
+
+
+def psnr_from_mse(mse: float) -> float:
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+

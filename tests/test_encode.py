@@ -26,13 +26,19 @@ def _encode(make_config, *overrides):
     return cfg, run_pipeline(cfg, until="encode")["encode"]
 
 
+@pytest.fixture(scope="module")
+def encoded(module_config):
+    """The default store, encoded once for the tests that only read it."""
+    return _encode(module_config)[1]
+
+
 def _arrays(store) -> dict:
     group = zarr.open_group(str(store), mode="r")
     return {name: arr[...] for name, arr in group.arrays()}
 
 
-def test_store_layout_shapes_and_dimension_names(make_config):
-    cfg, out = _encode(make_config)
+def test_store_layout_shapes_and_dimension_names(encoded):
+    out = encoded
     store = out.dir / "features.zarr"
     attrs = FEATURES.validate(store)
     group = zarr.open_group(str(store), mode="r")
@@ -49,8 +55,8 @@ def test_store_layout_shapes_and_dimension_names(make_config):
     assert not np.array_equal(group["features"][0], group["features"][1])
 
 
-def test_statistics_are_exact_over_the_train_rows(make_config):
-    _, out = _encode(make_config)
+def test_statistics_are_exact_over_the_train_rows(encoded):
+    out = encoded
     arrays = _arrays(out.dir / "features.zarr")
     train = widen(arrays["features"][arrays["split"] == 0]).astype(np.float64)
     mean, var = train.mean(0), train.var(0)  # (T, C)
@@ -59,8 +65,8 @@ def test_statistics_are_exact_over_the_train_rows(make_config):
     assert zarr.open_group(str(out.dir / "features.zarr")).attrs["stats_count"] == len(train)
 
 
-def test_tokens_are_layernormed_without_affine(make_config):
-    _, out = _encode(make_config)
+def test_tokens_are_layernormed_without_affine(encoded):
+    out = encoded
     f = widen(zarr.open_group(str(out.dir / "features.zarr"))["features"][:8]).astype(np.float64)
     np.testing.assert_allclose(f.mean(-1), 0, atol=2e-3)
     np.testing.assert_allclose(f.var(-1), 1, atol=2e-2)
@@ -129,10 +135,10 @@ def test_two_dask_workers_give_the_same_store_as_one(make_config, tmp_path):
         assert np.array_equal(a[name], b[name]), name
 
 
-def test_dask_and_xarray_open_the_store(make_config):
+def test_dask_and_xarray_open_the_store(encoded):
     import xarray as xr
 
-    _, out = _encode(make_config)
+    out = encoded
     store = str(out.dir / "features.zarr")
     f = da.from_zarr(store, component="features")
     assert f.shape[1:] == (64, 64)

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from pipeline.models.flow import TARFlow, bits_per_dim, cfg_starflow, cfg_tarflow, tweedie_denoise
+from pipeline.models.flow import (
+    TARFlow,
+    bits_per_dim,
+    cfg_starflow,
+    cfg_tarflow,
+    tweedie_denoise,
+)
 
 NUM_CLASSES = 3
 VARIANTS = [  # (cond, scale, start_token, deep_layers)
@@ -18,6 +24,15 @@ VARIANTS = [  # (cond, scale, start_token, deep_layers)
     ("prefix", "exp", False, 2),
 ]
 VARIANT_IDS = [f"{c}-{s}-{'start' if st else 'pass0'}-{'deep' if d else 'uniform'}" for c, s, st, d in VARIANTS]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead; one intra-op thread is faster and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_flow(cond="additive", scale="exp", start_token=False, deep_layers=None, *, tokens=6, channels=4,
@@ -95,7 +110,7 @@ def test_kv_cache_reverse_equals_naive_reverse(variant, cfg_mode):
     z, y = batch(model)
     y = y.clamp(max=NUM_CLASSES - 1)
     for w, anneal in [(0.0, False), (1.5, False), (3.0, True)]:
-        kw = dict(cfg_scale=w, cfg_mode=cfg_mode, cfg_anneal=anneal)
+        kw = {"cfg_scale": w, "cfg_mode": cfg_mode, "cfg_anneal": anneal}
         cached, naive = model.reverse(z, y, **kw), model.reverse(z, y, use_cache=False, **kw)
         assert torch.allclose(cached, naive, atol=1e-5), (w, anneal)
 
@@ -141,7 +156,7 @@ def test_cfg_with_zero_scale_equals_plain_conditional_sampling(cfg_mode):
 
 @pytest.mark.parametrize("deep_layers", [None, 2])
 def test_cfg_runs_only_in_conditioned_blocks_and_anneals_linearly(monkeypatch, deep_layers):
-    import pipeline.models.flow as flow
+    from pipeline.models import flow
 
     scales = []
     monkeypatch.setattr(flow, "cfg_tarflow", lambda mu_c, a_c, mu_u, a_u, w: scales.append(w) or (mu_c, a_c))

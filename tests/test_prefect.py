@@ -90,7 +90,7 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
                                   stderr=subprocess.STDOUT)
         overrides = [f"storage.root={tmp_path / 'artifacts'}", f"data.root={tiny_root}", "data.generate_tiny=null",
                      "data.resolution=32", "runtime.progress=false"]
-        params = ["--param", f"overrides={json.dumps(overrides)}"]
+        params = ["--param", f"overrides={json.dumps(overrides)}", "--param", "until=encode"]
         states = []
         for _ in range(2):
             r = run("deployment", "run", "srcflow/srcflow-full", "--watch", *params)

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.src import SRC, PCAResult, add_code_noise, feature_moments, pca_from_moments, src_loss
+from pipeline.models.src import (
+    SRC,
+    PCAResult,
+    add_code_noise,
+    feature_moments,
+    pca_from_moments,
+    src_loss,
+)
 
 C, T = 16, 16  # channels, tokens (a 4 x 4 grid)
 
@@ -94,7 +101,16 @@ def curved_features(n, seed):
     return (basis @ mixing).reshape(-1, T, C)
 
 
-def test_mlp_src_beats_pca_at_the_same_dim_after_training():
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread is fastest and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mlp_src_beats_pca_at_the_same_dim_after_training(one_thread):
     torch.manual_seed(0)
     train, held_out = curved_features(256 * T, seed=1), curved_features(64 * T, seed=2)
     pca = pca_from_moments(*feature_moments(train))
@@ -102,10 +118,10 @@ def test_mlp_src_beats_pca_at_the_same_dim_after_training():
     learned = SRC.from_pca(pca, dim=2, arch="mlp", hidden=64, depth=2, stats_momentum=0.1)
     optimizer = torch.optim.Adam(learned.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(3)
-    for step in range(300):
+    for step in range(150):
         f = train[torch.randint(len(train), (32,), generator=g)]
         _, f_hat = learned(f)
-        loss, parts = src_loss(f, f_hat, cosine_weight=0.1)
+        loss, _ = src_loss(f, f_hat, cosine_weight=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,7 +130,7 @@ def test_mlp_src_beats_pca_at_the_same_dim_after_training():
         mse_pca = (linear.decode(linear.encode(held_out)) - held_out).square().mean().item()
         mse_mlp = (learned.decode(learned.encode(held_out)) - held_out).square().mean().item()
         c = learned.encode(held_out).reshape(-1, 2)
-    assert mse_mlp < 0.5 * mse_pca, (mse_mlp, mse_pca)
+    assert mse_mlp < 0.3 * mse_pca, (mse_mlp, mse_pca)
     # the tracked code statistics keep eval-mode codes near unit variance
     torch.testing.assert_close(c.std(0), torch.ones(2), atol=0.15, rtol=0)
 
@@ -147,3 +163,14 @@ def test_forward_decodes_the_noisy_code():
     c, f_hat = src(f, sigma=0.2, generator=torch.Generator().manual_seed(5))
     noisy = add_code_noise(c, 0.2, generator=torch.Generator().manual_seed(5))
     assert torch.equal(f_hat, src.decode(noisy))
+
+
+def test_training_mode_tracks_code_statistics_and_allows_gradient_accumulation():
+    f = correlated_features(b=8).float()
+    src = fitted(f, dim=6, arch="mlp", hidden=16, depth=1, stats_momentum=0.5).train()
+    before = src.code_scale.clone()
+    losses = [src_loss(x, src(x, sigma=0.1)[1], cosine_weight=1.0)[0] for x in (f[:4] * 2, f[4:] * 2)]
+    sum(losses).backward()  # two forwards, one backward: the in-place stat updates must not break autograd
+    c = src.encode(f * 2).reshape(-1, 6)
+    torch.testing.assert_close(c.std(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)  # batch statistics
+    assert (src.code_scale > 1.5 * before).all()  # the tracked scale follows the doubled features

@@ -24,12 +24,13 @@ import hashlib
 import io
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch_fidelity
+from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -72,7 +73,8 @@ def metrics_from_features(features: dict, reference: dict, weights_sha256: str, 
     # FID: ||mu_s - mu_r||^2 + Tr(S_s + S_r - 2 (S_s S_r)^1/2) (Heusel et al. 2017).
     ref_stats = {"mu": np.asarray(reference["mu"], np.float64), "sigma": np.asarray(reference["sigma"], np.float64)}
     if ref_stats["mu"].shape != (pool.shape[1],):
-        raise ValueError(f"reference mu has shape {ref_stats['mu'].shape}, samples have {pool.shape[1]}-d pool features")
+        raise ValueError(f"reference mu has shape {ref_stats['mu'].shape}, samples have "
+                         f"{pool.shape[1]}-d pool features")
     fid = fid_statistics_to_metric(fid_statistics(pool.numpy()), ref_stats, verbose)[KEY_METRIC_FID]
 
     # IS: exp E_x KL(p(y|x) || p(y)), mean/std over splits (Salimans et al. 2016).
@@ -156,7 +158,7 @@ def load_inception(weights_path, device="cpu", verbose: bool = False) -> Feature
         extractor = create_feature_extractor(
             FEATURE_EXTRACTOR, list(FEATURES), cuda=False, verbose=verbose,
             feature_extractor_weights_path=str(weights_path), feature_extractor_internal_dtype="float64")
-    except Exception as e:  # torch.load / load_state_dict errors span many lines
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:  # multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"evaluate.inception_weights: {weights_path} is not a torch-fidelity InceptionV3 "
                          f"state dict ({first})") from None

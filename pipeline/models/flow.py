@@ -19,9 +19,9 @@ Choices where the papers leave room (see SRC-FLOW.md, "TARFlow / STARFlow"):
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
+from torch import nn
 
 INV_SOFTPLUS_1 = math.log(math.expm1(1.0))  # softplus^-1(1) = log(e - 1), so a = 0 gives sigma = 1
 
@@ -128,7 +128,8 @@ class TARFlow(nn.Module):
             raise ValueError(f"TARFlow.reverse: cfg_mode must be 'tarflow' or 'starflow', got {cfg_mode!r}")
         x = _fp32(z)
         for block in reversed(self.blocks):
-            x = _order(block.reverse(_order(x, block.flip), y, cfg_scale, cfg_mode, cfg_anneal, use_cache), block.flip)
+            x = block.reverse(_order(x, block.flip), y, cfg_scale, cfg_mode, cfg_anneal, use_cache)
+            x = _order(x, block.flip)
         return x
 
     def log_prob(self, x, y):
@@ -142,9 +143,13 @@ class TARFlow(nn.Module):
         return -self.log_prob(x, y).mean() / x[0].numel()
 
     def drop_labels(self, y, p=None, generator=None):
-        """Replace each label by the null label with probability p (default: label_drop)."""
+        """Replace each label by the null label with probability p (default: label_drop).
+
+        The draw happens on the generator's device (CPU when none is given), then moves to y's.
+        """
         p = self.label_drop if p is None else p
-        drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+        device = generator.device if generator is not None else "cpu"
+        drop = torch.rand(y.shape, generator=generator, device=device).to(y.device) < p
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
 
@@ -155,7 +160,8 @@ class FlowBlock(nn.Module):
     def __init__(self, *, in_channels, num_tokens, num_classes, width, heads, layers, mlp_ratio,
                  cond, scale, start_token, soft_clip, flip):
         super().__init__()
-        self.num_classes, self.cond, self.scale, self.soft_clip, self.flip = num_classes, cond, scale, soft_clip, flip
+        self.num_classes, self.cond, self.scale = num_classes, cond, scale
+        self.soft_clip, self.flip = soft_clip, flip
         self.proj_in = nn.Linear(in_channels, width)
         self.pos_embed = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
         # learned start token: the transformer reads [start, x_0..x_{T-2}] so token 0 is transformed too

@@ -85,8 +85,8 @@ class SRC(nn.Module):
             raise ValueError(f"SRC arch must be one of {ARCHS}, got {arch!r}")
         if not 0 < dim <= channels:
             raise ValueError(f"SRC dim must be in [1, channels={channels}], got {dim}")
-        self.config = dict(channels=channels, dim=dim, arch=arch, hidden=hidden, depth=depth,
-                           num_tokens=num_tokens, heads=heads)
+        self.config = {"channels": channels, "dim": dim, "arch": arch, "hidden": hidden, "depth": depth,
+                       "num_tokens": num_tokens, "heads": heads}
         self.arch, self.stats_momentum = arch, stats_momentum
         self.register_buffer("mean", torch.zeros(channels))  # PCA mean of the features
         self.register_buffer("components", torch.zeros(dim, channels))  # P_d, rows = top-d eigenvectors
@@ -129,8 +129,11 @@ class SRC(nn.Module):
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
         """c (B, T, d) -> f_hat (B, T, C), float32."""
+        # Copies: training-mode encode() updates the buffers in place, which must not touch tensors an
+        # earlier forward saved for backward (e.g. under gradient accumulation).
+        scale, shift = self.code_scale.clone(), self.code_mean.clone()
         with torch.autocast(c.device.type, enabled=False):
-            f_hat = (c.float() * self.code_scale + self.code_mean) @ self.components + self.mean  # PCA inverse
+            f_hat = (c.float() * scale + shift) @ self.components + self.mean  # PCA inverse
         if self.arch != "linear":
             f_hat = f_hat + self.decoder(c).float()
         return f_hat

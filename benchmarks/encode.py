@@ -1,0 +1,285 @@
+"""Stage `encode` against its encoder alone, the Zarr writer against raw writes, and peak RSS against N.
+
+    python -m benchmarks.encode                                         # CPU, smoke encoder, < ~3 min
+    python -m benchmarks.encode --arch dinov2-b --device cuda --out     # DINOv2-B/reg4 shapes, random weights
+
+One run, side by side on the same machine (shared and noisy: compare figures of one run only):
+- `encode_images_per_s`: the real `stages.encode.run` on a generated shard set of 256 px JPEGs (tar
+  read, JPEG decode, ADM crop, transfer, both views' forwards, Zarr write, commits, statistics);
+- `forward_images_per_s`: the same encoder on pre-made input tensors of the same batch, both views;
+  `ratio` = encode / forward, goal >= 0.9 (the data path hides behind compute);
+- `write`: the Zarr row writer (pipeline.data.zarr_store) against a raw sequential write of the same
+  bytes into one file per shard, both into the page cache without fsync; goal ratio >= 0.8;
+- `rss`: peak RSS (ru_maxrss) of a fresh process encoding N and 10N images; goal ratio <= 1.2.
+
+The images are the procedural tiny-ImageNet at 256 px (mean JPEG size in the output; ImageNet's is
+~110 KB at ~400x350, so its decode costs more); the 10N set repeats the N images under new names.
+The top-level `stage`, `rows_per_s` and model fields make the result usable by `srcflow plan`.
+Prints JSON to stdout; `--out` also writes benchmarks/results/encode-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+ARCHS = {
+    # the smoke config's encoder: input 56, patch 7 -> 8x8 tokens of 64 channels, 2 layers
+    "smoke": ["encoder.input_size=56", "encoder.arch.embed_dim=64", "encoder.arch.depth=2",
+              "encoder.arch.num_heads=2", "encoder.arch.patch_size=7"],
+    # the real DINOv2-B/reg4 at 224 (16x16 tokens of 768, 12 layers), random weights
+    "dinov2-b": ["encoder.input_size=224", "encoder.arch={}"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="smoke")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--images", type=int, default=256, help="N: train images of the timed encode (+1 val per class)")
+    parser.add_argument("--batch", type=int, default=None, help="encode.batch_size (default: 64 on CPU, 256 on CUDA)")
+    parser.add_argument("--rows-per-shard", type=int, default=256)
+    parser.add_argument("--rows-per-chunk", type=int, default=16)
+    parser.add_argument("--write-mb", type=int, default=256, help="bytes written by each write trial")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating trials of the write comparison")
+    parser.add_argument("--rss-factor", type=int, default=10)
+    parser.add_argument("--out", action="store_true", help="also write benchmarks/results/encode-<device>.json")
+    parser.add_argument("--rss-child", nargs=2, metavar=("SHARD_DIR", "WORK_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.batch = args.batch or (256 if args.device.startswith("cuda") else 64)
+    if args.rss_child:
+        print(json.dumps(rss_child(args, Path(args.rss_child[0]), Path(args.rss_child[1]))))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
+        report = run(args, Path(tmp))
+    print(json.dumps(report, indent=2))
+    if args.out:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"encode-{args.device.split(':')[0]}.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def run(args, tmp: Path) -> dict:
+    from pipeline.data.tiny_imagenet import make_tiny_imagenet
+    from stages.encode import encoder_spec, load_encoder
+
+    classes = 16
+    base = tmp / "imagenet"
+    make_tiny_imagenet(base, classes=classes, per_class=max(1, args.images // classes), val_per_class=1, size=256)
+    large = tmp / f"imagenet-x{args.rss_factor}"
+    replicate(base, large, args.rss_factor)
+    cfg = bench_config(args, tmp / "store", base)
+    shard = shard_set(cfg)
+    shard_large = shard_set(bench_config(args, tmp / "store-large", large))
+
+    encoder = load_encoder(encoder_spec(cfg), cfg.runtime.device)  # built once, reused by the stage (cached)
+    images = shard.metrics["samples"]
+    forward_first = forward_rate(cfg, encoder, images)
+    encode_seconds = timed_encode(cfg, shard, tmp / "encode")
+    forward_second = forward_rate(cfg, encoder, images)
+    forward = (forward_first + forward_second) / 2
+    encode = images / encode_seconds
+    views = len(cfg.encode.views)
+
+    rss_n = measure_rss(args, shard.dir, tmp / "rss-n")
+    rss_large = measure_rss(args, shard_large.dir, tmp / "rss-large")
+    return {
+        "benchmark": "encode", "stage": "encode",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device, "device_name": device_name(args.device), "cpu_count": os.cpu_count(),
+        "torch": __import__("torch").__version__, "threads": __import__("torch").get_num_threads(),
+        "arch": args.arch, "encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size,
+        "tokens": encoder.num_tokens, "channels": encoder.channels, "depth": len(encoder.vit.blocks),
+        "params_m": round(sum(p.numel() for p in encoder.parameters()) / 1e6, 2),
+        "views": views, "dtype": cfg.encode.dtype, "batch_size": cfg.encode.batch_size,
+        "rows_per_shard": cfg.encode.rows_per_shard, "rows_per_chunk": cfg.encode.rows_per_chunk,
+        "resolution": cfg.data.resolution, "images": images,
+        "mean_jpeg_bytes": round(mean_jpeg_bytes(base)),
+        "encode_images_per_s": round(encode, 2), "rows_per_s": round(encode * views, 2),
+        "forward_images_per_s": round(forward, 2),
+        "forward_images_per_s_trials": [round(forward_first, 2), round(forward_second, 2)],
+        "ratio": round(encode / forward, 3), "ratio_goal": 0.9,
+        "write": write_comparison(args, tmp / "write", encoder.num_tokens, encoder.channels),
+        "rss": {"images_n": images, "images_10n": shard_large.metrics["samples"],
+                "peak_rss_mb_n": rss_n, "peak_rss_mb_10n": rss_large,
+                "ratio": round(rss_large / rss_n, 3), "goal": 1.2},
+    }
+
+
+# --- the data set, the config and the stage -----------------------------------------------------
+
+
+def bench_config(args, storage: Path, data_root: Path):
+    from pipeline.config import load_config
+
+    return load_config(REPO / "configs" / "smoke.yaml", [
+        f"storage.root={storage}", f"data.root={data_root}", "data.generate_tiny=null", "data.resolution=256",
+        f"runtime.device={args.device.split(':')[0]}", "runtime.workers=1", "runtime.progress=false",
+        "shard.samples_per_shard=256", "shard.workers=1", "encode.views=[plain, flip]", "encode.dtype=float16",
+        f"encode.rows_per_shard={args.rows_per_shard}", f"encode.rows_per_chunk={args.rows_per_chunk}",
+        f"encode.batch_size={args.batch}", "encoder.weights=random", *ARCHS[args.arch]])
+
+
+def replicate(src: Path, dst: Path, factor: int) -> None:
+    """An ImageFolder with every image of `src` present `factor` times under new names (hard links)."""
+    for split in ("train", "val"):
+        for synset_dir in sorted((src / split).iterdir()):
+            out = dst / split / synset_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            for image in sorted(synset_dir.iterdir()):
+                for r in range(factor):
+                    target = out / f"{image.stem}r{r}{image.suffix}"
+                    try:
+                        os.link(image, target)
+                    except OSError:
+                        target.write_bytes(image.read_bytes())
+
+
+def shard_set(cfg):
+    from pipeline.runner import run_pipeline
+
+    return run_pipeline(cfg, until="shard")["shard"]
+
+
+def timed_encode(cfg, shard, out_dir: Path) -> float:
+    """Seconds of the real encode stage function, from the shard set to a validated feature store."""
+    import torch
+
+    from pipeline.artifacts import StageOutput
+    from stages import encode
+
+    out_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    encode.run(cfg, {"shard": shard}, StageOutput("encode", "benchmark", out_dir))
+    if cfg.runtime.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def forward_rate(cfg, encoder, images: int) -> float:
+    """Images/s of the encoder alone (both views, as encode runs it) on a pre-made input batch."""
+    import torch
+
+    from pipeline.models.rae import to_encoder_input
+    from pipeline.training import autocast
+
+    device = torch.device(cfg.runtime.device)
+    batch = cfg.encode.batch_size
+    pixels = torch.randint(0, 256, (batch, cfg.data.resolution, cfg.data.resolution, 3), dtype=torch.uint8)
+    x = to_encoder_input(pixels.to(device), cfg.encoder.input_size)
+    with torch.inference_mode(), autocast(device):
+        encoder(x[:2])  # warm-up (kernels, allocator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for b0 in range(0, images, batch):
+            n = min(batch, images - b0)
+            for view in (x[:n], x[:n].flip(-1)):
+                encoder(view)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+def mean_jpeg_bytes(root: Path) -> float:
+    sizes = [p.stat().st_size for p in root.rglob("*.JPEG")]
+    return sum(sizes) / max(len(sizes), 1)
+
+
+# --- the Zarr writer against raw writes -----------------------------------------------------------
+
+
+def write_comparison(args, folder: Path, tokens: int, channels: int) -> dict:
+    """MB/s of write_rows into a features-layout store vs one raw file per shard, alternating trials."""
+    import numpy as np
+
+    from pipeline.data.zarr_store import create_row_store, write_rows
+    from storage_schemas.zarr_layouts import FEATURES
+
+    row_bytes = tokens * channels * 2
+    shard_rows = args.rows_per_shard
+    shards = max(1, round(args.write_mb * 2**20 / (row_bytes * shard_rows)))
+    rows = shards * shard_rows
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((shard_rows, tokens, channels)).astype(np.float16)
+    megabytes = rows * row_bytes / 1e6
+    zarr_times, raw_times = [], []
+    for trial in range(args.repeats):
+        store = folder / f"zarr-{trial}" / "features.zarr"
+        create_row_store(store, FEATURES, rows, rows_per_shard=shard_rows, rows_per_chunk=args.rows_per_chunk,
+                         row_shapes={"features": ((tokens, channels), "float16")}, attrs={})
+        start = time.perf_counter()
+        for k in range(shards):
+            write_rows(store, k * shard_rows, {"features": block})
+        zarr_times.append(time.perf_counter() - start)
+
+        raw = folder / f"raw-{trial}"
+        raw.mkdir(parents=True)
+        payload = block.tobytes()
+        start = time.perf_counter()
+        for k in range(shards):
+            with open(raw / f"{k:06d}", "wb") as f:
+                f.write(payload)
+        raw_times.append(time.perf_counter() - start)
+        for path in (store.parent, raw):  # keep the disk footprint to one trial
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+    zarr_rate, raw_rate = megabytes / statistics.median(zarr_times), megabytes / statistics.median(raw_times)
+    return {"megabytes": round(megabytes, 1), "shards": shards, "row_bytes": row_bytes,
+            "zarr_mb_per_s": round(zarr_rate, 1), "raw_mb_per_s": round(raw_rate, 1),
+            "ratio": round(zarr_rate / raw_rate, 3), "goal": 0.8, "trials": args.repeats,
+            "note": "median of alternating trials; page cache, no fsync, one file per shard on both sides"}
+
+
+# --- peak RSS in a fresh process ------------------------------------------------------------------
+
+
+def measure_rss(args, shard_dir: Path, work: Path) -> float:
+    cmd = [sys.executable, "-m", "benchmarks.encode", "--rss-child", str(shard_dir), str(work),
+           "--arch", args.arch, "--device", args.device, "--batch", str(args.batch),
+           "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_chunk)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"RSS child failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def rss_child(args, shard_dir: Path, work: Path) -> dict:
+    from storage_schemas.success import read_manifest
+
+    shard = read_manifest(shard_dir)
+    cfg = bench_config(args, work / "store", work / "unused")
+    timed_encode(cfg, shard, work / "encode")
+    return {"images": shard.metrics["samples"],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    main()

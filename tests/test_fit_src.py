@@ -1,0 +1,197 @@
+"""Stage `fit_src`: PCA out of core, the learned SRC under constant noise, exact resume, the report."""
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.features import load_normalizer, read_features
+from pipeline.runner import plan, run_pipeline
+from stages import fit_src
+from stages.fit_src import TrainingStopped, load_pca, load_src
+from tests.conftest import SMOKE
+
+# The test dataset (4 classes x 12 train + 4 val, 32 px, two views: 96 train rows, 32 val rows) through
+# the smoke encoder (8 x 8 tokens of 64 channels), a tiny random RAE decoder with 32 px output, and a
+# small SRC so that every fit takes seconds.
+UPSTREAM = ("data.generate_tiny=null", "data.resolution=32", "runtime.progress=false", "runtime.device=cpu",
+            "shard.workers=1", "shard.samples_per_shard=16", "encode.rows_per_shard=8", "encode.rows_per_chunk=4",
+            "decoder.hidden_size=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64",
+            "decoder.patch_size=4")
+SRC = ("src.dim=6", "src.hidden=32", "src.depth=1", "src.steps=12", "src.batch_size=16", "src.warmup_steps=3",
+       "src.report_images=8", "src.eval_batch_size=4", "src.ckpt_every=5", "src.log_every=5")
+
+_BUILT: dict = {}
+
+
+@pytest.fixture
+def stores(tiny_root, tmp_path_factory):
+    """`stores(name, *overrides)` -> a config whose store already holds shard + encode (built once per
+    session, copied into a fresh root per name) and a random RAE decoder file."""
+    if "root" not in _BUILT:
+        base = tmp_path_factory.mktemp("src-upstream")
+        decoder = base / "decoder.pt"
+        cfg = _config(base / "store", tiny_root, decoder)
+        from pipeline.models.rae import build_rae_decoder
+        from stages.fit_decoder import decoder_arch
+
+        torch.save(build_rae_decoder(None, seed=1, **decoder_arch(cfg)).state_dict(), decoder)
+        run_pipeline(cfg, until="encode")
+        _BUILT.update(root=base / "store", decoder=decoder)
+
+    def make(name: str, *overrides: str):
+        root = tmp_path_factory.mktemp(name) / "store"
+        if not root.exists():
+            shutil.copytree(_BUILT["root"], root)
+        return _config(root, tiny_root, _BUILT["decoder"], *overrides)
+
+    return make
+
+
+def _config(root, tiny_root, decoder, *overrides):
+    return load_config(SMOKE, [f"storage.root={root}", f"data.root={tiny_root}", f"decoder.weights={decoder}",
+                               *UPSTREAM, *SRC, *overrides])
+
+
+_FITS: dict = {}
+
+
+@pytest.fixture
+def learned(stores):
+    """One learned fit (sigma 0.3, 60 steps), shared by the tests that only read it."""
+    if "learned" not in _FITS:
+        cfg = stores("learned", "src.noise_sigma=0.3", "src.steps=60")
+        _FITS["learned"] = (cfg, run_pipeline(cfg, until="fit_src"))
+    return _FITS["learned"]
+
+
+def _train_features(manifests):
+    from pipeline.data.features import open_features
+
+    store = manifests["encode"].dir / "features.zarr"
+    group, attrs = open_features(store)
+    return group, attrs, load_normalizer(store)
+
+
+def test_pca_equals_numpy_eigendecomposition_of_the_normalized_features(stores):
+    cfg = stores("pca", "src.kind=pca")
+    manifests = run_pipeline(cfg, until="fit_src")
+    out = manifests["fit_src"].dir
+    group, attrs, normalizer = _train_features(manifests)
+    x = normalizer(read_features(group, slice(*attrs["splits"]["train"]))).double().reshape(-1, 64).numpy()
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+    values, vectors = values[::-1], vectors[:, ::-1]
+
+    pca = load_pca(out / "pca.safetensors")
+    np.testing.assert_allclose(pca.mean.numpy(), x.mean(0), atol=1e-12)
+    np.testing.assert_allclose(pca.eigenvalues.numpy(), values, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(np.abs(pca.components.numpy()[:6] @ vectors[:, :6]), np.eye(6), atol=1e-6)
+    assert pca.explained_variance_ratio.sum().item() == pytest.approx(1.0, abs=1e-12)
+    curve = json.loads((out / "explained_variance.json").read_text())
+    assert curve["cumulative"][-1] == pytest.approx(1.0, abs=1e-12)
+    assert curve["cumulative_at_dim"] == pytest.approx(values[:6].sum() / values.sum(), rel=1e-9)
+    assert (out / "explained_variance.png").stat().st_size > 0
+
+    # kind pca: the SRC is that projection, whitened; the report's SRC and PCA rows are the same numbers
+    src = load_src(manifests["fit_src"], "cpu")
+    assert src.arch == "linear" and torch.allclose(src.components.double(), pca.components[:6], atol=1e-7)
+    m = manifests["fit_src"].metrics
+    assert m["src/feature_mse"] == m["pca/feature_mse"] and m["src/noisy_feature_mse"] == m["pca/noisy_feature_mse"]
+    assert not (out / "checkpoints").exists()
+
+
+def test_learned_src_beats_pca_at_the_same_dim_and_reports_everything(learned):
+    cfg, manifests = learned
+    m = manifests["fit_src"].metrics
+    assert m["kind"] == "learned" and m["dim"] == 6 and m["report_split"] == "val" and m["report_images"] == 8
+    assert m["src/feature_mse"] < m["pca/feature_mse"]
+    assert m["src/noisy_feature_mse"] < m["pca/noisy_feature_mse"]  # trained to decode noisy codes
+    for model in ("src", "pca"):
+        assert m[f"{model}/noisy_feature_mse"] > m[f"{model}/feature_mse"]  # noise at sigma 0.3 costs
+        assert 0 < m[f"{model}/feature_cosine"] <= 1
+        for key in ("psnr_vs_rae", "psnr_vs_image", "noisy_psnr_vs_rae", "noisy_psnr_vs_image"):
+            assert np.isfinite(m[f"{model}/{key}"])
+    out = manifests["fit_src"].dir
+    from PIL import Image
+
+    with Image.open(out / "recon_grid.png") as grid:  # 4 rows of 8 images of 32 px, 2 px padding
+        assert grid.size == (8 * 34 + 2, 4 * 34 + 2)
+    info = json.loads((out / "src.json").read_text())
+    assert info["kind"] == "learned" and info["model"]["arch"] == "mlp" and info["model"]["dim"] == 6
+
+    # the saved SRC reproduces the reported feature MSE on the report rows
+    group, attrs, normalizer = _train_features(manifests)
+    rows, _ = fit_src.report_rows(group, attrs, 8)
+    z = normalizer(read_features(group, rows))
+    src = load_src(out)
+    assert not src.training and not any(p.requires_grad for p in src.parameters())
+    with torch.no_grad():
+        mse = (src.decode(src.encode(z)) - z).double().square().mean().item()
+    assert mse == pytest.approx(m["src/feature_mse"], rel=1e-5)
+
+
+def test_noise_is_applied_in_training_at_the_configured_sigma_only(stores, monkeypatch):
+    import pipeline.models.src as src_module
+
+    seen = []
+    real = src_module.add_code_noise
+    monkeypatch.setattr(src_module, "add_code_noise", lambda c, sigma, g=None: seen.append(sigma) or real(c, sigma, g))
+    run_pipeline(stores("noise", "src.noise_sigma=0.25", "src.steps=4"), until="fit_src")
+    assert seen == [0.25] * 4  # every training step, at sigma; the report adds its own noise via fit_src
+
+    seen.clear()
+    m = run_pipeline(stores("no-noise", "src.noise_sigma=0", "src.steps=4"), until="fit_src")["fit_src"].metrics
+    assert seen == [0.0] * 4
+    for model in ("src", "pca"):  # sigma 0: the "noisy" report rows are the clean ones
+        assert m[f"{model}/noisy_feature_mse"] == m[f"{model}/feature_mse"]
+        assert m[f"{model}/noisy_psnr_vs_rae"] == m[f"{model}/psnr_vs_rae"]
+
+
+class Killed(BaseException):
+    """A crash that nothing in the stage catches (stands in for SIGKILL)."""
+
+
+def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, monkeypatch):
+    reference = run_pipeline(stores("uninterrupted"), until="fit_src")["fit_src"]
+
+    cfg = stores("interrupted")
+    real = fit_src.noise_generator
+
+    def interrupt_at(crash_step, term_step):
+        def generator(seed, step, device):
+            if step == crash_step:
+                raise Killed  # mid-training, 3 steps after the checkpoint of step 5
+            if step == term_step:
+                os.kill(os.getpid(), signal.SIGTERM)  # StopSignal: checkpoint after this step, then stop
+            return real(seed, step, device)
+        return generator
+
+    monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(8, None))
+    with pytest.raises(Killed):
+        run_pipeline(cfg, until="fit_src")
+    (p,) = [p for p in plan(cfg) if p.name == "fit_src"]
+    assert p.state == "partial" and sorted(f.name for f in (p.path / "checkpoints").iterdir()) == ["ckpt-00000005.pt"]
+
+    monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(None, 9))
+    with pytest.raises(TrainingStopped, match="stopped by signal 15 at step 10/12"):
+        run_pipeline(cfg, until="fit_src")
+    assert (p.path / "checkpoints" / "ckpt-00000010.pt").is_file()
+
+    monkeypatch.setattr(fit_src, "noise_generator", real)
+    resumed = run_pipeline(cfg, until="fit_src")["fit_src"]
+    a = (resumed.dir / "src.safetensors").read_bytes()
+    assert a == (reference.dir / "src.safetensors").read_bytes()
+    assert resumed.metrics["src/feature_mse"] == reference.metrics["src/feature_mse"]
+
+
+def test_a_missing_src_is_a_one_line_error(tmp_path):
+    from storage_schemas import SchemaError
+
+    with pytest.raises(SchemaError) as e:
+        load_src(tmp_path)
+    assert "\n" not in str(e.value) and "src.json" in str(e.value) and "fit_src" in str(e.value)

@@ -1,0 +1,421 @@
+"""Specification of the training building blocks (pipeline/training.py): EMA, learning-rate schedule,
+the data position, RNG state, checkpoints and exact resume, clean stop, exported weights. CPU only."""
+
+import itertools
+import os
+import random
+import re
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipeline import training
+from pipeline.training import (
+    EMA,
+    BatchSchedule,
+    Checkpointer,
+    CheckpointError,
+    StopSignal,
+    autocast,
+    load_checkpoint,
+    load_safetensors,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    save_safetensors,
+    seed_all,
+    set_rng_state,
+    warmup_cosine,
+)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread is fastest and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 1))
+        self.norm = nn.BatchNorm1d(4)  # a buffer-carrying layer
+
+    def forward(self, x):
+        return self.net(self.norm(x))
+
+
+# --- EMA ------------------------------------------------------------------------------------------
+
+
+def test_ema_is_a_lerp_toward_the_weights_and_copies_buffers():
+    model = nn.BatchNorm1d(3)
+    ema = EMA(model, decay=0.9)
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(5.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.9 * w0 + 0.1 * 2.0)
+    assert torch.equal(ema.module.running_mean, model.running_mean)
+    with torch.no_grad():
+        model.weight.fill_(-1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.9 * (0.9 * w0 + 0.2) + 0.1 * -1.0)
+
+    other = EMA(nn.BatchNorm1d(3), decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.module.weight, ema.module.weight)
+
+
+def test_ema_decay_one_freezes_and_zero_follows():
+    model = nn.Linear(2, 2)
+    frozen, follower = EMA(model, 1.0), EMA(model, 0.0)
+    start = frozen.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    frozen.update(model), follower.update(model)
+    assert torch.equal(frozen.module.weight, start)
+    assert torch.equal(follower.module.weight, model.weight)
+
+
+# --- learning rate --------------------------------------------------------------------------------
+
+
+def lr_curve(warmup, total, min_ratio, steps):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = warmup_cosine(optimizer, warmup, total, min_ratio)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_min_ratio():
+    lrs = lr_curve(warmup=10, total=110, min_ratio=0.1, steps=130)
+    assert lrs[0] == pytest.approx(2.0 * 1 / 10)  # the first step already moves
+    assert lrs[4] == pytest.approx(2.0 * 5 / 10)
+    assert lrs[9] == pytest.approx(2.0) and lrs[10] == pytest.approx(2.0)  # peak at the end of warmup
+    assert lrs[60] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way down the cosine
+    assert lrs[110] == pytest.approx(2.0 * 0.1) and lrs[129] == pytest.approx(2.0 * 0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_warmup_cosine_without_warmup_starts_at_full_lr():
+    lrs = lr_curve(warmup=0, total=10, min_ratio=0.0, steps=11)
+    assert lrs[0] == pytest.approx(2.0) and lrs[10] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- data position --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_batch_schedule_is_a_pure_function_of_seed_and_step(drop_last):
+    a = BatchSchedule(103, 8, seed=7, drop_last=drop_last)
+    b = BatchSchedule(103, 8, seed=7, drop_last=drop_last)
+    forward = [a.indices(s) for s in range(40)]
+    backward = [b.indices(s) for s in reversed(range(40))][::-1]  # any order of queries, same answer
+    assert all(np.array_equal(x, y) for x, y in zip(forward, backward))
+    assert not np.array_equal(BatchSchedule(103, 8, seed=8).indices(0), a.indices(0))
+    assert forward[0].dtype == np.int64 and all(len(x) == 8 for x in forward)
+
+
+def test_batch_schedule_with_drop_last_visits_each_index_once_per_epoch():
+    schedule = BatchSchedule(50, 8, seed=0)
+    assert schedule.steps_per_epoch == 6
+    for epoch in range(3):
+        seen = np.concatenate([schedule.indices(epoch * 6 + k) for k in range(6)])
+        assert len(set(seen.tolist())) == 48 and seen.max() < 50  # 2 of 50 skipped, none repeated
+        assert schedule.epoch(epoch * 6) == epoch == schedule.epoch(epoch * 6 + 5)
+    firsts = [schedule.indices(6 * e) for e in range(2)]
+    assert not np.array_equal(*firsts)  # a fresh permutation each epoch
+
+
+def test_batch_schedule_without_drop_last_streams_whole_epochs():
+    schedule = BatchSchedule(10, 4, seed=0, drop_last=False)
+    stream = np.concatenate([schedule.indices(s) for s in range(10)])  # 40 positions = 4 epochs
+    for epoch in range(4):
+        assert sorted(stream[10 * epoch:10 * (epoch + 1)].tolist()) == list(range(10))
+    assert schedule.epoch(2) == 0 and schedule.epoch(3) == 1  # step 2 covers positions 8..11
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rank_slices_concatenate_to_the_single_process_batch(drop_last):
+    single = BatchSchedule(37, 12, seed=3, drop_last=drop_last)
+    ranks = [BatchSchedule(37, 12, seed=3, rank=r, world_size=2, drop_last=drop_last) for r in range(2)]
+    for step in range(20):
+        parts = [r.indices(step) for r in ranks]
+        assert all(len(p) == 6 for p in parts)
+        assert np.array_equal(np.concatenate(parts), single.indices(step))
+
+
+def test_batch_schedule_rejects_a_batch_it_cannot_split_or_fill():
+    with pytest.raises(ValueError, match="not divisible by world_size"):
+        BatchSchedule(100, 10, seed=0, world_size=3)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        BatchSchedule(5, 8, seed=0)
+    assert len(BatchSchedule(5, 8, seed=0, drop_last=False).indices(3)) == 8
+
+
+# --- random state ---------------------------------------------------------------------------------
+
+
+def draws():
+    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
+            torch.rand(3), torch.randn(2))
+
+
+def test_rng_state_survives_weights_only_save_and_load(tmp_path):
+    seed_all(11)
+    random.gauss(0, 1), np.random.standard_normal()  # leave cached gaussians in python and numpy
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = draws()
+    seed_all(12)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = draws()
+    assert got[:4] == expected[:4]
+    assert torch.equal(got[4], expected[4]) and torch.equal(got[5], expected[5])
+
+
+# --- checkpoints and exact resume -----------------------------------------------------------------
+
+
+def train(ckpt_dir, stop_at, total=20, every=10, init_seed=0):
+    """A stage-shaped loop: AdamW + warmup_cosine + EMA + dropout, data by BatchSchedule(step)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
+    seed_all(init_seed)
+    model = TinyNet()
+    ema = EMA(model, decay=0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    scheduler = warmup_cosine(optimizer, warmup_steps=3, total_steps=total, min_ratio=0.1)
+    batches = BatchSchedule(len(x), 8, seed=5)
+    checkpoints = Checkpointer(ckpt_dir, every=every)
+    step, extra = checkpoints.restore(model, ema, optimizer, scheduler)
+    losses = extra.get("losses", [])
+    model.train()
+    while step < stop_at:
+        idx = torch.from_numpy(batches.indices(step))
+        loss = (model(x[idx]) - y[idx]).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+        losses.append(loss.item())
+        step += 1
+        if checkpoints.due(step):
+            checkpoints.save(step, model, ema, optimizer, scheduler, extra={"losses": losses})
+    return model, ema, losses
+
+
+def test_resume_after_checkpoint_is_bit_identical(tmp_path, one_thread):
+    straight_model, straight_ema, straight_losses = train(tmp_path / "straight", stop_at=20)
+    train(tmp_path / "resumed", stop_at=10)  # "killed" right after the step-10 checkpoint
+    torch.rand(100), np.random.rand(100), random.random()  # the new process's RNG is elsewhere
+    model, ema, losses = train(tmp_path / "resumed", stop_at=20, init_seed=123)  # fresh objects, restored
+    assert losses == straight_losses and len(losses) == 20
+    for a, b in zip(model.state_dict().values(), straight_model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.state_dict().values(), straight_ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpointer_restore_without_a_checkpoint_starts_at_step_zero(tmp_path):
+    model = TinyNet()
+    before = [p.clone() for p in model.parameters()]
+    step, extra = Checkpointer(tmp_path / "none", every=5).restore(model, None, None, None)
+    assert (step, extra) == (0, {})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_checkpoint_is_written_to_a_dot_tmp_file_then_renamed(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renames.append((str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", spy)
+    save_checkpoint(tmp_path / "ckpt-00000005.pt", step=5, weights=torch.ones(2))
+    (src, dst), = renames
+    assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path)
+    assert re.fullmatch(rf"\.ckpt-00000005\.pt\.tmp-{os.getpid()}", os.path.basename(src))
+    assert load_checkpoint(dst)["step"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005.pt"]
+
+
+def test_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    def broken_save(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "ckpt-00000001.pt", step=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpointer_keeps_the_newest_two_and_ignores_temp_files(tmp_path):
+    model = TinyNet()
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoints = Checkpointer(tmp_path, every=1, keep=2)
+    assert checkpoints.latest() is None
+    for step in (1, 2, 3, 4):
+        checkpoints.save(step, model, None, optimizer, extra={"step_seen": step})
+    (tmp_path / ".ckpt-00000099.pt.tmp-1234").write_bytes(b"half written")
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
+    assert checkpoints.latest() == tmp_path / "ckpt-00000004.pt"
+    assert checkpoints.restore(TinyNet(), None, None) == (4, {"step_seen": 4})
+    assert [checkpoints.due(s) for s in (0, 1, 2)] == [False, True, True]
+    assert not Checkpointer(tmp_path, every=3).due(4) and Checkpointer(tmp_path, every=3).due(6)
+
+
+def test_checkpointer_refuses_extra_state_that_weights_only_loading_would_reject(tmp_path):
+    model = TinyNet()
+    for bad, name in ((np.float32(1.0), "float32"), (np.float64(1.0), "float64")):
+        with pytest.raises(TypeError, match=rf"extra\['losses'\]\[1\] is a {name}"):
+            Checkpointer(tmp_path, every=1).save(1, model, None, torch.optim.SGD(model.parameters()),
+                                                 extra={"losses": [1.0, bad]})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_checkpoint_errors_are_one_line_and_name_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint") as missing:
+        load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint") as junk:
+        load_checkpoint(tmp_path / "junk.pt")
+    for e in (missing, junk):
+        assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpointer_unwraps_ddp_and_restores_into_a_bare_model(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = TinyNet()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        ema = EMA(wrapped, decay=0.5)
+        optimizer = torch.optim.AdamW(wrapped.parameters())
+        Checkpointer(tmp_path / "ckpt", every=1).save(1, wrapped, ema, optimizer)
+        state = load_checkpoint(tmp_path / "ckpt" / "ckpt-00000001.pt")
+        assert state["model"].keys() == model.state_dict().keys() == state["ema"].keys()
+        fresh = TinyNet()
+        Checkpointer(tmp_path / "ckpt", every=1).restore(nn.parallel.DistributedDataParallel(fresh), None, None)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_rank_worker(rank, pg_file, ckpt_dir, results):
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        seed_all(100 + rank)  # per-rank RNG streams, e.g. for dropout
+        model = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        checkpoints = Checkpointer(ckpt_dir, every=1)
+        with StopSignal() as stop:
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # only one rank is told to stop
+            agreed = stop.agreed()
+        checkpoints.save(1, model, None, optimizer)
+        expected = torch.rand(4)
+        dist.barrier()  # rank 0 has written the file
+        torch.rand(10)
+        step, _ = checkpoints.restore(model, None, optimizer)
+        results[rank] = (agreed, step, torch.equal(torch.rand(4), expected), expected.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+# fork, not spawn: spawn re-imports torch in each child (seconds); torch itself forks DataLoader workers.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+def test_two_ranks_agree_to_stop_and_each_gets_its_own_rng_state_back(tmp_path):
+    results = mp.Manager().dict()
+    mp.start_processes(_two_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path / "ckpt"), results), nprocs=2,
+                       start_method="fork")
+    assert [results[r][:3] for r in range(2)] == [(True, 1, True), (True, 1, True)]
+    assert results[0][3] != results[1][3]  # the ranks' streams stayed distinct
+
+
+# --- clean stop -----------------------------------------------------------------------------------
+
+
+def test_stop_signal_catches_sigterm_and_restores_the_previous_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert not stop.requested and not stop.agreed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM and stop.agreed()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_signal_is_a_no_op_off_the_main_thread():
+    import threading
+
+    seen = {}
+
+    def body():
+        with StopSignal() as stop:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            seen["requested"] = stop.requested
+
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == {"handler": before, "requested": False}
+
+
+# --- exported weights and devices -----------------------------------------------------------------
+
+
+def test_safetensors_round_trip_keeps_weights_and_metadata(tmp_path):
+    model = TinyNet()
+    save_safetensors(model, tmp_path / "w.safetensors", metadata={"arch": "tiny", "step": "20"})
+    fresh = TinyNet()
+    assert load_safetensors(fresh, tmp_path / "w.safetensors") == {"arch": "tiny", "step": "20"}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
+def test_safetensors_mismatch_is_a_one_line_error_naming_the_path(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors(nn.Linear(4, 3), path, metadata={})
+    with pytest.raises(CheckpointError) as shape:
+        load_safetensors(nn.Linear(4, 2), path)
+    with pytest.raises(CheckpointError) as names:
+        load_safetensors(nn.Linear(4, 3, bias=False), path)
+    assert "wrong shape: bias (3,) vs (2,), weight (3, 4) vs (2, 4)" in str(shape.value)
+    assert "unexpected: bias" in str(names.value)
+    for e in (shape, names):
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="str -> str"):
+        save_safetensors(nn.Linear(1, 1), path, metadata={"step": 3})
+
+
+def test_resolve_device_and_autocast_on_cpu(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="requested but torch.cuda.is_available\\(\\) is False") as e:
+        resolve_device("cuda")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("gpu")
+    with autocast("cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
