@@ -1,7 +1,8 @@
 """Stage `encode` against its encoder alone, the Zarr writer against raw writes, and peak RSS against N.
 
-    python -m benchmarks.encode                                         # CPU, smoke encoder, < ~3 min
-    python -m benchmarks.encode --arch dinov2-b --device cuda --out     # DINOv2-B/reg4 shapes, random weights
+    python -m benchmarks.encode --out                     # CPU, smoke encoder, < ~3 min -> results/encode-cpu.json
+    python -m benchmarks.encode --device cuda --out       # DINOv2-B/reg4 shapes, random weights, bf16
+                                                          #   -> results/encode-cuda.json
 
 One run, side by side on the same machine (shared and noisy: compare figures of one run only):
 - `encode_images_per_s`: the real `stages.encode.run` on a generated shard set of 256 px JPEGs (tar
@@ -10,12 +11,15 @@ One run, side by side on the same machine (shared and noisy: compare figures of 
   `ratio` = encode / forward, goal >= 0.9 (the data path hides behind compute);
 - `write`: the Zarr row writer (pipeline.data.zarr_store) against a raw sequential write of the same
   bytes into one file per shard, both into the page cache without fsync; goal ratio >= 0.8;
-- `rss`: peak RSS (ru_maxrss) of a fresh process encoding N and 10N images; goal ratio <= 1.2.
+- `rss`: peak RSS of a fresh process encoding N and 10N train images (`--rss-images` N, default 128
+  and at least one Zarr shard's worth; + 1 val image per class), read from VmHWM on Linux (ru_maxrss
+  keeps the parent's RSS across fork + exec); goal ratio <= 1.2.
 
-The images are the procedural tiny-ImageNet at 256 px (mean JPEG size in the output; ImageNet's is
-~110 KB at ~400x350, so its decode costs more); the 10N set repeats the N images under new names.
+The images are 256 procedural tiny-ImageNet JPEGs at 256 px (mean size in the output; ImageNet's are
+~110 KB at ~400x350, so they decode slower), repeated under new names (hard links) to each set's size.
 The top-level `stage`, `rows_per_s` and model fields make the result usable by `srcflow plan`.
-Prints JSON to stdout; `--out` also writes benchmarks/results/encode-<device>.json.
+Prints JSON to stdout; `--out` also writes benchmarks/results/encode-<device>.json (with an -<arch>
+suffix when --arch is not the device's default).
 """
 
 from __future__ import annotations
@@ -46,19 +50,30 @@ ARCHS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="smoke")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                        help="encoder shapes; default smoke on CPU, dinov2-b on CUDA")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--images", type=int, default=256, help="N: train images of the timed encode (+1 val per class)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="train images of the timed encode (+1 val per class); default 256 on CPU, 4096 on CUDA")
     parser.add_argument("--batch", type=int, default=None, help="encode.batch_size (default: 64 on CPU, 256 on CUDA)")
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--rows-per-chunk", type=int, default=16)
-    parser.add_argument("--write-mb", type=int, default=256, help="bytes written by each write trial")
+    parser.add_argument("--write-mb", type=int, default=200, help="megabytes written by each write trial")
     parser.add_argument("--repeats", type=int, default=3, help="alternating trials of the write comparison")
-    parser.add_argument("--rss-factor", type=int, default=10)
+    parser.add_argument("--rss-images", type=int, default=None,
+                        help="N of the RSS comparison (N vs 10N train images); default 128 on CPU, 1024 on CUDA")
     parser.add_argument("--out", action="store_true", help="also write benchmarks/results/encode-<device>.json")
     parser.add_argument("--rss-child", nargs=2, metavar=("SHARD_DIR", "WORK_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.batch = args.batch or (256 if args.device.startswith("cuda") else 64)
+    cuda = args.device.startswith("cuda")
+    default_arch = "dinov2-b" if cuda else "smoke"
+    args.arch = args.arch or default_arch
+    args.batch = args.batch or (256 if cuda else 64)
+    args.images = args.images or (4096 if cuda else 256)
+    args.rss_images = args.rss_images or (1024 if cuda else 128)
+    # N must fill at least one Zarr shard (2 views per image): a job's buffers grow with its rows up to
+    # rows_per_shard, and a partial first shard would pass that growth off as growth with N
+    args.rss_images = max(args.rss_images, -(-args.rows_per_shard // 2))
     if args.rss_child:
         print(json.dumps(rss_child(args, Path(args.rss_child[0]), Path(args.rss_child[1]))))
         return
@@ -68,7 +83,8 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.out:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"encode-{args.device.split(':')[0]}.json"
+        suffix = "" if args.arch == default_arch else f"-{args.arch}"
+        path = RESULTS / f"encode-{args.device.split(':')[0]}{suffix}.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
 
@@ -77,14 +93,17 @@ def run(args, tmp: Path) -> dict:
     from pipeline.data.tiny_imagenet import make_tiny_imagenet
     from stages.encode import encoder_spec, load_encoder
 
+    started = time.perf_counter()
     classes = 16
-    base = tmp / "imagenet"
-    make_tiny_imagenet(base, classes=classes, per_class=max(1, args.images // classes), val_per_class=1, size=256)
-    large = tmp / f"imagenet-x{args.rss_factor}"
-    replicate(base, large, args.rss_factor)
-    cfg = bench_config(args, tmp / "store", base)
+    generated, timed, small, large = (tmp / name for name in ("generated", "imagenet", "imagenet-n", "imagenet-10n"))
+    make_tiny_imagenet(generated, classes=classes, per_class=16, val_per_class=1, size=256)  # 256 distinct JPEGs
+    replicate(generated, timed, args.images)
+    replicate(generated, small, args.rss_images)
+    replicate(generated, large, 10 * args.rss_images)
+    cfg = bench_config(args, tmp / "store", timed)
     shard = shard_set(cfg)
-    shard_large = shard_set(bench_config(args, tmp / "store-large", large))
+    shard_small = shard_set(bench_config(args, tmp / "store-n", small))
+    shard_large = shard_set(bench_config(args, tmp / "store-10n", large))
 
     encoder = load_encoder(encoder_spec(cfg), cfg.runtime.device)  # built once, reused by the stage (cached)
     images = shard.metrics["samples"]
@@ -95,7 +114,8 @@ def run(args, tmp: Path) -> dict:
     encode = images / encode_seconds
     views = len(cfg.encode.views)
 
-    rss_n = measure_rss(args, shard.dir, tmp / "rss-n")
+    write = write_comparison(args, tmp / "write")
+    rss_n = measure_rss(args, shard_small.dir, tmp / "rss-n")
     rss_large = measure_rss(args, shard_large.dir, tmp / "rss-large")
     return {
         "benchmark": "encode", "stage": "encode",
@@ -108,15 +128,18 @@ def run(args, tmp: Path) -> dict:
         "views": views, "dtype": cfg.encode.dtype, "batch_size": cfg.encode.batch_size,
         "rows_per_shard": cfg.encode.rows_per_shard, "rows_per_chunk": cfg.encode.rows_per_chunk,
         "resolution": cfg.data.resolution, "images": images,
-        "mean_jpeg_bytes": round(mean_jpeg_bytes(base)),
+        "mean_jpeg_bytes": round(mean_jpeg_bytes(generated)),
         "encode_images_per_s": round(encode, 2), "rows_per_s": round(encode * views, 2),
         "forward_images_per_s": round(forward, 2),
         "forward_images_per_s_trials": [round(forward_first, 2), round(forward_second, 2)],
         "ratio": round(encode / forward, 3), "ratio_goal": 0.9,
-        "write": write_comparison(args, tmp / "write", encoder.num_tokens, encoder.channels),
-        "rss": {"images_n": images, "images_10n": shard_large.metrics["samples"],
-                "peak_rss_mb_n": rss_n, "peak_rss_mb_10n": rss_large,
-                "ratio": round(rss_large / rss_n, 3), "goal": 1.2},
+        "write": write,
+        "rss": {"images_n": rss_n["images"], "images_10n": rss_large["images"],
+                "peak_rss_mb_n": rss_n["peak_rss_mb"], "peak_rss_mb_10n": rss_large["peak_rss_mb"],
+                "ratio": round(rss_large["peak_rss_mb"] / rss_n["peak_rss_mb"], 3), "goal": 1.2,
+                "peak_gpu_mb_n": rss_n["peak_gpu_mb"], "peak_gpu_mb_10n": rss_large["peak_gpu_mb"],
+                "note": "fresh process per N: VmHWM (Linux), encode stage only"},
+        "wall_s": round(time.perf_counter() - started, 1),
     }
 
 
@@ -134,19 +157,23 @@ def bench_config(args, storage: Path, data_root: Path):
         f"encode.batch_size={args.batch}", "encoder.weights=random", *ARCHS[args.arch]])
 
 
-def replicate(src: Path, dst: Path, factor: int) -> None:
-    """An ImageFolder with every image of `src` present `factor` times under new names (hard links)."""
+def replicate(src: Path, dst: Path, train_images: int) -> None:
+    """An ImageFolder of `train_images` train images (round robin over the classes) and the val images
+    of `src`, made of hard links to src's JPEGs under new names: decoding costs the same as distinct files."""
     for split in ("train", "val"):
-        for synset_dir in sorted((src / split).iterdir()):
+        synsets = sorted((src / split).iterdir())
+        for c, synset_dir in enumerate(synsets):
             out = dst / split / synset_dir.name
-            out.mkdir(parents=True, exist_ok=True)
-            for image in sorted(synset_dir.iterdir()):
-                for r in range(factor):
-                    target = out / f"{image.stem}r{r}{image.suffix}"
-                    try:
-                        os.link(image, target)
-                    except OSError:
-                        target.write_bytes(image.read_bytes())
+            out.mkdir(parents=True)
+            images = sorted(synset_dir.iterdir())
+            count = len(images) if split == "val" else train_images // len(synsets) + (c < train_images % len(synsets))
+            for i in range(count):
+                image = images[i % len(images)]
+                target = out / f"{image.stem}r{i}{image.suffix}"
+                try:
+                    os.link(image, target)
+                except OSError:
+                    target.write_bytes(image.read_bytes())
 
 
 def shard_set(cfg):
@@ -182,7 +209,7 @@ def forward_rate(cfg, encoder, images: int) -> float:
     pixels = torch.randint(0, 256, (batch, cfg.data.resolution, cfg.data.resolution, 3), dtype=torch.uint8)
     x = to_encoder_input(pixels.to(device), cfg.encoder.input_size)
     with torch.inference_mode(), autocast(device):
-        encoder(x[:2])  # warm-up (kernels, allocator)
+        encoder(x), encoder(x.flip(-1))  # warm-up at the full batch shape (kernels, allocator)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -203,8 +230,10 @@ def mean_jpeg_bytes(root: Path) -> float:
 # --- the Zarr writer against raw writes -----------------------------------------------------------
 
 
-def write_comparison(args, folder: Path, tokens: int, channels: int) -> dict:
-    """MB/s of write_rows into a features-layout store vs one raw file per shard, alternating trials."""
+def write_comparison(args, folder: Path, tokens: int = 256, channels: int = 768) -> dict:
+    """MB/s of write_rows into a features-layout store vs one raw file per shard, alternating trials.
+    Rows have the paper's shape (DINOv2-B/reg4 at 224: 256 x 768 float16) whatever --arch is: the
+    smoke encoder's 8 KB rows would measure per-chunk overhead, not the store that matters."""
     import numpy as np
 
     from pipeline.data.zarr_store import create_row_store, write_rows
@@ -238,7 +267,8 @@ def write_comparison(args, folder: Path, tokens: int, channels: int) -> dict:
         for path in (store.parent, raw):  # keep the disk footprint to one trial
             subprocess.run(["rm", "-rf", str(path)], check=True)
     zarr_rate, raw_rate = megabytes / statistics.median(zarr_times), megabytes / statistics.median(raw_times)
-    return {"megabytes": round(megabytes, 1), "shards": shards, "row_bytes": row_bytes,
+    return {"megabytes": round(megabytes, 1), "shards": shards, "row_shape": [tokens, channels],
+            "rows_per_shard": shard_rows, "rows_per_chunk": args.rows_per_chunk,
             "zarr_mb_per_s": round(zarr_rate, 1), "raw_mb_per_s": round(raw_rate, 1),
             "ratio": round(zarr_rate / raw_rate, 3), "goal": 0.8, "trials": args.repeats,
             "note": "median of alternating trials; page cache, no fsync, one file per shard on both sides"}
@@ -254,17 +284,32 @@ def measure_rss(args, shard_dir: Path, work: Path) -> float:
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"RSS child failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def rss_child(args, shard_dir: Path, work: Path) -> dict:
+    import torch
+
     from storage_schemas.success import read_manifest
 
     shard = read_manifest(shard_dir)
     cfg = bench_config(args, work / "store", work / "unused")
     timed_encode(cfg, shard, work / "encode")
-    return {"images": shard.metrics["samples"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if cfg.runtime.device == "cuda" else None
+    return {"images": shard.metrics["samples"], "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set. Linux: VmHWM, the high-water mark of this program's memory;
+    ru_maxrss is not used there because it keeps the parent's RSS across fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def device_name(device: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
@@ -53,4 +53,18 @@ def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = No
         {"stage": name, "fingerprint": m.fingerprint[:16], "path": m.path,
          "metrics": ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))}
         for name, m in manifests.items()], description="srcflow stage outputs")
+    if "evaluate" in manifests:
+        publish_evaluation(manifests["evaluate"].dir)
     return {name: m.model_dump() for name, m in manifests.items()}
+
+
+def publish_evaluation(out_dir: Path) -> None:
+    """The metrics per CFG scale as a table, and the evaluation report as markdown, in the Prefect UI."""
+    from stages.evaluate import metrics_table
+    from storage_schemas.evaluation import read_metrics
+
+    evaluations = read_metrics(out_dir / "metrics.json")["evaluations"]
+    create_table_artifact(key="srcflow-metrics", table=metrics_table(evaluations),
+                          description="FID / IS / KID / precision / recall per CFG scale")
+    create_markdown_artifact(key="srcflow-report", markdown=(out_dir / "report.md").read_text(),
+                             description=f"evaluation report ({out_dir})")

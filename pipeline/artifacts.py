@@ -46,6 +46,13 @@ def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
     return digest
 
 
+def input_digest(storage_root: str | Path, key: str, path: str | Path | None, expected: str) -> str:
+    """Digest of an external input file for a fingerprint; a missing file is a one-line error naming its key."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist (expected {expected})")
+    return file_sha256(path, ArtifactStore(storage_root).digest_cache)
+
+
 @dataclass
 class StageOutput:
     """What a stage function gets to write into: its directory and a progress reporter."""

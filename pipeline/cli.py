@@ -109,10 +109,11 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 def headline(metrics: dict) -> str:
     """The one number a user wants to see per stage in `status`."""
+    standin = " (stand-in Inception)" if metrics.get("inception_weights") == "stand-in" else ""
     for key in ("fid", "bits_per_dim", "psnr", "feature_mse", "samples"):
         for k, v in metrics.items():
             if k.startswith(key) and isinstance(v, (int, float)):
-                return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                return (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}") + (standin if key == "fid" else "")
     return ""
 
 

@@ -183,35 +183,62 @@ class FlowConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = 400000
-    batch_size: int = 256
+    steps: int = Field(400000, gt=0)
+    batch_size: int = Field(256, gt=0, description="global batch (images), split evenly over runtime.nproc processes")
     lr: float = 1e-4
-    warmup_steps: int = 5000
+    warmup_steps: int = Field(5000, ge=0, description="linear warmup, then cosine decay to 0 at `steps`")
     weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, description="max global gradient norm; null = no clipping")
     ema_decay: float = 0.9999
+    shuffle_window: int = Field(16384, gt=0, description="images per shuffle window: the data order permutes "
+                                "chunk-aligned blocks, then images inside each window (>= the split: a uniform shuffle)")
     seed: int = 0
     ckpt_every: int = operational(5000)
+    log_every: int = operational(100, "steps between train NLL / bits-per-dim lines in the log and metrics.jsonl")
+    in_memory_limit_gb: float = operational(4.0, "hold the train codes in memory (per process) when they are "
+                                            "at most this big, else stream shuffle windows from codes.zarr")
+    prefetch: int = operational(4, "batches assembled ahead of the training step")
+    eval_batch_size: int = operational(256, "batch of the held-out likelihood evaluation")
+    torchrun_args: list[str] | None = operational(None, "torchrun rendezvous arguments replacing --standalone "
+                                                  "(multi-node), e.g. [--nnodes=2, --node-rank=0, "
+                                                  "--rdzv-backend=c10d, --rdzv-endpoint=HEAD:29500]")
 
 
 class SampleConfig(Section):
-    per_class: int = 50
-    cfg_scale: list[float] = [1.0]
+    per_class: int = Field(50, gt=0, description="samples of every class (paper protocol: 50 x 1000 classes)")
+    cfg_scale: list[float] = Field([1.0], min_length=1, description="one sample set (samples-cfg{w}.npz) per value")
     cfg_mode: Literal["tarflow", "starflow"] = "starflow"
-    cfg_anneal: bool = False
-    denoise: Literal["none", "tweedie"] = "none"
-    seed: int = 0
+    cfg_anneal: bool = Field(False, description="tarflow mode: ramp w linearly over each block's token steps")
+    denoise: Literal["none", "tweedie"] = Field("none", description="tweedie: x + sigma^2 grad log p(x | y), "
+                                                "sigma = flow.noise_sigma")
+    seed: int = Field(0, description="sample i's noise is seeded by (seed, i): any sharding gives the same samples")
     batch_size: int = operational(125)
+    chunk_size: int = operational(1000, "samples per job and per resume unit (a committed chunk file)")
+    grid_per_class: int = operational(4, "samples of each class in grid-cfg{w}.png")
+    grid_classes: int = operational(16, "classes (the first ones) in grid-cfg{w}.png")
 
 
 class ReferenceConfig(Section):
-    kind: Literal["train", "adm_npz"] = "train"
+    kind: Literal["train", "adm_npz"] = Field(
+        "train", description="train: Inception statistics of the train shards (ADM center crop at data.resolution); "
+                             "adm_npz: ADM's reference batch at `path` (comparable with published FIDs)")
     path: str | None = Field(None, description="the ADM reference batch .npz for kind adm_npz")
-    max_images: int | None = None
+    max_images: int | None = Field(None, gt=1, description="kind train: at most this many train images, class-balanced "
+                                                           "(round-robin over classes in shard order); None = all")
+    pr_images: int = Field(10000, ge=4, description="kind train: images whose pool features are kept for KID and "
+                                                    "precision/recall, the first of the class-balanced order (ADM: 10k)")
+    loader_threads: int = operational(4, "threads reading and decoding train shards ahead of the Inception")
 
 
 class EvaluateConfig(Section):
-    inception_weights: str = "data/weights/weights-inception-2015-12-05-6726825d.pth"
+    inception_weights: str = Field(
+        "data/weights/weights-inception-2015-12-05-6726825d.pth",
+        description="torch-fidelity's FID Inception, a local file (never downloaded); its sha256 enters the "
+                    "fingerprints of reference and evaluate")
+    make_standin: bool = operational(
+        False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
+               "time; every metric computed with it is marked inception_weights: stand-in")
     kid_subset_size: int = 1000
     batch_size: int = operational(64)
 

@@ -13,11 +13,13 @@ Image counts come from, in this order: the shard stage's index when it is done; 
 `data.root` when it exists; the parameters of the generated tiny dataset; ImageNet's 1,281,167
 train / 50,000 val images, narrowed by `data.classes` and `data.max_per_class`.
 
-Measured throughputs: any JSON object (at any depth) with `"stage": "<stage>"` and one rate key
-(`rows_per_s`, `images_per_s`, `steps_per_s`, `samples_per_s`), and also the layout that
-benchmarks/sample.py prints (`models.<name>.kv_cache.samples_per_s`). Scalar fields of the
+Measured throughputs: any JSON object (at any depth) naming a stage in `"stage"` (or `"benchmark"`)
+with a rate key (`rows_per_s`, `images_per_s`, `steps_per_s`, `samples_per_s`), and also the layout
+that benchmarks/sample.py prints (`models.<name>.kv_cache.samples_per_s`). Scalar fields of the
 enclosing objects apply to the records inside them. A record applies to a config only when it
-states every identity field of that stage (`IDENTITY` below) with the config's value.
+states every identity field of that stage (`IDENTITY` below) with the config's value (a field the
+config leaves None may be absent). Rates are per device: training stages are timed in samples
+(steps x train batch) so that a rate measured at any per-device batch applies.
 """
 
 from __future__ import annotations
@@ -61,11 +63,10 @@ RATE_KEYS = {"rows_per_s": "rows", "images_per_s": "images", "steps_per_s": "ste
 # Fields a throughput record must state, with the config's values, to apply to a stage.
 IDENTITY = {
     "encode": ("encoder_name", "input_size", "tokens", "channels", "depth"),
-    "compress": ("tokens", "channels", "dim", "arch"),
-    "fit_decoder": ("tokens", "hidden_size", "depth", "batch_size"),
-    "fit_src": ("tokens", "channels", "dim", "arch", "batch_size"),
-    "train_flow": ("width", "heads", "num_blocks", "layers_per_block", "deep_layers", "tokens", "channels",
-                   "batch_size"),
+    "compress": ("params_m", "tokens", "channels"),
+    "fit_decoder": ("params_m", "tokens", "channels"),
+    "fit_src": ("params_m", "tokens", "channels"),
+    "train_flow": ("params_m", "tokens", "channels"),
     "sample": ("width", "heads", "num_blocks", "layers_per_block", "deep_layers", "tokens", "channels"),
     "shard": (),
     "reference": (),
@@ -97,6 +98,7 @@ class StagePlan:
     memory: dict  # per process, estimates: host_bytes, device_bytes, basis
     hours: dict | None  # device-hours for `work` on one measured device: hours, device, rate, unit, source
     hours_note: str = ""
+    timed_in: dict[str, int] | None = None  # the work in the units a measured rate may use (default: work)
     written_bytes: int | None = None  # what a done stage holds on disk (its _SUCCESS.json)
 
     @property
@@ -144,7 +146,8 @@ def capacity_plan(cfg: Config, results_dir: Path = RESULTS_DIR) -> dict:
             from pipeline.artifacts import ArtifactStore
 
             p.written_bytes = ArtifactStore(cfg.storage.root).manifest(stage.name, planned.fingerprint).bytes
-        p.hours, p.hours_note = device_hours(stage.name, p.work, p.unit, identity(cfg, stage.name), measured)
+        p.hours, p.hours_note = device_hours(stage.name, p.timed_in or {p.unit: p.work}, identity(cfg, stage.name),
+                                             measured)
         plans.append(p)
     return {
         "storage_root": cfg.storage.root,
@@ -184,12 +187,12 @@ def dataset_counts(cfg: Config, shard=None) -> Dataset:
     if tiny is not None:
         classes = _selected_classes(cfg, tiny.classes)
         per_class, val_per_class = _capped(tiny.per_class, cfg), _capped(tiny.val_per_class, cfg)
-        return Dataset(classes * per_class if "train" in splits else 0, classes * val_per_class if "val" in splits else 0,
-                       classes, TINY_JPEG_BYTES_PER_PIXEL * tiny.size**2, "generate_tiny parameters",
-                       (per_class,) * classes)
+        train, val = classes * per_class, classes * val_per_class
+        return Dataset(train if "train" in splits else 0, val if "val" in splits else 0, classes,
+                       TINY_JPEG_BYTES_PER_PIXEL * tiny.size**2, "generate_tiny parameters", (per_class,) * classes)
     classes = _selected_classes(cfg, IMAGENET_CLASSES)
-    per_class = _capped(IMAGENET_TRAIN / IMAGENET_CLASSES, cfg)
-    train = IMAGENET_TRAIN if classes == IMAGENET_CLASSES and cfg.data.max_per_class is None else round(classes * per_class)
+    whole = classes == IMAGENET_CLASSES and cfg.data.max_per_class is None
+    train = IMAGENET_TRAIN if whole else round(classes * _capped(IMAGENET_TRAIN / IMAGENET_CLASSES, cfg))
     val = classes * _capped(IMAGENET_VAL_PER_CLASS, cfg)
     return Dataset(train if "train" in splits else 0, val if "val" in splits else 0, classes, IMAGENET_MEAN_JPEG,
                    "ImageNet-1k constants (1,281,167 train / 50,000 val)")
@@ -253,7 +256,10 @@ def tar_set(images: int, mean_jpeg: float, per_tar: int) -> tuple[int, int]:
     """(bytes, tars) of a split cut into tars of `per_tar` samples, every JPEG of the mean size."""
     sample = TAR_SAMPLE_OVERHEAD + math.ceil(mean_jpeg / TAR_BLOCK) * TAR_BLOCK
     full, rest = divmod(images, per_tar)
-    one = lambda k: math.ceil((k * sample + 2 * TAR_BLOCK) / TAR_RECORD) * TAR_RECORD  # noqa: E731
+
+    def one(k: int) -> int:
+        return math.ceil((k * sample + 2 * TAR_BLOCK) / TAR_RECORD) * TAR_RECORD
+
     return full * one(per_tar) + (one(rest) if rest else 0), full + (rest > 0)
 
 
@@ -315,13 +321,17 @@ def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
     batch = e.batch_size
     seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
     images_per_job = math.ceil(e.rows_per_shard / views)
-    host = (BASE_RSS + e.rows_per_shard * tokens * channels * 2  # the job's features before the write
-            + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3))  # its JPEGs and crops
+    # per stored value of one shard job: the float16 features (2 B), the statistics' temporaries in
+    # stages/encode.py (float32 widen, float64 copy and its square: 20 B) and Zarr's shard assembly (~4 B);
+    # plus the job's JPEGs and crops, all decoded up front
+    host = (BASE_RSS + e.rows_per_shard * tokens * channels * 26
+            + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3)
+            + (4 * params if cfg.runtime.device == "cpu" else 0))
     device = 6 * params + batch * seq * width * 2 * 12  # fp32 weights + bf16 copies, ~12 live activations
     return StagePlan("encode", "", rows, "rows", cfg.runtime.workers, outputs,
                      {"host_bytes": int(host), "device_bytes": int(device),
-                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}; host: one shard's "
-                               f"features + JPEGs + crops"}, None)
+                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}; host: one shard job's "
+                               f"features, float64 statistics temporaries, JPEGs and crops"}, None)
 
 
 def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:
@@ -334,12 +344,11 @@ def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:
 
 def plan_fit_src(cfg: Config, data: Dataset) -> StagePlan:
     s = cfg.src
-    tokens, channels = geometry(cfg)
-    params = param_count("src", cfg)
+    tokens, _ = geometry(cfg)
     extra = 4 * param_count("decoder", cfg) if s.pixel_loss_weight > 0 else 0  # the frozen RAE decoder
-    p = _training("fit_src", cfg, s.steps, params, s.batch_size, tokens, s.hidden, 2 * s.depth, "src.safetensors",
-                  extra_device=extra)
-    return p
+    # encoder and decoder branches of `depth` blocks each, at width `hidden`
+    return _training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden, 2 * s.depth,
+                     "src.safetensors", extra_device=extra)
 
 
 def plan_compress(cfg: Config, data: Dataset) -> StagePlan:
@@ -429,7 +438,7 @@ def _training(name: str, cfg: Config, steps: int, params: int, batch: int, seq: 
     return StagePlan(name, "", steps, "steps", cfg.runtime.nproc, outputs,
                      {"host_bytes": int(BASE_RSS + 4 * params), "device_bytes": int(device),
                       "basis": f"{params / 1e6:.1f}M params, {local} per process x {seq} tokens x {layers} layers "
-                               f"of width {width}"}, None)
+                               f"of width {width}"}, None, timed_in={"samples": steps * batch})
 
 
 SIZERS = {"shard": plan_shard, "encode": plan_encode, "fit_decoder": plan_fit_decoder, "fit_src": plan_fit_src,
@@ -501,23 +510,25 @@ class Measurement:
 
 def identity(cfg: Config, stage: str) -> dict:
     """The values a throughput record must state to apply to `stage` of this config (IDENTITY)."""
+    if not IDENTITY[stage]:
+        return {}
     tokens, channels = geometry(cfg)
     f, a = cfg.flow, cfg.encoder.arch
+
+    def params_m(model: str) -> float:  # as the benchmarks print it
+        return round(param_count(model, cfg) / 1e6, 2)
+
     values = {
-        "encode": {"encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size, "tokens": tokens,
-                   "channels": channels, "depth": a.depth or 12},
-        "compress": {"tokens": tokens, "channels": channels, "dim": cfg.src.dim, "arch": cfg.src.arch},
-        "fit_decoder": {"tokens": tokens, "hidden_size": cfg.decoder.hidden_size, "depth": cfg.decoder.depth,
-                        "batch_size": cfg.fit_decoder.batch_size},
-        "fit_src": {"tokens": tokens, "channels": channels, "dim": cfg.src.dim, "arch": cfg.src.arch,
-                    "batch_size": cfg.src.batch_size},
-        "train_flow": {"width": f.width, "heads": f.heads, "num_blocks": f.num_blocks,
-                       "layers_per_block": f.layers_per_block, "deep_layers": f.deep_layers, "tokens": tokens,
-                       "channels": cfg.src.dim, "batch_size": cfg.train.batch_size},
-        "sample": {"width": f.width, "heads": f.heads, "num_blocks": f.num_blocks,
-                   "layers_per_block": f.layers_per_block, "deep_layers": f.deep_layers, "tokens": tokens,
-                   "channels": cfg.src.dim},
-    }.get(stage, {})
+        "encode": lambda: {"encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size, "tokens": tokens,
+                           "channels": channels, "depth": a.depth or 12},
+        "compress": lambda: {"params_m": params_m("src"), "tokens": tokens, "channels": channels},
+        "fit_decoder": lambda: {"params_m": params_m("decoder"), "tokens": tokens, "channels": channels},
+        "fit_src": lambda: {"params_m": params_m("src"), "tokens": tokens, "channels": channels},
+        "train_flow": lambda: {"params_m": params_m("flow"), "tokens": tokens, "channels": cfg.src.dim},
+        "sample": lambda: {"width": f.width, "heads": f.heads, "num_blocks": f.num_blocks,
+                           "layers_per_block": f.layers_per_block, "deep_layers": f.deep_layers, "tokens": tokens,
+                           "channels": cfg.src.dim},
+    }[stage]()
     return {k: values[k] for k in IDENTITY[stage]}
 
 
@@ -538,29 +549,28 @@ def _records(node, context: dict, source: str, key: str | None) -> list[Measurem
     if not isinstance(node, dict):
         return []
     here = {**context, **{k: v for k, v in node.items() if not isinstance(v, (dict, list))}}
-    stage = node.get("stage") or ("sample" if key == "kv_cache" else None)  # benchmarks/sample.py's layout
-    found = []
-    rate_key = next((k for k in RATE_KEYS if isinstance(node.get(k), (int, float)) and node[k] > 0), None)
-    if stage and rate_key:
-        device = str(here.get("device_name") or here.get("device") or "unknown device")
-        found.append(Measurement(stage, RATE_KEYS[rate_key], float(node[rate_key]), device, source, here))
+    stage = node.get("stage") or node.get("benchmark") or ("sample" if key == "kv_cache" else None)  # sample.py
+    device = str(here.get("device_name") or here.get("device") or "unknown device")
+    found = [Measurement(stage, unit, float(node[k]), device, source, here) for k, unit in RATE_KEYS.items()
+             if stage and isinstance(node.get(k), (int, float)) and not isinstance(node[k], bool) and node[k] > 0]
     for k, v in node.items():
         if isinstance(v, (dict, list)):
             found.extend(_records(v, here, source, k))
     return found
 
 
-def device_hours(stage: str, work: int, unit: str, expect: dict, measured: list[Measurement]) -> tuple[dict | None, str]:
-    """Hours of `work` on one measured device, preferring a GPU record; else (None, why not)."""
-    fits = [m for m in measured if m.stage == stage and m.unit == unit
-            and all(k in m.fields and m.fields[k] == v for k, v in expect.items())]
+def device_hours(stage: str, work: dict[str, int], expect: dict, measured: list[Measurement],
+                 ) -> tuple[dict | None, str]:
+    """Hours of `work` ({unit: amount}) on one measured device, a GPU first; else (None, why not)."""
+    fits = [m for m in measured if m.stage == stage and m.unit in work
+            and all(m.fields.get(k) == v if k in m.fields else v is None for k, v in expect.items())]
     if not fits:
         others = sorted({m.source for m in measured if m.stage == stage})
-        why = f" (records in {', '.join(others)} are for another model or unit)" if others else ""
+        why = f" (other models only: {', '.join(others)})" if others else ""
         return None, "not measured" + why
-    best = sorted(fits, key=lambda m: (m.device == "cpu", -m.rate))[0]
-    return ({"hours": work / best.rate / 3600, "device": best.device, "rate": best.rate, "unit": f"{unit}/s",
-             "source": best.source}, "")
+    best = min(fits, key=lambda m: (m.device == "cpu", -m.rate))  # a GPU first, then the fastest
+    return ({"hours": work[best.unit] / best.rate / 3600, "device": best.device, "rate": best.rate,
+             "unit": f"{best.unit}/s", "source": best.source}, "")
 
 
 # --- printing -----------------------------------------------------------------------------------
@@ -572,6 +582,12 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def human_hours(h: float) -> str:
+    if h >= 1:
+        return f"{h:,.1f} h"
+    return f"{h * 60:.1f} min" if h * 60 >= 1 else f"{h * 3600:.0f} s"
 
 
 def print_plan(report: dict, title: str = "srcflow plan") -> None:
@@ -592,7 +608,7 @@ def print_plan(report: dict, title: str = "srcflow plan") -> None:
         table.add_column(col, justify=justify)
     for s in report["stages"]:
         approx = "" if all(o["exact"] for o in s["outputs"]) else "~"
-        hours = (f"{s['hours']['hours']:,.2f} h on {s['hours']['device']}" if s["hours"] else s["hours_note"])
+        hours = f"{human_hours(s['hours']['hours'])} on {s['hours']['device']}" if s["hours"] else s["hours_note"]
         table.add_row(s["stage"], s["state"], f"{s['work']:,} {s['unit']}", approx + human_bytes(s["bytes"]),
                       f"{sum(o['files'] for o in s['outputs']):,}", f"{max(o['per_dir'] for o in s['outputs']):,}",
                       hours, str(s["processes"]), "~" + human_bytes(s["memory"]["host_bytes"]),

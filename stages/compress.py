@@ -79,7 +79,8 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
                   if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
     for _ in map_jobs(compress_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
-                      worker_env=worker_env, desc="compress", unit="rows", weights=lambda j: j.shard.stop - j.shard.start):
+                      worker_env=worker_env, desc="compress", unit="rows",
+                      weights=lambda j: j.shard.stop - j.shard.start):
         out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
 
     count, mean, var = reduce_statistics(commits, ranges, stage="compress")

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import ArtifactStore, StageOutput, file_sha256
+from pipeline.artifacts import StageOutput, input_digest
 from pipeline.config import Config
-from pipeline.data.features import widen
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.data.zarr_store import Commits, ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
@@ -116,11 +115,8 @@ def encoder_spec(cfg: Config) -> EncoderSpec:
 def weights_digest(cfg: Config) -> str:
     if cfg.encoder.weights == "random":
         return "random"
-    path = Path(cfg.encoder.weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder.weights: {path} does not exist (expected a local DINOv2-B/reg4 "
-                                f"checkpoint, .safetensors or .pth, timm or HF format)")
-    return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
+    return input_digest(cfg.storage.root, "encoder.weights", cfg.encoder.weights,
+                        "a local DINOv2-B/reg4 checkpoint, .safetensors or .pth, timm or HF format")
 
 
 def external_inputs(cfg: Config) -> dict[str, str]:
@@ -131,11 +127,8 @@ def stats_inputs(cfg: Config) -> dict[str, str]:
     """For the stages that normalize features: the released statistics file, when `encode.stats: file`."""
     if cfg.encode.stats == "computed":
         return {}
-    path = Path(cfg.encode.stats_file or "")
-    if not path.is_file():
-        raise FileNotFoundError(f"encode.stats_file: {cfg.encode.stats_file} does not exist (expected RAE's released "
-                                f"statistics for encode.stats: file)")
-    return {"feature_stats": file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)}
+    return {"feature_stats": input_digest(cfg.storage.root, "encode.stats_file", cfg.encode.stats_file,
+                                          "RAE's released statistics for encode.stats: file")}
 
 
 def storage_dtype(dtype: str) -> str:
@@ -170,11 +163,17 @@ def load_encoder(spec: EncoderSpec, device: str):
 def encode_shard(job: EncodeJob) -> int:
     arrays = encode_rows(job)
     write_rows(Path(job.store), job.shard.start, arrays)
-    train = arrays["features"][arrays["split"] == SPLIT_IDS["train"]]
-    values = widen(train).astype(np.float64)
-    Commits(Path(job.commits)).write(job.shard.index, count=np.array(len(values)), sum=values.sum(0),
-                                     sumsq=np.square(values).sum(0))
+    count, total, total_sq = train_sums(arrays["features"][arrays["split"] == SPLIT_IDS["train"]], job.device)
+    Commits(Path(job.commits)).write(job.shard.index, count=np.array(count), sum=total, sumsq=total_sq)
     return len(arrays["labels"])
+
+
+def train_sums(stored: np.ndarray, device: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """float64 sum and sum of squares over rows of stored features, on the job's device (a whole shard at
+    once, so the result does not depend on the batch size; on GPU this keeps 3 GB of float64 off the CPU)."""
+    t = torch.from_numpy(stored)
+    t = (t.view(torch.bfloat16) if t.dtype == torch.uint16 else t).to(device).double()
+    return len(stored), t.sum(0).cpu().numpy(), t.square().sum(0).cpu().numpy()
 
 
 def encode_rows(job: EncodeJob) -> dict[str, np.ndarray]:

@@ -1,16 +1,264 @@
-"""Stage `evaluate`: FID, IS, KID, precision/recall of the samples against the reference statistics."""
+"""Stage `evaluate`: FID, IS, KID, precision/recall of each CFG scale's samples against the reference.
+
+SRC-FLOW.md "Evaluation protocol": the `sample` stage writes one ADM-format `samples-cfg{w}.npz`
+(`arr_0` uint8 N x H x W x 3, `labels`) per `sample.cfg_scale`; each goes through torch-fidelity's
+Inception (float64 inside, pipeline/metrics/fidelity.py) against the `reference` stage's
+statistics. Output:
+
+- `metrics.json` (storage_schemas/evaluation.py): one entry per CFG scale, every number labelled with the
+  evaluator and its version, the Inception weights' sha256, `inception_weights: official|stand-in`,
+  the sample and reference counts, the CFG scale, and the flow's bits/dim from upstream manifests;
+- `grid-cfg{w}.png` (a few samples of the first classes) and `report.md` (the table and grids).
+
+Metrics made with stand-in weights (any file but torch-fidelity's 6726825d Inception) prove the
+code path only; they are never an FID of the method. A killed run keeps the CFG scales already
+in `metrics.json` and evaluates the rest.
+"""
 
 from __future__ import annotations
 
-from pipeline.artifacts import StageOutput
+import json
+import math
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import ArtifactStore, StageOutput
 from pipeline.config import Config
+from pipeline.images import save_grid
+from pipeline.metrics.fidelity import (
+    FEATURES,
+    check_inception_weights,
+    check_reference_weights,
+    load_inception,
+    load_reference,
+    metrics_from_features,
+)
+from pipeline.progress import progress
+from pipeline.training import resolve_device
+from stages.reference import REFERENCE_FILE, inception_weights_digest, pool_features, weights_label
+from storage_schemas.evaluation import SCHEMA_VERSION as METRICS_SCHEMA_VERSION
+from storage_schemas.evaluation import read_metrics
+from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
+METRICS_FILE = "metrics.json"  # layout: storage_schemas/evaluation.py
+PR_K = 3  # precision/recall neighbourhood, as ADM's evaluator
+SAMPLES_GLOB = "samples-cfg*.npz"
+GRID_CLASSES, GRID_PER_CLASS = 8, 4
+# metrics.json key -> the short name of the flattened stage metric (`fid_cfg1.0`)
+FLAT_NAMES = {"fid": "fid", "inception_score_mean": "is", "kid_mean": "kid", "precision": "precision", "recall": "recall"}
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage evaluate is not implemented yet")
+    weights = cfg.evaluate.inception_weights
+    weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
+    reference = load_reference(upstream["reference"].dir / REFERENCE_FILE)
+    check_reference_weights(reference, weights_sha256)
+    sample_sets = find_samples(upstream["sample"].dir, cfg.sample.cfg_scale)  # every file, before any Inception
+    flow = flow_metrics(cfg, upstream["sample"])
+    reference_label = reference_summary(reference, upstream["reference"])
+    device = resolve_device(cfg.runtime.device)
+
+    evaluations = read_evaluations(out.path / METRICS_FILE, sample_sets)  # a resumed run keeps finished scales
+    extractor = None
+    for cfg_scale, path in sample_sets:
+        if any(e["cfg_scale"] == cfg_scale for e in evaluations):
+            continue
+        samples, labels, nonfinite = open_samples(path)
+        check_resolution(samples, reference, path)
+        extractor = extractor or load_inception(weights, device)
+        features = sample_features(extractor, samples, device, cfg.evaluate.batch_size, out, f"evaluate cfg {cfg_scale}")
+        metrics = metrics_from_features(features, reference, weights_sha256, device, cfg.evaluate.kid_subset_size, PR_K)
+        grid, ncol = grid_images(samples, labels)
+        save_grid(grid, out.path / f"grid-cfg{cfg_scale}.png", ncol=ncol)
+        evaluations.append({"cfg_scale": cfg_scale, **metrics, "inception_weights": weights_label(weights_sha256),
+                            "samples_file": path.name, **class_counts(labels), "nonfinite_samples": nonfinite,
+                            "reference": reference_label, "flow": flow})
+        write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256))  # this scale is done
+
+    evaluations.sort(key=lambda e: e["cfg_scale"])
+    write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256))
+    write_atomic(out.path / "report.md", report_markdown(evaluations))
+    return stage_metrics(evaluations, flow)
+
+
+# --- samples ------------------------------------------------------------------------------------
+
+
+def find_samples(sample_dir: Path, cfg_scales: list[float]) -> list[tuple[float, Path]]:
+    """(cfg scale, samples-cfg{w}.npz) for each `sample.cfg_scale`; a one-line error naming a missing one."""
+    found = {}
+    for path in Path(sample_dir).glob(SAMPLES_GLOB):
+        try:
+            found[float(path.name[len("samples-cfg"):-len(".npz")])] = path
+        except ValueError:
+            continue
+    out = []
+    for w in cfg_scales:
+        match = [p for s, p in found.items() if math.isclose(s, w, rel_tol=1e-9, abs_tol=1e-12)]
+        if not match:
+            raise FileNotFoundError(f"sample output {sample_dir} has no samples-cfg{w}.npz for sample.cfg_scale {w} "
+                                    f"(has: {', '.join(sorted(p.name for p in found.values())) or 'none'})")
+        out.append((float(w), match[0]))
+    return out
+
+
+def open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+    """ADM-format samples: `arr_0` (N, H, W, 3) uint8 (memory-mapped when stored uncompressed), `labels`, and
+    the count of `nonfinite` ones (NaN / inf samples the sample stage wrote as black images)."""
+    images = open_npz_array(path, "arr_0")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{path}: arr_0 must be (N, H, W, 3) uint8 (ADM sample format), "
+                         f"got {tuple(images.shape)} {images.dtype}")
+    with np.load(path, allow_pickle=False) as npz:
+        labels = np.asarray(npz["labels"]) if "labels" in npz.files else None
+        nonfinite = int(npz["nonfinite"].sum()) if "nonfinite" in npz.files else None
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f"{path}: labels has shape {labels.shape}, arr_0 holds {len(images)} images")
+    return images, labels, nonfinite
+
+
+def open_npz_array(path: Path, name: str) -> np.ndarray:
+    """One array of an .npz, memory-mapped when stored uncompressed (np.savez), else read (np.savez_compressed).
+
+    50,000 samples at 512 px are 39 GB: a memory map lets the Inception read them batch by batch.
+    """
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            raise ValueError(f"{path} has no array {name!r} (has {', '.join(zf.namelist())})") from None
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the zip local file header; its name and extra field lengths vary
+            if local[:4] == b"PK\x03\x04":
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is not None:
+                    shape, fortran, dtype = read_header(f)
+                    if not dtype.hasobject:
+                        return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                         order="F" if fortran else "C")
+    with np.load(path, allow_pickle=False) as npz:
+        return npz[name]
+
+
+def check_resolution(samples: np.ndarray, reference: dict, path: Path) -> None:
+    resolution = reference["meta"].get("resolution")
+    if resolution is not None and samples.shape[1:3] != (resolution, resolution):
+        raise ValueError(f"{path}: samples are {samples.shape[1]}x{samples.shape[2]}, the reference statistics are "
+                         f"of {resolution}x{resolution} crops (data.resolution)")
+
+
+def sample_features(extractor, samples: np.ndarray, device, batch_size: int, out: StageOutput,
+                    desc: str) -> dict[str, np.ndarray]:
+    """Inception pool features and unbiased logits of all samples, batch by batch, with a progress bar."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
+    with progress(desc, len(samples), "img") as meter:
+        for start in range(0, len(samples), batch_size):
+            features = pool_features(extractor, samples[start:start + batch_size], device)
+            for name in FEATURES:
+                parts[name].append(features[name])
+            meter.advance(len(features["2048"]))
+            out.report_progress(meter.done, len(samples), "images")
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def class_counts(labels: np.ndarray | None) -> dict:
+    if labels is None:
+        return {"num_classes": None, "samples_per_class": None}
+    counts = np.bincount(labels.astype(np.int64))
+    counts = counts[counts > 0]
+    return {"num_classes": len(counts),
+            "samples_per_class": int(counts[0]) if (counts == counts[0]).all() else None}  # None: not balanced
+
+
+def grid_images(samples: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Up to GRID_PER_CLASS samples of each of the first GRID_CLASSES classes, one class per row; and the row length."""
+    if labels is None:
+        return np.asarray(samples[: GRID_CLASSES * GRID_PER_CLASS]), GRID_PER_CLASS
+    rows = [np.flatnonzero(labels == c) for c in np.unique(labels)[:GRID_CLASSES]]
+    per = min(GRID_PER_CLASS, *(len(r) for r in rows))
+    return np.stack([np.asarray(samples[i]) for r in rows for i in r[:per]]), per
+
+
+# --- labels: where every number comes from ------------------------------------------------------
+
+
+def flow_metrics(cfg: Config, sample_manifest) -> dict:
+    """The flow's likelihood figures (metrics named *bits*) of the sample stage and the train_flow it read."""
+    out = {f"sample.{k}": v for k, v in sample_manifest.metrics.items() if "bits" in k}
+    fp = sample_manifest.upstream.get("train_flow")
+    store = ArtifactStore(cfg.storage.root)
+    if fp is not None and store.state("train_flow", fp) == "done":
+        out |= {f"train_flow.{k}": v for k, v in store.manifest("train_flow", fp).metrics.items() if "bits" in k}
+    return out
+
+
+def reference_summary(reference: dict, manifest) -> dict:
+    meta = reference["meta"]
+    n_pr = None if reference["pr_features"] is None else len(reference["pr_features"])
+    return {"source": meta.get("source"), "file": meta.get("file"), "file_sha256": meta.get("file_sha256"),
+            "num_images": meta.get("num_images"), "pr_images": n_pr, "fingerprint": manifest.fingerprint}
+
+
+def metrics_json(evaluations: list[dict], weights_sha256: str) -> str:
+    return json.dumps({"schema_version": METRICS_SCHEMA_VERSION, "inception_weights": weights_label(weights_sha256),
+                       "inception_weights_sha256": weights_sha256, "evaluations": evaluations}, indent=2)
+
+
+def read_evaluations(path: Path, sample_sets: list[tuple[float, Path]]) -> list[dict]:
+    """The entries of a partial metrics.json (a killed run) whose samples file is still the same."""
+    if not path.is_file():
+        return []
+    files = {w: p.name for w, p in sample_sets}
+    return [e for e in read_metrics(path)["evaluations"] if files.get(e["cfg_scale"]) == e["samples_file"]]
+
+
+def stage_metrics(evaluations: list[dict], flow: dict) -> dict:
+    """Flattened for _SUCCESS.json and `srcflow status`: `fid_cfg1.0`, `is_cfg1.0`, ..., and how they were made."""
+    out: dict = {}
+    for e in evaluations:
+        out |= {f"{short}_cfg{e['cfg_scale']}": e[key] for key, short in FLAT_NAMES.items()}
+    first = evaluations[0]
+    return out | {"inception_weights": first["inception_weights"], "evaluator": first["evaluator"],
+                  "evaluator_version": first["evaluator_version"], "num_samples": first["num_samples"],
+                  "num_reference": first["num_reference"], **flow}
+
+
+def metrics_table(evaluations: list[dict]) -> list[dict]:
+    """One row per CFG scale (the Prefect table artifact)."""
+    return [{"cfg_scale": e["cfg_scale"], "fid": e["fid"], "inception_score": e["inception_score_mean"],
+             "kid": e["kid_mean"], "precision": e["precision"], "recall": e["recall"], "samples": e["num_samples"],
+             "reference": e["num_reference"], "inception_weights": e["inception_weights"]} for e in evaluations]
+
+
+def report_markdown(evaluations: list[dict]) -> str:
+    e0 = evaluations[0]
+    lines = ["# srcflow evaluate", ""]
+    if e0["inception_weights"] != "official":
+        lines += [f"**Stand-in Inception weights** (sha256 {e0['inception_weights_sha256'][:12]}..): these numbers "
+                  "check the code path and are not FIDs of the method.", ""]
+    lines += [f"{e0['evaluator']} {e0['evaluator_version']}, {e0['feature_extractor']}, reference: "
+              f"{e0['reference']['source']} ({e0['reference']['num_images']} images).", ""]
+    rows = metrics_table(evaluations)
+    lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(v) if k == "cfg_scale" else _fmt(v) for k, v in r.items()) + " |" for r in rows]
+    lines += [""] + [f"![samples, cfg {e['cfg_scale']}](grid-cfg{e['cfg_scale']}.png)" for e in evaluations]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def external_inputs(cfg: Config) -> dict[str, str]:
-    return {}
+    """The Inception weights' sha256: a missing file fails `srcflow run` at plan time, before sampling."""
+    return {"inception_weights": inception_weights_digest(cfg)}

@@ -7,8 +7,10 @@
 (SRC-FLOW.md "RAE", decoder training: AdamW betas (0.9, 0.95), EMA; the GAN term is left out.)
 The data position is the step (BatchSchedule over the train rows) and the noise of a step is a function of
 (seed, step), so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
-Pixels stream: each batch's JPEGs are read by offset from the shard tars and decoded in threads while the
-previous step trains; memory is bounded by the batch, whatever the dataset size.
+Pixels stream: each batch's JPEGs are read by offset from the shard tars and decoded in threads, with the
+feature rows read alongside, while the previous step trains; memory is bounded by the batch (plus 16 bytes
+a row of JPEG locations), whatever the dataset size. A set that fits in `fit_decoder.memory_mb` (the smoke
+set) is read once and held in memory instead; the batches are the same either way.
 
 Also where every later stage gets "the RAE decoder" from: the released checkpoint named by
 `decoder.weights`, or this stage's EMA weights (`decoder.safetensors`).
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import ArtifactStore, StageOutput, file_sha256
+from pipeline.artifacts import StageOutput, input_digest
 from pipeline.config import Config
 from pipeline.data.features import open_features, read_features
 from pipeline.data.shards import decode_crop
@@ -61,7 +63,10 @@ log = logging.getLogger("srcflow")
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    from pipeline.models.rae import build_rae_decoder, to_encoder_input  # imports timm: only when run
+    from pipeline.models.rae import (  # imports timm: only when run
+        build_rae_decoder,
+        to_encoder_input,
+    )
 
     fd, resolution = cfg.fit_decoder, cfg.data.resolution
     device = resolve_device(cfg.runtime.device)
@@ -118,7 +123,8 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
                                            f"checkpoint saved in {checkpoints.directory}, run again to resume")
 
     metrics, originals, recons = report(ema.module, pairs, held_out_rows(group, attrs, fd.report_images), cfg, device)
-    save_safetensors(ema.module, out.path / WEIGHTS, metadata={"arch": json.dumps(arch), "steps": str(fd.steps)})
+    pairs.close()
+    save_safetensors(ema.module, out.path / WEIGHTS, metadata={"arch": json.dumps(arch)})  # one key: stable bytes
     write_atomic(out.path / ARCH, json.dumps({"schema_version": 1, "arch": arch, "weights": WEIGHTS, "steps": fd.steps,
                                               "pixels": "ImageNet-normalized (B, 3, R, R); to_uint8_pixels"}, indent=2))
     if len(originals):
@@ -189,14 +195,16 @@ def load_lpips(path: str | None, device: torch.device):
 
 class PairSource:
     """`pairs(rows)` -> (features (B, T, C) float32, ADM center crops (B, R, R, 3) uint8) for feature-store
-    rows: the features as stored, and the same key's JPEG read by offset from its shard tar, cropped at
-    `resolution` and mirrored for a flipped-view row. `hold(rows)` keeps a small set in memory (read in one
-    pass, each image decoded once); other rows stream from the store and the tars."""
+    rows: the features as stored, and the image's JPEG read by offset from its shard tar, cropped at
+    `resolution` and mirrored for a flipped-view row. The features are read while the JPEGs decode, in
+    threads. `hold(rows)` keeps a small set in memory; other rows stream from the store and the tars."""
 
     def __init__(self, group, shard_dir: Path, resolution: int, threads: int):
         self.group, self.resolution = group, resolution
         self.pool = ThreadPoolExecutor(max(1, threads))
-        self.jpegs = JpegIndex(sorted((Path(shard_dir) / "shards").glob("*.tar")), self.pool)
+        self.tars = sorted(str(t) for t in (Path(shard_dir) / "shards").glob("*.tar"))
+        self.tar, self.offset, self.size = jpeg_locations(group["keys"], self.tars, self.pool)
+        self.view = group["view"][:]
         self.held: tuple[range, torch.Tensor, np.ndarray] | None = None
 
     def hold(self, rows: range, budget_bytes: int) -> bool:
@@ -204,7 +212,7 @@ class PairSource:
         tokens, channels = self.group["features"].shape[1:]
         if len(rows) * (tokens * channels * 4 + self.resolution ** 2 * 3) > budget_bytes:
             return False
-        self.held = (rows, *self.read(slice(rows.start, rows.stop)))
+        self.held = (rows, *self.read(np.arange(rows.start, rows.stop)))
         return True
 
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -215,39 +223,45 @@ class PairSource:
             return features[torch.from_numpy(index)], crops[index]
         return self.read(rows)
 
-    def read(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, np.ndarray]:
-        select = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.get_orthogonal_selection((rows,)))
-        keys, views = select(self.group["keys"]), select(self.group["view"])
-        unique = list(dict.fromkeys(keys))  # both views of an image: one decode
-        decoded = dict(zip(unique, self.pool.map(self.crop, unique)))
-        crops = np.stack([decoded[k][:, ::-1] if v == 1 else decoded[k] for k, v in zip(keys, views)])
-        return read_features(self.group, rows), crops  # view 1 was encoded from the mirrored image
+    def read(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        order = np.argsort(rows, kind="stable")  # Zarr reads sorted rows faster
+        contiguous = len(rows) > 0 and rows[order[-1]] - rows[order[0]] == len(rows) - 1
+        selection = slice(int(rows[order[0]]), int(rows[order[-1]]) + 1) if contiguous else rows[order]
+        features = self.pool.submit(read_features, self.group, selection)
+        jpegs = list(dict.fromkeys(zip(self.tar[rows], self.offset[rows], self.size[rows])))  # both views: one decode
+        decoded = dict(zip(jpegs, self.pool.map(self.crop, jpegs)))
+        crops = np.stack([decoded[j][:, ::-1] if v == 1 else decoded[j]  # view 1 was encoded from the mirrored image
+                          for j, v in zip(zip(self.tar[rows], self.offset[rows], self.size[rows]), self.view[rows])])
+        return features.result()[torch.from_numpy(np.argsort(order))], crops
 
-    def crop(self, key: str) -> np.ndarray:
-        return decode_crop(self.jpegs.read(str(key)), self.resolution)
-
-
-class JpegIndex:
-    """key -> (tar, offset, size) of `<key>.jpg` in the shard tars, from the tar headers alone, so a batch
-    of keys in any order is a batch of random reads (no sequential pass over the tars)."""
-
-    def __init__(self, tars: list[Path], pool: ThreadPoolExecutor):
-        self.tars = [str(t) for t in tars]
-        self.where: dict[str, tuple[int, int, int]] = {}
-        for i, members in enumerate(pool.map(jpeg_members, self.tars)):
-            self.where.update((key, (i, offset, size)) for key, offset, size in members)
-
-    def read(self, key: str) -> bytes:
-        try:
-            tar, offset, size = self.where[key]
-        except KeyError:
-            raise FileNotFoundError(f"fit_decoder: image {key!r} of features.zarr is not in the shard tars; the shard "
-                                    f"set does not match the store, rerun `shard` and `encode` with --force") from None
+    def crop(self, jpeg: tuple[int, int, int]) -> np.ndarray:
+        tar, offset, size = jpeg
         with open(self.tars[tar], "rb") as f:
-            data = os.pread(f.fileno(), size, offset)
+            data = os.pread(f.fileno(), int(size), int(offset))
         if len(data) != size:
-            raise OSError(f"{self.tars[tar]}: truncated tar, {key}.jpg ends early")
-        return data
+            raise OSError(f"{self.tars[tar]}: truncated tar, a JPEG at byte {offset} ends early")
+        return decode_crop(data, self.resolution)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def jpeg_locations(keys, tars: list[str], pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per store row, where its image's JPEG lies: (tar index, byte offset, size), found from the tar headers
+    alone, so a batch of rows in any order is a batch of random reads. 16 bytes a row."""
+    where: dict[str, tuple[int, int, int]] = {}
+    for i, members in enumerate(pool.map(jpeg_members, tars)):
+        where.update((key, (i, offset, size)) for key, offset, size in members)
+    n = keys.shape[0]
+    tar, offset, size = np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int32)
+    for lo in range(0, n, 1 << 16):  # keys in blocks: memory stays small whatever n is
+        for row, key in enumerate(keys[lo:lo + (1 << 16)], start=lo):
+            try:
+                tar[row], offset[row], size[row] = where[str(key)]
+            except KeyError:
+                raise FileNotFoundError(f"fit_decoder: image {key!r} of features.zarr is not in the shard tars; the "
+                                        f"shard set does not match the store, rerun `shard` and `encode` with --force") from None
+    return tar, offset, size
 
 
 def jpeg_members(tar_path: str) -> list[tuple[str, int, int]]:
@@ -293,7 +307,7 @@ def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: to
     sse = l1 = 0.0
     total, total_sq = np.zeros((r, r, 3)), np.zeros((r, r, 3))
     originals, recons = [], []
-    grid = set(np.linspace(0, len(rows) - 1, min(GRID_COLUMNS, len(rows))).round().astype(int).tolist())  # all classes
+    grid = set(np.linspace(0, len(rows) - 1, min(GRID_COLUMNS, len(rows))).round().astype(int).tolist())  # val is class-ordered
     with progress("fit_decoder report", len(rows), "img") as bar:
         for b0 in range(0, len(rows), cfg.fit_decoder.eval_batch_size):
             features, crops = pairs(rows[b0:b0 + cfg.fit_decoder.eval_batch_size])
@@ -349,22 +363,17 @@ def training_inputs(cfg: Config) -> dict[str, str]:
     """For fit_decoder itself: the LPIPS weights' digest, when a file is given."""
     if cfg.fit_decoder.lpips_weights is None:
         return {}
-    path = Path(cfg.fit_decoder.lpips_weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"fit_decoder.lpips_weights: {path} does not exist (expected a local LPIPS-VGG "
-                                f"state dict, VGG16 backbone and linear layers)")
-    return {"lpips_weights": file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)}
+    return {"lpips_weights": input_digest(cfg.storage.root, "fit_decoder.lpips_weights", cfg.fit_decoder.lpips_weights,
+                                          "a local LPIPS-VGG state dict, VGG16 backbone and linear layers")}
 
 
 def external_inputs(cfg: Config) -> dict[str, str]:
     """For the stages that decode: the released decoder's digest (a trained one enters as upstream)."""
     if cfg.decoder.weights is None:
         return {}
-    path = Path(cfg.decoder.weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"decoder.weights: {path} does not exist (expected a released RAE decoder "
-                                f"checkpoint: a state_dict .pt or a dict with 'ema'/'model')")
-    return {"decoder_weights": file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)}
+    return {"decoder_weights": input_digest(cfg.storage.root, "decoder.weights", cfg.decoder.weights,
+                                            "a released RAE decoder checkpoint: a state_dict .pt or a dict with "
+                                            "'ema'/'model'")}
 
 
 def load_decoder(cfg: Config, upstream: dict, device: torch.device | str = "cpu"):

@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,15 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.data.codes import WindowShuffle
 from pipeline.data.features import FeatureNormalizer, load_normalizer, open_features, read_features, widen
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.images import save_grid
 from pipeline.models.src import SRC, PCAResult, add_code_noise, pca_from_moments, src_loss
 from pipeline.progress import progress
-from pipeline.training import (EMA, BatchSchedule, Checkpointer, StopSignal, autocast, load_safetensors,
-                               resolve_device, save_safetensors, seed_all, warmup_cosine)
+from pipeline.training import (EMA, Checkpointer, StopSignal, autocast, load_safetensors, resolve_device,
+                               save_safetensors, seed_all, warmup_cosine)
+from stages.fit_decoder import load_decoder
 from storage_schemas import SchemaError, check_version
 from storage_schemas.success import write_atomic
 
@@ -46,6 +48,7 @@ WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
 INFO_VERSION = 1  # layout of src.json
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
 GRID_IMAGES = 8
+WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 rows, 6.4 GB of fp16 features)
 
 log = logging.getLogger("srcflow")
 
@@ -71,10 +74,11 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         src = pca_src
         save_src(src, cfg, upstream, out.path)
     else:
-        decoder = load_decoder_for(cfg, upstream, device) if cfg.src.pixel_loss_weight > 0 else None
-        src = train_src(cfg, pca, TrainFeatures(group, train, normalizer), decoder, normalizer, device, out)
+        decoder = load_decoder(cfg, upstream, device) if cfg.src.pixel_loss_weight > 0 else None
+        with TrainFeatures(group, train, normalizer, cfg.src.batch_size, cfg.src.seed) as data:
+            src = train_src(cfg, pca, data, decoder, normalizer, device, out)
         save_src(src, cfg, upstream, out.path)
-        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out.path / "checkpoints", ignore_errors=True)  # the weights are written: done with them
 
     report = reconstruction_report(cfg, upstream, group, attrs, normalizer, {"src": src, "pca": pca_src}, device,
                                    out.path)
@@ -133,6 +137,7 @@ def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.5), dpi=120)
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.9)
     ax = fig.add_subplot()
     k = np.arange(1, len(ratio) + 1)
     ax.plot(k, cumulative, lw=1.5)
@@ -141,7 +146,6 @@ def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
            title="PCA of the normalized RAE features", ylim=(min(cumulative[0], 0.9) * 0.98, 1.002))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     write_atomic(out_dir / "explained_variance.png", buf.getvalue())
@@ -152,20 +156,51 @@ def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
 
 
 class TrainFeatures:
-    """Normalized feature rows [start, stop) of the store, read per batch (memory independent of N)."""
+    """The normalized train rows [start, stop) batch by batch, in WindowShuffle order (a BatchSchedule,
+    pipeline.data.codes): each epoch permutes blocks of one Zarr inner chunk of rows and shuffles the rows
+    inside windows of WINDOW_BATCHES batches. A window is read with contiguous reads and held in the stored
+    dtype while a thread reads the next one, so memory is two windows, independent of N."""
 
-    def __init__(self, group, rows: tuple[int, int], normalizer: FeatureNormalizer):
-        self.group, self.start, self.n, self.normalizer = group, rows[0], rows[1] - rows[0], normalizer
+    def __init__(self, group, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int, seed: int):
+        self.features, self.start, self.normalizer = group["features"], rows[0], normalizer
+        self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, block=self.features.chunks[0],
+                                      window=WINDOW_BATCHES * batch_size)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="features-window")
+        self.windows: dict[tuple[int, int], Future] = {}
 
-    def __len__(self) -> int:
-        return self.n
+    def __enter__(self) -> TrainFeatures:
+        return self
 
-    def batch(self, index: np.ndarray) -> torch.Tensor:
-        order = np.argsort(index, kind="stable")  # sorted reads; the batch keeps the schedule's order
-        values = read_features(self.group, self.start + index[order])
-        batch = torch.empty_like(values)
-        batch[torch.from_numpy(order)] = values
-        return self.normalizer(batch)
+    def __exit__(self, *exc) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """Normalized features (batch_size, T, C) float32 of global step `step`. Call from one thread."""
+        s = self.schedule
+        rows = s.indices(step)
+        epoch, offset = np.divmod(s.positions(step), s.n)
+        window = offset // s.window
+        out = np.empty((len(rows), *self.features.shape[1:]), self.features.dtype)
+        for key in dict.fromkeys(zip(epoch.tolist(), window.tolist())):
+            held, values = self.window(key).result()
+            mine = np.flatnonzero((epoch == key[0]) & (window == key[1]))
+            out[mine] = values[np.searchsorted(held, rows[mine])]
+        wanted = s.windows(step) + s.windows(step + 1)  # keep these, start reading the next one now
+        self.windows = {k: f for k, f in self.windows.items() if k in wanted}
+        for key in wanted:
+            self.window(key)
+        return self.normalizer(torch.from_numpy(widen(out)))
+
+    def window(self, key: tuple[int, int]) -> Future:
+        if key not in self.windows:
+            self.windows[key] = self.reader.submit(self.read_window, key)
+        return self.windows[key]
+
+    def read_window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted rows, their stored features), one read per run of consecutive rows."""
+        rows = self.schedule.window_images(key)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        return rows, np.concatenate([self.features[self.start + r[0]:self.start + r[-1] + 1] for r in runs])
 
 
 def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normalizer: FeatureNormalizer,
@@ -174,25 +209,23 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
     (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one."""
     s = cfg.src
     seed_all(s.seed)
-    tokens = data.group["features"].shape[1]
-    model = SRC.from_pca(pca, dim=s.dim, arch=s.arch, hidden=s.hidden, depth=s.depth, num_tokens=tokens,
-                         heads=s.heads).to(device).train()
+    model = SRC.from_pca(pca, dim=s.dim, arch=s.arch, hidden=s.hidden, depth=s.depth,
+                         num_tokens=data.features.shape[1], heads=s.heads).to(device).train()
     ema = EMA(model, s.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = warmup_cosine(optimizer, min(s.warmup_steps, s.steps), s.steps)
-    batches = BatchSchedule(len(data), s.batch_size, s.seed, drop_last=False)
     checkpoints = Checkpointer(out.path / "checkpoints", every=s.ckpt_every)
     step, _ = checkpoints.restore(model, ema, optimizer, scheduler)
     if step:
         log.info("fit_src: resumed at step %d from %s", step, checkpoints.latest())
 
-    with StopSignal() as stop, ThreadPoolExecutor(1) as reader, \
+    with StopSignal() as stop, ThreadPoolExecutor(1, thread_name_prefix="features-batch") as loader, \
             progress("fit_src", s.steps - step, "steps") as meter:
-        upcoming = reader.submit(data.batch, batches.indices(step)) if step < s.steps else None
+        upcoming = loader.submit(data.batch, step) if step < s.steps else None
         while step < s.steps:
             z = upcoming.result().to(device, non_blocking=True)
-            if step + 1 < s.steps:  # read the next batch while this one trains
-                upcoming = reader.submit(data.batch, batches.indices(step + 1))
+            if step + 1 < s.steps:  # assemble the next batch while this one trains
+                upcoming = loader.submit(data.batch, step + 1)
             with autocast(device):
                 _, z_hat = model(z, s.noise_sigma, noise_generator(s.seed, step, device))
                 loss, parts = src_loss(z, z_hat, s.cosine_weight)
@@ -217,7 +250,27 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
                 if stop.requested:
                     raise TrainingStopped(f"fit_src: stopped by signal {stop.signum} at step {step}/{s.steps}; "
                                           f"checkpoint {path} written, run again to resume")
-    return ema.module
+    return calibrate_code_statistics(ema.module, data, device)
+
+
+@torch.no_grad()
+def calibrate_code_statistics(model: SRC, data: TrainFeatures, device: torch.device) -> SRC:
+    """Set the EMA model's code_mean / code_scale to the exact per-channel statistics of its raw codes over
+    the rows of the first shuffle window (as "precise BatchNorm"): training normalized with batch statistics
+    and only tracked them with a slow momentum, so the eval-mode codes are unit-variance only after this."""
+    if model.arch == "linear":
+        return model
+    count, total, total_sq = 0, 0.0, 0.0
+    rows = min(data.schedule.n, data.schedule.window)
+    for step in range(-(-rows // data.schedule.batch_size)):
+        raw = model.encode(data.batch(step).to(device)) * model.code_scale + model.code_mean  # eval: (raw - m) / s
+        raw = raw.double().reshape(-1, raw.shape[-1])
+        count, total, total_sq = count + raw.shape[0], total + raw.sum(0), total_sq + raw.square().sum(0)
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp(min=0)
+    model.code_mean.copy_(mean)
+    model.code_scale.copy_((var + 1e-6).sqrt())  # as SRC.encode normalizes in training
+    return model
 
 
 def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -231,12 +284,6 @@ def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: t
     with torch.no_grad():
         target = decoder(normalizer.inverse(z))
     return (decoder(normalizer.inverse(z_hat)).float() - target.float()).square().mean()
-
-
-def load_decoder_for(cfg: Config, upstream: dict, device: torch.device):
-    from stages.fit_decoder import load_decoder
-
-    return load_decoder(cfg, upstream, device)
 
 
 # --- saving and loading the SRC ----------------------------------------------------------------
@@ -275,11 +322,12 @@ def reconstruction_report(cfg: Config, upstream: dict, group, attrs: dict, norma
     rows, split = report_rows(group, attrs, cfg.src.report_images)
     keys, views = group["keys"].get_coordinate_selection(rows), group["view"].get_coordinate_selection(rows)
     images = load_images(upstream["shard"].dir, keys, views, cfg.data.resolution)
-    decoder = load_decoder_for(cfg, upstream, device)
+    decoder = load_decoder(cfg, upstream, device)
     models = {name: m.to(device).eval() for name, m in models.items()}
     sigma, batch_size = cfg.src.noise_sigma, cfg.src.eval_batch_size
     sums: dict[str, float] = {}
     grid: dict[str, list[np.ndarray]] = {}
+    grid_at = np.linspace(0, len(rows) - 1, min(GRID_IMAGES, len(rows))).round().astype(np.int64)
 
     def add(key: str, value: float) -> None:
         sums[key] = sums.get(key, 0.0) + value
@@ -307,8 +355,9 @@ def reconstruction_report(cfg: Config, upstream: dict, group, attrs: dict, norma
                     pieces[f"{name}/{variant or 'clean_'}"] = pixels
             add("values", z.numel())
             add("tokens", z.shape[0] * z.shape[1])
-            if b0 == 0:
-                grid = {k: v[:GRID_IMAGES] for k, v in pieces.items()}
+            shown = np.flatnonzero(np.isin(np.arange(b0, b0 + len(z)), grid_at))  # GRID_IMAGES spread over the rows
+            for k, v in pieces.items():
+                grid.setdefault(k, []).append(v[shown])
             meter.advance(len(z))
 
     to_psnr = lambda total: psnr_from_mse(total / sums["pixels"])  # noqa: E731
@@ -320,19 +369,21 @@ def reconstruction_report(cfg: Config, upstream: dict, group, attrs: dict, norma
             report[f"{name}/{variant}psnr_vs_rae"] = to_psnr(sums[f"{name}/{variant}sse_vs_rae"])
             report[f"{name}/{variant}psnr_vs_image"] = to_psnr(sums[f"{name}/{variant}sse_vs_image"])
     # rows of the grid: image, RAE_dec(z), RAE_dec(SRC(z)), RAE_dec(SRC_dec(SRC_enc(z) + sigma * eps))
-    save_grid(np.concatenate([grid["image"], grid["rae"], grid["src/clean_"], grid["src/noisy_"]]),
-              out_dir / "recon_grid.png", ncol=len(grid["image"]))
+    rows_of_grid = [np.concatenate(grid[k]) for k in ("image", "rae", "src/clean_", "src/noisy_")]
+    save_grid(np.concatenate(rows_of_grid), out_dir / "recon_grid.png", ncol=len(rows_of_grid[0]))
     return report
 
 
 def report_rows(group, attrs: dict, limit: int) -> tuple[np.ndarray, str]:
-    """Up to `limit` held-out rows, one view per image (the first stored view); train rows when the store
-    has no val split."""
+    """Up to `limit` held-out rows spread evenly over the split (which is in class order), one view per
+    image (the first stored view); train rows when the store has no val split."""
     split = "val" if attrs["splits"]["val"][1] > attrs["splits"]["val"][0] else "train"
     start, stop = attrs["splits"][split]
     views = group["view"][start:stop]
     rows = start + np.flatnonzero(views == views[0])
-    return rows[:limit].astype(np.int64), split
+    if len(rows) > limit:
+        rows = rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
+    return rows.astype(np.int64), split
 
 
 def load_images(shard_dir: Path, keys: np.ndarray, views: np.ndarray, resolution: int) -> np.ndarray:

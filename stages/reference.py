@@ -1,16 +1,238 @@
-"""Stage `reference`: reference Inception statistics (train shards or an ADM reference batch)."""
+"""Stage `reference`: the Inception statistics samples are compared against (SRC-FLOW.md "Evaluation protocol").
+
+- `reference.kind: train`: the train shards, ADM center crop at `data.resolution`, streamed shard by
+  shard through torch-fidelity's Inception. mu/sigma come from float64 running sums over the
+  selected images (all, or `max_images` class-balanced); the pool features of the first
+  `pr_images` of the class-balanced order are kept for KID and precision/recall.
+- `reference.kind: adm_npz`: ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`): its mu/sigma
+  as they are, pool features of its `arr_0` images (fidelity.import_adm_reference_npz), so the
+  FID is comparable with published numbers.
+
+Output: `reference.npz` (fidelity.save_reference, schema_version 1). The fingerprint holds the shard
+set, these settings, the Inception weights' sha256 and the ADM file's: statistics are never reused
+across other weights or another reference batch. A killed `train` run resumes from
+`accumulator.npz` (the sums after the last saved shard).
+"""
 
 from __future__ import annotations
 
-from pipeline.artifacts import StageOutput
+import io
+import json
+import logging
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import ArtifactStore, StageOutput, file_sha256
 from pipeline.config import Config
+from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.metrics.fidelity import (
+    FEATURES,
+    OFFICIAL_WEIGHTS_SHA256_PREFIX,
+    check_inception_weights,
+    import_adm_reference_npz,
+    load_inception,
+    load_reference,
+    make_standin_inception_weights,
+    save_reference,
+)
+from pipeline.progress import progress
+from pipeline.training import resolve_device
+from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
+REFERENCE_FILE = "reference.npz"
+ACCUMULATOR_FILE = "accumulator.npz"
+CHECKPOINT_SECONDS = 120  # the running sums (a 2048 x 2048 float64) are saved at most this often
+STANDIN_SEED = 0
+ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/" \
+                    "VIRTUAL_imagenet256_labeled.npz"
+
+log = logging.getLogger("srcflow")
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage reference is not implemented yet")
+    weights = cfg.evaluate.inception_weights
+    weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
+    path = out.path / REFERENCE_FILE
+    for leftover in out.path.glob("*.tmp.npz"):  # save_reference's temp file of a killed run
+        leftover.unlink()
+    if not path.is_file():
+        device = resolve_device(cfg.runtime.device)
+        if cfg.reference.kind == "adm_npz":
+            reference = import_adm_reference_npz(cfg.reference.path, weights, device, cfg.evaluate.batch_size)
+        else:
+            reference = train_reference(cfg, upstream["shard"], weights, weights_sha256, device, out)
+        save_reference(path, reference["mu"], reference["sigma"], reference["pr_features"], reference["meta"])
+        (out.path / ACCUMULATOR_FILE).unlink(missing_ok=True)
+    meta = load_reference(path)["meta"]
+    return {"source": meta["source"], "reference_images": meta["num_images"], "pr_images": meta.get("pr_images"),
+            "inception_weights": weights_label(weights_sha256)}
+
+
+def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, device, out: StageOutput) -> dict:
+    """mu/sigma of the selected train images, pool features of the first `pr_images`, streamed by shard."""
+    shard_dir = shard_manifest.dir
+    rows = manifest_rows(shard_dir, ("train",))
+    order = class_balanced_order(rows)
+    chosen = sorted(order[: cfg.reference.max_images])  # back to shard order: one pass over the tars
+    if len(chosen) < 2:
+        raise ValueError(f"reference: {len(chosen)} train images selected (reference.max_images="
+                         f"{cfg.reference.max_images}); mu/sigma need at least 2")
+    keep_pr = set(order[: min(cfg.reference.pr_images, len(chosen))])
+    by_shard: dict[str, list[int]] = {}
+    for i in chosen:
+        by_shard.setdefault(rows[i]["shard"], []).append(i)
+
+    acc = Accumulator.load(out.path / ACCUMULATOR_FILE)
+    todo = [s for s in by_shard if s not in acc.shards]
+    extractor = load_inception(weights, device)
+    resolution, batch_size = cfg.data.resolution, cfg.evaluate.batch_size
+    threads = max(1, cfg.reference.loader_threads)
+
+    def read(shard: str) -> np.ndarray:
+        return read_crops(shard_dir / "shards" / shard, [rows[i]["key"] for i in by_shard[shard]], resolution)
+
+    saved = time.monotonic()
+    with progress("reference", len(chosen), "img") as meter, ThreadPoolExecutor(threads) as pool:
+        meter.advance(acc.count)
+        # up to `threads` shards are read and decoded ahead of the Inception, consumed in shard order
+        for shard, crops in prefetch(pool, read, todo, depth=threads):
+            keep = np.array([i in keep_pr for i in by_shard[shard]])
+            for start in range(0, len(crops), batch_size):
+                pool3 = pool_features(extractor, crops[start:start + batch_size], device)["2048"]
+                acc.add(pool3, keep[start:start + batch_size])
+                meter.advance(len(pool3))
+            acc.shards.append(shard)
+            out.report_progress(acc.count, len(chosen), "images")
+            if time.monotonic() - saved > CHECKPOINT_SECONDS:
+                acc.save(out.path / ACCUMULATOR_FILE)
+                saved = time.monotonic()
+    mu, sigma = acc.statistics()
+    meta = {"source": "train-shards", "num_images": acc.count, "pr_images": len(acc.pr_features),
+            "resolution": resolution, "crop": "ADM center_crop_arr", "selection": "class-balanced round-robin",
+            "shard_fingerprint": shard_manifest.fingerprint, "inception_weights_sha256": weights_sha256}
+    return {"mu": mu, "sigma": sigma, "pr_features": acc.pr_features, "meta": meta}
+
+
+def class_balanced_order(rows: list[dict]) -> list[int]:
+    """Row indices round-robin over classes: each class's 1st image (by label), then each 2nd, ..."""
+    rank, seen = [], Counter()
+    for r in rows:
+        rank.append(seen[r["label"]])
+        seen[r["label"]] += 1
+    return sorted(range(len(rows)), key=lambda i: (rank[i], rows[i]["label"], i))
+
+
+def prefetch(pool: ThreadPoolExecutor, fn, items: list, depth: int):
+    """(item, fn(item)) in order, with up to `depth` items read ahead in `pool`."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) > depth:
+            first, future = pending.popleft()
+            yield first, future.result()
+    while pending:
+        first, future = pending.popleft()
+        yield first, future.result()
+
+
+def read_crops(tar: Path, keys: list[str], resolution: int) -> np.ndarray:
+    """(len(keys), R, R, 3) uint8 ADM center crops of one shard's images, in the order of `keys`."""
+    jpegs = dict(iter_jpegs([str(tar)], set(keys)))
+    missing = [k for k in keys if k not in jpegs]
+    if missing:
+        raise ValueError(f"shard {tar} lacks {len(missing)} images its manifest lists (e.g. {missing[0]})")
+    return np.stack([decode_crop(jpegs[k], resolution) for k in keys])
+
+
+def pool_features(extractor, images: np.ndarray, device) -> dict[str, np.ndarray]:
+    """torch-fidelity Inception features of (B, H, W, 3) uint8 images: the calls get_featuresdict_from_dataset makes."""
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device)  # a copy: memmaps are read-only
+    with torch.no_grad():
+        features = extractor.convert_features_tuple_to_dict(extractor(x))
+    return {name: features[name].cpu().numpy() for name in FEATURES}
+
+
+class Accumulator:
+    """Running float64 sums of pool features (count, sum, sum of outer products) and the kept features."""
+
+    def __init__(self, count=0, total=None, outer=None, pr_features=None, shards=()):
+        self.count, self.total, self.outer = int(count), total, outer
+        self.pr_parts = [np.zeros((0, 2048), np.float32) if pr_features is None else pr_features]
+        self.shards = list(shards)
+
+    @property
+    def pr_features(self) -> np.ndarray:
+        if len(self.pr_parts) > 1:
+            self.pr_parts = [np.concatenate(self.pr_parts)]
+        return self.pr_parts[0]
+
+    def add(self, pool3: np.ndarray, keep: np.ndarray) -> None:
+        x = pool3.astype(np.float64)
+        if self.total is None:
+            self.total, self.outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+        self.count += len(x)
+        self.total += x.sum(axis=0)
+        self.outer += x.T @ x
+        self.pr_parts.append(pool3[keep].astype(np.float32))
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu and the unbiased covariance (ddof 1, as np.cov in torch-fidelity's fid_features_to_statistics)."""
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (sigma + sigma.T) / 2
+
+    def save(self, path: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, count=np.int64(self.count), total=self.total, outer=self.outer,
+                 pr_features=self.pr_features, shards=np.array(json.dumps(self.shards)))
+        write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> Accumulator:
+        if not path.is_file():
+            return cls()
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["count"], z["total"], z["outer"], z["pr_features"], json.loads(str(z["shards"])))
+
+
+# --- external inputs: checked when the run is planned, before any stage works ---------------------
 
 
 def external_inputs(cfg: Config) -> dict[str, str]:
-    return {}
+    digests = {"inception_weights": inception_weights_digest(cfg)}
+    if cfg.reference.kind == "adm_npz":
+        digests["adm_reference"] = adm_reference_digest(cfg)
+    return digests
+
+
+def inception_weights_digest(cfg: Config) -> str:
+    """sha256 of `evaluate.inception_weights` (a one-line error when missing); writes the stand-in if asked."""
+    path = Path(cfg.evaluate.inception_weights)
+    if cfg.evaluate.make_standin and cfg.evaluate.inception_weights and not path.exists():
+        make_standin_inception_weights(path, seed=STANDIN_SEED)
+        log.warning("evaluate.make_standin: wrote stand-in Inception weights to %s; metrics computed with them "
+                    "are marked inception_weights: stand-in", path)
+    if not (path.is_file() and path.stat().st_size > 0):
+        check_inception_weights(cfg.evaluate.inception_weights)  # raises the one-line error
+    return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
+
+
+def adm_reference_digest(cfg: Config) -> str:
+    need = f"ADM's reference batch, e.g. {ADM_REFERENCE_URL}"
+    if not cfg.reference.path:
+        raise ValueError(f"reference.path is not set (reference.kind adm_npz needs {need})")
+    path = Path(cfg.reference.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference.path: {path} does not exist (reference.kind adm_npz needs {need})")
+    return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
+
+
+def weights_label(weights_sha256: str) -> str:
+    """'official' for torch-fidelity's Inception, else 'stand-in': such numbers are never the method's FID."""
+    return "official" if weights_sha256.startswith(OFFICIAL_WEIGHTS_SHA256_PREFIX) else "stand-in"

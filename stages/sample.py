@@ -1,12 +1,262 @@
-"""Stage `sample`: class-balanced samples: flow inverse (CFG) -> SRC decoder -> RAE decoder -> pixels."""
+"""Stage `sample`: class-balanced samples of the trained flow, decoded to pixels (SRC-FLOW.md, "The chain").
+
+    labels   sample i has class i // sample.per_class (every class sample.per_class times)
+    z_i      a standard normal (T, d) seeded by (sample.seed, i): the same whatever the chunking,
+             the workers or a resume; the same z_i at every CFG scale
+    codes    flow.reverse(z, y) with CFG w (sample.cfg_mode tarflow|starflow, sample.cfg_anneal), the
+             per-block KV-cache sampler; optionally one Tweedie step x + sigma^2 grad log p(x | y)
+             (sample.denoise: tweedie, sigma = flow.noise_sigma, conditional score, fp32)
+    pixels   SRC.decode(codes) (codes as compress stored them: the SRC's own encode output) ->
+             per-position feature de-normalization (normalizer.inverse, the statistics the SRC was
+             fit under) -> frozen RAE decoder -> uint8 (to_uint8_pixels)
+
+Work is cut into chunks of sample.chunk_size samples per CFG scale; each chunk is a job
+(pipeline.parallel.map_jobs, Dask when runtime.workers > 1) that writes `chunks/cfg{w}/{k:06d}.npz`
+atomically, its commit: a killed run redoes only the missing chunks. Then, per scale, the chunks are
+streamed into the ADM-format `samples-cfg{w}.npz` (`arr_0` uint8 N x H x W x 3, `labels` int64, and
+`nonfinite` bool: samples whose code or pixels were NaN / inf, written as black images and counted
+in the metrics, never resampled) and `grid-cfg{w}.png` (the first grid_per_class samples of the first
+grid_classes classes, one class per row).
+"""
 
 from __future__ import annotations
 
+import io
+import logging
+import os
+import shutil
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.images import save_grid
+from pipeline.parallel import map_jobs
+from pipeline.training import autocast, resolve_device
+from stages.train_flow import flow_info, load_flow, seed_of
+from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
+CHUNKS = "chunks"
+
+log = logging.getLogger("srcflow")
+
+
+@dataclass(frozen=True)
+class Models:
+    """Where a worker process finds everything it decodes with (picklable)."""
+
+    cfg: Config  # decoder architecture and encode.stats
+    upstream: dict  # stage -> Manifest: train_flow, fit_src, encode, fit_decoder (when enabled)
+    device: str
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    models: Models
+    cfg_scale: float
+    chunk: int
+    start: int
+    stop: int
+    path: str  # the chunk file this job commits
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage sample is not implemented yet")
+    s = cfg.sample
+    num_classes = flow_info(upstream["train_flow"])["arch"]["num_classes"]
+    total = num_classes * s.per_class
+    scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
+    models = Models(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
+    load_models(models)  # a missing or mismatched model fails here, before any work
+    chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
+    todo = [w for w in scales if not samples_path(out.path, w).is_file()]
+    jobs = [SampleJob(models, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
+            if not chunk_path(out.path, w, k).is_file()]
+    log.info("sample: %d classes x %d per class at cfg scales %s (%s, anneal %s, denoise %s): %d of %d chunks to do",
+             num_classes, s.per_class, scales, s.cfg_mode, s.cfg_anneal, s.denoise, len(jobs), len(todo) * len(chunks))
+
+    started, done = time.perf_counter(), len(scales) * total - sum(j.stop - j.start for j in jobs)
+    gpus = torch.cuda.device_count() if models.device.startswith("cuda") else 0
+    worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
+                  if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
+    for n in map_jobs(sample_chunk, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
+                      worker_env=worker_env, desc="sample", unit="samples", weights=lambda j: j.stop - j.start):
+        done += n
+        out.report_progress(done, len(scales) * total, "samples")
+    seconds = time.perf_counter() - started
+
+    metrics = {"num_samples": total, "num_classes": num_classes, "per_class": s.per_class, "cfg_scales": scales,
+               "cfg_mode": s.cfg_mode, "denoise": s.denoise}
+    for w in scales:
+        if w in todo:
+            assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], total, s)
+        with np.load(samples_path(out.path, w)) as npz:
+            nonfinite = int(npz["nonfinite"].sum())
+        metrics[f"nonfinite_cfg{w}"] = nonfinite
+        if nonfinite:
+            log.warning("sample: %d of %d samples at cfg %s are NaN / inf (black images, flagged in `nonfinite`)",
+                        nonfinite, total, w)
+    shutil.rmtree(out.path / CHUNKS, ignore_errors=True)  # every scale is in its samples file now
+    if jobs:
+        generated = sum(j.stop - j.start for j in jobs)
+        metrics |= {"sample_seconds": round(seconds, 3), "samples_per_s": generated / max(seconds, 1e-9)}
+    return metrics
+
+
+def chunk_path(out_dir: Path, cfg_scale: float, k: int) -> Path:
+    return out_dir / CHUNKS / f"cfg{cfg_scale}" / f"{k:06d}.npz"
+
+
+def samples_path(out_dir: Path, cfg_scale: float) -> Path:
+    return out_dir / f"samples-cfg{cfg_scale}.npz"
+
+
+def labels_of(start: int, stop: int, per_class: int) -> np.ndarray:
+    """Class-balanced labels: sample i has class i // per_class."""
+    return np.arange(start, stop) // per_class
+
+
+def sample_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """z_i for samples [start, stop), each seeded by (seed, i) on the CPU: any sharding gives the same z_i."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed, i)))
+                        for i in range(start, stop)])
+
+
+# --- one job, run in a worker process ----------------------------------------------------------
+
+_MODELS: dict = {}  # per process: the flow, SRC, normalizer and RAE decoder, loaded once
+
+
+def load_models(models: Models) -> tuple:
+    """(flow, src, normalizer, decoder) on models.device, cached per process."""
+    from pipeline.data.features import load_normalizer
+    from stages.fit_decoder import load_decoder
+    from stages.fit_src import load_src
+
+    up = models.upstream
+    key = (models.device, *(str(m.dir) for m in up.values()))
+    if key not in _MODELS:
+        cfg, device = models.cfg, models.device
+        flow = load_flow(up["train_flow"], device)
+        src = load_src(up["fit_src"], device)
+        if src.config["dim"] != flow.blocks[0].proj_in.in_features:
+            raise ValueError(f"sample: the flow models {flow.blocks[0].proj_in.in_features}-channel codes but the "
+                             f"SRC of {up['fit_src'].dir} makes {src.config['dim']}-channel ones")
+        normalizer = load_normalizer(up["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
+        _MODELS.clear()
+        _MODELS[key] = (flow, src, normalizer, load_decoder(cfg, up, device))
+    return _MODELS[key]
+
+
+def sample_chunk(job: SampleJob) -> int:
+    s = job.models.cfg.sample
+    device = torch.device(job.models.device)
+    flow, src, normalizer, decoder = load_models(job.models)
+    sigma = flow_info(job.models.upstream["train_flow"])["noise_sigma"]
+    tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
+    images, nonfinite = [], []
+    for a in range(job.start, job.stop, s.batch_size):
+        b = min(a + s.batch_size, job.stop)
+        z = sample_noise(s.seed, a, b, (tokens, channels)).to(device)
+        y = torch.from_numpy(labels_of(a, b, s.per_class)).to(device)
+        with torch.no_grad():
+            with autocast(device), token_step_threads(device):
+                x = flow.reverse(z, y, cfg_scale=job.cfg_scale, cfg_mode=s.cfg_mode, cfg_anneal=s.cfg_anneal)
+            if s.denoise == "tweedie":
+                x = tweedie(flow, x, y, sigma)
+            pixels, bad = decode(x, src, normalizer, decoder, device)
+        images.append(pixels)
+        nonfinite.append(bad)
+    buf = io.BytesIO()
+    np.savez(buf, images=np.concatenate(images), labels=labels_of(job.start, job.stop, s.per_class),
+             nonfinite=np.concatenate(nonfinite), start=np.array(job.start))
+    Path(job.path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(job.path), buf.getvalue())
+    return job.stop - job.start
+
+
+@contextmanager
+def token_step_threads(device: torch.device):
+    """One intra-op thread for the token-by-token inverse on the CPU: a step is too small to split, and
+    measured on a busy 2-core box, 2 threads were 10-40x slower than 1 (benchmarks/sample.py does the same)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tweedie(flow, x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    from pipeline.models.flow import tweedie_denoise
+
+    return tweedie_denoise(flow, x, y, sigma)
+
+
+def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """codes (B, T, d) -> uint8 pixels (B, H, W, 3) and the non-finite flags (B,); a non-finite sample is
+    decoded from zeros and then blanked, so it cannot touch the others."""
+    from pipeline.models.rae import to_uint8_pixels
+
+    finite = torch.isfinite(codes).all(2).all(1)
+    codes = torch.where(finite[:, None, None], codes, torch.zeros_like(codes))
+    features = normalizer.inverse(src.decode(codes))  # the decoder reads stored-scale (LayerNormed) features
+    with autocast(device):
+        out = decoder(features)
+    finite &= torch.isfinite(out.float()).flatten(1).all(1)
+    pixels = to_uint8_pixels(torch.nan_to_num(out.float()))
+    pixels[~finite] = 0
+    return pixels.cpu().numpy(), (~finite).cpu().numpy()
+
+
+# --- the ADM-format sample file ----------------------------------------------------------------------
+
+
+def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], total: int, s) -> None:
+    """Stream the chunk files into samples-cfg{w}.npz (uncompressed: readers can memory-map arr_0) and the
+    grid, then delete the chunks. Holds one chunk in memory, never the whole sample set."""
+    path = samples_path(out_dir, cfg_scale)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    labels, nonfinite = np.empty(total, np.int64), np.zeros(total, bool)
+    grid_picks = {c * s.per_class + j for c in range(s.grid_classes) for j in range(min(s.grid_per_class, s.per_class))}
+    grid: dict[int, np.ndarray] = {}
+    written = 0
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as fh:
+                for k, chunk in enumerate(chunks):
+                    with np.load(chunk) as part:
+                        images, start = part["images"], int(part["start"])
+                        if start != written:
+                            raise ValueError(f"{chunk}: starts at sample {start}, expected {written}")
+                        if k == 0:
+                            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                      "fortran_order": False, "shape": (total, *images.shape[1:])}
+                            np.lib.format.write_array_header_1_0(fh, header)
+                        fh.write(np.ascontiguousarray(images).tobytes())
+                        labels[start:start + len(images)] = part["labels"]
+                        nonfinite[start:start + len(images)] = part["nonfinite"]
+                        grid |= {i: images[i - start] for i in grid_picks if start <= i < start + len(images)}
+                        written += len(images)
+            if written != total:
+                raise ValueError(f"sample: the chunks of cfg {cfg_scale} hold {written} samples, expected {total}")
+            for name, values in (("labels", labels), ("nonfinite", nonfinite)):
+                with zf.open(f"{name}.npy", "w") as fh:
+                    np.lib.format.write_array(fh, values)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        save_grid(np.stack([grid[i] for i in sorted(grid)]), out_dir / f"grid-cfg{cfg_scale}.png",
+                  ncol=min(s.grid_per_class, s.per_class))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    shutil.rmtree(out_dir / CHUNKS / f"cfg{cfg_scale}", ignore_errors=True)

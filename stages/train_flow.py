@@ -1,12 +1,366 @@
-"""Stage `train_flow`: train the class-conditional TARFlow on the codes under constant noise."""
+"""Stage `train_flow`: the class-conditional TARFlow on the codes under constant noise (SRC-FLOW.md,
+"TARFlow / STARFlow", "Constant-noise regularization"), and its exact likelihood on held-out codes.
+
+    data     codes.zarr train rows (unit variance per channel, pipeline/data/codes.py): a random view
+             per image per step, chunk-aligned shuffle windows read ahead in a thread
+    x        c + flow.noise_sigma * eps, one constant sigma; labels dropped to the null label with
+             probability flow.label_drop (the unconditional branch CFG needs)
+    loss     flow.nll_per_dim(x, y), nats per dimension; AdamW + warmup/cosine, gradient clipping,
+             EMA, bf16 autocast on CUDA (log-dets stay fp32)
+    resume   checkpoints every train.ckpt_every steps and on SIGTERM / SIGINT: model, EMA, optimizer,
+             scheduler, RNG states, the log window; every random draw of step s (data order, view,
+             noise, label drop) is a pure function of (train.seed, s), drawn for the global batch, so a
+             resumed run, or W processes (torchrun DDP, runtime.nproc), continue the same trajectory
+    output   flow.safetensors (EMA weights) + flow.json (`load_flow`), metrics.jsonl (train NLL and
+             bits/dim every train.log_every steps)
+    metrics  held-out bits/dim of the EMA flow on the val codes + sigma * eps (fixed noise, seeded by
+             (train.seed, row)): conditional, unconditional (null label) and the standard-Gaussian
+             baseline on the same noisy codes; the EMA flow's bits/dim on as many train rows alike
+
+Bits/dim (TARFlow convention, pipeline.models.flow.bits_per_dim): the NLL of the continuous
+noise-regularized code in nats per dimension divided by ln 2; no dequantization term. The baseline, a
+standard Gaussian, scores (log2(2 pi) + E[x^2] / ln 2) / 2 per dimension: 2.08 bits on unit-variance codes
+at sigma = 0.2 (E[x^2] = 1 + sigma^2).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import distributed
 from pipeline.artifacts import StageOutput
-from pipeline.config import Config
+from pipeline.config import Config, config_dict, validate_config
+from pipeline.data.codes import (
+    CodeBatches,
+    TrainCodes,
+    WindowShuffle,
+    open_codes,
+    read_rows,
+    split_rows,
+)
+from pipeline.models.flow import TARFlow, bits_per_dim
+from pipeline.progress import progress
+from pipeline.progress import set_mode as set_progress_mode
+from pipeline.training import (
+    EMA,
+    Checkpointer,
+    StopSignal,
+    autocast,
+    load_safetensors,
+    resolve_device,
+    save_safetensors,
+    seed_all,
+    warmup_cosine,
+)
+from storage_schemas import SchemaError, check_version
+from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
+WEIGHTS, INFO, METRICS, SUMMARY = "flow.safetensors", "flow.json", "metrics.jsonl", "train_summary.json"
+INFO_VERSION = 1  # layout of flow.json
+WORKER = "stages.train_flow:train_worker"
+
+log = logging.getLogger("srcflow")
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT during training: a checkpoint was written, the output stays partial."""
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
-    raise NotImplementedError("stage train_flow is not implemented yet")
+    codes = upstream["compress"].dir / "codes.zarr"
+    open_codes(codes)  # a bad store fails here, before any process starts
+    if not (out.path / WEIGHTS).is_file():  # else: a rerun after training finished (e.g. killed in the evaluation)
+        payload = {"config": config_dict(cfg), "codes": str(codes), "out": str(out.path),
+                   "codes_fingerprint": upstream["compress"].fingerprint}
+        if cfg.runtime.nproc > 1:
+            relay = MetricsRelay(out.path / METRICS, cfg.train.steps, out)
+            try:
+                distributed.launch(WORKER, payload, cfg.runtime.nproc, out.path / "launch",
+                                   torchrun_args=cfg.train.torchrun_args, on_poll=relay)
+            except distributed.LaunchStopped as e:
+                raise TrainingStopped(f"train_flow: {e}; the last checkpoint is kept, run again to resume") from None
+            relay()
+        else:
+            train(cfg, codes, out.path, resolve_device(cfg.runtime.device), payload["codes_fingerprint"], out)
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+
+    summary = json.loads((out.path / SUMMARY).read_text())
+    device = resolve_device(cfg.runtime.device)
+    flow = load_flow(out.path, device)
+    _, attrs = open_codes(codes)
+    val_rows = split_rows(attrs, "val")[1] - split_rows(attrs, "val")[0]
+    if val_rows == 0:
+        log.warning("train_flow: %s has no val rows: no held-out bits/dim", codes)
+        return summary
+
+    def evaluate(split: str, rows: int | None = None) -> dict:
+        return likelihood(flow, codes, split, cfg.flow.noise_sigma, cfg.train.seed, cfg.train.eval_batch_size,
+                          device, max_rows=rows)
+
+    val, train_rows = evaluate("val"), evaluate("train", val_rows)
+    log.info("train_flow: val bits/dim %.4f (unconditional %.4f, standard Gaussian %.4f); EMA train bits/dim %.4f",
+             val["bits_per_dim"], val["bits_per_dim_uncond"], val["gaussian_bits_per_dim"], train_rows["bits_per_dim"])
+    return {**summary, **{f"val_{k}": v for k, v in val.items()},
+            "train_ema_bits_per_dim": train_rows["bits_per_dim"], "train_eval_rows": train_rows["rows"]}
+
+
+# --- the training loop (one process, or every torchrun worker) -------------------------------------
+
+
+def train_worker(payload: dict) -> None:
+    """torchrun entry (pipeline.distributed): join the process group and train; rank 0 writes."""
+    cfg = validate_config(payload["config"], source="train_flow launch payload")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=cfg.runtime.log_level if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(name)s rank {rank}: %(message)s")
+    set_progress_mode(cfg.runtime.progress if rank == 0 else False)
+    device = resolve_device(cfg.runtime.device)
+    distributed.init_process_group(device)
+    train(cfg, Path(payload["codes"]), Path(payload["out"]), device, payload["codes_fingerprint"], None)
+
+
+def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_fingerprint: str,
+          out: StageOutput | None) -> None:
+    """Train to train.steps (resuming from the newest checkpoint), then write flow.safetensors (EMA),
+    flow.json and train_summary.json. `out` is None in a torchrun worker: the launching process relays
+    metrics.jsonl to the log and the progress file."""
+    t, f = cfg.train, cfg.flow
+    rank, world = distributed.rank(), distributed.world_size()
+    data = TrainCodes(codes, t.in_memory_limit_gb)
+    seed_all(t.seed)
+    flow = build_flow(cfg, data.tokens, data.channels, data.num_classes).to(device).train()
+    ema = EMA(flow, t.ema_decay)
+    loss_fn = distributed.data_parallel(distributed.Calls(flow, "nll_per_dim"), device)
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    scheduler = warmup_cosine(optimizer, min(t.warmup_steps, t.steps), t.steps)
+    checkpoints = Checkpointer(out_dir / "checkpoints", every=t.ckpt_every)
+    step, extra = checkpoints.restore(flow, ema, optimizer, scheduler)
+    if step:
+        log.info("train_flow: resumed at step %d from %s", step, checkpoints.latest())
+    metrics = MetricsFile(out_dir / METRICS)
+    if rank == 0:
+        metrics.truncate(step)  # lines a killed run logged after its last checkpoint
+    schedule = WindowShuffle(data.n, t.batch_size, t.seed, rank, world, block=data.block, window=t.shuffle_window)
+    local = slice(rank * schedule.local_batch_size, (rank + 1) * schedule.local_batch_size)
+    # the mean NLL since the last log line: (sum, steps); its sum is a global mean (all ranks agree)
+    window_sum, window_steps = extra.get("window", (0.0, 0))
+    window_sum = torch.tensor(window_sum, device=device)
+    first_step, started = step, time.perf_counter()
+    log.info("train_flow: %d train images x %d views (%s), %d tokens x %d channels, %.2fM params, %d process(es), "
+             "batch %d", data.n, data.views, "in memory" if data.in_memory else "streamed", data.tokens,
+             data.channels, sum(p.numel() for p in flow.parameters()) / 1e6, world, t.batch_size)
+
+    with StopSignal() as stop, \
+            CodeBatches(data, schedule, t.seed, step, t.steps, prefetch=t.prefetch,
+                        pin_memory=device.type == "cuda") as batches, \
+            progress("train_flow", t.steps - step, "steps") as meter:
+        for _, codes_batch, labels in batches:
+            x = codes_batch.to(device, non_blocking=True)
+            x = x + f.noise_sigma * step_noise(t.seed, step, (t.batch_size, *x.shape[1:]), device)[local]
+            y = step_labels(flow, labels, t.seed, step, t.batch_size, local).to(device, non_blocking=True)
+            with autocast(device):
+                loss = loss_fn(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(flow.parameters(), t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            ema.update(flow)
+            step += 1
+            window_sum, window_steps = window_sum + loss.detach().float(), window_steps + 1
+            meter.advance()
+            if step % t.log_every == 0 or step == t.steps:
+                nll = distributed.all_reduce_mean(window_sum).item() / window_steps
+                elapsed = time.perf_counter() - started
+                record = {"step": step, "nll": nll, "bits_per_dim": bits_per_dim(nll),
+                          "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - first_step) / elapsed,
+                          "data_wait_fraction": batches.wait_s / elapsed}
+                if rank == 0:
+                    metrics.append(record)
+                if out is not None:
+                    log_record(record, t.steps)
+                    out.report_progress(step, t.steps, "steps")
+                window_sum, window_steps = torch.zeros((), device=device), 0
+            stopping = stop.agreed(device)  # a signal on any rank stops every rank at this step
+            if checkpoints.due(step) or stopping:
+                window = [distributed.all_reduce_mean(window_sum).item(), window_steps]
+                path = checkpoints.save(step, flow, ema, optimizer, scheduler, extra={"window": window})
+                if stopping:
+                    raise TrainingStopped(f"train_flow: stopped by a signal at step {step}/{t.steps}; "
+                                          f"checkpoint {path} written, run again to resume")
+    elapsed = time.perf_counter() - started
+
+    if rank == 0:
+        last = metrics.last() or {}
+        summary = {"steps": t.steps, "world_size": world, "train_nll": last.get("nll"),
+                   "train_bits_per_dim": last.get("bits_per_dim"),
+                   "train_seconds": round(elapsed, 3), "steps_per_s": (step - first_step) / max(elapsed, 1e-9),
+                   "data_wait_fraction": batches.wait_s / max(elapsed, 1e-9),
+                   "params_m": sum(p.numel() for p in flow.parameters()) / 1e6,
+                   "train_images": data.n, "views": data.views, "codes_streamed": not data.in_memory}
+        write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
+        save_flow(ema.module, cfg, data, codes, codes_fingerprint, out_dir)
+    distributed.barrier()
+
+
+def build_flow(cfg: Config, tokens: int, channels: int, num_classes: int) -> TARFlow:
+    return TARFlow(**flow_arch(cfg, tokens, channels, num_classes))
+
+
+def flow_arch(cfg: Config, tokens: int, channels: int, num_classes: int) -> dict:
+    f = cfg.flow
+    return {"in_channels": channels, "num_tokens": tokens, "num_classes": num_classes, "width": f.width,
+            "heads": f.heads, "num_blocks": f.num_blocks, "layers_per_block": f.layers_per_block,
+            "deep_layers": f.deep_layers, "cond": f.cond, "scale": f.scale, "start_token": f.start_token,
+            "soft_clip": f.soft_clip, "label_drop": f.label_drop}
+
+
+def seed_of(*parts: int) -> int:
+    """One 64-bit seed from integers (numpy SeedSequence): e.g. (train.seed, step, stream)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def step_noise(seed: int, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """eps of the global batch at `step` (each rank keeps its slice): a pure function of (seed, step)."""
+    g = torch.Generator(device=device).manual_seed(seed_of(seed, step, 0))
+    return torch.randn(shape, generator=g, device=device)
+
+
+def step_labels(flow: TARFlow, labels: torch.Tensor, seed: int, step: int, global_batch: int,
+                local: slice) -> torch.Tensor:
+    """Label dropout drawn for the global batch at `step` (model.drop_labels), this rank's slice kept."""
+    full = torch.zeros(global_batch, dtype=labels.dtype)
+    full[local] = labels
+    return flow.drop_labels(full, generator=torch.Generator().manual_seed(seed_of(seed, step, 2)))[local]
+
+
+# --- metrics file and its relay ---------------------------------------------------------------------
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per log line, `step` first."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def last(self) -> dict | None:
+        records = self.records()
+        return records[-1] if records else None
+
+    def truncate(self, step: int) -> None:
+        kept = [r for r in self.records() if r["step"] <= step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class MetricsRelay:
+    """Called while torchrun runs: new metrics.jsonl lines -> the srcflow log and the stage progress."""
+
+    def __init__(self, path: Path, steps: int, out: StageOutput):
+        self.file, self.steps, self.out, self.seen = MetricsFile(path), steps, out, None
+
+    def __call__(self) -> None:
+        records = self.file.records()
+        new = [r for r in records if self.seen is None or r["step"] > self.seen]
+        for record in new:
+            log_record(record, self.steps)
+        if new:
+            self.seen = new[-1]["step"]
+            self.out.report_progress(self.seen, self.steps, "steps")
+
+
+def log_record(record: dict, steps: int) -> None:
+    log.info("train_flow: step %d/%d nll %.4f bits/dim %.4f lr %.2e (%.2f steps/s, data wait %.1f%%)",
+             record["step"], steps, record["nll"], record["bits_per_dim"], record["lr"], record["steps_per_s"],
+             100 * record["data_wait_fraction"])
+
+
+# --- the exported flow ----------------------------------------------------------------------------
+
+
+def save_flow(flow: TARFlow, cfg: Config, data: TrainCodes, codes: Path, codes_fingerprint: str,
+              out_dir: Path) -> None:
+    group, attrs = open_codes(codes)
+    info = {"format_version": INFO_VERSION, "arch": flow_arch(cfg, data.tokens, data.channels, data.num_classes),
+            "noise_sigma": cfg.flow.noise_sigma, "views": attrs["views"], "codes_fingerprint": codes_fingerprint,
+            "code_stats": {"mean": group["code_mean"][...].tolist(), "std": group["code_std"][...].tolist(),
+                           "note": "codes as stored by compress (the SRC's unit-variance encode output); the flow "
+                                   "models them as they are, sampled codes go straight to SRC.decode"}}
+    write_atomic(out_dir / INFO, json.dumps(info, indent=1))
+    save_safetensors(flow, out_dir / WEIGHTS, metadata={"flow": json.dumps(info)})
+
+
+def flow_info(source) -> dict:
+    """flow.json of a train_flow output (its Manifest or directory)."""
+    directory = Path(getattr(source, "dir", source))
+    try:
+        info = json.loads((directory / INFO).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{directory / INFO}: unreadable flow description ({type(e).__name__}); "
+                          f"expected the output of stage train_flow") from None
+    check_version(str(directory / INFO), info.get("format_version"), INFO_VERSION)
+    return info
+
+
+def load_flow(source, device: torch.device | str = "cpu") -> TARFlow:
+    """The EMA flow of a train_flow output (its Manifest or directory), frozen, in eval mode on `device`."""
+    directory = Path(getattr(source, "dir", source))
+    model = TARFlow(**flow_info(directory)["arch"])
+    load_safetensors(model, directory / WEIGHTS)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# --- exact likelihood on held-out codes ---------------------------------------------------------------
+
+
+def row_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Fixed evaluation noise: row r's eps is seeded by (seed, r), whatever the batch (CPU)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed, r, 3)))
+                        for r in range(start, stop)])
+
+
+@torch.no_grad()
+def likelihood(flow: TARFlow, codes: Path, split: str, sigma: float, seed: int, batch_size: int,
+               device: torch.device, max_rows: int | None = None) -> dict:
+    """Exact bits/dim (fp32) of the rows of `split` + sigma * eps: conditional on their labels, with the
+    null label, and of a standard Gaussian on the same noisy codes."""
+    group, attrs = open_codes(codes)
+    start, stop = split_rows(attrs, split)
+    if max_rows is not None:
+        stop = min(stop, start + max_rows)
+    if stop <= start:
+        raise ValueError(f"{codes}: the {split} split has no rows to evaluate the likelihood on")
+    flow = flow.to(device).eval()
+    totals = {"cond": 0.0, "uncond": 0.0, "gauss": 0.0}
+    dims = 0
+    for a in range(start, stop, batch_size):
+        b = min(a + batch_size, stop)
+        c, y = read_rows(group, a, b)
+        x = torch.from_numpy(c) + sigma * row_noise(seed, a, b, c.shape[1:])
+        x, y = x.to(device), torch.from_numpy(y).to(device)
+        totals["cond"] += flow.log_prob(x, y).double().sum().item()
+        totals["uncond"] += flow.log_prob(x, torch.full_like(y, flow.num_classes)).double().sum().item()
+        totals["gauss"] += (-0.5 * x.double().square() - 0.5 * math.log(2 * math.pi)).sum().item()
+        dims += x.numel()
+    per_dim = {k: -v / dims for k, v in totals.items()}
+    return {"bits_per_dim": bits_per_dim(per_dim["cond"]), "bits_per_dim_uncond": bits_per_dim(per_dim["uncond"]),
+            "gaussian_bits_per_dim": bits_per_dim(per_dim["gauss"]), "nll": per_dim["cond"], "rows": stop - start}

@@ -31,7 +31,10 @@ def config_factory(storage: Path, tiny_root: Path):
 
     def make(*overrides: str, root: Path | None = None):
         base = [f"storage.root={storage}", f"data.root={root or tiny_root}", "data.generate_tiny=null",
-                "data.resolution=32", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16"]
+                # the stand-in Inception weights: written once per session, next to the test dataset
+                f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}",
+                "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false", "shard.workers=1",
+                "shard.samples_per_shard=16"]
         return load_config(SMOKE, base + list(overrides))
 
     return make

@@ -99,25 +99,37 @@ def test_feature_store_at_256_is_504_gb_per_view_and_codes_are_float32():
 
 def test_device_hours_come_only_from_a_matching_measurement(make_config, tmp_path):
     cfg = make_config(*SMALL)
-    rows = 128
     expect = identity(cfg, "encode")
     (tmp_path / "encode-cuda.json").write_text(json.dumps(
         {"device": "cuda", "device_name": "Test GPU", "records": [
             {"stage": "encode", "rows_per_s": 64.0, **expect},
-            {"stage": "encode", "rows_per_s": 1e6, **{**expect, "tokens": 256}},  # another encoder: ignored
+            {"stage": "encode", "rows_per_s": 1e6, **expect, "tokens": 256},  # another encoder: ignored
         ]}))
     measured = load_measurements(tmp_path)
-    hours, note = device_hours("encode", rows, "rows", expect, measured)
-    assert note == "" and hours["device"] == "Test GPU" and hours["hours"] == pytest.approx(rows / 64.0 / 3600)
-    hours, note = device_hours("train_flow", 10, "steps", identity(cfg, "train_flow"), measured)
+    hours, note = device_hours("encode", {"rows": 128}, expect, measured)
+    assert note == "" and hours["device"] == "Test GPU" and hours["hours"] == pytest.approx(128 / 64.0 / 3600)
+    hours, note = device_hours("train_flow", {"samples": 10}, identity(cfg, "train_flow"), measured)
     assert hours is None and note == "not measured"
+
+    # benchmarks/train_flow.py's layout: a per-device rate at its own batch, timed in samples
+    flow = identity(cfg, "train_flow")
+    (tmp_path / "train_flow-cuda.json").write_text(json.dumps(
+        {"benchmark": "train_flow", "device": "Test GPU", "batch": 8, "steps_per_s": 2.0, "samples_per_s": 16.0,
+         **flow}))
+    (tmp_path / "train_flow-other.json").write_text(json.dumps(
+        {"benchmark": "train_flow", "device": "Test GPU", "samples_per_s": 1e6, **flow, "params_m": 999.0}))
+    plan = capacity_plan(cfg, results_dir=tmp_path)
+    train = next(s for s in plan["stages"] if s["stage"] == "train_flow")
+    steps, batch = cfg.train.steps, cfg.train.batch_size
+    assert train["hours"]["hours"] == pytest.approx(steps * batch / 16.0 / 3600)
+
     # benchmarks/sample.py's layout: models.<name>.kv_cache.samples_per_s, model fields one level up
     f = cfg.flow
     (tmp_path / "sample-cpu.json").write_text(json.dumps(
         {"device": "cpu", "tokens": 64, "channels": cfg.src.dim, "models": {"smoke": {
             "width": f.width, "heads": f.heads, "num_blocks": f.num_blocks, "layers_per_block": f.layers_per_block,
-            "deep_layers": f.deep_layers, "kv_cache": {"samples_per_s": 2.0}, "naive": {"samples_per_s": 0.5}}}}))
-    hours, _ = device_hours("sample", 100, "samples", identity(cfg, "sample"), load_measurements(tmp_path))
+            "kv_cache": {"samples_per_s": 2.0}, "naive": {"samples_per_s": 0.5}}}}))  # deep_layers: None, absent
+    hours, _ = device_hours("sample", {"samples": 100}, identity(cfg, "sample"), load_measurements(tmp_path))
     assert hours["rate"] == 2.0 and hours["device"] == "cpu"
 
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU benchmark: one prepared command, under 8 minutes on one H200, printing one JSON object.
+#
+#   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at bf16 on synthetic 256 px JPEG shards
+#                              #       (whole path vs forward alone, MFU), flow training at the paper config's
+#                              #       width on random codes, KV-cache vs naive sampling at a paper-like width
+#   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this)
+#
+# Each part also lands as JSON in $SRCFLOW_BENCH_OUT (default: benchmarks/results on CUDA, a temp dir
+# with --cpu), where `srcflow plan` reads measured throughputs from.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+mode=cuda
+[ "${1:-}" = "--cpu" ] && mode=cpu
+if [ "$mode" = cpu ]; then out=${SRCFLOW_BENCH_OUT:-$(mktemp -d)}; else out=${SRCFLOW_BENCH_OUT:-benchmarks/results}; fi
+mkdir -p "$out"
+
+run() {  # name, limit (s), command...: a part that fails or times out is recorded, not fatal
+  local name=$1 limit=$2; shift 2
+  if timeout "$limit" "$@" > "$out/$name.json.tmp" 2> "$out/$name.log"; then
+    tail -n 1 "$out/$name.json.tmp" > "$out/$name.json"
+  else
+    echo "{\"benchmark\": \"$name\", \"error\": \"exit $? (see $name.log)\"}" > "$out/$name.json"
+  fi
+  rm -f "$out/$name.json.tmp"
+}
+
+if [ "$mode" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || true
+  run encode-cuda 130 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 2048 --batch 256 \
+      --rss-images 128 --write-mb 500 --repeats 1
+  run train_flow-cuda 60 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
+      --batch 256 --steps 10
+  run sample-cuda 80 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 16
+else
+  run encode-cpu-smoke 300 "$PY" -m benchmarks.encode --device cpu --arch smoke --images 32 --batch 16 \
+      --rss-images 16 --write-mb 16 --repeats 1
+  run train_flow-cpu-smoke 120 "$PY" benchmarks/train_flow.py --config configs/smoke.yaml --device cpu --steps 3
+  run sample-cpu-smoke 300 "$PY" -m benchmarks.sample --device cpu --batch 1 --width 32 --heads 2 --blocks 2 \
+      --layers 1 --tokens 16 --channels 4
+fi
+
+"$PY" - "$out" "$mode" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out, mode = Path(sys.argv[1]), sys.argv[2]
+tag = "-cuda" if mode == "cuda" else "-cpu-smoke"
+parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob(f"*{tag}.json"))}
+gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else None
+print(json.dumps({"mode": mode, "gpu": gpu, "results": parts}, indent=2))
+PYEOF

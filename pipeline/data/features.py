@@ -1,0 +1,73 @@
+"""Reading `features.zarr`: the normalized RAE features that the SRC sees (SRC-FLOW.md, RAE step 2).
+
+z = (f - mean) / sqrt(var + 1e-5) per position, with either the statistics computed by `encode`
+(exact, over the train rows) or RAE's released ones (`encode.stats: file`; mean may be None).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from storage_schemas.zarr_layouts import FEATURES
+
+EPS = 1e-5
+
+
+class FeatureNormalizer:
+    def __init__(self, mean: torch.Tensor | None, var: torch.Tensor):
+        """mean/var: (C, H, W) as RAE stores them; applied to (B, T, C) token rows."""
+        c = var.shape[0]
+        self.mean = None if mean is None else mean.reshape(c, -1).T.contiguous().float()
+        self.std = (var.reshape(c, -1).T.double() + EPS).sqrt().float()
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        f = features.float()
+        if self.mean is not None:
+            f = f - self.mean.to(f.device)
+        return f / self.std.to(f.device)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        f = z.float() * self.std.to(z.device)
+        return f if self.mean is None else f + self.mean.to(z.device)
+
+
+def load_normalizer(store: Path, stats: str = "computed", stats_file: str | None = None) -> FeatureNormalizer:
+    if stats == "computed":
+        group = zarr.open_group(str(store), mode="r")
+        return FeatureNormalizer(torch.from_numpy(group["stats_mean"][...]), torch.from_numpy(group["stats_var"][...]))
+    return FeatureNormalizer(*load_released_stats(stats_file))
+
+
+def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """RAE's released statistics: a dict {'mean': (C,H,W) or None, 'var': (C,H,W)} (a leading 1 is allowed)."""
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"encode.stats_file: {path} does not exist (expected RAE's released statistics, "
+                                f"a torch file holding {{'mean': tensor or None, 'var': tensor}})")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "var" not in obj:
+        raise ValueError(f"encode.stats_file: {path} holds no 'var' entry (keys: {list(obj) if isinstance(obj, dict) else type(obj).__name__})")
+    squeeze = lambda t: None if t is None else torch.as_tensor(t).float().reshape(torch.as_tensor(t).shape[-3:])  # noqa: E731
+    return squeeze(obj.get("mean")), squeeze(obj["var"])
+
+
+def open_features(store: Path) -> tuple[zarr.Group, dict]:
+    """The validated group and its attrs; refuses a store of an unknown layout or version."""
+    attrs = FEATURES.validate(store)
+    return zarr.open_group(str(store), mode="r"), attrs
+
+
+def read_features(group: zarr.Group, rows: slice | np.ndarray) -> torch.Tensor:
+    """Rows of `features` as float32 tensors."""
+    values = group["features"][rows] if isinstance(rows, slice) else group["features"].get_orthogonal_selection((rows,))
+    return torch.from_numpy(widen(values))
+
+
+def widen(values: np.ndarray) -> np.ndarray:
+    """Stored features -> float32, exactly: float16 casts; bf16 bits (stored as uint16) are the top half of a float32."""
+    if values.dtype == np.uint16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)

@@ -1,0 +1,380 @@
+"""ImageNet on disk: find the layout, list the images with their labels, and turn each
+file's bytes into a JPEG the rest of the pipeline can trust.
+
+Facts handled (SRC-FLOW.md, "ImageNet facts a loader must handle"):
+- label = index of the synset among the sorted train synsets (n01440764 = 0), the same for
+  train and val;
+- two layouts: ImageFolder (train/<synset>/*, val/<synset>/*) and Kaggle ILSVRC (train as
+  ImageFolder, val/ flat + LOC_val_solution.csv whose PredictionString starts with the
+  synset); the Kaggle download root (ILSVRC/Data/CLS-LOC/{train,val}, csv at the root) is
+  accepted as is;
+- 22 CMYK JPEGs, one PNG named .JPEG and some grayscale images in train: converted once to
+  an RGB JPEG; every RGB JPEG is kept byte for byte.
+
+`SourceImage.rel_path` is always relative to the `root` the caller passed, so
+`Path(root) / rel_path` opens the file whichever layout or nesting `root` has.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+Layout = Literal["imagefolder", "kaggle"]
+
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+VAL_SOLUTION_CSV = "LOC_val_solution.csv"
+KAGGLE_DATA_DIR = Path("ILSVRC", "Data", "CLS-LOC")
+
+# One fixed encoder setting for every converted image, so conversion is deterministic
+# (for a given libjpeg build): baseline, 4:4:4, quality 95, no metadata carried over.
+JPEG_QUALITY = 95
+_JPEG_SAVE_ARGS = dict(format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False,
+                       progressive=False)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image file of the source dataset."""
+
+    split: str  # "train" | "val"
+    rel_path: str  # posix path relative to the root passed to scan_split
+    synset: str  # WordNet id, e.g. "n01440764"
+    label: int  # index of `synset` in list_synsets(root, layout)
+
+
+class RejectedImage(Exception):
+    """The bytes are not a decodable image; `.reason` says why in a few words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------
+# Layout and listing
+
+
+def detect_layout(root: str | os.PathLike) -> Layout:
+    """'imagefolder' when val/ holds one folder per synset, 'kaggle' when val/ is flat and
+    LOC_val_solution.csv sits at `root` or next to val/."""
+    data_dir = _data_dir(root)
+    val_dir = data_dir / "val"
+    has_class_dirs = has_images = False
+    with os.scandir(val_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                has_class_dirs = True
+            elif _is_image_name(entry.name):
+                has_images = True
+    if has_class_dirs and not has_images:
+        return "imagefolder"
+    if has_images and not has_class_dirs:
+        if _val_solution_csv(root) is None:
+            raise ValueError(f"{val_dir} is flat (Kaggle layout) but no {VAL_SOLUTION_CSV} "
+                             f"was found in {Path(root)} or {data_dir}")
+        return "kaggle"
+    found = "both synset folders and image files" if has_class_dirs else "no images"
+    raise ValueError(f"cannot tell the layout of {val_dir}: it holds {found}; expected either "
+                     f"val/<synset>/<images> (ImageFolder) or flat val/<images> + "
+                     f"{VAL_SOLUTION_CSV} (Kaggle)")
+
+
+def list_synsets(root: str | os.PathLike, layout: Layout) -> list[str]:
+    """Sorted train synsets; a synset's label is its index in this list (both splits)."""
+    _check_layout(layout)
+    train_dir = _data_dir(root) / "train"
+    with os.scandir(train_dir) as entries:
+        synsets = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    if not synsets:
+        raise ValueError(f"{train_dir} has no synset folders; expected train/<synset>/<images>")
+    return synsets
+
+
+def scan_split(
+    root: str | os.PathLike,
+    split: str,
+    layout: Layout,
+    *,
+    classes: list[str] | int | None = None,
+    max_per_class: int | None = None,
+) -> tuple[list[SourceImage], dict[str, int]]:
+    """List one split's images in a deterministic order, with labels.
+
+    Order: by synset then file name (Kaggle val: by file name, label from the csv).
+    `classes`: explicit synsets, or a count N for the first N sorted synsets; labels stay
+    the full-dataset indices either way. `max_per_class`: the first K files per class in
+    that order. Returns (images, ignored) where ignored counts skipped files by reason:
+    hidden, not_an_image_extension, no_label_in_csv, not_a_file (a folder where an image
+    was expected), outside_class_folder, synset_not_in_train. Files of synsets outside the
+    selection are skipped without being counted.
+    """
+    _check_layout(layout)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if max_per_class is not None and max_per_class < 1:
+        raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
+    root = Path(root)
+    data_dir = _data_dir(root)
+    rel_split = (data_dir / split).relative_to(root).as_posix()
+    synsets = list_synsets(root, layout)
+    labels = {s: i for i, s in enumerate(synsets)}
+    selected = _select_classes(synsets, classes, root)
+    ignored: dict[str, int] = {}
+
+    if split == "val" and layout == "kaggle":
+        images = _scan_flat_val(root, data_dir / "val", rel_split, labels, set(selected),
+                                max_per_class, ignored)
+    else:
+        images = _scan_class_folders(data_dir / split, rel_split, labels, selected,
+                                     max_per_class, ignored)
+    return images, ignored
+
+
+def listing_digest(images: list[SourceImage], root: str | os.PathLike) -> str:
+    """sha256 over one line per image, in the given order: split, rel_path, label and file
+    size. The dataset's identity for fingerprints: a renamed, relabelled, added, removed or
+    resized file changes it."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for im in images:
+        size = os.stat(root / im.rel_path).st_size
+        h.update(f"{im.split}\t{im.rel_path}\t{im.label}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Bytes -> trusted JPEG
+
+
+def prepare_image_bytes(raw: bytes) -> tuple[bytes, dict]:
+    """Decode `raw` fully and return (jpeg_bytes, info).
+
+    An RGB JPEG (baseline or progressive) comes back byte for byte, so decoding the stored
+    bytes gives exactly what a reference loader reading the original gets. Anything else
+    (CMYK or grayscale JPEG, PNG or another format under a .JPEG name, alpha or palette
+    images composited on white, 16-bit images) is converted once to an RGB baseline JPEG
+    with fixed settings (quality 95, 4:4:4). info = {orig_format, orig_mode, width, height,
+    converted}. Raises RejectedImage for empty, truncated or undecodable bytes.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; "
+                           "prepare_image_bytes needs it False to reject truncated files")
+    if not raw:
+        raise RejectedImage("empty file")
+    img = _decode(raw)
+    info = {"orig_format": img.format, "orig_mode": img.mode, "width": img.width,
+            "height": img.height, "converted": False}
+    if img.format == "JPEG" and img.mode == "RGB":
+        return bytes(raw), info
+    rgb = _to_rgb(img)
+    buf = io.BytesIO()
+    rgb.save(buf, **_JPEG_SAVE_ARGS)
+    info["converted"] = True
+    return buf.getvalue(), info
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in ("imagefolder", "kaggle"):
+        raise ValueError(f"layout must be 'imagefolder' or 'kaggle', got {layout!r}")
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _data_dir(root: str | os.PathLike) -> Path:
+    """The folder holding train/ and val/: `root` itself, or ILSVRC/Data/CLS-LOC below a
+    Kaggle download root."""
+    root = Path(root)
+    for candidate in (root, root / KAGGLE_DATA_DIR):
+        if (candidate / "train").is_dir() and (candidate / "val").is_dir():
+            return candidate
+    raise ValueError(f"{root} holds neither train/ and val/ nor {KAGGLE_DATA_DIR.as_posix()}"
+                     f"/{{train,val}}; expected an ImageNet root in ImageFolder or Kaggle layout")
+
+
+def _val_solution_csv(root: str | os.PathLike) -> Path | None:
+    for candidate in (Path(root) / VAL_SOLUTION_CSV, _data_dir(root) / VAL_SOLUTION_CSV):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_val_solution(path: Path) -> dict[str, str]:
+    """ImageId -> synset (first token of PredictionString)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise ValueError(f"{path} must have columns ImageId,PredictionString; "
+                             f"found {reader.fieldnames}")
+        solution = {}
+        for row in reader:
+            tokens = (row["PredictionString"] or "").split()
+            if tokens:
+                solution[row["ImageId"]] = tokens[0]
+    return solution
+
+
+def _select_classes(synsets: list[str], classes: list[str] | int | None, root: Path) -> list[str]:
+    if classes is None:
+        return synsets
+    if isinstance(classes, bool) or not isinstance(classes, (int, list, tuple)):
+        raise ValueError(f"classes must be a list of synsets, a count or None, got {classes!r}")
+    if isinstance(classes, int):
+        if not 1 <= classes <= len(synsets):
+            raise ValueError(f"classes={classes} but {root} has {len(synsets)} train synsets; "
+                             f"expected 1..{len(synsets)}")
+        return synsets[:classes]
+    known = set(synsets)
+    unknown = [s for s in classes if s not in known]
+    if unknown:
+        raise ValueError(f"classes {unknown[:5]} are not train synsets of {root}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes lists a synset more than once: {list(classes)}")
+    return sorted(classes)
+
+
+def _count(ignored: dict[str, int], reason: str) -> None:
+    ignored[reason] = ignored.get(reason, 0) + 1
+
+
+def _skip_reason(entry: os.DirEntry) -> str | None:
+    if entry.name.startswith("."):
+        return "hidden"
+    if not entry.is_file():
+        return "not_a_file"
+    if not _is_image_name(entry.name):
+        return "not_an_image_extension"
+    return None
+
+
+def _scan_class_folders(split_dir: Path, rel_split: str, labels: dict[str, int],
+                        selected: list[str], max_per_class: int | None,
+                        ignored: dict[str, int]) -> list[SourceImage]:
+    split = split_dir.name
+    wanted = set(selected)
+    present = set()
+    with os.scandir(split_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                _count(ignored, "hidden")
+            elif not entry.is_dir():
+                _count(ignored, "outside_class_folder")
+            elif entry.name in wanted:
+                present.add(entry.name)
+            elif entry.name not in labels:
+                # A val folder whose synset has no train folder: no label to give it.
+                with os.scandir(entry.path) as files:
+                    for _ in files:
+                        _count(ignored, "synset_not_in_train")
+    images = []
+    for synset in selected:
+        if synset not in present:
+            continue
+        names = []
+        with os.scandir(split_dir / synset) as entries:
+            for entry in entries:
+                reason = _skip_reason(entry)
+                if reason:
+                    _count(ignored, reason)
+                else:
+                    names.append(entry.name)
+        names.sort()
+        if max_per_class is not None:
+            names = names[:max_per_class]
+        label = labels[synset]
+        images += [SourceImage(split, f"{rel_split}/{synset}/{n}", synset, label) for n in names]
+    return images
+
+
+def _scan_flat_val(root: Path, val_dir: Path, rel_split: str, labels: dict[str, int],
+                   wanted: set[str], max_per_class: int | None,
+                   ignored: dict[str, int]) -> list[SourceImage]:
+    csv_path = _val_solution_csv(root)
+    if csv_path is None:
+        raise ValueError(f"{val_dir} is flat (Kaggle layout) but no {VAL_SOLUTION_CSV} was "
+                         f"found in {root} or {val_dir.parent}")
+    solution = _read_val_solution(csv_path)
+    names = []
+    with os.scandir(val_dir) as entries:
+        for entry in entries:
+            reason = _skip_reason(entry)
+            if reason:
+                _count(ignored, reason)
+            else:
+                names.append(entry.name)
+    names.sort()
+    images, taken = [], {}
+    for name in names:
+        synset = solution.get(os.path.splitext(name)[0])
+        if synset is None:
+            _count(ignored, "no_label_in_csv")
+            continue
+        if synset not in labels:
+            _count(ignored, "synset_not_in_train")
+            continue
+        if synset not in wanted:
+            continue
+        if max_per_class is not None and taken.get(synset, 0) >= max_per_class:
+            continue
+        taken[synset] = taken.get(synset, 0) + 1
+        images.append(SourceImage("val", f"{rel_split}/{name}", synset, labels[synset]))
+    return images
+
+
+_KNOWN_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+
+
+def _decode(raw: bytes) -> Image.Image:
+    """Open and fully decode (img.load()), mapping failures to RejectedImage."""
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except UnidentifiedImageError:
+        if raw.startswith(_KNOWN_SIGNATURES):  # a header PIL cannot get past: cut short
+            raise RejectedImage("truncated: image header incomplete") from None
+        raise RejectedImage("not an image: no image format recognised") from None
+    except Image.DecompressionBombError as e:
+        raise RejectedImage(f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        message = str(e)
+        if "truncated" in message.lower() or isinstance(e, EOFError):
+            raise RejectedImage(f"truncated: {message}") from None
+        raise RejectedImage(f"undecodable: {message}") from None
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any decoded image: alpha composited on white, 16/32-bit scaled to 8-bit."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _scale_to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (I;16*, or I/F holding values above 255) -> 8-bit, 65535 -> 255."""
+    a = np.asarray(img).astype(np.float64)
+    high = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+    a = np.clip(np.rint(a * (255.0 / high)), 0, 255).astype(np.uint8)
+    return Image.fromarray(a, "L")

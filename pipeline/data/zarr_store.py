@@ -1,0 +1,95 @@
+"""The one Zarr writer: per-row arrays filled by writers that each own whole shards, with commit markers.
+
+A store is created at its final size before any writer starts (STACK.md: resize once). Each
+job writes one row range made of whole Zarr shards of every array, then writes its commit
+marker `commits/{k:06d}.npz` (atomically, with any per-shard partial results such as
+statistics). A killed run redoes exactly the shards without a marker, so the final store is
+bit-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from storage_schemas.success import write_atomic
+from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout
+
+
+@dataclass(frozen=True)
+class ShardRange:
+    index: int
+    start: int
+    stop: int
+
+
+def shard_ranges(n_rows: int, rows_per_shard: int) -> list[ShardRange]:
+    return [ShardRange(k, s, min(s + rows_per_shard, n_rows)) for k, s in enumerate(range(0, n_rows, rows_per_shard))]
+
+
+def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int, rows_per_chunk: int,
+                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict) -> None:
+    """A fresh group: `row_shapes[name] = (shape after the row axis, on-disk dtype)` for each per-row array."""
+    if Path(path).exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", attributes={"srcflow_schema": layout.kind,
+                                                               "schema_version": SCHEMA_VERSION, **attrs})
+    chunk = min(rows_per_chunk, rows_per_shard)
+    for name, spec in layout.arrays.items():
+        if not spec.per_row:
+            continue
+        tail, dtype = row_shapes.get(name, ((), spec.dtype))
+        big = len(tail) > 0
+        group.create_array(
+            name, shape=(n_rows, *tail), dtype=str if dtype == "str" else dtype,
+            chunks=(chunk if big else rows_per_shard, *tail), shards=(rows_per_shard, *tail),
+            # features and codes are incompressible float (STACK.md): spend no CPU on them
+            compressors=None if big else BloscCodec(cname="zstd", clevel=3),
+            dimension_names=spec.dims, fill_value="" if dtype == "str" else 0,
+        )
+
+
+def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write whole shards starting at `start` (the caller owns these rows in every array)."""
+    group = zarr.open_group(str(path), mode="r+")
+    for name, values in arrays.items():
+        group[name][start:start + len(values)] = values
+
+
+def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                             dimension_names=dims, overwrite=True)
+    arr[...] = values
+
+
+class Commits:
+    """Commit markers of a row store: `dir/{k:06d}.npz`, each holding that shard's partial results."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    def path(self, k: int) -> Path:
+        return self.dir / f"{k:06d}.npz"
+
+    def done(self, k: int) -> bool:
+        return self.path(k).is_file()
+
+    def any(self) -> bool:
+        return self.dir.is_dir() and any(self.dir.glob("*.npz"))
+
+    def write(self, k: int, **partials: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **partials)
+        write_atomic(self.path(k), buf.getvalue())
+
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        with np.load(self.path(k)) as z:
+            return {name: z[name] for name in z.files}

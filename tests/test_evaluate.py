@@ -1,0 +1,264 @@
+"""Specification of stages `reference` and `evaluate`: Inception statistics as an artifact, metrics per CFG scale.
+
+Every metric here comes from a seeded stand-in Inception: it proves the code path, never an FID.
+The `sample` stage is faked: its output is committed into the store at the fingerprint the plan
+gives it, with ADM-format `samples-cfg{w}.npz` made from the reference images themselves (w=1.0)
+and a colour-shifted copy (w=0.0). Inception costs ~0.1-0.5 s per image on CPU and each FID a
+2048 x 2048 eigenproblem (seconds), so the module runs the pipeline once on 4 reference images
+(one per class) and 2 x 4 samples, and every test reads that run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from typer.testing import CliRunner
+
+from pipeline.artifacts import ArtifactStore, now
+from pipeline.cli import app, headline
+from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.metrics.fidelity import WEIGHTS_FILE, fid_statistics, load_reference, make_standin_inception_weights
+from pipeline.runner import plan, run_pipeline
+from stages import evaluate, reference
+from storage_schemas.evaluation import read_metrics
+from tests.conftest import SMOKE
+
+CLASSES = 4  # the tiny test dataset
+BASE = ("reference.max_images=4", "reference.pr_images=4", "reference.loader_threads=1", "sample.per_class=1",
+        "sample.cfg_scale=[0.0, 1.0]", "evaluate.kid_subset_size=4", "evaluate.batch_size=4",
+        "evaluate.make_standin=false")
+METRICS = ("fid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two shared cores: a second BLAS/OpenMP thread spins instead of helping.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "standin-inception.pth"
+    return SimpleNamespace(path=path, sha=make_standin_inception_weights(path, seed=0))
+
+
+@pytest.fixture(scope="module")
+def evaluated(module_config, weights):
+    cfg = module_config(*BASE, f"evaluate.inception_weights={weights.path}")
+    shard_dir = run_pipeline(cfg, until="shard")["shard"].dir
+    crops, labels = first_train_crop_per_class(shard_dir, cfg.data.resolution)
+    fake_sample_output(cfg, {0.0: colour_shift(crops), 1.0: crops}, labels, metrics={"bits_per_dim": 1.25})
+    manifests = run_pipeline(cfg, only=["reference", "evaluate"])
+    report = json.loads((manifests["evaluate"].dir / "metrics.json").read_text())
+    return SimpleNamespace(cfg=cfg, crops=crops, labels=labels, manifests=manifests, report=report,
+                           by_scale={e["cfg_scale"]: e for e in report["evaluations"]},
+                           reference=load_reference(manifests["reference"].dir / "reference.npz"))
+
+
+def first_train_crop_per_class(shard_dir, resolution):
+    """The images a class-balanced selection of 4 must take: each class's first train image."""
+    rows = manifest_rows(shard_dir, ("train",))
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r["label"], r)
+    picked = [firsts[c] for c in sorted(firsts)]
+    tars = sorted({str(shard_dir / "shards" / r["shard"]) for r in picked})
+    jpegs = dict(iter_jpegs(tars, {r["key"] for r in picked}))
+    crops = np.stack([decode_crop(jpegs[r["key"]], resolution) for r in picked])
+    return crops, np.array([r["label"] for r in picked])
+
+
+def colour_shift(images):
+    return np.clip(images.astype(np.int16) + np.array([60, -40, 0]), 0, 255).astype(np.uint8)
+
+
+def fake_sample_output(cfg, sample_sets: dict, labels, metrics: dict) -> None:
+    """Commit what the sample stage writes (ADM npz per CFG scale) at the fingerprint the plan expects."""
+    p = {p.name: p for p in plan(cfg)}["sample"]
+    store = ArtifactStore(cfg.storage.root)
+    out = store.open_output("sample", p.fingerprint)
+    for cfg_scale, images in sample_sets.items():
+        np.savez(out.path / f"samples-cfg{cfg_scale}.npz", arr_0=images, labels=labels,
+                 nonfinite=np.zeros(len(images), bool))
+    store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
+                 external=p.external, started=now(), metrics=metrics)
+
+
+def test_fid_of_samples_against_their_own_reference_is_zero(evaluated):
+    own = evaluated.by_scale[1.0]
+    assert abs(own["fid"]) < 1e-3 * np.trace(evaluated.reference["sigma"])
+    assert (own["precision"], own["recall"]) == (1.0, 1.0)
+    assert all(math.isfinite(own[k]) for k in METRICS)
+
+
+def test_fid_rises_when_the_samples_shift(evaluated):
+    shifted, own = evaluated.by_scale[0.0], evaluated.by_scale[1.0]
+    assert shifted["fid"] > own["fid"] + 0.1 * np.trace(evaluated.reference["sigma"])
+    assert all(math.isfinite(shifted[k]) for k in METRICS)
+
+
+def test_reference_is_class_balanced_train_statistics_at_the_data_resolution(evaluated):
+    meta = evaluated.reference["meta"]
+    assert meta | {"source": "train-shards", "num_images": CLASSES, "pr_images": CLASSES, "resolution": 32,
+                   "shard_fingerprint": evaluated.manifests["reference"].upstream["shard"]} == meta
+    # the samples at w=1.0 are exactly each class's first train image: their features are the reference's
+    assert evaluated.by_scale[1.0]["fid"] == pytest.approx(0, abs=1e-3 * np.trace(evaluated.reference["sigma"]))
+    assert evaluated.manifests["reference"].metrics["inception_weights"] == "stand-in"
+
+
+def test_metrics_json_labels_every_number_and_marks_the_stand_in(evaluated, weights):
+    report = read_metrics(evaluated.manifests["evaluate"].dir / "metrics.json")  # the schema's validator
+    assert report == evaluated.report and report["schema_version"] == 1
+    assert report["inception_weights"] == "stand-in" and report["inception_weights_sha256"] == weights.sha
+    assert [e["cfg_scale"] for e in report["evaluations"]] == [0.0, 1.0]
+    for e in report["evaluations"]:
+        assert e | {"evaluator": "torch-fidelity", "evaluator_version": torch_fidelity.__version__,
+                    "feature_extractor": "inception-v3-compat", "inception_weights": "stand-in",
+                    "inception_weights_sha256": weights.sha, "inception_weights_official": False,
+                    "num_samples": CLASSES, "num_reference": CLASSES, "pr_k": 3, "num_classes": CLASSES,
+                    "samples_per_class": 1, "samples_file": f"samples-cfg{e['cfg_scale']}.npz", "nonfinite_samples": 0,
+                    "flow": {"sample.bits_per_dim": 1.25}} == e
+        assert e["reference"] | {"source": "train-shards", "num_images": CLASSES, "pr_images": CLASSES,
+                                 "fingerprint": evaluated.manifests["reference"].fingerprint} == e["reference"]
+
+
+def test_stage_metrics_are_flat_per_cfg_scale_and_status_shows_the_fid(evaluated):
+    metrics, out = evaluated.manifests["evaluate"].metrics, evaluated.manifests["evaluate"].dir
+    for w, e in evaluated.by_scale.items():
+        assert metrics[f"fid_cfg{w}"] == e["fid"] and metrics[f"is_cfg{w}"] == e["inception_score_mean"]
+        assert metrics[f"kid_cfg{w}"] == e["kid_mean"] and metrics[f"precision_cfg{w}"] == e["precision"]
+        assert (out / f"grid-cfg{w}.png").is_file()
+    assert metrics["inception_weights"] == "stand-in" and metrics["sample.bits_per_dim"] == 1.25
+    assert headline(metrics).startswith("fid_cfg0.0=")
+    assert "Stand-in Inception weights" in (out / "report.md").read_text()
+
+
+def test_reference_is_reused_on_a_second_run(evaluated, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(reference, "train_reference", fail)
+    monkeypatch.setattr(evaluate, "metrics_from_features", fail)
+    before = (evaluated.manifests["reference"].dir / "reference.npz").stat().st_mtime_ns
+    again = run_pipeline(evaluated.cfg, only=["reference", "evaluate"])
+    for name in ("reference", "evaluate"):
+        assert again[name] == evaluated.manifests[name]  # the committed manifest, read back: same `ended`
+    assert (evaluated.manifests["reference"].dir / "reference.npz").stat().st_mtime_ns == before
+
+
+def test_other_inception_weights_invalidate_the_reference_and_the_metrics(evaluated, module_config, tmp_path):
+    other = tmp_path / "other-inception.pth"
+    other_sha = make_standin_inception_weights(other, seed=1)
+    planned = {p.name: p for p in plan(module_config(*BASE, f"evaluate.inception_weights={other}"))}
+    assert planned["shard"].state == "done"
+    for name in ("reference", "evaluate"):
+        assert planned[name].external["inception_weights"] == other_sha
+        assert planned[name].fingerprint != evaluated.manifests[name].fingerprint
+        assert planned[name].state == "stale"  # the old output stays; the new weights need a new one
+
+
+def test_missing_weights_fail_at_plan_time_with_one_line(make_config, tiny_root, tmp_path):
+    absent = tmp_path / "absent" / WEIGHTS_FILE
+    cfg = make_config(f"evaluate.inception_weights={absent}", "evaluate.make_standin=false")
+    with pytest.raises(FileNotFoundError) as err:
+        run_pipeline(cfg)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"evaluate.inception_weights: {absent} does not exist")
+    assert WEIGHTS_FILE in message and "place it locally" in message
+    assert not any((tmp_path / "artifacts").glob("*/*/"))  # no stage ran: no sampling work wasted
+
+    overrides = [f"storage.root={tmp_path / 'cli'}", f"data.root={tiny_root}", "data.generate_tiny=null",
+                 f"evaluate.inception_weights={absent}", "evaluate.make_standin=false"]
+    result = CliRunner().invoke(app, ["run", "--config", str(SMOKE), *(a for o in overrides for a in ("--set", o))])
+    assert result.exit_code == 2 and WEIGHTS_FILE in result.output
+    assert not (tmp_path / "cli").exists()
+
+
+def test_make_standin_writes_seeded_weights_at_plan_time(make_config, tmp_path, weights):
+    path = tmp_path / "weights" / "standin-inception.pth"
+    cfg = make_config(f"evaluate.inception_weights={path}", "evaluate.make_standin=true")
+    assert evaluate.external_inputs(cfg) == {"inception_weights": weights.sha}  # seed 0: the same bytes
+    assert path.is_file() and reference.external_inputs(cfg)["inception_weights"] == weights.sha
+
+
+def test_adm_npz_reference_gives_the_same_fid_as_train_statistics_of_the_same_images(
+        evaluated, module_config, weights, tmp_path):
+    # ADM's layout: mu/sigma of the images' pool features, mu_s/sigma_s (sFID, unused), arr_0 for P/R.
+    train = evaluated.reference
+    stats = fid_statistics(train["pr_features"])  # np.cov over the same 4 images' features
+    np.testing.assert_allclose(train["mu"], stats["mu"], rtol=1e-12)
+    np.testing.assert_allclose(train["sigma"], stats["sigma"], rtol=1e-9, atol=1e-12)
+    npz = tmp_path / "VIRTUAL_fake_labeled.npz"
+    np.savez(npz, mu=stats["mu"], sigma=stats["sigma"], mu_s=np.zeros(4), sigma_s=np.eye(4), arr_0=evaluated.crops)
+
+    cfg = module_config(*BASE, f"evaluate.inception_weights={weights.path}", "sample.cfg_scale=[0.0]",
+                        "reference.kind=adm_npz", f"reference.path={npz}")
+    fake_sample_output(cfg, {0.0: colour_shift(evaluated.crops)}, evaluated.labels, metrics={})
+    manifests = run_pipeline(cfg, only=["reference", "evaluate"])
+    assert manifests["reference"].external_inputs["adm_reference"] == reference.adm_reference_digest(cfg)
+    (adm_eval,) = json.loads((manifests["evaluate"].dir / "metrics.json").read_text())["evaluations"]
+    assert adm_eval["fid"] == pytest.approx(evaluated.by_scale[0.0]["fid"], rel=1e-6)
+    assert adm_eval["reference"]["source"] == "adm-npz" and adm_eval["reference"]["file"] == npz.name
+    # arr_0's features (through fidelity's Dataset path) are those the train stream computed
+    adm = load_reference(manifests["reference"].dir / "reference.npz")
+    np.testing.assert_allclose(adm["pr_features"], train["pr_features"], rtol=1e-5)
+    assert adm_eval["precision"] == evaluated.by_scale[0.0]["precision"]
+
+
+def test_adm_reference_path_is_checked_at_plan_time(make_config, weights, tmp_path):
+    cfg = make_config(f"evaluate.inception_weights={weights.path}", "reference.kind=adm_npz",
+                      f"reference.path={tmp_path / 'VIRTUAL_imagenet256_labeled.npz'}")
+    with pytest.raises(FileNotFoundError, match=r"^reference.path: .*VIRTUAL_imagenet256_labeled.npz does not exist"):
+        plan(cfg)
+
+
+def test_a_missing_cfg_scale_file_fails_with_one_line(tmp_path):
+    np.savez(tmp_path / "samples-cfg1.0.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    assert evaluate.find_samples(tmp_path, [1]) == [(1.0, tmp_path / "samples-cfg1.0.npz")]
+    with pytest.raises(FileNotFoundError, match=r"no samples-cfg2.5.npz for sample.cfg_scale 2.5 \(has: "
+                                                r"samples-cfg1.0.npz\)"):
+        evaluate.find_samples(tmp_path, [1.0, 2.5])
+
+
+def test_uncompressed_samples_are_memory_mapped_and_compressed_ones_read(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", arr_0=images, labels=np.arange(3))
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=images, labels=np.arange(3))
+    mapped, labels, nonfinite = evaluate.open_samples(tmp_path / "plain.npz")
+    assert isinstance(mapped, np.memmap) and (labels == np.arange(3)).all() and nonfinite is None
+    np.testing.assert_array_equal(mapped, images)
+    np.testing.assert_array_equal(evaluate.open_samples(tmp_path / "packed.npz")[0], images)
+    np.savez(tmp_path / "bad.npz", arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"arr_0 must be \(N, H, W, 3\) uint8"):
+        evaluate.open_samples(tmp_path / "bad.npz")
+
+
+def test_class_balanced_order_takes_classes_round_robin():
+    rows = [{"label": label} for label in (0, 0, 0, 1, 1, 2)]
+    assert reference.class_balanced_order(rows) == [0, 3, 5, 1, 4, 2]
+
+
+def test_streamed_statistics_equal_np_cov_and_survive_a_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.gamma(2.0, 0.3, (23, 2048)).astype(np.float32)  # post-ReLU-like, non-negative
+    keep = np.arange(23) % 3 == 0
+    acc = reference.Accumulator()
+    acc.add(features[:10], keep[:10])
+    acc.save(tmp_path / "accumulator.npz")
+    resumed = reference.Accumulator.load(tmp_path / "accumulator.npz")
+    resumed.add(features[10:], keep[10:])
+    mu, sigma = resumed.statistics()
+    expected = fid_statistics(features)
+    np.testing.assert_allclose(mu, expected["mu"], rtol=1e-12)
+    np.testing.assert_allclose(sigma, expected["sigma"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(resumed.pr_features, features[keep])
+    assert resumed.count == 23

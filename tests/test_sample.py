@@ -1,0 +1,184 @@
+"""Stage `sample` on a short real chain (shard -> encode -> fit_decoder -> fit_src -> compress -> train_flow),
+sized for CI: class colours survive the whole chain, sharding / resume / CFG w = 0 give the same samples,
+the ADM file format, and NaN samples are counted, never resampled.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import StageOutput
+from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.runner import run_pipeline
+from stages import sample
+from stages.sample import labels_of, load_models, sample_noise
+
+# The test dataset (4 classes x 12 train + 4 val, 32 px) through the smoke encoder; a tiny RAE decoder
+# (32 px out) and flow, trained just long enough for the class colours to come through.
+CHAIN = ("runtime.device=cpu", "encode.rows_per_shard=16", "encode.rows_per_chunk=4",
+         "decoder.hidden_size=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64",
+         "decoder.patch_size=4", "fit_decoder.steps=300", "fit_decoder.batch_size=16", "fit_decoder.lr=2e-3",
+         "fit_decoder.report_images=8", "src.kind=pca", "src.report_images=8",
+         "flow.width=32", "flow.heads=2", "train.steps=250", "train.batch_size=16", "train.lr=3e-3",
+         "train.log_every=50", "sample.per_class=6", "sample.cfg_scale=[0.0,1.0]", "sample.batch_size=4",
+         "sample.chunk_size=8", "sample.grid_per_class=3")
+CLASSES, PER_CLASS = 4, 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead; one intra-op thread is faster and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chain(module_config):
+    """(config, manifests) of the whole chain through `sample`, run once for the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = module_config(*CHAIN)
+        return cfg, run_pipeline(cfg, until="sample")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_sample(chain, out_dir, *overrides):
+    """The sample stage into `out_dir` with operational / semantic overrides, against the chain's upstream."""
+    cfg, manifests = chain
+    from pipeline.config import apply_override, config_dict, validate_config
+
+    raw = config_dict(cfg)
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = validate_config(raw)
+    upstream = {name: manifests[name] for name in ("encode", "fit_src", "compress", "train_flow", "fit_decoder")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = sample.run(cfg, upstream, StageOutput("sample", "test", out_dir))
+    return metrics, out_dir
+
+
+def load(path):
+    with np.load(path) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def mean_colours(images, labels):
+    return np.stack([images[labels == k].reshape(-1, 3).astype(np.float64).mean(0) for k in range(CLASSES)])
+
+
+def test_samples_of_every_class_have_the_colour_of_that_class(chain):
+    cfg, manifests = chain
+    shard_dir = manifests["shard"].dir
+    rows = manifest_rows(shard_dir, ("train",))
+    jpegs = dict(iter_jpegs(sorted({str(shard_dir / "shards" / r["shard"]) for r in rows}), {r["key"] for r in rows}))
+    crops = np.stack([decode_crop(jpegs[r["key"]], cfg.data.resolution) for r in rows])
+    train = mean_colours(crops, np.array([r["label"] for r in rows]))
+    for w in (0.0, 1.0):
+        s = load(manifests["sample"].dir / f"samples-cfg{w}.npz")
+        distances = ((mean_colours(s["arr_0"], s["labels"])[:, None] - train[None]) ** 2).sum(-1)
+        assert distances.argmin(1).tolist() == list(range(CLASSES)), (w, distances.round())
+
+
+def test_held_out_bits_per_dim_beat_the_gaussian_baseline_after_smoke_training(chain):
+    m = chain[1]["train_flow"].metrics
+    assert m["val_bits_per_dim"] < m["val_gaussian_bits_per_dim"]
+    assert m["train_bits_per_dim"] < m["val_gaussian_bits_per_dim"]
+
+
+def test_sample_file_is_adm_format_with_balanced_labels_and_a_grid(chain):
+    out = chain[1]["sample"].dir
+    metrics = chain[1]["sample"].metrics
+    for w in (0.0, 1.0):
+        s = load(out / f"samples-cfg{w}.npz")
+        assert s["arr_0"].dtype == np.uint8 and s["arr_0"].shape == (CLASSES * PER_CLASS, 32, 32, 3)
+        assert s["labels"].tolist() == np.repeat(np.arange(CLASSES), PER_CLASS).tolist()
+        assert not s["nonfinite"].any() and metrics[f"nonfinite_cfg{w}"] == 0
+        assert (out / f"grid-cfg{w}.png").is_file()
+        from stages.evaluate import (
+            open_samples,  # the consumer memory-maps arr_0 of the stored .npz
+        )
+
+        images = open_samples(out / f"samples-cfg{w}.npz")[0]
+        assert isinstance(images, np.memmap) and np.array_equal(images, s["arr_0"])
+    assert not (out / "chunks").exists() and metrics["num_samples"] == CLASSES * PER_CLASS
+    assert not np.array_equal(load(out / "samples-cfg0.0.npz")["arr_0"], load(out / "samples-cfg1.0.npz")["arr_0"])
+
+
+def test_sharded_sampling_equals_unsharded(chain, tmp_path, monkeypatch):
+    """Other shards (chunks of 4, not 8), run in another order (last first): the same samples."""
+    real = sample.map_jobs
+    monkeypatch.setattr(sample, "map_jobs", lambda fn, jobs, **kw: real(fn, list(jobs)[::-1], **kw))
+    _, out = run_sample(chain, tmp_path, "sample.chunk_size=4", "sample.cfg_scale=[1.0]")
+    single = load(chain[1]["sample"].dir / "samples-cfg1.0.npz")
+    sharded = load(out / "samples-cfg1.0.npz")
+    assert np.array_equal(sharded["arr_0"], single["arr_0"]) and np.array_equal(sharded["labels"], single["labels"])
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(chain, tmp_path, monkeypatch):
+    real, calls = sample.write_atomic, []
+
+    def crash_on_third(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        real(path, data)
+
+    monkeypatch.setattr(sample, "write_atomic", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sample(chain, tmp_path)
+    assert len(list((tmp_path / "chunks").rglob("*.npz"))) == 2  # two chunks committed before the crash
+    monkeypatch.setattr(sample, "write_atomic", real)
+    metrics, _ = run_sample(chain, tmp_path)
+    assert metrics["samples_per_s"] > 0
+    for w in (0.0, 1.0):
+        resumed, straight = load(tmp_path / f"samples-cfg{w}.npz"), load(chain[1]["sample"].dir / f"samples-cfg{w}.npz")
+        assert all(np.array_equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_cfg_zero_equals_conditional_sampling_at_the_stage_level(chain, tmp_path):
+    from pipeline.models.rae import to_uint8_pixels
+
+    _, out = run_sample(chain, tmp_path, "sample.cfg_scale=[0.0]", "sample.cfg_mode=tarflow")
+    tarflow = load(out / "samples-cfg0.0.npz")["arr_0"]
+    starflow = load(chain[1]["sample"].dir / "samples-cfg0.0.npz")["arr_0"]
+    assert np.array_equal(tarflow, starflow)
+    # the conditional flow by hand: same per-sample noise, no guidance, SRC -> de-normalization -> RAE decoder
+    cfg, manifests = chain
+    flow, src, normalizer, decoder = load_models(sample.Models(cfg, {k: manifests[k] for k in (
+        "encode", "fit_src", "compress", "train_flow", "fit_decoder")}, "cpu"))
+    n = CLASSES * PER_CLASS
+    with torch.no_grad():
+        codes = flow.reverse(sample_noise(cfg.sample.seed, 0, n, (64, cfg.src.dim)), torch.from_numpy(labels_of(0, n, PER_CLASS)))
+        pixels = to_uint8_pixels(decoder(normalizer.inverse(src.decode(codes)))).numpy()
+    assert np.abs(pixels.astype(int) - tarflow.astype(int)).max() <= 1  # batch composition may round differently
+
+
+def test_nonfinite_samples_are_counted_and_blanked_never_resampled(chain, tmp_path, monkeypatch):
+    from pipeline.models.flow import TARFlow
+
+    real = TARFlow.reverse
+
+    def reverse(self, z, y, **kwargs):
+        x = real(self, z, y, **kwargs)
+        x[y == 2] = float("nan")  # every sample of class 2
+        return x
+
+    monkeypatch.setattr(TARFlow, "reverse", reverse)
+    metrics, out = run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]")
+    s = load(out / "samples-cfg1.0.npz")
+    assert metrics["nonfinite_cfg1.0"] == PER_CLASS and s["nonfinite"].tolist() == (s["labels"] == 2).tolist()
+    assert (s["arr_0"][s["labels"] == 2] == 0).all() and (s["arr_0"][s["labels"] != 2] > 0).any()
+
+
+def test_tweedie_denoising_moves_the_codes_along_the_score(chain, tmp_path, monkeypatch):
+    seen = []
+    real = sample.tweedie
+    monkeypatch.setattr(sample, "tweedie", lambda flow, x, y, sigma: seen.append(sigma) or real(flow, x, y, sigma))
+    metrics, out = run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]", "sample.denoise=tweedie")
+    assert seen and set(seen) == {chain[0].flow.noise_sigma} and metrics["nonfinite_cfg1.0"] == 0
+    denoised, plain = load(out / "samples-cfg1.0.npz")["arr_0"], load(chain[1]["sample"].dir / "samples-cfg1.0.npz")["arr_0"]
+    assert not np.array_equal(denoised, plain)

@@ -1,0 +1,240 @@
+"""Stage `train_flow`: the codes reader, exact resume after SIGTERM and SIGKILL, 2-process DDP, likelihood.
+
+Most tests run the stage function on a synthetic `codes.zarr` (3 classes whose codes differ by their
+mean, 2 views, 24 train + 6 val images of 8 tokens x 4 channels), so that a run takes a second.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from pipeline.artifacts import StageOutput
+from pipeline.config import load_config
+from pipeline.data.codes import CodeBatches, TrainCodes, WindowShuffle
+from pipeline.data.zarr_store import create_row_store, write_rows, write_small_array
+from stages import train_flow
+from stages.train_flow import TrainingStopped, load_flow
+from storage_schemas import SchemaError
+from storage_schemas.zarr_layouts import CODES
+from tests.conftest import REPO, SMOKE
+
+CLASSES, TRAIN, VAL, VIEWS, TOKENS, DIM = 3, 24, 6, 2, 8, 4
+FLOW = ("runtime.device=cpu", "runtime.progress=false", "flow.width=32", "flow.heads=2", "flow.num_blocks=2",
+        "flow.layers_per_block=1", "flow.deep_layers=null", "train.steps=12", "train.batch_size=8",
+        "train.warmup_steps=2", "train.lr=1e-3", "train.ema_decay=0.9", "train.log_every=1", "train.ckpt_every=5",
+        "train.shuffle_window=8", "train.eval_batch_size=5")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead; one intra-op thread is faster and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_codes(path: Path, rows_per_shard: int = 16, rows_per_chunk: int = 4) -> Path:
+    """A codes.zarr in the CODES layout: class k's codes are N(mean_k, 0.5^2) per channel, the flip view a
+    perturbed copy; train images first, then val."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 1.2, (CLASSES, 1, DIM))
+    images = TRAIN + VAL
+    labels = np.arange(images) % CLASSES
+    plain = means[labels] + 0.5 * rng.normal(size=(images, TOKENS, DIM))
+    flip = plain[:, ::-1] + 0.05 * rng.normal(size=plain.shape)
+    codes = np.stack([plain, flip], 1).reshape(images * VIEWS, TOKENS, DIM).astype(np.float32)
+    n = len(codes)
+    create_row_store(path, CODES, n, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk,
+                     row_shapes={"codes": ((TOKENS, DIM), "float32")},
+                     attrs={"features_fingerprint": "synthetic", "src_fingerprint": "synthetic",
+                            "views": ["plain", "flip"], "splits": {"train": [0, TRAIN * VIEWS], "val": [TRAIN * VIEWS, n]},
+                            "grid_size": 2})
+    write_rows(path, 0, {"codes": codes, "labels": np.repeat(labels, VIEWS).astype(np.int32),
+                         "keys": np.repeat([f"img{i}" for i in range(images)], VIEWS),
+                         "view": np.tile(np.arange(VIEWS, dtype=np.uint8), images),
+                         "split": np.repeat((np.arange(images) >= TRAIN).astype(np.uint8), VIEWS)})
+    train = codes[:TRAIN * VIEWS].astype(np.float64)
+    write_small_array(path, "code_mean", train.mean((0, 1)), ("code_channel",))
+    write_small_array(path, "code_std", train.std((0, 1)), ("code_channel",))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compress(tmp_path_factory):
+    """A stand-in for the compress Manifest: `.dir` holding codes.zarr."""
+    d = tmp_path_factory.mktemp("compress")
+    make_codes(d / "codes.zarr")
+    return SimpleNamespace(dir=d, fingerprint="synthetic")
+
+
+def config(*overrides):
+    return load_config(SMOKE, [*FLOW, *overrides])
+
+
+def train(compress, out_dir: Path, *overrides) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return train_flow.run(config(*overrides), {"compress": compress}, StageOutput("train_flow", "test", out_dir))
+
+
+def trajectory(out_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["nll"]) for r in train_flow.MetricsFile(out_dir / "metrics.jsonl").records()]
+
+
+def weights(out_dir: Path) -> dict:
+    return safetensors.torch.load_file(str(out_dir / "flow.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight(compress, tmp_path_factory):
+    """The uninterrupted reference run: (metrics, output dir)."""
+    out = tmp_path_factory.mktemp("straight")
+    return train(compress, out), out
+
+
+# --- the reader ---------------------------------------------------------------------------------------
+
+
+def test_window_shuffle_is_a_permutation_of_whole_chunk_blocks_and_uniform_when_one_window():
+    s = WindowShuffle(23, 4, seed=3, block=2, window=8)
+    for epoch in range(3):
+        perm = s.permutation(epoch)
+        assert sorted(perm) == list(range(23))
+        for w in range(0, 23, 8):  # every window is a union of whole blocks {2b, 2b + 1}
+            members = set(perm[w:w + 8].tolist())
+            assert all((i ^ 1) in members or i == 22 for i in members)
+    assert not np.array_equal(s.permutation(0), s.permutation(1))
+    one = WindowShuffle(23, 4, seed=3, block=2, window=64)
+    assert sorted(one.permutation(0)) == list(range(23)) and one.window >= 23
+    # every image once per epoch, and W ranks together see the one-process batch
+    ranks = [WindowShuffle(23, 4, seed=3, rank=r, world_size=2, block=2, window=8) for r in range(2)]
+    for step in range(12):
+        assert np.array_equal(np.concatenate([r.indices(step) for r in ranks]), s.indices(step))
+
+
+def test_streamed_windows_give_the_same_batches_as_codes_held_in_memory(compress):
+    store = compress.dir / "codes.zarr"
+    memory, streamed = TrainCodes(store, in_memory_limit_gb=1.0), TrainCodes(store, in_memory_limit_gb=0.0)
+    assert memory.in_memory and not streamed.in_memory and memory.n == TRAIN and memory.num_classes == CLASSES
+    assert memory.block == 2  # 4 rows per inner chunk = 2 images of 2 views
+    def schedule():
+        return WindowShuffle(TRAIN, 8, seed=1, block=memory.block, window=6)
+
+    views_seen = set()
+    with CodeBatches(memory, schedule(), 1, 0, 9) as a, CodeBatches(streamed, schedule(), 1, 0, 9, prefetch=2) as b:
+        for (step_a, codes_a, labels_a), (step_b, codes_b, labels_b) in zip(a, b, strict=True):
+            assert step_a == step_b and torch.equal(codes_a, codes_b) and torch.equal(labels_a, labels_b)
+            images = schedule().indices(step_a)
+            rows = [int(np.flatnonzero((memory.memory == c.numpy()).all((1, 2)))[0]) for c in codes_a]
+            assert [r // VIEWS for r in rows] == images.tolist()  # the scheduled images, one view each
+            views_seen |= {r % VIEWS for r in rows}
+    assert views_seen == {0, 1}
+
+
+def test_a_store_that_is_not_codes_is_refused_in_one_line(tmp_path):
+    (tmp_path / "codes.zarr").mkdir()
+    with pytest.raises(SchemaError, match="codes.zarr: not a Zarr group"):
+        train(SimpleNamespace(dir=tmp_path, fingerprint="x"), tmp_path / "out")
+
+
+# --- training, resume, DDP ----------------------------------------------------------------------------
+
+
+def test_training_writes_the_ema_flow_its_metrics_and_a_loadable_model(straight):
+    metrics, out = straight
+    assert (out / "flow.safetensors").is_file() and not (out / "checkpoints").exists()
+    info = json.loads((out / "flow.json").read_text())
+    assert info["arch"]["num_classes"] == CLASSES and info["arch"]["in_channels"] == DIM
+    assert info["noise_sigma"] == 0.2 and len(info["code_stats"]["std"]) == DIM
+    assert [s for s, _ in trajectory(out)] == list(range(1, 13))
+    flow = load_flow(out)
+    assert not flow.training and all(not p.requires_grad for p in flow.parameters())
+    for key in ("train_nll", "train_bits_per_dim", "val_bits_per_dim", "val_bits_per_dim_uncond",
+                "val_gaussian_bits_per_dim", "train_ema_bits_per_dim", "data_wait_fraction", "steps_per_s"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["val_rows"] == VAL * VIEWS and metrics["train_bits_per_dim"] == pytest.approx(
+        metrics["train_nll"] / np.log(2))
+
+
+def test_held_out_bits_per_dim_beat_the_gaussian_baseline_after_training(compress, tmp_path):
+    metrics = train(compress, tmp_path, "train.steps=60", "train.log_every=20", "train.ckpt_every=100",
+                    "train.warmup_steps=5", "train.ema_decay=0.8")
+    assert metrics["val_bits_per_dim"] < metrics["val_gaussian_bits_per_dim"] - 0.1
+    # the classes differ by their mean: the label helps
+    assert metrics["val_bits_per_dim"] < metrics["val_bits_per_dim_uncond"]
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_continues_the_same_trajectory(compress, straight, tmp_path,
+                                                                               monkeypatch):
+    real = train_flow.step_noise
+
+    def noise(seed, step, *args):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by StopSignal: finish the step, checkpoint, stop
+        return real(seed, step, *args)
+
+    monkeypatch.setattr(train_flow, "step_noise", noise)
+    with pytest.raises(TrainingStopped, match="step 7/12"):
+        train(compress, tmp_path)
+    assert (tmp_path / "checkpoints" / "ckpt-00000007.pt").is_file()
+    monkeypatch.setattr(train_flow, "step_noise", real)
+    train(compress, tmp_path)
+    _, reference = straight
+    assert trajectory(tmp_path) == trajectory(reference)
+    a, b = weights(tmp_path), weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+torch.set_num_threads(1)
+from pipeline.artifacts import StageOutput
+from pipeline.config import load_config
+from stages import train_flow
+real = train_flow.step_noise
+def noise(seed, step, *args):
+    if step == 8:
+        os.kill(os.getpid(), signal.SIGKILL)   # after the checkpoint of step 5, mid step 9
+    return real(seed, step, *args)
+train_flow.step_noise = noise
+codes, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = load_config(sys.argv[3], sys.argv[4:])
+train_flow.run(cfg, {"compress": SimpleNamespace(dir=codes, fingerprint="synthetic")}, StageOutput("train_flow", "t", out))
+"""
+
+
+def test_killed_run_resumes_from_its_checkpoint_bit_identically(compress, straight, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(compress.dir), str(tmp_path), str(SMOKE), *FLOW],
+                          check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000005.pt"]
+    assert [s for s, _ in trajectory(tmp_path)] == list(range(1, 9))  # logged past the checkpoint, then killed
+    train(compress, tmp_path)
+    _, reference = straight
+    assert trajectory(tmp_path) == trajectory(reference)
+    a, b = weights(tmp_path), weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(compress, straight, tmp_path):
+    metrics = train(compress, tmp_path, "runtime.nproc=2")
+    _, reference = straight
+    two, one = trajectory(tmp_path), trajectory(reference)
+    assert [s for s, _ in two] == [s for s, _ in one]
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5, atol=1e-6)
+    a, b = weights(tmp_path), weights(reference)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert metrics["world_size"] == 2 and (tmp_path / "launch" / "launch.json").is_file()
