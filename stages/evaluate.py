@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +36,15 @@ from pipeline.metrics.fidelity import (
 )
 from pipeline.progress import progress
 from pipeline.training import resolve_device
-from stages.reference import REFERENCE_FILE, inception_weights_digest, pool_features, weights_label
+from stages.reference import (
+    REFERENCE_FILE,
+    inception_weights_digest,
+    pool_features,
+    weights_label,
+)
 from storage_schemas.evaluation import SCHEMA_VERSION as METRICS_SCHEMA_VERSION
 from storage_schemas.evaluation import read_metrics
+from storage_schemas.samples import open_samples
 from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
@@ -104,50 +108,6 @@ def find_samples(sample_dir: Path, cfg_scales: list[float]) -> list[tuple[float,
                                     f"(has: {', '.join(sorted(p.name for p in found.values())) or 'none'})")
         out.append((float(w), match[0]))
     return out
-
-
-def open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
-    """ADM-format samples: `arr_0` (N, H, W, 3) uint8 (memory-mapped when stored uncompressed), `labels`, and
-    the count of `nonfinite` ones (NaN / inf samples the sample stage wrote as black images)."""
-    images = open_npz_array(path, "arr_0")
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 must be (N, H, W, 3) uint8 (ADM sample format), "
-                         f"got {tuple(images.shape)} {images.dtype}")
-    with np.load(path, allow_pickle=False) as npz:
-        labels = np.asarray(npz["labels"]) if "labels" in npz.files else None
-        nonfinite = int(npz["nonfinite"].sum()) if "nonfinite" in npz.files else None
-    if labels is not None and labels.shape != (len(images),):
-        raise ValueError(f"{path}: labels has shape {labels.shape}, arr_0 holds {len(images)} images")
-    return images, labels, nonfinite
-
-
-def open_npz_array(path: Path, name: str) -> np.ndarray:
-    """One array of an .npz, memory-mapped when stored uncompressed (np.savez), else read (np.savez_compressed).
-
-    50,000 samples at 512 px are 39 GB: a memory map lets the Inception read them batch by batch.
-    """
-    with zipfile.ZipFile(path) as zf:
-        try:
-            info = zf.getinfo(f"{name}.npy")
-        except KeyError:
-            raise ValueError(f"{path} has no array {name!r} (has {', '.join(zf.namelist())})") from None
-    if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)  # the zip local file header; its name and extra field lengths vary
-            if local[:4] == b"PK\x03\x04":
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                if read_header is not None:
-                    shape, fortran, dtype = read_header(f)
-                    if not dtype.hasobject:
-                        return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
-                                         order="F" if fortran else "C")
-    with np.load(path, allow_pickle=False) as npz:
-        return npz[name]
 
 
 def check_resolution(samples: np.ndarray, reference: dict, path: Path) -> None:

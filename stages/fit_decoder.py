@@ -50,6 +50,7 @@ from pipeline.training import (
     warmup_cosine,
 )
 from stages.encode import encoder_geometry
+from storage_schemas.model_files import model_info
 from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
@@ -125,8 +126,8 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     metrics, originals, recons = report(ema.module, pairs, held_out_rows(group, attrs, fd.report_images), cfg, device)
     pairs.close()
     save_safetensors(ema.module, out.path / WEIGHTS, metadata={"arch": json.dumps(arch)})  # one key: stable bytes
-    write_atomic(out.path / ARCH, json.dumps({"schema_version": 1, "arch": arch, "weights": WEIGHTS, "steps": fd.steps,
-                                              "pixels": "ImageNet-normalized (B, 3, R, R); to_uint8_pixels"}, indent=2))
+    write_atomic(out.path / ARCH, model_info("decoder", arch=arch, weights=WEIGHTS, steps=fd.steps,
+                                             pixels="ImageNet-normalized (B, 3, R, R); to_uint8_pixels"))
     if len(originals):
         save_grid(np.concatenate([originals, recons]), out.path / GRID, ncol=len(originals))  # top: images
     head = max(1, len(losses) // 10)

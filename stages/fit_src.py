@@ -32,20 +32,40 @@ import torch
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
 from pipeline.data.codes import WindowShuffle
-from pipeline.data.features import FeatureNormalizer, load_normalizer, open_features, read_features, widen
+from pipeline.data.features import (
+    FeatureNormalizer,
+    load_normalizer,
+    open_features,
+    read_features,
+    widen,
+)
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.images import save_grid
-from pipeline.models.src import SRC, PCAResult, add_code_noise, pca_from_moments, src_loss
+from pipeline.models.src import (
+    SRC,
+    PCAResult,
+    add_code_noise,
+    pca_from_moments,
+    src_loss,
+)
 from pipeline.progress import progress
-from pipeline.training import (EMA, Checkpointer, StopSignal, autocast, load_safetensors, resolve_device,
-                               save_safetensors, seed_all, warmup_cosine)
+from pipeline.training import (
+    EMA,
+    Checkpointer,
+    StopSignal,
+    autocast,
+    load_safetensors,
+    resolve_device,
+    save_safetensors,
+    seed_all,
+    warmup_cosine,
+)
 from stages.fit_decoder import load_decoder
-from storage_schemas import SchemaError, check_version
+from storage_schemas.model_files import model_info, read_model_info
 from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
-INFO_VERSION = 1  # layout of src.json
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
 GRID_IMAGES = 8
 WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 rows, 6.4 GB of fp16 features)
@@ -290,23 +310,16 @@ def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: t
 
 
 def save_src(src: SRC, cfg: Config, upstream: dict, out_dir: Path) -> None:
-    info = {"format_version": INFO_VERSION, "kind": cfg.src.kind, "arch": src.arch, "dim": cfg.src.dim,
-            "noise_sigma": cfg.src.noise_sigma, "model": src.config,
-            "features_fingerprint": upstream["encode"].fingerprint}
-    save_safetensors(src, out_dir / WEIGHTS, metadata={"src": json.dumps(info)})
-    write_atomic(out_dir / INFO, json.dumps(info, indent=1))
+    info = model_info("src", kind=cfg.src.kind, arch=src.arch, dim=cfg.src.dim, noise_sigma=cfg.src.noise_sigma,
+                      model=src.config, features_fingerprint=upstream["encode"].fingerprint)
+    save_safetensors(src, out_dir / WEIGHTS, metadata={"src": info})
+    write_atomic(out_dir / INFO, info)
 
 
 def load_src(source, device: torch.device | str = "cpu") -> SRC:
     """The frozen SRC of a fit_src output: its Manifest or directory -> SRC in eval mode on `device`."""
     directory = Path(getattr(source, "dir", source))
-    try:
-        info = json.loads((directory / INFO).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SchemaError(f"{directory / INFO}: unreadable SRC description ({type(e).__name__}); "
-                          f"expected the output of stage fit_src") from None
-    check_version(str(directory / INFO), info.get("format_version"), INFO_VERSION)
-    model = SRC(**info["model"])
+    model = SRC(**read_model_info(directory, "src")["model"])
     load_safetensors(model, directory / WEIGHTS)
     return model.to(device).eval().requires_grad_(False)
 

@@ -61,12 +61,11 @@ from pipeline.training import (
     seed_all,
     warmup_cosine,
 )
-from storage_schemas import SchemaError, check_version
+from storage_schemas.model_files import model_info, read_model_info
 from storage_schemas.success import write_atomic
 
 CODE_VERSION = "1"
 WEIGHTS, INFO, METRICS, SUMMARY = "flow.safetensors", "flow.json", "metrics.jsonl", "train_summary.json"
-INFO_VERSION = 1  # layout of flow.json
 WORKER = "stages.train_flow:train_worker"
 
 log = logging.getLogger("srcflow")
@@ -300,25 +299,18 @@ def log_record(record: dict, steps: int) -> None:
 def save_flow(flow: TARFlow, cfg: Config, data: TrainCodes, codes: Path, codes_fingerprint: str,
               out_dir: Path) -> None:
     group, attrs = open_codes(codes)
-    info = {"format_version": INFO_VERSION, "arch": flow_arch(cfg, data.tokens, data.channels, data.num_classes),
-            "noise_sigma": cfg.flow.noise_sigma, "views": attrs["views"], "codes_fingerprint": codes_fingerprint,
-            "code_stats": {"mean": group["code_mean"][...].tolist(), "std": group["code_std"][...].tolist(),
-                           "note": "codes as stored by compress (the SRC's unit-variance encode output); the flow "
-                                   "models them as they are, sampled codes go straight to SRC.decode"}}
-    write_atomic(out_dir / INFO, json.dumps(info, indent=1))
-    save_safetensors(flow, out_dir / WEIGHTS, metadata={"flow": json.dumps(info)})
+    info = model_info("flow", arch=flow_arch(cfg, data.tokens, data.channels, data.num_classes),
+                      noise_sigma=cfg.flow.noise_sigma, views=attrs["views"], codes_fingerprint=codes_fingerprint,
+                      code_stats={"mean": group["code_mean"][...].tolist(), "std": group["code_std"][...].tolist(),
+                                  "note": "codes as stored by compress (the SRC's unit-variance encode output); the "
+                                          "flow models them as they are, sampled codes go straight to SRC.decode"})
+    write_atomic(out_dir / INFO, info)
+    save_safetensors(flow, out_dir / WEIGHTS, metadata={"flow": info})
 
 
 def flow_info(source) -> dict:
     """flow.json of a train_flow output (its Manifest or directory)."""
-    directory = Path(getattr(source, "dir", source))
-    try:
-        info = json.loads((directory / INFO).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SchemaError(f"{directory / INFO}: unreadable flow description ({type(e).__name__}); "
-                          f"expected the output of stage train_flow") from None
-    check_version(str(directory / INFO), info.get("format_version"), INFO_VERSION)
-    return info
+    return read_model_info(getattr(source, "dir", source), "flow")
 
 
 def load_flow(source, device: torch.device | str = "cpu") -> TARFlow:

@@ -2,7 +2,10 @@
 
 - `success`:  the `_SUCCESS.json` manifest that marks a stage output complete;
 - `shards`:   the WebDataset sample fields and the Parquet manifests of the shard set;
-- `zarr_layouts`: the Zarr groups (`features.zarr`, `codes.zarr`): arrays, dims, dtypes, attrs.
+- `zarr_layouts`: the Zarr groups (`features.zarr`, `codes.zarr`): arrays, dims, dtypes, attrs;
+- `model_files`: trained models (`decoder`, `src`, `flow`: safetensors + a json to rebuild them);
+- `samples`:  the ADM-format `samples-cfg{w}.npz` sample sets;
+- `evaluation`: `metrics.json` of stage `evaluate`.
 
 Readers call the validators and refuse a layout or version they do not know.
 """

@@ -23,10 +23,16 @@ from typer.testing import CliRunner
 from pipeline.artifacts import ArtifactStore, now
 from pipeline.cli import app, headline
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.metrics.fidelity import WEIGHTS_FILE, fid_statistics, load_reference, make_standin_inception_weights
+from pipeline.metrics.fidelity import (
+    WEIGHTS_FILE,
+    fid_statistics,
+    load_reference,
+    make_standin_inception_weights,
+)
 from pipeline.runner import plan, run_pipeline
 from stages import evaluate, reference
 from storage_schemas.evaluation import read_metrics
+from storage_schemas.samples import open_samples
 from tests.conftest import SMOKE
 
 CLASSES = 4  # the tiny test dataset
@@ -233,13 +239,13 @@ def test_uncompressed_samples_are_memory_mapped_and_compressed_ones_read(tmp_pat
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "plain.npz", arr_0=images, labels=np.arange(3))
     np.savez_compressed(tmp_path / "packed.npz", arr_0=images, labels=np.arange(3))
-    mapped, labels, nonfinite = evaluate.open_samples(tmp_path / "plain.npz")
+    mapped, labels, nonfinite = open_samples(tmp_path / "plain.npz")
     assert isinstance(mapped, np.memmap) and (labels == np.arange(3)).all() and nonfinite is None
     np.testing.assert_array_equal(mapped, images)
-    np.testing.assert_array_equal(evaluate.open_samples(tmp_path / "packed.npz")[0], images)
+    np.testing.assert_array_equal(open_samples(tmp_path / "packed.npz")[0], images)
     np.savez(tmp_path / "bad.npz", arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match=r"arr_0 must be \(N, H, W, 3\) uint8"):
-        evaluate.open_samples(tmp_path / "bad.npz")
+        open_samples(tmp_path / "bad.npz")
 
 
 def test_class_balanced_order_takes_classes_round_robin():

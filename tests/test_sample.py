@@ -98,7 +98,7 @@ def test_sample_file_is_adm_format_with_balanced_labels_and_a_grid(chain):
         assert s["labels"].tolist() == np.repeat(np.arange(CLASSES), PER_CLASS).tolist()
         assert not s["nonfinite"].any() and metrics[f"nonfinite_cfg{w}"] == 0
         assert (out / f"grid-cfg{w}.png").is_file()
-        from stages.evaluate import (
+        from storage_schemas.samples import (
             open_samples,  # the consumer memory-maps arr_0 of the stored .npz
         )
 

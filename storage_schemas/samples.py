@@ -1,0 +1,61 @@
+"""Sample sets written by `sample`: `samples-cfg{w}.npz` in the ADM format, the exchange format of the ADM suite.
+
+    arr_0      (N, H, W, 3) uint8   the images (stored uncompressed, so readers can memory-map them)
+    labels     (N,) int64           class labels (sample i has class i // sample.per_class)
+    nonfinite  (N,) bool            samples whose code or pixels were NaN / inf (written black, counted)
+
+The layout is ADM's (their evaluator reads `arr_0` and ignores the rest); `open_samples` refuses a file
+without a (N, H, W, 3) uint8 `arr_0` or with mismatched labels.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+def open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+    """ADM-format samples: `arr_0` (N, H, W, 3) uint8 (memory-mapped when stored uncompressed), `labels`, and
+    the count of `nonfinite` ones (NaN / inf samples the sample stage wrote as black images)."""
+    images = open_npz_array(path, "arr_0")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{path}: arr_0 must be (N, H, W, 3) uint8 (ADM sample format), "
+                         f"got {tuple(images.shape)} {images.dtype}")
+    with np.load(path, allow_pickle=False) as npz:
+        labels = np.asarray(npz["labels"]) if "labels" in npz.files else None
+        nonfinite = int(npz["nonfinite"].sum()) if "nonfinite" in npz.files else None
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f"{path}: labels has shape {labels.shape}, arr_0 holds {len(images)} images")
+    return images, labels, nonfinite
+
+
+def open_npz_array(path: Path, name: str) -> np.ndarray:
+    """One array of an .npz, memory-mapped when stored uncompressed (np.savez), else read (np.savez_compressed).
+
+    50,000 samples at 512 px are 39 GB: a memory map lets the Inception read them batch by batch.
+    """
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            raise ValueError(f"{path} has no array {name!r} (has {', '.join(zf.namelist())})") from None
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the zip local file header; its name and extra field lengths vary
+            if local[:4] == b"PK\x03\x04":
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is not None:
+                    shape, fortran, dtype = read_header(f)
+                    if not dtype.hasobject:
+                        return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                         order="F" if fortran else "C")
+    with np.load(path, allow_pickle=False) as npz:
+        return npz[name]
