@@ -21,12 +21,12 @@ mkdir -p "$out"
 
 run() {  # name, limit (s), command...: a part that fails or times out is recorded, not fatal
   local name=$1 limit=$2; shift 2
-  if timeout "$limit" "$@" > "$out/$name.json.tmp" 2> "$out/$name.log"; then
-    tail -n 1 "$out/$name.json.tmp" > "$out/$name.json"
+  if timeout "$limit" "$@" > "$out/$name.out" 2> "$out/$name.log"; then
+    mv "$out/$name.out" "$out/$name.json"
   else
     echo "{\"benchmark\": \"$name\", \"error\": \"exit $? (see $name.log)\"}" > "$out/$name.json"
+    rm -f "$out/$name.out"
   fi
-  rm -f "$out/$name.json.tmp"
 }
 
 if [ "$mode" = cuda ]; then
@@ -49,7 +49,13 @@ import json, sys
 from pathlib import Path
 out, mode = Path(sys.argv[1]), sys.argv[2]
 tag = "-cuda" if mode == "cuda" else "-cpu-smoke"
-parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob(f"*{tag}.json"))}
+def load(path):  # a part prints one JSON object, indented or on its last line
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(text.strip().splitlines()[-1])
+parts = {p.stem: load(p) for p in sorted(out.glob(f"*{tag}.json"))}
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else None
 print(json.dumps({"mode": mode, "gpu": gpu, "results": parts}, indent=2))
 PYEOF

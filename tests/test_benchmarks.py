@@ -1,0 +1,24 @@
+"""`benchmarks/gpu.sh --cpu`: the GPU benchmark's scripts run end to end at smoke size and print their figures."""
+
+import json
+import os
+import subprocess
+
+from tests.conftest import REPO
+
+
+def test_gpu_benchmark_script_runs_on_cpu_at_smoke_size(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--cpu"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "SRCFLOW_BENCH_OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    results = report["results"]
+    assert report["mode"] == "cpu" and set(results) == {"encode-cpu-smoke", "train_flow-cpu-smoke", "sample-cpu-smoke"}
+    for name, part in results.items():
+        assert "error" not in part, (name, (tmp_path / f"{name}.log").read_text()[-2000:])
+    encode = results["encode-cpu-smoke"]
+    assert encode["encode_images_per_s"] > 0 and encode["forward_images_per_s"] > 0 and 0 < encode["ratio"]
+    assert encode["write"]["zarr_mb_per_s"] > 0 and encode["rss"]["ratio"] > 0
+    assert results["train_flow-cpu-smoke"]["steps_per_s"] > 0
+    sample = results["sample-cpu-smoke"]["models"]["smoke"]
+    assert sample["kv_cache"]["samples_per_s"] > 0 and sample["max_abs_diff"] < 1e-4
