@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
-from pipeline.runner import plan, run_stage, select_stages, upstream_manifests
+from pipeline.runner import last_needed, plan, run_stage, select_stages, upstream_manifests
 from storage_schemas.success import Manifest
 
 
@@ -26,7 +26,7 @@ def fingerprint_key(context, parameters) -> str:
 def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, dict], force: bool = False) -> dict:
     """Runs one stage; returns its small manifest (never arrays)."""
     cfg = validate_config(config)
-    (p,) = [p for p in plan(cfg) if p.name == stage]
+    (p,) = [p for p in plan(cfg, last=stage) if p.name == stage]
     if p.fingerprint != fingerprint:
         raise RuntimeError(f"{stage}: fingerprint changed between planning and running ({fingerprint[:16]} -> "
                            f"{p.fingerprint[:16]}); an input changed during the run")
@@ -42,7 +42,7 @@ def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = No
     force = force or []
     results_dir = Path(cfg.storage.root).absolute() / ".prefect-results"
     manifests: dict[str, Manifest] = {}
-    for p in select_stages(plan(cfg), stages, until):
+    for p in select_stages(plan(cfg, last_needed(stages, until)), stages, until):
         rerun = p.state != "done" or p.name in force
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)

@@ -52,10 +52,10 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set)."""
     cfg = _load(config, set_)
     logging.getLogger("srcflow").setLevel(cfg.runtime.log_level)  # Prefect attaches its handlers (EXTRA_LOGGERS)
-    from pipeline.runner import plan, select_stages
+    from pipeline.runner import last_needed, plan, select_stages
 
     try:
-        select_stages(plan(cfg), stage, until)  # fail fast, before Prefect starts
+        select_stages(plan(cfg, last_needed(stage, until)), stage, until)  # fail fast, before Prefect starts
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     prefect_env()

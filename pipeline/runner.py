@@ -29,12 +29,16 @@ class PlannedStage:
         return self.stage.name
 
 
-def plan(cfg: Config) -> list[PlannedStage]:
-    """Every enabled stage with its fingerprint and state. Reads the store; runs nothing."""
+def plan(cfg: Config, last: str | None = None) -> list[PlannedStage]:
+    """Every enabled stage (up to `last`) with its fingerprint and state. Reads the store; runs nothing.
+
+    External inputs are checked here, so a missing weights file fails before any work; stages after
+    `last` are not planned, so `--until encode` does not need the Inception weights.
+    """
     store = ArtifactStore(cfg.storage.root)
     fingerprints: dict[str, str] = {}
     planned = []
-    for stage in STAGES:
+    for stage in STAGES[: STAGE_NAMES.index(last) + 1] if last in STAGE_NAMES else STAGES:
         if not stage.enabled(cfg):
             continue
         semantic = {section: _semantic(select(cfg, section)) for section in stage.sections}
@@ -95,10 +99,16 @@ def upstream_manifests(cfg: Config, p: PlannedStage, have: dict[str, Manifest]) 
     return {u: have[u] if u in have else store.manifest(u, fp) for u, fp in p.upstream.items()}
 
 
+def last_needed(only: list[str] | None, until: str | None) -> str | None:
+    """The last stage a selection runs: nothing after it needs planning."""
+    names = [n for n in (only or []) + ([until] if until else []) if n in STAGE_NAMES]
+    return max(names, key=STAGE_NAMES.index) if names else None
+
+
 def run_pipeline(cfg: Config, only: list[str] | None = None, until: str | None = None,
                  force: list[str] | tuple[str, ...] = ()) -> dict[str, Manifest]:
     """The whole pipeline in this process, no Prefect: what tests and the flow's tasks share."""
     manifests: dict[str, Manifest] = {}
-    for p in select_stages(plan(cfg), only, until):
+    for p in select_stages(plan(cfg, last_needed(only, until)), only, until):
         manifests[p.name] = run_stage(p, cfg, upstream_manifests(cfg, p, manifests), force=p.name in force)
     return manifests

@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead: one intra-op thread is faster and immune to a busy CPU."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     from pipeline.data.tiny_imagenet import make_tiny_imagenet

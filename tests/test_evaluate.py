@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import torch_fidelity
 from typer.testing import CliRunner
 
@@ -40,15 +39,6 @@ BASE = ("reference.max_images=4", "reference.pr_images=4", "reference.loader_thr
         "sample.cfg_scale=[0.0, 1.0]", "evaluate.kid_subset_size=4", "evaluate.batch_size=4",
         "evaluate.make_standin=false")
 METRICS = ("fid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: a second BLAS/OpenMP thread spins instead of helping.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,6 @@ VARIANTS = [  # (cond, scale, start_token, deep_layers)
 VARIANT_IDS = [f"{c}-{s}-{'start' if st else 'pass0'}-{'deep' if d else 'uniform'}" for c, s, st, d in VARIANTS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one intra-op thread is faster and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_flow(cond="additive", scale="exp", start_token=False, deep_layers=None, *, tokens=6, channels=4,
               width=32, num_blocks=3, soft_clip=4.0, output_std=0.1, seed=0):

@@ -5,7 +5,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -25,14 +25,6 @@ CHAIN = ("runtime.device=cpu", "encode.rows_per_shard=16", "encode.rows_per_chun
 CLASSES, PER_CLASS = 4, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one intra-op thread is faster and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def chain(module_config):

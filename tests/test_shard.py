@@ -9,7 +9,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image

@@ -101,16 +101,8 @@ def curved_features(n, seed):
     return (basis @ mixing).reshape(-1, T, C)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def test_mlp_src_beats_pca_at_the_same_dim_after_training(one_thread):
+def test_mlp_src_beats_pca_at_the_same_dim_after_training():
     torch.manual_seed(0)
     train, held_out = curved_features(256 * T, seed=1), curved_features(64 * T, seed=2)
     pca = pca_from_moments(*feature_moments(train))

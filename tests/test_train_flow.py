@@ -34,14 +34,6 @@ FLOW = ("runtime.device=cpu", "runtime.progress=false", "flow.width=32", "flow.h
         "train.shuffle_window=8", "train.eval_batch_size=5")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one intra-op thread is faster and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_codes(path: Path, rows_per_shard: int = 16, rows_per_chunk: int = 4) -> Path:
     """A codes.zarr in the CODES layout: class k's codes are N(mean_k, 0.5^2) per channel, the flip view a

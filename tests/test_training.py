@@ -34,14 +34,6 @@ from pipeline.training import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TinyNet(nn.Module):
     def __init__(self):
@@ -220,7 +212,7 @@ def train(ckpt_dir, stop_at, total=20, every=10, init_seed=0):
     return model, ema, losses
 
 
-def test_resume_after_checkpoint_is_bit_identical(tmp_path, one_thread):
+def test_resume_after_checkpoint_is_bit_identical(tmp_path):
     straight_model, straight_ema, straight_losses = train(tmp_path / "straight", stop_at=20)
     train(tmp_path / "resumed", stop_at=10)  # "killed" right after the step-10 checkpoint
     torch.rand(100), np.random.rand(100), random.random()  # the new process's RNG is elsewhere
