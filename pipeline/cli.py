@@ -104,13 +104,14 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
             detail = headline(r["metrics"])
         table.add_row(r["stage"], f"[{colours[r['state']]}]{r['state']}", r["fingerprint"][:16],
                       human_bytes(r["bytes"]), detail, r["path"])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def headline(metrics: dict) -> str:
     """The one number a user wants to see per stage in `status`."""
     standin = " (stand-in Inception)" if metrics.get("inception_weights") == "stand-in" else ""
-    for key in ("fid", "bits_per_dim", "psnr", "feature_mse", "samples"):
+    for key in ("fid", "val_bits_per_dim", "psnr_val", "src/feature_mse", "num_samples", "samples", "rows",
+                "reference_images"):
         for k, v in metrics.items():
             if k.startswith(key) and isinstance(v, (int, float)):
                 return (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}") + (standin if key == "fid" else "")
