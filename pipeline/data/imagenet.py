@@ -286,20 +286,25 @@ def _scan_class_folders(split_dir: Path, rel_split: str, labels: dict[str, int],
     for synset in selected:
         if synset not in present:
             continue
-        names = []
-        with os.scandir(split_dir / synset) as entries:
-            for entry in entries:
-                reason = _skip_reason(entry)
-                if reason:
-                    _count(ignored, reason)
-                else:
-                    names.append(entry.name)
-        names.sort()
+        names = _image_names(split_dir / synset, ignored)
         if max_per_class is not None:
             names = names[:max_per_class]
         label = labels[synset]
         images += [SourceImage(split, f"{rel_split}/{synset}/{n}", synset, label) for n in names]
     return images
+
+
+def _image_names(directory: Path, ignored: dict[str, int]) -> list[str]:
+    """Sorted image file names of a folder; everything else is counted in `ignored` by reason."""
+    names = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            reason = _skip_reason(entry)
+            if reason:
+                _count(ignored, reason)
+            else:
+                names.append(entry.name)
+    return sorted(names)
 
 
 def _scan_flat_val(root: Path, val_dir: Path, rel_split: str, labels: dict[str, int],
@@ -310,15 +315,7 @@ def _scan_flat_val(root: Path, val_dir: Path, rel_split: str, labels: dict[str, 
         raise ValueError(f"{val_dir} is flat (Kaggle layout) but no {VAL_SOLUTION_CSV} was "
                          f"found in {root} or {val_dir.parent}")
     solution = _read_val_solution(csv_path)
-    names = []
-    with os.scandir(val_dir) as entries:
-        for entry in entries:
-            reason = _skip_reason(entry)
-            if reason:
-                _count(ignored, reason)
-            else:
-                names.append(entry.name)
-    names.sort()
+    names = _image_names(val_dir, ignored)
     images, taken = [], {}
     for name in names:
         synset = solution.get(os.path.splitext(name)[0])
