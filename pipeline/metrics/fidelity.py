@@ -155,6 +155,8 @@ def inception_features(images, weights_path, device="cpu", batch_size: int = 64,
 def load_inception(weights_path, device="cpu", verbose: bool = False) -> FeatureExtractorInceptionV3:
     """torch-fidelity's inception-v3-compat from a local weights file, float64 inside, on `device`."""
     try:
+        # torch-fidelity unpickles the file without restrictions: only hand it one that is plain tensors
+        torch.load(weights_path, map_location="cpu", weights_only=True)
         extractor = create_feature_extractor(
             FEATURE_EXTRACTOR, list(FEATURES), cuda=False, verbose=verbose,
             feature_extractor_weights_path=str(weights_path), feature_extractor_internal_dtype="float64")
