@@ -7,10 +7,12 @@ output is missing or partial is (re)run with `refresh_cache`, so a deleted artif
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect_dask import DaskTaskRunner
 
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
@@ -36,7 +38,33 @@ def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, d
 @flow(name="srcflow", log_prints=True)
 def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = None, stages: list[str] | None = None,
             until: str | None = None, force: list[str] | None = None) -> dict[str, dict]:
-    """shard -> encode -> (fit_decoder) -> fit_src -> compress -> train_flow -> sample -> evaluate."""
+    """shard -> encode -> (fit_decoder) -> fit_src -> compress -> train_flow -> sample -> evaluate, in this process
+    (deployment srcflow-full; `srcflow run`)."""
+    return run_stages(config, overrides, stages, until, force, on_task_runner=False)
+
+
+def dask_task_runner() -> DaskTaskRunner:
+    """SRCFLOW_DASK_ADDRESS names an existing scheduler (e.g. GPU workers from dask-jobqueue); without it, a
+    LocalCluster of SRCFLOW_DASK_WORKERS single-threaded processes on 127.0.0.1."""
+    address = os.environ.get("SRCFLOW_DASK_ADDRESS")
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": int(os.environ.get("SRCFLOW_DASK_WORKERS", "1")),
+                                          "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+                                          "dashboard_address": None})
+
+
+@flow(name="srcflow", log_prints=True, task_runner=dask_task_runner())
+def srcflow_dask(config: str = "configs/smoke.yaml", overrides: list[str] | None = None,
+                 stages: list[str] | None = None, until: str | None = None,
+                 force: list[str] | None = None) -> dict[str, dict]:
+    """The same pipeline with each stage run as a task on a Dask cluster through prefect-dask (deployment
+    srcflow-dask; needs a real Prefect server: in ephemeral mode every Dask worker starts its own)."""
+    return run_stages(config, overrides, stages, until, force, on_task_runner=True)
+
+
+def run_stages(config: str, overrides: list[str] | None, stages: list[str] | None, until: str | None,
+               force: list[str] | None, on_task_runner: bool) -> dict[str, dict]:
     cfg = load_config(config, overrides or [])
     set_mode(cfg.runtime.progress)
     force = force or []
@@ -47,7 +75,10 @@ def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = No
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
         upstream = {u: m.model_dump() for u, m in upstream_manifests(cfg, p, manifests).items()}
-        result = task_fn(p.name, p.fingerprint, config_dict(cfg), upstream, force=p.name in force)
+        args = (p.name, p.fingerprint, config_dict(cfg), upstream)
+        # in this process (signals reach the stage: SIGTERM checkpoints), or on the flow's task runner
+        result = task_fn.submit(*args, force=p.name in force).result() if on_task_runner else \
+            task_fn(*args, force=p.name in force)
         manifests[p.name] = Manifest.model_validate(result)
     create_table_artifact(key="srcflow-stages", table=[
         {"stage": name, "fingerprint": m.fingerprint[:16], "path": m.path,

@@ -107,6 +107,16 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         assert first["flow"] == "Completed" and set(first["tasks"].values()) == {"Completed"}
         assert second["flow"] == "Completed" and set(second["tasks"].values()) == {"Cached"}
         assert set(second["tasks"]) == set(first["tasks"]) and "shard" in first["tasks"]
+
+        # the prefect-dask deployment: the stages as tasks on a Dask LocalCluster, into a fresh store
+        dask_overrides = [f"storage.root={tmp_path / 'artifacts-dask'}", *overrides[1:]]
+        r = run("deployment", "run", "srcflow/srcflow-dask", "--watch", "--param",
+                f"overrides={json.dumps(dask_overrides)}", "--param", "until=encode")
+        assert r.returncode == 0, r.stdout[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+        q = subprocess.run([sys.executable, "-c", STATES], env=env, capture_output=True, text=True, timeout=120)
+        dask_run = json.loads(q.stdout)
+        assert dask_run["flow"] == "Completed" and dask_run["tasks"] == {"shard": "Completed", "encode": "Completed"}
+        assert list((tmp_path / "artifacts-dask" / "encode").glob("*/_SUCCESS.json"))
     finally:
         if worker is not None:
             stop(worker)  # the worker before the server
