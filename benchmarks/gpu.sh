@@ -35,7 +35,7 @@ if [ "$mode" = cuda ]; then
       --rss-images 128 --write-mb 500 --repeats 1
   run train_flow-cuda 60 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
       --batch 256 --steps 10
-  run sample-cuda 80 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 16
+  run sample-cuda 200 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8
 else
   run encode-cpu-smoke 300 "$PY" -m benchmarks.encode --device cpu --arch smoke --images 32 --batch 16 \
       --rss-images 16 --write-mb 16 --repeats 1
