@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,15 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@contextmanager
+def one_line_errors():
+    """A bad key, value, file or layout (ValueError, FileNotFoundError) ends the command with its one line."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+
+
 def _load(config: str, overrides: list[str] | None):
     from pipeline.config import ConfigError, load_config
 
@@ -54,10 +64,8 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     logging.getLogger("srcflow").setLevel(cfg.runtime.log_level)  # Prefect attaches its handlers (EXTRA_LOGGERS)
     from pipeline.runner import last_needed, plan, select_stages
 
-    try:
+    with one_line_errors():
         select_stages(plan(cfg, last_needed(stage, until)), stage, until)  # fail fast, before Prefect starts
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     prefect_env()
     from flows.srcflow import srcflow
 
@@ -75,10 +83,8 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     from pipeline.runner import plan
 
     cfg = _load(config, set_)
-    try:
+    with one_line_errors():
         planned = plan(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     store = ArtifactStore(cfg.storage.root)
     rows = []
     for p in planned:
@@ -131,10 +137,8 @@ def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manif
     """Summarise a shard set, a Parquet manifest or a Zarr store."""
     from pipeline.inspect import summarize
 
-    try:
+    with one_line_errors():
         print(json.dumps(summarize(path), indent=2, default=str))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
 
 
 @app.command("plan")
@@ -144,10 +148,8 @@ def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     from pipeline.plan import capacity_plan, print_plan
 
     cfg = _load(config, set_)
-    try:
+    with one_line_errors():
         report = capacity_plan(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
     if as_json:
         print(json.dumps(report, indent=2))
     else:
