@@ -9,6 +9,11 @@ One run, side by side on the same machine (shared and noisy: compare figures of 
   read, JPEG decode, ADM crop, transfer, both views' forwards, Zarr write, commits, statistics);
 - `forward_images_per_s`: the same encoder on pre-made input tensors of the same batch, both views;
   `ratio` = encode / forward, goal >= 0.9 (the data path hides behind compute);
+- `jobs_images_per_s` / `jobs_ratio`: the same run over its jobs only (the stage's `rows_per_s`),
+  without the stage's fixed costs (encoder load, store creation, statistics, validation), but with
+  the start of the Dask workers when --workers > 1;
+- `serial_images_per_s`: the stage again with `encode.jobs_per_worker=1` (no job overlaps another),
+  and `job_seconds`: where the timed run's jobs spent their time (the stage's own metric);
 - `write`: the Zarr row writer (pipeline.data.zarr_store) against a raw sequential write of the same
   bytes into one file per shard, both into the page cache without fsync; goal ratio >= 0.8;
 - `rss`: peak RSS of a fresh process encoding N and 10N train images (`--rss-images` N, default 128
@@ -18,6 +23,10 @@ One run, side by side on the same machine (shared and noisy: compare figures of 
 The images are 256 procedural tiny-ImageNet JPEGs at 256 px (mean size in the output; ImageNet's are
 ~110 KB at ~400x350, so they decode slower), repeated under new names (hard links) to each set's size.
 The top-level `stage`, `rows_per_s` and model fields make the result usable by `srcflow plan`.
+`--simulate-device R` replaces the encoder's forward by a wait of batch / R seconds, one job at a
+time and without the GIL (as a GPU's kernels run), returning zeros: it measures, on a machine without a GPU, how much of
+the real data path (tar read, decode, crop, write, commit) hides behind a device of R images/s.
+Its figures are labelled `"simulated_device"` and say nothing about any encoder's speed.
 Prints JSON to stdout; `--out` also writes benchmarks/results/encode-<device>.json (with an -<arch>
 suffix when --arch is not the device's default).
 """
@@ -58,10 +67,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="encode.batch_size (default: 64 on CPU, 256 on CUDA)")
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--rows-per-chunk", type=int, default=16)
+    parser.add_argument("--jobs-per-worker", type=int, default=2, help="encode.jobs_per_worker of the timed run")
+    parser.add_argument("--workers", type=int, default=1, help="runtime.workers of the timed run (Dask when > 1)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="skip the write comparison and the RSS runs (e.g. a second run at other --workers)")
     parser.add_argument("--write-mb", type=int, default=200, help="megabytes written by each write trial")
     parser.add_argument("--repeats", type=int, default=3, help="alternating trials of the write comparison")
     parser.add_argument("--rss-images", type=int, default=None,
                         help="N of the RSS comparison (N vs 10N train images); default 128 on CPU, 1024 on CUDA")
+    parser.add_argument("--simulate-device", type=float, default=None, metavar="R",
+                        help="stand in for a device encoding R images/s (both views); see above")
     parser.add_argument("--out", action="store_true", help="also write benchmarks/results/encode-<device>.json")
     parser.add_argument("--rss-child", nargs=2, metavar=("SHARD_DIR", "WORK_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -71,9 +86,10 @@ def main() -> None:
     args.batch = args.batch or (256 if cuda else 64)
     args.images = args.images or (4096 if cuda else 256)
     args.rss_images = args.rss_images or (1024 if cuda else 128)
-    # N must fill at least one Zarr shard (2 views per image): a job's buffers grow with its rows up to
-    # rows_per_shard, and a partial first shard would pass that growth off as growth with N
-    args.rss_images = max(args.rss_images, -(-args.rows_per_shard // 2))
+    # N must fill a Zarr shard (2 views per image) for each job a worker runs at once: memory grows with a
+    # job's rows up to rows_per_shard and with the jobs in flight, and a smaller N would pass that growth
+    # off as growth with N
+    args.rss_images = max(args.rss_images, -(-args.rows_per_shard * args.jobs_per_worker // 2))
     if args.rss_child:
         print(json.dumps(rss_child(args, Path(args.rss_child[0]), Path(args.rss_child[1]))))
         return
@@ -83,7 +99,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.out:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.arch == default_arch else f"-{args.arch}"
+        suffix = ("" if args.arch == default_arch else f"-{args.arch}") + ("-simulated" if args.simulate_device else "")
         path = RESULTS / f"encode-{args.device.split(':')[0]}{suffix}.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
@@ -95,28 +111,28 @@ def run(args, tmp: Path) -> dict:
 
     started = time.perf_counter()
     classes = 16
-    generated, timed, small, large = (tmp / name for name in ("generated", "imagenet", "imagenet-n", "imagenet-10n"))
+    generated, timed = tmp / "generated", tmp / "imagenet"
     make_tiny_imagenet(generated, classes=classes, per_class=16, val_per_class=1, size=256)  # 256 distinct JPEGs
     replicate(generated, timed, args.images)
-    replicate(generated, small, args.rss_images)
-    replicate(generated, large, 10 * args.rss_images)
     cfg = bench_config(args, tmp / "store", timed)
     shard = shard_set(cfg)
-    shard_small = shard_set(bench_config(args, tmp / "store-n", small))
-    shard_large = shard_set(bench_config(args, tmp / "store-10n", large))
 
     encoder = load_encoder(encoder_spec(cfg), cfg.runtime.device)  # built once, reused by the stage (cached)
+    if args.simulate_device:
+        simulate_device(encoder, args.simulate_device, len(cfg.encode.views))
     images = shard.metrics["samples"]
     forward_first = forward_rate(cfg, encoder, images)
-    encode_seconds = timed_encode(cfg, shard, tmp / "encode")
+    encode_seconds, metrics = timed_encode(cfg, shard, tmp / "encode")
+    serial = cfg.model_copy(deep=True)
+    serial.encode.jobs_per_worker, serial.runtime.workers = 1, 1
+    serial_seconds, _ = timed_encode(serial, shard, tmp / "encode-serial")
     forward_second = forward_rate(cfg, encoder, images)
     forward = (forward_first + forward_second) / 2
     encode = images / encode_seconds
     views = len(cfg.encode.views)
 
-    write = write_comparison(args, tmp / "write")
-    rss_n = measure_rss(args, shard_small.dir, tmp / "rss-n")
-    rss_large = measure_rss(args, shard_large.dir, tmp / "rss-large")
+    side = {} if args.throughput_only else {"write": write_comparison(args, tmp / "write"),
+                                             "rss": rss_comparison(args, generated, tmp)}
     return {
         "benchmark": "encode", "stage": "encode",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -126,6 +142,7 @@ def run(args, tmp: Path) -> dict:
         "tokens": encoder.num_tokens, "channels": encoder.channels, "depth": len(encoder.vit.blocks),
         "params_m": round(sum(p.numel() for p in encoder.parameters()) / 1e6, 2),
         "views": views, "dtype": cfg.encode.dtype, "batch_size": cfg.encode.batch_size,
+        "workers": cfg.runtime.workers, "jobs_per_worker": cfg.encode.jobs_per_worker,
         "rows_per_shard": cfg.encode.rows_per_shard, "rows_per_chunk": cfg.encode.rows_per_chunk,
         "resolution": cfg.data.resolution, "images": images,
         "mean_jpeg_bytes": round(mean_jpeg_bytes(generated)),
@@ -133,12 +150,11 @@ def run(args, tmp: Path) -> dict:
         "forward_images_per_s": round(forward, 2),
         "forward_images_per_s_trials": [round(forward_first, 2), round(forward_second, 2)],
         "ratio": round(encode / forward, 3), "ratio_goal": 0.9,
-        "write": write,
-        "rss": {"images_n": rss_n["images"], "images_10n": rss_large["images"],
-                "peak_rss_mb_n": rss_n["peak_rss_mb"], "peak_rss_mb_10n": rss_large["peak_rss_mb"],
-                "ratio": round(rss_large["peak_rss_mb"] / rss_n["peak_rss_mb"], 3), "goal": 1.2,
-                "peak_gpu_mb_n": rss_n["peak_gpu_mb"], "peak_gpu_mb_10n": rss_large["peak_gpu_mb"],
-                "note": "fresh process per N: VmHWM (Linux), encode stage only"},
+        "jobs_images_per_s": round(metrics["rows_per_s"] / views, 2),
+        "jobs_ratio": round(metrics["rows_per_s"] / views / forward, 3),
+        "serial_images_per_s": round(images / serial_seconds, 2), "job_seconds": metrics["job_seconds"],
+        "simulated_device": args.simulate_device,
+        **side,
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
@@ -151,10 +167,11 @@ def bench_config(args, storage: Path, data_root: Path):
 
     return load_config(REPO / "configs" / "smoke.yaml", [
         f"storage.root={storage}", f"data.root={data_root}", "data.generate_tiny=null", "data.resolution=256",
-        f"runtime.device={args.device.split(':')[0]}", "runtime.workers=1", "runtime.progress=false",
+        f"runtime.device={args.device.split(':')[0]}", "runtime.progress=false",
         "shard.samples_per_shard=256", "shard.workers=1", "encode.views=[plain, flip]", "encode.dtype=float16",
         f"encode.rows_per_shard={args.rows_per_shard}", f"encode.rows_per_chunk={args.rows_per_chunk}",
-        f"encode.batch_size={args.batch}", "encoder.weights=random", *ARCHS[args.arch]])
+        f"encode.batch_size={args.batch}", f"encode.jobs_per_worker={args.jobs_per_worker}",
+        f"runtime.workers={args.workers}", "encoder.weights=random", *ARCHS[args.arch]])
 
 
 def replicate(src: Path, dst: Path, train_images: int) -> None:
@@ -182,8 +199,9 @@ def shard_set(cfg):
     return run_pipeline(cfg, until="shard")["shard"]
 
 
-def timed_encode(cfg, shard, out_dir: Path) -> float:
-    """Seconds of the real encode stage function, from the shard set to a validated feature store."""
+def timed_encode(cfg, shard, out_dir: Path) -> tuple[float, dict]:
+    """Seconds of the real encode stage function, from the shard set to a validated feature store, and
+    the stage's metrics."""
     import torch
 
     from pipeline.artifacts import StageOutput
@@ -191,10 +209,27 @@ def timed_encode(cfg, shard, out_dir: Path) -> float:
 
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
-    encode.run(cfg, {"shard": shard}, StageOutput("encode", "benchmark", out_dir))
+    metrics = encode.run(cfg, {"shard": shard}, StageOutput("encode", "benchmark", out_dir))
     if cfg.runtime.device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, metrics
+
+
+def simulate_device(encoder, images_per_s: float, views: int) -> None:
+    """The cached encoder's forward becomes the wait of a device of `images_per_s` (both views): one at a
+    time, as one device runs the jobs' kernels, and without the GIL, as kernels run beside Python."""
+    import threading
+
+    import torch
+
+    device = threading.Lock()
+
+    def forward(x):
+        with device:
+            time.sleep(len(x) / (images_per_s * views))
+        return torch.zeros(len(x), encoder.num_tokens, encoder.channels, device=x.device)
+
+    encoder.forward = forward
 
 
 def forward_rate(cfg, encoder, images: int) -> float:
@@ -277,10 +312,27 @@ def write_comparison(args, folder: Path, tokens: int = 256, channels: int = 768)
 # --- peak RSS in a fresh process ------------------------------------------------------------------
 
 
-def measure_rss(args, shard_dir: Path, work: Path) -> float:
+def rss_comparison(args, generated: Path, tmp: Path) -> dict:
+    """Peak RSS of the stage at N and 10N train images, each in a fresh process."""
+    runs = []
+    for name, train_images in (("n", args.rss_images), ("10n", 10 * args.rss_images)):
+        replicate(generated, tmp / f"imagenet-{name}", train_images)
+        shard = shard_set(bench_config(args, tmp / f"store-{name}", tmp / f"imagenet-{name}"))
+        runs.append(measure_rss(args, shard.dir, tmp / f"rss-{name}"))
+    small, large = runs
+    return {"images_n": small["images"], "images_10n": large["images"],
+            "peak_rss_mb_n": small["peak_rss_mb"], "peak_rss_mb_10n": large["peak_rss_mb"],
+            "ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3), "goal": 1.2,
+            "peak_gpu_mb_n": small["peak_gpu_mb"], "peak_gpu_mb_10n": large["peak_gpu_mb"],
+            "note": "fresh process per N: VmHWM (Linux), encode stage only"}
+
+
+def measure_rss(args, shard_dir: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.encode", "--rss-child", str(shard_dir), str(work),
            "--arch", args.arch, "--device", args.device, "--batch", str(args.batch),
-           "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_chunk)]
+           "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_chunk),
+           "--jobs-per-worker", str(args.jobs_per_worker), "--workers", str(args.workers),
+           *(["--simulate-device", str(args.simulate_device)] if args.simulate_device else [])]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"RSS child failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -294,6 +346,11 @@ def rss_child(args, shard_dir: Path, work: Path) -> dict:
 
     shard = read_manifest(shard_dir)
     cfg = bench_config(args, work / "store", work / "unused")
+    if args.simulate_device:
+        from stages.encode import encoder_spec, load_encoder
+
+        simulate_device(load_encoder(encoder_spec(cfg), cfg.runtime.device), args.simulate_device,
+                        len(cfg.encode.views))
     timed_encode(cfg, shard, work / "encode")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if cfg.runtime.device == "cuda" else None
     return {"images": shard.metrics["samples"], "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one prepared command, under 8 minutes on one H200, printing one JSON object.
 #
-#   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at bf16 on synthetic 256 px JPEG shards
-#                              #       (whole path vs forward alone, MFU), flow training at the paper config's
-#                              #       width on random codes, KV-cache vs naive sampling at a paper-like width
+#   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at bf16 on synthetic 256 px JPEG
+#                              #       shards (whole path vs forward alone; 1 and 3 worker processes), flow
+#                              #       training at the paper config's width on random codes, KV-cache vs
+#                              #       naive sampling at a paper-like width
 #   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this)
 #
 # Each part also lands as JSON in $SRCFLOW_BENCH_OUT (default: benchmarks/results on CUDA, a temp dir
@@ -31,8 +32,11 @@ run() {  # name, limit (s), command...: a part that fails or times out is record
 
 if [ "$mode" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || true
-  run encode-cuda 130 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 2048 --batch 256 \
-      --rss-images 128 --write-mb 500 --repeats 1
+  run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 --batch 256 \
+      --rss-images 256 --write-mb 500 --repeats 1
+  # three worker processes share the GPU: three Zarr writers, each with its own event loop and GIL
+  run encode-cuda-workers3 90 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 \
+      --batch 256 --workers 3 --throughput-only
   run train_flow-cuda 60 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
       --batch 256 --steps 10
   run sample-cuda 200 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8

@@ -18,9 +18,9 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming the full key path."""
 
 
-def operational(default: Any, description: str = "") -> Any:
+def operational(default: Any, description: str = "", **constraints: Any) -> Any:
     """A field that changes how a stage runs, never what it produces."""
-    return Field(default, description=description, json_schema_extra={"operational": True})
+    return Field(default, description=description, json_schema_extra={"operational": True}, **constraints)
 
 
 class Section(BaseModel):
@@ -102,6 +102,10 @@ class EncodeConfig(Section):
     rows_per_chunk: int = Field(16, gt=0, description="rows per inner chunk: the unit of a random read")
     subset_per_class: int | None = Field(None, description="encode only the first K train images per class")
     batch_size: int = operational(64)
+    jobs_per_worker: int = operational(2, "shard jobs a worker runs at once, in threads: one job's tar read, "
+                                          "JPEG decode and Zarr write overlap another's forward passes", gt=0)
+    decode_threads: int | None = operational(None, "JPEG decode threads per worker, shared by its jobs "
+                                                   "(default: the node's cores / runtime.workers)", gt=0)
 
 
 class DecoderConfig(Section):

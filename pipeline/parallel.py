@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,8 +17,9 @@ from pipeline.progress import progress
 
 
 @contextmanager
-def dask_client(workers: int, address: str | None, worker_env: list[dict[str, str]] | None = None):
-    """A client for `address`, or a LocalCluster of `workers` single-threaded processes on 127.0.0.1.
+def dask_client(workers: int, address: str | None, worker_env: list[dict[str, str]] | None = None,
+                threads: int = 1):
+    """A client for `address`, or a LocalCluster of `workers` processes of `threads` threads on 127.0.0.1.
 
     `worker_env` gives each local worker its own environment (e.g. CUDA_VISIBLE_DEVICES=i).
     """
@@ -29,13 +31,13 @@ def dask_client(workers: int, address: str | None, worker_env: list[dict[str, st
         return
     if worker_env:
         workers_spec = {
-            i: {"cls": Nanny, "options": {"nthreads": 1, "env": env, "host": "127.0.0.1"}}
+            i: {"cls": Nanny, "options": {"nthreads": threads, "env": env, "host": "127.0.0.1"}}
             for i, env in enumerate(worker_env)
         }
         scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
         cluster = SpecCluster(workers=workers_spec, scheduler=scheduler, silence_logs=40)
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                                host="127.0.0.1", dashboard_address=None, silence_logs=40)
     with cluster, Client(cluster) as client:
         yield client
@@ -43,26 +45,38 @@ def dask_client(workers: int, address: str | None, worker_env: list[dict[str, st
 
 def map_jobs(fn: Callable[..., Any], jobs: Iterable[Any], *, workers: int = 1, dask_address: str | None = None,
              desc: str = "jobs", unit: str = "jobs", weights: Callable[[Any], int] | None = None,
-             worker_env: list[dict[str, str]] | None = None) -> Iterator[Any]:
+             worker_env: list[dict[str, str]] | None = None, threads: int = 1) -> Iterator[Any]:
     """Yield fn(job) for every job, in completion order, with a progress bar.
 
     In-process when workers <= 1 and no address is given (tests, a single GPU).
-    `weights(job)` sizes each job for the bar (e.g. images in a shard).
+    `threads`: jobs one worker runs at once, so one job's I/O overlaps another's compute (an existing
+    cluster at `dask_address` keeps its own thread count). `weights(job)` sizes each job for the bar.
     """
     jobs = list(jobs)
     size = weights or (lambda job: 1)
     with progress(desc, sum(size(j) for j in jobs), unit) as meter:
         if workers <= 1 and not dask_address and not worker_env:
-            for job in jobs:
-                result = fn(job)
-                meter.advance(size(job))
-                yield result
+            if threads <= 1:
+                for job in jobs:
+                    result = fn(job)
+                    meter.advance(size(job))
+                    yield result
+                return
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=desc)
+            try:
+                futures = {pool.submit(fn, job): job for job in jobs}
+                for future in as_completed(futures):
+                    result = future.result()  # re-raises a job's exception here
+                    meter.advance(size(futures[future]))
+                    yield result
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # on an error: no job starts after it
             return
-        from distributed import as_completed
+        from distributed import as_completed as dask_as_completed
 
-        with dask_client(workers, dask_address, worker_env) as client:
+        with dask_client(workers, dask_address, worker_env, threads) as client:
             futures = {client.submit(fn, job, pure=False): job for job in jobs}
-            for future in as_completed(futures):
+            for future in dask_as_completed(futures):
                 result = future.result()  # re-raises a job's exception here
                 meter.advance(size(futures[future]))
                 yield result

@@ -243,6 +243,9 @@ def _counts_from_shards(shard_dir: Path) -> Dataset:
 def sharded_array(rows: int, row_bytes: int, rows_per_shard: int, rows_per_chunk: int) -> tuple[int, int]:
     """(bytes, shard files) of one uncompressed row-sharded Zarr v3 array (see ZARR_INDEX_* above)."""
     chunk = min(rows_per_chunk, rows_per_shard)
+    if chunk == rows_per_shard:  # one chunk per shard: no sharding codec, no index; a last chunk is full size
+        shards = math.ceil(rows / rows_per_shard)
+        return shards * rows_per_shard * row_bytes, shards
     chunks_per_shard = math.ceil(rows_per_shard / chunk)
     index = ZARR_INDEX_BYTES_PER_CHUNK * chunks_per_shard + ZARR_INDEX_CRC
     full, rest = divmod(rows, rows_per_shard)
@@ -321,17 +324,21 @@ def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
     batch = e.batch_size
     seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
     images_per_job = math.ceil(e.rows_per_shard / views)
-    # per stored value of one shard job: the float16 features (2 B), the statistics' temporaries in
-    # stages/encode.py (float32 widen, float64 copy and its square: 20 B) and Zarr's shard assembly (~4 B);
-    # plus the job's JPEGs and crops, all decoded up front
-    host = (BASE_RSS + e.rows_per_shard * tokens * channels * 26
-            + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3)
-            + (4 * params if cfg.runtime.device == "cpu" else 0))
-    device = 6 * params + batch * seq * width * 2 * 12  # fp32 weights + bf16 copies, ~12 live activations
+    shard_values = e.rows_per_shard * tokens * channels
+    on_cpu = cfg.runtime.device == "cpu"
+    # each of the encode.jobs_per_worker jobs in flight holds, per stored value of its shard: the float16
+    # features (2 B) and their float64 copy and square for the statistics (16 B), on the job's device; on
+    # the host, the features handed to Zarr (2 B, a view on CPU) and Zarr's shard assembly (~4 B); plus
+    # its JPEGs and crops, all decoded up front
+    host_job = (shard_values * (4 + (18 if on_cpu else 2))
+                + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3))
+    host = BASE_RSS + e.jobs_per_worker * host_job + (4 * params if on_cpu else 0)
+    device = (6 * params + batch * seq * width * 2 * 12  # fp32 weights + bf16 copies, ~12 live activations
+              + e.jobs_per_worker * shard_values * 18)
     return StagePlan("encode", "", rows, "rows", cfg.runtime.workers, outputs,
                      {"host_bytes": int(host), "device_bytes": int(device),
-                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}; host: one shard job's "
-                               f"features, float64 statistics temporaries, JPEGs and crops"}, None)
+                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {e.jobs_per_worker} jobs in flight, "
+                               f"each: a shard's features, float64 statistics temporaries, JPEGs and crops"}, None)
 
 
 def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:

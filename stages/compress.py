@@ -123,7 +123,7 @@ def compress_shard(job: CompressJob) -> int:
         group = zarr.open_group(job.features, mode="r")
         arrays = {name: group[name][start:stop] for name in ("features", "labels", "keys", "view", "split")}
     else:
-        arrays = encode_rows(job.images)  # stored-dtype features, as encode would have written them
+        arrays, _ = encode_rows(job.images)  # stored-dtype features, as encode would have written them
     src = cached_src(job.src_dir, job.device)
     key = (job.features, job.stats, job.stats_file)
     if key not in _NORMALIZERS:

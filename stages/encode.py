@@ -9,7 +9,11 @@ order at the end into the exact per-position mean and variance (order-independen
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +53,7 @@ class EncodeJob:
     resolution: int
     dtype: str
     batch_size: int
+    decode_threads: int
     device: str
     store: str
     commits: str
@@ -83,9 +88,14 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
                   if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
-    for _ in map_jobs(encode_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
-                      worker_env=worker_env, desc="encode", unit="rows", weights=lambda j: j.shard.stop - j.shard.start):
+    started, job_seconds = time.perf_counter(), {}
+    for result in map_jobs(encode_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
+                           worker_env=worker_env, threads=cfg.encode.jobs_per_worker, desc="encode", unit="rows",
+                           weights=lambda j: j.shard.stop - j.shard.start):
+        for phase, sec in result.items():
+            job_seconds[phase] = job_seconds.get(phase, 0) + sec
         out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
+    wall = time.perf_counter() - started
 
     count, mean, var = reduce_statistics(commits, ranges)
     grid = encoder.grid_size
@@ -98,7 +108,11 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     FEATURES.validate(store)
     return {"rows": n_rows, "images": len(images), "train_rows": n_train, "tokens": encoder.num_tokens,
             "channels": encoder.channels, "stats_count": int(count), "feature_mean": float(mean.mean()),
-            "feature_var": float(var.mean())}
+            "feature_var": float(var.mean()),
+            "rows_per_s": round(job_seconds.pop("rows", 0) / max(wall, 1e-9), 2),
+            # where this run's jobs spent their time, summed over jobs (they overlap, so the sum exceeds the
+            # wall time): read (tars), decode_wait (crops not ready), forward (incl. copies), write, commit
+            "job_seconds": {k: round(v, 3) for k, v in job_seconds.items()}}
 
 
 def encoder_geometry(cfg: Config) -> tuple[int, int]:
@@ -141,86 +155,117 @@ def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: En
     first, last = r.start // len(views), (r.stop - 1) // len(views)
     mine = tuple((im["key"], im["label"], im["split"], str(shard_dir / "shards" / im["shard"]))
                  for im in images[first:last + 1])
+    decode_threads = cfg.encode.decode_threads or max(2, (os.cpu_count() or 2) // max(1, cfg.runtime.workers))
     return EncodeJob(r, mine, first, views, spec, cfg.data.resolution, cfg.encode.dtype, cfg.encode.batch_size,
-                     device, str(store), str(commits.dir))
+                     decode_threads, device, str(store), str(commits.dir))
 
 
-# --- one job, run in a worker process ----------------------------------------------------------
+# --- one job, run in a worker thread -----------------------------------------------------------
+# A worker runs `encode.jobs_per_worker` jobs at once in threads: while one job waits on its tar read,
+# its JPEG decodes or its Zarr write, another job's forward passes keep the device busy. Each job has
+# its own CUDA stream, so its copies overlap the other jobs' kernels.
 
-_ENCODERS: dict = {}  # per process: built once, reused by every job the process runs
+_ENCODERS: dict = {}  # per process: built once, shared by every job the process runs
+_DECODE_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: PIL decodes and resizes without the GIL
+_LOCK = threading.Lock()
 
 
 def load_encoder(spec: EncoderSpec, device: str):
     from pipeline.models.rae import build_rae_encoder
 
-    key = (spec, device)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = build_rae_encoder(spec.weights, model_name=spec.name, input_size=spec.input_size,
-                                           arch=dict(spec.arch), seed=spec.seed).to(device)
-    return _ENCODERS[key]
+    device = str(resolve_device(device))  # "cuda" and "cuda:0" are one encoder
+    with _LOCK:
+        if (spec, device) not in _ENCODERS:
+            encoder = build_rae_encoder(spec.weights, model_name=spec.name, input_size=spec.input_size,
+                                        arch=dict(spec.arch), seed=spec.seed).to(device)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)  # jobs read the weights from their own streams
+            _ENCODERS[(spec, device)] = encoder
+        return _ENCODERS[(spec, device)]
 
 
-def encode_shard(job: EncodeJob) -> int:
-    arrays = encode_rows(job)
-    write_rows(Path(job.store), job.shard.start, arrays)
-    count, total, total_sq = train_sums(arrays["features"][arrays["split"] == SPLIT_IDS["train"]], job.device)
-    Commits(Path(job.commits)).write(job.shard.index, count=np.array(count), sum=total, sumsq=total_sq)
-    return len(arrays["labels"])
+def decode_pool(threads: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        if threads not in _DECODE_POOLS:
+            _DECODE_POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        return _DECODE_POOLS[threads]
 
 
-def train_sums(stored: np.ndarray, device: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """float64 sum and sum of squares over rows of stored features, on the job's device (a whole shard at
-    once, so the result does not depend on the batch size; on GPU this keeps 3 GB of float64 off the CPU)."""
-    t = torch.from_numpy(stored)
-    t = (t.view(torch.bfloat16) if t.dtype == torch.uint16 else t).to(device).double()
-    return len(stored), t.sum(0).cpu().numpy(), t.square().sum(0).cpu().numpy()
+def encode_shard(job: EncodeJob) -> dict[str, float]:
+    """Encode, write and commit one shard. Returns its rows and the seconds of each phase of this job."""
+    seconds: dict[str, float] = {}
+    arrays, (count, total, total_sq) = encode_rows(job, seconds)
+    with timed(seconds, "write"):
+        write_rows(Path(job.store), job.shard.start, arrays)
+    with timed(seconds, "commit"):
+        Commits(Path(job.commits)).write(job.shard.index, count=np.array(count), sum=total, sumsq=total_sq)
+    return {"rows": len(arrays["labels"]), **seconds}
 
 
-def encode_rows(job: EncodeJob) -> dict[str, np.ndarray]:
-    """The job's rows, computed and not written: features in the storage dtype, labels, split, keys, view.
-    Also the image path of `compress.from: images`, so both paths see the same stored-precision features."""
+@contextmanager
+def timed(seconds: dict[str, float], phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
+                ) -> tuple[dict[str, np.ndarray], tuple[int, np.ndarray, np.ndarray]]:
+    """The job's rows, computed and not written: features in the storage dtype, labels, split, keys, view;
+    and the float64 (count, sum, sum of squares) of its train rows. Also the image path of
+    `compress.from: images`, so both paths see the same stored-precision features."""
     from pipeline.models.rae import to_encoder_input
 
+    seconds = {} if seconds is None else seconds
     device = torch.device(job.device)
     encoder = load_encoder(job.encoder, job.device)
     n_views = len(job.views)
-    keys = {k for k, *_ in job.images}
-    tars = sorted({tar for *_, tar in job.images})
-    jpegs = dict(iter_jpegs(tars, keys))
+    with timed(seconds, "read"):
+        keys = {k for k, *_ in job.images}
+        jpegs = dict(iter_jpegs(sorted({tar for *_, tar in job.images}), keys))
     missing = keys - jpegs.keys()
     if missing:
         raise FileNotFoundError(f"encode: {len(missing)} images of the manifest are not in their shards "
                                 f"(e.g. {sorted(missing)[0]}); the shard set is damaged, rerun `shard` with --force")
-    features = np.empty((len(job.images) * n_views, encoder.num_tokens, encoder.channels),
-                        dtype=np.uint16 if job.dtype == "bfloat16" else np.float16)
-    with ThreadPoolExecutor(max_workers=4) as pool:  # JPEG decode + crop overlaps the forward passes
-        crops = pool.map(lambda item: decode_crop(jpegs[item[0]], job.resolution), job.images)
-        for b0 in range(0, len(job.images), job.batch_size):
-            batch = np.stack([next(crops) for _ in range(min(job.batch_size, len(job.images) - b0))])
-            pixels = torch.from_numpy(batch).to(device, non_blocking=True)
-            x = to_encoder_input(pixels, job.encoder.input_size)
-            with torch.inference_mode(), autocast(device):
-                for v_index, view in enumerate(job.views):
-                    tokens = encoder(x.flip(-1) if view == 1 else x)
-                    rows = slice(b0 * n_views + v_index, (b0 + len(batch)) * n_views, n_views)
-                    features[rows] = to_storage(tokens, job.dtype)
-
+    crops = decode_pool(job.decode_threads).map(lambda item: decode_crop(jpegs[item[0]], job.resolution), job.images)
+    cuda = device.type == "cuda"
     # rows of this shard, as offsets into the images this job holds
     lo = job.shard.start - job.first_image * n_views
     hi = lo + job.shard.stop - job.shard.start
-    labels = np.repeat([lab for _, lab, _, _ in job.images], n_views).astype(np.int32)
-    splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in job.images], n_views).astype(np.uint8)
+    labels = np.repeat([lab for _, lab, _, _ in job.images], n_views).astype(np.int32)[lo:hi]
+    splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in job.images], n_views).astype(np.uint8)[lo:hi]
+    with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else nullcontext():
+        features = torch.empty((len(job.images) * n_views, encoder.num_tokens, encoder.channels),
+                               dtype=torch.bfloat16 if job.dtype == "bfloat16" else torch.float16, device=device)
+        for b0 in range(0, len(job.images), job.batch_size):
+            n = min(job.batch_size, len(job.images) - b0)
+            with timed(seconds, "decode_wait"):
+                batch = torch.from_numpy(np.stack([next(crops) for _ in range(n)]))
+            with timed(seconds, "forward"):
+                pixels = batch.pin_memory().to(device, non_blocking=True) if cuda else batch
+                x = to_encoder_input(pixels, job.encoder.input_size)
+                with torch.inference_mode(), autocast(device):
+                    for v_index, view in enumerate(job.views):
+                        rows = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
+                        features[rows] = encoder(x.flip(-1) if view == 1 else x).to(features.dtype)
+        with timed(seconds, "forward"):  # the job's device work ends with these copies to the host
+            mine = features[lo:hi]
+            sums = train_sums(mine[torch.from_numpy(splits == SPLIT_IDS["train"]).to(device)])
+            stored = (mine.view(torch.uint16) if job.dtype == "bfloat16" else mine).cpu().numpy()
     return {
-        "features": features[lo:hi], "labels": labels[lo:hi], "split": splits[lo:hi],
+        "features": stored, "labels": labels, "split": splits,
         "keys": np.repeat([k for k, *_ in job.images], n_views)[lo:hi],
         "view": np.tile(np.array(job.views, dtype=np.uint8), len(job.images))[lo:hi],
-    }
+    }, sums
 
 
-def to_storage(tokens: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return tokens.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
-    return tokens.to(torch.float16).cpu().numpy()
+def train_sums(rows: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
+    """float64 sum and sum of squares over stored-precision rows, on their device (a whole shard at once,
+    so the result does not depend on the batch size; on GPU this keeps 3 GB of float64 off the CPU)."""
+    t = rows.double()
+    return len(rows), t.sum(0).cpu().numpy(), t.square().sum(0).cpu().numpy()
 
 
 def reduce_statistics(commits: Commits, ranges: list[ShardRange], stage: str = "encode",

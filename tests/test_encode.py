@@ -81,20 +81,20 @@ def test_bfloat16_store_round_trips_exactly(make_config):
 
 
 KILL_SCRIPT = """
-import os, random, signal, sys
+import itertools, os, random, signal, sys, threading
 import pipeline.data.zarr_store as zs
 import stages.encode as enc
 rng = random.Random(int(sys.argv[1]))
 die_at, before_commit = rng.randrange(2, 10), rng.random() < 0.5
-calls = [0]
+calls, mine = itertools.count(1), threading.local()   # jobs run in threads: each knows its own call
 real_write, real_commit = enc.write_rows, zs.Commits.write
 def write(*a, **k):
-    calls[0] += 1
-    if calls[0] == die_at and not before_commit:
+    mine.call = next(calls)
+    if mine.call == die_at and not before_commit:
         os.kill(os.getpid(), signal.SIGKILL)   # mid-shard: nothing of it written yet
     real_write(*a, **k)
 def commit(self, *a, **k):
-    if calls[0] == die_at and before_commit:
+    if mine.call == die_at and before_commit:
         os.kill(os.getpid(), signal.SIGKILL)   # data written, commit marker not
     real_commit(self, *a, **k)
 enc.write_rows, zs.Commits.write = write, commit
@@ -126,13 +126,20 @@ def test_kill_at_a_random_point_then_rerun_is_bit_identical(make_config, tmp_pat
         assert np.array_equal(a[name], b[name]), f"{name} differs after resume (seed {seed})"
 
 
-def test_two_dask_workers_give_the_same_store_as_one(make_config, tmp_path):
-    _, one = _encode(make_config, f"storage.root={tmp_path / 'one'}")
-    _, two = _encode(make_config, f"storage.root={tmp_path / 'two'}", "runtime.workers=2")
-    assert one.fingerprint == two.fingerprint
-    a, b = _arrays(one.dir / "features.zarr"), _arrays(two.dir / "features.zarr")
+@pytest.mark.parametrize("parallel", [("encode.jobs_per_worker=3", "encode.decode_threads=2"),
+                                      ("runtime.workers=2", "encode.jobs_per_worker=2")],
+                         ids=["three-jobs-in-threads", "two-dask-workers"])
+def test_jobs_in_threads_or_dask_workers_give_the_same_store_as_one_job_at_a_time(make_config, tmp_path, parallel):
+    _, one = _encode(make_config, f"storage.root={tmp_path / 'one'}", "encode.jobs_per_worker=1")
+    _, many = _encode(make_config, f"storage.root={tmp_path / 'many'}", *parallel)
+    assert one.fingerprint == many.fingerprint  # how the jobs ran is operational
+    a, b = _arrays(one.dir / "features.zarr"), _arrays(many.dir / "features.zarr")
+    assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+    seconds = many.metrics["job_seconds"]
+    assert set(seconds) == {"read", "decode_wait", "forward", "write", "commit"}
+    assert all(v >= 0 for v in seconds.values()) and seconds["forward"] > 0
 
 
 def test_dask_and_xarray_open_the_store(encoded):

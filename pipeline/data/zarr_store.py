@@ -48,7 +48,9 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
         big = len(tail) > 0
         group.create_array(
             name, shape=(n_rows, *tail), dtype=str if dtype == "str" else dtype,
-            chunks=(chunk if big else rows_per_shard, *tail), shards=(rows_per_shard, *tail),
+            chunks=(chunk if big else rows_per_shard, *tail),
+            # one chunk per shard needs no sharding codec (it would copy the whole shard once more)
+            shards=(rows_per_shard, *tail) if big and chunk < rows_per_shard else None,
             # features and codes are incompressible float (STACK.md): spend no CPU on them
             compressors=None if big else BloscCodec(cname="zstd", clevel=3),
             dimension_names=spec.dims, fill_value="" if dtype == "str" else 0,
@@ -61,7 +63,8 @@ def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
     """Write whole shards starting at `start` (the caller owns these rows in every array)."""
     group = zarr.open_group(str(path), mode="r+")
     for name, values in arrays.items():
-        group[name][start:start + len(values)] = values
+        # the runtime config is not stored with the array: say again that no chunk is checked for emptiness
+        group[name].with_config({"write_empty_chunks": True})[start:start + len(values)] = values
 
 
 def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:

@@ -1,0 +1,74 @@
+"""pipeline.parallel.map_jobs in-process with threads, and pipeline.data.zarr_store's row writer."""
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.data.zarr_store import create_row_store, write_rows
+from pipeline.parallel import map_jobs
+from pipeline.plan import sharded_array
+from storage_schemas.zarr_layouts import FEATURES
+
+
+def test_threads_run_that_many_jobs_at_once_and_yield_every_result():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def job(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    assert sorted(map_jobs(job, range(9), threads=3)) == [i * i for i in range(9)]
+    assert peak[0] == 3
+
+
+def test_a_failing_job_is_raised_and_no_job_starts_after_it():
+    started = []
+
+    def job(i):
+        started.append(i)
+        if i == 1:
+            raise ValueError("job 1 failed")
+        time.sleep(0.05)
+        return i
+
+    with pytest.raises(ValueError, match="job 1 failed"):
+        list(map_jobs(job, range(40), threads=2))
+    assert len(started) < 10
+
+
+def _store(path: Path, rows_per_chunk: int) -> Path:
+    create_row_store(path, FEATURES, 16, rows_per_shard=8, rows_per_chunk=rows_per_chunk,
+                     row_shapes={"features": ((3, 4), "float16")}, attrs={})
+    return path
+
+
+def test_a_shard_of_zeros_is_written_not_skipped_as_empty(tmp_path):
+    # the store's runtime config is not saved with it: write_rows must ask again for no emptiness check
+    store = _store(tmp_path / "f.zarr", rows_per_chunk=4)
+    write_rows(store, 0, {"features": np.zeros((8, 3, 4), np.float16), "labels": np.zeros(8, np.int32)})
+    assert (store / "features" / "c" / "0" / "0" / "0").is_file()
+    assert (store / "labels" / "c" / "0").is_file()
+
+
+@pytest.mark.parametrize("rows_per_chunk", [4, 8])
+def test_rows_round_trip_with_inner_chunks_or_one_chunk_per_shard(tmp_path, rows_per_chunk):
+    store = _store(tmp_path / "f.zarr", rows_per_chunk)
+    values = np.random.default_rng(0).standard_normal((16, 3, 4)).astype(np.float16)
+    write_rows(store, 8, {"features": values[8:]})
+    write_rows(store, 0, {"features": values[:8]})
+    on_disk = sum(p.stat().st_size for p in (store / "features" / "c").rglob("*") if p.is_file())
+    assert (on_disk, 2) == sharded_array(16, 3 * 4 * 2, 8, rows_per_chunk)  # what `srcflow plan` predicts
+    arr = zarr.open_group(str(store), mode="r")["features"]
+    assert np.array_equal(arr[...], values)
+    sharded = any(type(c).__name__ == "ShardingCodec" for c in arr.metadata.codecs)
+    assert sharded == (rows_per_chunk < 8)  # one chunk per shard needs no sharding codec
+    assert arr.chunks == (rows_per_chunk, 3, 4)
