@@ -253,7 +253,8 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
         with timed(seconds, "forward"):  # the job's device work ends with these copies to the host
             mine = features[lo:hi]
             sums = train_sums(mine[torch.from_numpy(splits == SPLIT_IDS["train"]).to(device)])
-            stored = (mine.view(torch.uint16) if job.dtype == "bfloat16" else mine).cpu().numpy()
+            host = mine.cpu()  # bf16 leaves the device as bf16: CUDA has few kernels for uint16
+            stored = (host.view(torch.uint16) if job.dtype == "bfloat16" else host).numpy()
     return {
         "features": stored, "labels": labels, "split": splits,
         "keys": np.repeat([k for k, *_ in job.images], n_views)[lo:hi],
