@@ -22,6 +22,13 @@ def test_bad_type_fails_with_one_line_naming_the_full_path():
     assert "\n" not in str(e.value) and "src.dim" in str(e.value) and "lots" in str(e.value)
 
 
+def test_an_operational_field_keeps_its_bounds():
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, ["encode.jobs_per_worker=0"])
+    assert "\n" not in str(e.value) and "encode.jobs_per_worker" in str(e.value)
+    assert "jobs_per_worker" not in semantic_values(load_config(SMOKE).encode)
+
+
 def test_unknown_section_in_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("shrad: {samples_per_shard: 3}\n")

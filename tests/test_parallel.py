@@ -72,3 +72,22 @@ def test_rows_round_trip_with_inner_chunks_or_one_chunk_per_shard(tmp_path, rows
     sharded = any(type(c).__name__ == "ShardingCodec" for c in arr.metadata.codecs)
     assert sharded == (rows_per_chunk < 8)  # one chunk per shard needs no sharding codec
     assert arr.chunks == (rows_per_chunk, 3, 4)
+
+
+def test_jobs_in_threads_share_one_encoder_built_once(monkeypatch):
+    import pipeline.models.rae as rae
+    from stages import encode
+
+    built, real = [], rae.build_rae_encoder
+
+    def build(*args, **kwargs):
+        built.append(1)
+        time.sleep(0.05)  # a slow build: the other threads arrive while it runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rae, "build_rae_encoder", build)
+    monkeypatch.setattr(encode, "_ENCODERS", {})
+    spec = encode.EncoderSpec("vit_base_patch14_reg4_dinov2", "random", 28, (("depth", 1), ("embed_dim", 16),
+                              ("num_heads", 2), ("patch_size", 7)), 0)
+    encoders = list(map_jobs(lambda _: encode.load_encoder(spec, "cpu"), range(4), threads=4))
+    assert len(built) == 1 and all(e is encoders[0] for e in encoders)
