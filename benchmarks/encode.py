@@ -107,7 +107,6 @@ def main() -> None:
 
 def run(args, tmp: Path) -> dict:
     from pipeline.data.tiny_imagenet import make_tiny_imagenet
-    from stages.encode import encoder_spec, load_encoder
 
     started = time.perf_counter()
     classes = 16
@@ -117,9 +116,7 @@ def run(args, tmp: Path) -> dict:
     cfg = bench_config(args, tmp / "store", timed)
     shard = shard_set(cfg)
 
-    encoder = load_encoder(encoder_spec(cfg), cfg.runtime.device)  # built once, reused by the stage (cached)
-    if args.simulate_device:
-        simulate_device(encoder, args.simulate_device, len(cfg.encode.views))
+    encoder = bench_encoder(args, cfg)
     images = shard.metrics["samples"]
     forward_first = forward_rate(cfg, encoder, images)
     encode_seconds, metrics = timed_encode(cfg, shard, tmp / "encode")
@@ -214,6 +211,17 @@ def timed_encode(cfg, shard, out_dir: Path) -> tuple[float, dict]:
     if cfg.runtime.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, metrics
+
+
+def bench_encoder(args, cfg):
+    """The stage's encoder, built once and reused by the stage (cached), its forward replaced by a
+    simulated device's wait when --simulate-device is given."""
+    from stages.encode import encoder_spec, load_encoder
+
+    encoder = load_encoder(encoder_spec(cfg), cfg.runtime.device)
+    if args.simulate_device:
+        simulate_device(encoder, args.simulate_device, len(cfg.encode.views))
+    return encoder
 
 
 def simulate_device(encoder, images_per_s: float, views: int) -> None:
@@ -354,11 +362,7 @@ def rss_child(args, shard_dir: Path, work: Path) -> dict:
 
     shard = read_manifest(shard_dir)
     cfg = bench_config(args, work / "store", work / "unused")
-    if args.simulate_device:
-        from stages.encode import encoder_spec, load_encoder
-
-        simulate_device(load_encoder(encoder_spec(cfg), cfg.runtime.device), args.simulate_device,
-                        len(cfg.encode.views))
+    bench_encoder(args, cfg)
     timed_encode(cfg, shard, work / "encode")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if cfg.runtime.device == "cuda" else None
     return {"images": shard.metrics["samples"], "peak_rss_mb": round(peak_rss_mb(), 1),

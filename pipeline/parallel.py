@@ -64,11 +64,7 @@ def map_jobs(fn: Callable[..., Any], jobs: Iterable[Any], *, workers: int = 1, d
                 return
             pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=desc)
             try:
-                futures = {pool.submit(fn, job): job for job in jobs}
-                for future in as_completed(futures):
-                    result = future.result()  # re-raises a job's exception here
-                    meter.advance(size(futures[future]))
-                    yield result
+                yield from completed({pool.submit(fn, job): job for job in jobs}, as_completed, meter, size)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)  # on an error: no job starts after it
             return
@@ -76,10 +72,15 @@ def map_jobs(fn: Callable[..., Any], jobs: Iterable[Any], *, workers: int = 1, d
 
         with dask_client(workers, dask_address, worker_env, threads) as client:
             futures = {client.submit(fn, job, pure=False): job for job in jobs}
-            for future in dask_as_completed(futures):
-                result = future.result()  # re-raises a job's exception here
-                meter.advance(size(futures[future]))
-                yield result
+            yield from completed(futures, dask_as_completed, meter, size)
+
+
+def completed(futures: dict, in_completion_order: Callable, meter, size: Callable[[Any], int]) -> Iterator[Any]:
+    """Results of `futures` (future -> job) as they finish, thread or Dask futures alike."""
+    for future in in_completion_order(futures):
+        result = future.result()  # re-raises a job's exception here
+        meter.advance(size(futures[future]))
+        yield result
 
 
 def cpu_workers(requested: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ import torch
 from pipeline.artifacts import StageOutput, input_digest
 from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.data.zarr_store import Commits, ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import (
+    Commits,
+    ShardRange,
+    create_row_store,
+    shard_ranges,
+    write_rows,
+    write_small_array,
+)
 from pipeline.parallel import map_jobs
 from pipeline.training import autocast, resolve_device
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
@@ -88,12 +96,11 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
                   if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
-    started, job_seconds = time.perf_counter(), {}
+    started, job_seconds = time.perf_counter(), Counter()
     for result in map_jobs(encode_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
                            worker_env=worker_env, threads=cfg.encode.jobs_per_worker, desc="encode", unit="rows",
                            weights=lambda j: j.shard.stop - j.shard.start):
-        for phase, sec in result.items():
-            job_seconds[phase] = job_seconds.get(phase, 0) + sec
+        job_seconds.update(result)  # adds up each job's rows and phase seconds
         out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
     wall = time.perf_counter() - started
 

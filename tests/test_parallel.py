@@ -75,7 +75,7 @@ def test_rows_round_trip_with_inner_chunks_or_one_chunk_per_shard(tmp_path, rows
 
 
 def test_jobs_in_threads_share_one_encoder_built_once(monkeypatch):
-    import pipeline.models.rae as rae
+    from pipeline.models import rae
     from stages import encode
 
     built, real = [], rae.build_rae_encoder
