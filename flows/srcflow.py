@@ -16,7 +16,8 @@ from prefect_dask import DaskTaskRunner
 
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
-from pipeline.runner import last_needed, plan, run_stage, select_stages, upstream_manifests
+from pipeline.artifacts import ArtifactStore
+from pipeline.runner import last_needed, plan, refuse_damaged, run_stage, select_stages
 from storage_schemas.success import Manifest
 
 
@@ -25,14 +26,15 @@ def fingerprint_key(context, parameters) -> str:
 
 
 @task(cache_key_fn=fingerprint_key, persist_result=True)
-def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, dict], force: bool = False) -> dict:
-    """Runs one stage; returns its small manifest (never arrays)."""
+def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str], force: bool = False) -> dict:
+    """Runs one stage (`upstream`: the fingerprints it reads, found through this root); returns its small manifest
+    (never arrays)."""
     cfg = validate_config(config)
     (p,) = [p for p in plan(cfg, last=stage) if p.name == stage]
     if p.fingerprint != fingerprint:
         raise RuntimeError(f"{stage}: fingerprint changed between planning and running ({fingerprint[:16]} -> "
                            f"{p.fingerprint[:16]}); an input changed during the run")
-    return run_stage(p, cfg, {k: Manifest.model_validate(v) for k, v in upstream.items()}, force=force).model_dump()
+    return run_stage(p, cfg, force=force).model_dump()
 
 
 @flow(name="srcflow", log_prints=True)
@@ -68,20 +70,23 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
     cfg = load_config(config, overrides or [])
     set_mode(cfg.runtime.progress)
     force = force or []
-    results_dir = Path(cfg.storage.root).absolute() / ".prefect-results"
+    store = ArtifactStore(cfg.storage.root)
+    results_dir = store.root / ".prefect-results"
     manifests: dict[str, Manifest] = {}
-    for p in select_stages(plan(cfg, last_needed(stages, until)), stages, until):
+    selected = select_stages(plan(cfg, last_needed(stages, until)), stages, until)
+    refuse_damaged(selected, cfg, force)
+    for p in selected:
         rerun = p.state != "done" or p.name in force
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
-        upstream = {u: m.model_dump() for u, m in upstream_manifests(cfg, p, manifests).items()}
-        args = (p.name, p.fingerprint, config_dict(cfg), upstream)
+        args = (p.name, p.fingerprint, config_dict(cfg), p.upstream)
         # in this process (signals reach the stage: SIGTERM checkpoints), or on the flow's task runner
-        result = task_fn.submit(*args, force=p.name in force).result() if on_task_runner else \
+        task_fn.submit(*args, force=p.name in force).result() if on_task_runner else \
             task_fn(*args, force=p.name in force)
-        manifests[p.name] = Manifest.model_validate(result)
+        # what is on disk under this root, not a cached task result (which may name another root's output)
+        manifests[p.name] = store.manifest(p.name, p.fingerprint)
     create_table_artifact(key="srcflow-stages", table=[
-        {"stage": name, "fingerprint": m.fingerprint[:16], "path": m.path,
+        {"stage": name, "fingerprint": m.fingerprint[:16], "path": str(m.dir),
          "metrics": ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))}
         for name, m in manifests.items()], description="srcflow stage outputs")
     if "evaluate" in manifests:

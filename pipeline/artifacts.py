@@ -1,25 +1,44 @@
-"""The artifact store: `<storage.root>/<stage>/<fingerprint[:16]>/`, complete iff `_SUCCESS.json`.
+"""The artifact store: `<storage.root>/<stage>/<fingerprint[:16]>/`, complete iff `_SUCCESS.json` lists it whole.
 
 A stage output's identity is its fingerprint: sha256 over the stage name, its code version,
 its semantic config, the fingerprints of the upstream artifacts it reads and the digests of the
 external inputs it reads (weight files, the dataset listing). Operational settings never enter.
+
+Integrity (README "Integrity and concurrency"):
+- `_SUCCESS.json` lists every file of the output with its size and CRC-32C; row stores take each
+  shard file's record from the shard's commit marker, written when the shard was (see `Commits`).
+- `check` (fast: every listed file exists with its size; deep: and its checksum) gives the state
+  done | damaged | partial | stale | missing, and the bad files.
+- One writer per output: `lock` is a per-(stage, fingerprint) file lock, released by the OS if
+  its holder dies. A forced rebuild writes into `.<fp16>.rebuild` and replaces the output only
+  when it is complete (`commit`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from storage_schemas.success import FILENAME as SUCCESS, Manifest, OutputFile, read_manifest, write_atomic, write_manifest
+import numpy as np
+
+from storage_schemas import SchemaError
+from storage_schemas.success import (DAMAGED, FILENAME as SUCCESS, Manifest, OutputFile, read_damage, read_manifest,
+                                     temp_owner, write_atomic, write_manifest)
 
 PROGRESS = "_PROGRESS.json"
+REBUILD = ".rebuild"  # suffix of a forced rebuild's directory, `.<fp16>.rebuild`
+log = logging.getLogger("srcflow")
 
 
 def fingerprint(stage: str, code_version: str, semantic: dict, upstream: dict[str, str], external: dict[str, str]) -> str:
@@ -27,22 +46,40 @@ def fingerprint(stage: str, code_version: str, semantic: dict, upstream: dict[st
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# --- digests of external inputs (weights): sha256, remembered outside the store --------------------
+
+_DIGESTS: dict[str, str] = {}  # per process, for when the cache directory cannot be written
+
+
+def local_cache_dir() -> Path:
+    """Project-local cache (`.srcflow/` in the working directory, beside `.prefect/`; SRCFLOW_CACHE_DIR overrides).
+    Never inside storage.root: `status` must not write into the store."""
+    return Path(os.environ.get("SRCFLOW_CACHE_DIR") or ".srcflow").absolute()
+
+
 def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) so `status` does not rehash GB of weights."""
+    """sha256 of a file, remembered by (path, size, mtime) so `status` does not rehash GB of weights. The cache is
+    best effort: on a read-only or full disk it lives in memory only."""
     path = Path(path).resolve()
     st = path.stat()
     key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    cached = cache_dir / key if cache_dir else None
-    if cached and cached.is_file():
-        return cached.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cached, digest)
+    cached = (cache_dir or local_cache_dir() / "digests") / key
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    try:
+        digest = cached.read_text().strip()
+    except OSError:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cached, digest)
+        except OSError:
+            pass
+    _DIGESTS[key] = digest
     return digest
 
 
@@ -50,20 +87,131 @@ def input_digest(storage_root: str | Path, key: str, path: str | Path | None, ex
     """Digest of an external input file for a fingerprint; a missing file is a one-line error naming its key."""
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"{key}: {path} does not exist (expected {expected})")
-    return file_sha256(path, ArtifactStore(storage_root).digest_cache)
+    return file_sha256(path)
+
+
+# --- file records: size and CRC-32C (hardware CRC, ~13 GB/s here: fine for terabytes) ----------------
+
+
+def file_crc32c(path: Path) -> str:
+    import crc32c
+
+    value, buf = 0, bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            value = crc32c.crc32c(view[:n], value)
+    return f"{value:08x}"
+
+
+def file_record(base: Path, path: Path) -> OutputFile:
+    return OutputFile(path=path.relative_to(base).as_posix(), bytes=path.stat().st_size, crc32c=file_crc32c(path))
+
+
+def file_problem(base: Path, record: OutputFile, deep: bool) -> str | None:
+    """Why the listed file no longer matches its record (None if it does)."""
+    path = base / record.path
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"missing (listed with {record.bytes} bytes)"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if size != record.bytes:
+        return f"{size} bytes, listed with {record.bytes}"
+    if deep:
+        try:
+            crc = file_crc32c(path)
+        except OSError as e:
+            return f"unreadable ({e.strerror})"
+        if crc != record.crc32c:
+            return f"checksum {crc}, listed with {record.crc32c}"
+    return None
+
+
+# --- commit markers of row stores ---------------------------------------------------------------
+
+
+class Commits:
+    """Commit markers of a row store (shard, encode, compress): `dir/{k:06d}.npz`, one per shard job, written
+    last. Each holds that shard's partial results (e.g. statistics) and the records (size, CRC-32C) of the files
+    the job wrote, relative to the stage output (the marker directory's parent). A killed run redoes exactly the
+    shards without a marker; a damaged file costs only its shard (`ArtifactStore.prepare_repair`)."""
+
+    FILES = "_files"
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    @property
+    def base(self) -> Path:
+        return self.dir.parent
+
+    def path(self, k: int) -> Path:
+        return self.dir / f"{k:06d}.npz"
+
+    def done(self, k: int) -> bool:
+        return self.path(k).is_file()
+
+    def any(self) -> bool:
+        return self.dir.is_dir() and any(self.dir.glob("*.npz"))
+
+    def write(self, k: int, files: list[Path] = (), **partials: np.ndarray) -> None:
+        """Commit shard k: record `files` (absolute paths under the stage output), then write the marker."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        records = [file_record(self.base, Path(f)).model_dump() for f in files]
+        buf = io.BytesIO()
+        np.savez(buf, **partials, **{self.FILES: np.array(json.dumps(records))})
+        write_atomic(self.path(k), buf.getvalue())
+
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        with np.load(self.path(k)) as z:
+            return {name: z[name] for name in z.files if name != self.FILES}
+
+    def records(self, k: int) -> list[OutputFile]:
+        """The files marker k commits; ValueError/OSError when the marker is unreadable."""
+        with np.load(self.path(k)) as z:
+            return [OutputFile.model_validate(r) for r in json.loads(str(z[self.FILES]))] if self.FILES in z.files else []
+
+    def indices(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.dir.glob("*.npz") if p.stem.isdigit()) if self.dir.is_dir() else []
+
+
+# --- the store ----------------------------------------------------------------------------------
 
 
 @dataclass
 class StageOutput:
-    """What a stage function gets to write into: its directory and a progress reporter."""
+    """What a stage function gets to write into: its directory and a progress reporter. `final` is where the output
+    lands when committed: `path` itself, or the output a forced rebuild in `path` replaces."""
 
     stage: str
     fingerprint: str
     path: Path
+    final: Path | None = None
 
     def report_progress(self, done: int, total: int, unit: str) -> None:
         """Shown by `srcflow status` while the output is partial."""
         write_atomic(self.path / PROGRESS, json.dumps({"done": done, "total": total, "unit": unit}))
+
+
+@dataclass
+class Health:
+    """An output's state and, when damaged, its bad files (paths relative to the output directory)."""
+
+    state: str  # done | damaged | partial | stale | missing
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    files: int = 0
+    bytes: int = 0
+
+    def first(self, base: Path) -> str:
+        path, why = self.problems[0]
+        more = f" (+{len(self.problems) - 1} more bad files)" if len(self.problems) > 1 else ""
+        return f"{base / path}: {why}{more}"
+
+
+class DamagedError(ValueError):
+    """An output that is damaged and is not rebuilt automatically; the message names the file and the repair."""
 
 
 class ArtifactStore:
@@ -73,57 +221,176 @@ class ArtifactStore:
     def stage_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / fp[:16]
 
+    def rebuild_dir(self, stage: str, fp: str) -> Path:
+        return self.root / stage / f".{fp[:16]}{REBUILD}"
+
     @property
     def digest_cache(self) -> Path:
-        return self.root / ".digests"
+        return local_cache_dir() / "digests"
+
+    def check(self, stage: str, fp: str, deep: bool = False) -> Health:
+        """done | damaged | partial | stale | missing. Fast: every file `_SUCCESS.json` lists exists with its size;
+        deep: and its CRC-32C matches. Reads only."""
+        d = self.stage_dir(stage, fp)
+        if not (d / SUCCESS).exists():
+            if d.is_dir():
+                return Health("partial")
+            others = [p for p in (self.root / stage).glob("*") if p.is_dir() and not p.name.startswith(".") and p != d] \
+                if (self.root / stage).is_dir() else []
+            return Health("stale" if others else "missing")
+        try:
+            m = read_manifest(d)
+        except SchemaError as e:
+            return Health("damaged", [(SUCCESS, str(e).removeprefix(f"{d / SUCCESS}: "))])
+        if (m.stage, m.fingerprint) != (stage, fp):
+            return Health("damaged", [(SUCCESS, f"belongs to {m.stage}/{m.fingerprint[:16]}, not to this output")])
+        problems = [(f["path"], f["reason"]) for f in read_damage(d) or []]
+        problems += [(f.path, why) for f in m.files if (why := file_problem(d, f, deep))]
+        return Health("damaged" if problems else "done", problems, len(m.files), m.bytes)
 
     def state(self, stage: str, fp: str) -> str:
-        """done | partial | stale | missing (see README: "Stage states")."""
-        d = self.stage_dir(stage, fp)
-        if (d / SUCCESS).is_file():
-            return "done"
-        if d.is_dir():
-            return "partial"
-        others = [p for p in (self.root / stage).glob("*") if p.is_dir() and p != d] if (self.root / stage).is_dir() else []
-        return "stale" if others else "missing"
+        return self.check(stage, fp).state
 
     def manifest(self, stage: str, fp: str) -> Manifest:
+        """The manifest of a complete, intact output (the fast check); DamagedError names the first bad file."""
+        health = self.check(stage, fp)
+        if health.state != "done":
+            d = self.stage_dir(stage, fp)
+            detail = health.first(d) if health.problems else f"{d} is {health.state}"
+            raise DamagedError(f"{stage}: {detail}; rebuild it with `srcflow run --force {stage}`"
+                               if health.problems else f"{stage}: {detail}: run it first")
         return read_manifest(self.stage_dir(stage, fp))
 
     def progress(self, stage: str, fp: str) -> dict | None:
         p = self.stage_dir(stage, fp) / PROGRESS
         try:
             return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             return None
 
-    def open_output(self, stage: str, fp: str, force: bool = False) -> StageOutput:
-        """The directory to write into. An existing partial output is kept, so the stage can resume."""
-        d = self.stage_dir(stage, fp)
-        if force and d.exists():
-            shutil.rmtree(d)
+    @contextmanager
+    def lock(self, stage: str, fp: str):
+        """Hold the one-writer lock of an output; yields whether another run held it first (then it may have built
+        the output meanwhile). Says once that it waits."""
+        from filelock import FileLock, Timeout
+
+        path = self.root / ".locks" / f"{stage}-{fp[:16]}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        waited = False
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("%s: another run is writing %s; waiting for it", stage, self.stage_dir(stage, fp))
+            lock.acquire()
+            waited = True
+        try:
+            yield waited
+        finally:
+            lock.release()
+
+    def open_output(self, stage: str, fp: str, rebuild: bool = False) -> StageOutput:
+        """The directory to write into (hold `lock`). An existing partial output is kept, so the stage can resume;
+        `rebuild` writes a fresh output beside a complete one, which stays until `commit` replaces it."""
+        final = self.stage_dir(stage, fp)
+        d = self.rebuild_dir(stage, fp) if rebuild else final
         d.mkdir(parents=True, exist_ok=True)
         for leftover in d.rglob(".*.tmp-*"):  # half-written files of a killed run (see write_atomic)
-            leftover.unlink()
-        return StageOutput(stage, fp, d)
+            owner = temp_owner(leftover)
+            if owner is not None and not pid_alive(owner):
+                leftover.unlink(missing_ok=True)
+        return StageOutput(stage, fp, d, final)
+
+    def repairable(self, stage: str, fp: str) -> bool:
+        """A row store (commit markers) is repaired in place; other damaged outputs need `--force`."""
+        return Commits(self.stage_dir(stage, fp) / "commits").any()
+
+    def prepare_repair(self, stage: str, fp: str, problems: list[tuple[str, str]]) -> int | None:
+        """Make a damaged row store resumable: drop the commit marker of every shard whose files are bad (by the
+        markers' own records, and `problems`), and the output's `_SUCCESS.json`; the stage then redoes only those
+        shards, bit-identically. A bad file no marker owns drops them all. Returns the shards dropped, or None
+        when the output has no commit markers (it cannot be repaired in place)."""
+        d = self.stage_dir(stage, fp)
+        commits = Commits(d / "commits")
+        if not commits.any():
+            return None
+        bad = {path for path, _ in problems} - {SUCCESS, DAMAGED}
+        owned: set[str] = set()
+        dropped = []
+        for k in commits.indices():
+            try:
+                records = commits.records(k)
+            except (OSError, ValueError, KeyError):
+                records = None
+            marker = commits.path(k).relative_to(d).as_posix()
+            owned.update([marker] + [r.path for r in records or []])
+            if records is None or marker in bad or any(r.path in bad or file_problem(d, r, deep=False)
+                                                       for r in records):
+                dropped.append(k)
+        if bad - owned:  # e.g. a Zarr array's metadata: the store is rebuilt whole
+            dropped = commits.indices()
+        for k in dropped:
+            commits.path(k).unlink(missing_ok=True)
+        (d / DAMAGED).unlink(missing_ok=True)
+        (d / SUCCESS).unlink(missing_ok=True)
+        return len(dropped)
 
     def commit(self, out: StageOutput, *, code_version: str, semantic: dict, upstream: dict[str, str],
                external: dict[str, str], started: datetime, metrics: dict[str, Any]) -> Manifest:
-        """List every output file, then write `_SUCCESS.json` last and atomically."""
+        """List every output file with its size and CRC-32C (a row store's shard files from their commit markers),
+        write `_SUCCESS.json` last and atomically, then, for a rebuild, swap it in place of the old output."""
         (out.path / PROGRESS).unlink(missing_ok=True)
-        files = [
-            OutputFile(path=str(p.relative_to(out.path)), bytes=p.stat().st_size)
-            for p in sorted(out.path.rglob("*"))
-            if p.is_file() and p.name != SUCCESS
-        ]
+        committed = {}
+        commits = Commits(out.path / "commits")
+        for k in commits.indices():
+            committed.update({r.path: r for r in commits.records(k)})
+        files = []
+        for p in sorted(out.path.rglob("*")):
+            if not p.is_file() or p.name in (SUCCESS, DAMAGED) or temp_owner(p) is not None:
+                continue
+            rel = p.relative_to(out.path).as_posix()
+            known = committed.get(rel)
+            files.append(known if known and known.bytes == p.stat().st_size else file_record(out.path, p))
+        final = out.final or out.path
         manifest = Manifest(
-            stage=out.stage, fingerprint=out.fingerprint, code_version=code_version, path=str(out.path),
-            semantic_config=semantic, upstream=upstream, external_inputs=external,
-            started=started.isoformat(), ended=now().isoformat(), host=socket.gethostname(),
+            stage=out.stage, fingerprint=out.fingerprint, code_version=code_version,
+            path=final.relative_to(self.root).as_posix(), semantic_config=semantic, upstream=upstream,
+            external_inputs=external, started=started.isoformat(), ended=now().isoformat(), host=socket.gethostname(),
             files=files, metrics=metrics,
         )
         write_manifest(out.path, manifest)
-        return manifest
+        if out.path != final:
+            replace_dir(out.path, final)
+        return manifest.at(self.root)
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put directory `new` in place of `old` atomically (Linux renameat2 RENAME_EXCHANGE, then remove the old
+    one); elsewhere two renames."""
+    if not old.exists():
+        os.rename(new, old)
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        if libc.renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) != 0:
+            raise OSError(ctypes.get_errno(), "renameat2")
+    except (AttributeError, OSError):
+        aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+        os.rename(old, aside)
+        os.rename(new, old)
+        new = aside
+    shutil.rmtree(new)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def now() -> datetime:

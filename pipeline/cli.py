@@ -1,4 +1,4 @@
-"""`srcflow`: run, status, inspect, make-tiny-imagenet."""
+"""`srcflow`: run, status, verify, inspect, plan, make-tiny-imagenet."""
 
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set)."""
     cfg = _load(config, set_)
     logging.getLogger("srcflow").setLevel(cfg.runtime.log_level)  # Prefect attaches its handlers (EXTRA_LOGGERS)
-    from pipeline.runner import last_needed, plan, select_stages
+    from pipeline.runner import last_needed, plan, refuse_damaged, select_stages
 
-    with one_line_errors():
-        select_stages(plan(cfg, last_needed(stage, until)), stage, until)  # fail fast, before Prefect starts
+    with one_line_errors():  # fail fast, before Prefect starts
+        refuse_damaged(select_stages(plan(cfg, last_needed(stage, until)), stage, until), cfg, force or [])
     prefect_env()
     from flows.srcflow import srcflow
 
@@ -78,7 +78,8 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 @app.command()
 def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
            as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
-    """Per stage: state (done, partial, stale, missing), fingerprint, path and size. Runs nothing."""
+    """Per stage: state (done, damaged, partial, stale, missing), fingerprint, path and size. Runs nothing and
+    writes nothing: it works on a read-only store."""
     from pipeline.artifacts import ArtifactStore, dir_bytes
     from pipeline.runner import plan
 
@@ -94,6 +95,8 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
             row["progress"] = store.progress(p.name, p.fingerprint)
         if p.state == "done":
             row["metrics"] = store.manifest(p.name, p.fingerprint).metrics
+        if p.problem:
+            row["problem"] = p.problem
         rows.append(row)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -101,9 +104,9 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     table = Table(title=f"srcflow status ({config})")
     for col in ("stage", "state", "fingerprint", "size", "detail", "path"):
         table.add_column(col)
-    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red"}
+    colours = {"done": "green", "damaged": "bold red", "partial": "yellow", "stale": "magenta", "missing": "red"}
     for r in rows:
-        detail = ""
+        detail = r.get("problem", "")
         if r.get("progress"):
             detail = "{done}/{total} {unit}".format(**r["progress"])
         elif r.get("metrics"):
@@ -111,6 +114,46 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         table.add_row(r["stage"], f"[{colours[r['state']]}]{r['state']}", r["fingerprint"][:16],
                       human_bytes(r["bytes"]), detail, r["path"])
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command()
+def verify(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           stage: Optional[list[str]] = typer.Option(None, "--stage", help="verify only this stage (repeatable)"),
+           deep: bool = typer.Option(False, "--deep", help="also compare every file's CRC-32C (reads every byte)")):
+    """Check every complete output against its `_SUCCESS.json`: each listed file exists with its size (and, --deep,
+    its checksum). Prints the first bad file of each damaged output; exit 1 if any. A deep check records what it
+    finds in `_DAMAGED.json`, so the next `srcflow run` rebuilds it (row stores: only the bad shards)."""
+    import time
+
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.runner import plan, select_stages
+    from storage_schemas.success import write_damage
+
+    cfg = _load(config, set_)
+    with one_line_errors():
+        planned = select_stages(plan(cfg), stage) if stage else plan(cfg)
+    store = ArtifactStore(cfg.storage.root)
+    damaged = 0
+    for p in planned:
+        started = time.perf_counter()
+        health = store.check(p.name, p.fingerprint, deep=deep)
+        seconds = time.perf_counter() - started
+        if health.state == "damaged":
+            damaged += 1
+            repair = "srcflow run" if store.repairable(p.name, p.fingerprint) else f"srcflow run --force {p.name}"
+            print(f"{p.name}: damaged: {health.first(p.path)} (repair: {repair})")
+            if deep:
+                try:
+                    write_damage(p.path, [{"path": f, "reason": why} for f, why in health.problems])
+                except OSError as e:
+                    print(f"{p.name}: could not record the damage ({e.strerror}: {e.filename})")
+        elif health.state == "done":
+            print(f"{p.name}: ok ({health.files} files, {human_bytes(health.bytes)}, "
+                  f"{'checksums' if deep else 'sizes'} checked in {seconds:.2f} s)")
+        else:
+            print(f"{p.name}: {health.state}")
+    if damaged:
+        raise typer.Exit(1)
 
 
 def headline(metrics: dict) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from storage_schemas.success import FILENAME as SUCCESS
+from storage_schemas.success import FILENAME as SUCCESS, read_manifest
 
 
 def summarize(path: Path) -> dict:
@@ -19,7 +18,7 @@ def summarize(path: Path) -> dict:
     if (path / "shards.json").is_file():
         return shard_set_summary(path)
     if (path / SUCCESS).is_file():
-        out = json.loads((path / SUCCESS).read_text())
+        out = read_manifest(path).model_dump()
         out["files"] = f"{len(out['files'])} files, {sum(f['bytes'] for f in out['files'])} bytes"
         return out
     raise ValueError(f"{path}: not a shard set, .parquet manifest, .zarr store or stage output")

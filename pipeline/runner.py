@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactStore, fingerprint, now
+from pipeline.artifacts import ArtifactStore, DamagedError, fingerprint, now
 from pipeline.config import Config, select, semantic_values
 from stages import STAGE_NAMES, STAGES, Stage
 from storage_schemas.success import Manifest
@@ -21,8 +21,9 @@ class PlannedStage:
     semantic: dict
     upstream: dict[str, str]  # upstream stage -> its fingerprint
     external: dict[str, str]
-    state: str  # done | partial | stale | missing
+    state: str  # done | damaged | partial | stale | missing
     path: Path
+    problem: str | None = None  # damaged: the first bad file and why
 
     @property
     def name(self) -> str:
@@ -46,8 +47,9 @@ def plan(cfg: Config, last: str | None = None) -> list[PlannedStage]:
         external = stage.external(cfg)
         fp = fingerprint(stage.name, stage.code_version, semantic, upstream, external)
         fingerprints[stage.name] = fp
-        planned.append(PlannedStage(stage, fp, semantic, upstream, external, store.state(stage.name, fp),
-                                    store.stage_dir(stage.name, fp)))
+        health, path = store.check(stage.name, fp), store.stage_dir(stage.name, fp)
+        planned.append(PlannedStage(stage, fp, semantic, upstream, external, health.state, path,
+                                    health.first(path) if health.problems else None))
     return planned
 
 
@@ -77,26 +79,46 @@ def select_stages(planned: list[PlannedStage], only: list[str] | None = None, un
     return planned
 
 
-def run_stage(p: PlannedStage, cfg: Config, upstream: dict[str, Manifest], force: bool = False) -> Manifest:
-    """Skip a complete output; else run the stage into its (possibly partial) directory and commit it."""
+def run_stage(p: PlannedStage, cfg: Config, force: bool = False) -> Manifest:
+    """Skip a complete output; else run the stage and commit it, holding the output's lock.
+
+    - Another run writing the same output: wait for it, then use what it built.
+    - A damaged row store (shard, encode, compress): redo only its damaged shards, in place.
+      Any other damaged output is refused, naming the file and `--force`.
+    - `force`: build a fresh output beside the old one, which stays until the new one is committed.
+    Upstream artifacts are read through this root, after their fast check.
+    """
     store = ArtifactStore(cfg.storage.root)
-    if store.state(p.name, p.fingerprint) == "done" and not force:
-        log.info("%s: done, skipped (%s)", p.name, p.path)
-        return store.manifest(p.name, p.fingerprint)
-    out = store.open_output(p.name, p.fingerprint, force=force)
-    log.info("%s: running -> %s", p.name, out.path)
-    started = now()
-    metrics = p.stage.run(cfg, {u: upstream[u] for u in p.upstream}, out)
-    manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
-                            external=p.external, started=started, metrics=metrics or {})
+    with store.lock(p.name, p.fingerprint) as waited:
+        health = store.check(p.name, p.fingerprint)
+        if health.state == "done" and (not force or waited):
+            log.info("%s: done, %s (%s)", p.name, "built by another run" if waited else "skipped", p.path)
+            return store.manifest(p.name, p.fingerprint)
+        rebuild = force and health.state in ("done", "damaged")
+        if health.state == "damaged" and not rebuild:
+            shards = store.prepare_repair(p.name, p.fingerprint, health.problems)
+            if shards is None:
+                raise DamagedError(f"{p.name}: damaged: {health.first(p.path)}; rebuild it with "
+                                   f"`srcflow run --force {p.name}`")
+            log.warning("%s: damaged (%s); rebuilding %d of its shards", p.name, health.first(p.path), shards)
+        upstream = {u: store.manifest(u, fp) for u, fp in p.upstream.items()}
+        out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
+        log.info("%s: running -> %s", p.name, out.path)
+        started = now()
+        metrics = p.stage.run(cfg, upstream, out)
+        manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
+                                external=p.external, started=started, metrics=metrics or {})
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
     return manifest
 
 
-def upstream_manifests(cfg: Config, p: PlannedStage, have: dict[str, Manifest]) -> dict[str, Manifest]:
-    """The manifests `p` reads: from this run, else from the store (where they must be complete)."""
+def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] | tuple[str, ...] = ()) -> None:
+    """Before any work: a damaged output that `run` would not repair in place (not a row store) and that is not
+    forced stops the run, naming the file and the repair."""
     store = ArtifactStore(cfg.storage.root)
-    return {u: have[u] if u in have else store.manifest(u, fp) for u, fp in p.upstream.items()}
+    for p in selected:
+        if p.state == "damaged" and p.name not in force and not store.repairable(p.name, p.fingerprint):
+            raise DamagedError(f"{p.name}: damaged: {p.problem}; rebuild it with `srcflow run --force {p.name}`")
 
 
 def last_needed(only: list[str] | None, until: str | None) -> str | None:
@@ -108,7 +130,6 @@ def last_needed(only: list[str] | None, until: str | None) -> str | None:
 def run_pipeline(cfg: Config, only: list[str] | None = None, until: str | None = None,
                  force: list[str] | tuple[str, ...] = ()) -> dict[str, Manifest]:
     """The whole pipeline in this process, no Prefect: what tests and the flow's tasks share."""
-    manifests: dict[str, Manifest] = {}
-    for p in select_stages(plan(cfg, last_needed(only, until)), only, until):
-        manifests[p.name] = run_stage(p, cfg, upstream_manifests(cfg, p, manifests), force=p.name in force)
-    return manifests
+    selected = select_stages(plan(cfg, last_needed(only, until)), only, until)
+    refuse_damaged(selected, cfg, force)
+    return {p.name: run_stage(p, cfg, force=p.name in force) for p in selected}

@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from storage_schemas.success import temp_name
+
 
 class CheckpointError(ValueError):
     """A checkpoint or weights file is missing, unreadable or does not fit the model. One-line message."""
@@ -271,15 +273,10 @@ def set_rng_state(state: dict) -> None:
 # Checkpoints.
 
 
-def _temp_path(path: Path) -> Path:
-    # `.<name>.tmp-<pid>`: the artifact store deletes `.*.tmp-*` leftovers when a stage resumes.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _atomic_write(path: Path, write) -> None:
     """write(temp_path) in path's directory, fsync, then os.replace: readers see the old file or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_name(path)  # the artifact store deletes a dead writer's leftovers
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

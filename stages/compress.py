@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.artifacts import StageOutput
+from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
 from pipeline.data.features import load_normalizer, open_features, widen
 from pipeline.data.shards import manifest_rows
-from pipeline.data.zarr_store import Commits, ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
 from pipeline.training import resolve_device
 from stages.encode import VIEWS, EncodeJob, encode_rows, encoder_spec, make_job, reduce_statistics
@@ -129,9 +129,9 @@ def compress_shard(job: CompressJob) -> int:
     if key not in _NORMALIZERS:
         _NORMALIZERS[key] = load_normalizer(Path(job.features), job.stats, job.stats_file)
     codes = encode_codes(src, _NORMALIZERS[key], arrays.pop("features"), job.batch_size, job.device)
-    write_rows(Path(job.store), start, {"codes": codes, **arrays})
+    files = write_rows(Path(job.store), start, {"codes": codes, **arrays})
     train = codes[arrays["split"] == SPLIT_IDS["train"]].astype(np.float64)
-    Commits(Path(job.commits)).write(job.shard.index, count=np.array(train.shape[0] * train.shape[1]),
+    Commits(Path(job.commits)).write(job.shard.index, files, count=np.array(train.shape[0] * train.shape[1]),
                                      sum=train.sum((0, 1)), sumsq=np.square(train).sum((0, 1)))
     return stop - start
 

@@ -21,17 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import StageOutput, input_digest
+from pipeline.artifacts import Commits, StageOutput, input_digest
 from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.data.zarr_store import (
-    Commits,
-    ShardRange,
-    create_row_store,
-    shard_ranges,
-    write_rows,
-    write_small_array,
-)
+from pipeline.data.zarr_store import ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
 from pipeline.training import autocast, resolve_device
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
@@ -203,9 +196,9 @@ def encode_shard(job: EncodeJob) -> dict[str, float]:
     seconds: dict[str, float] = {}
     arrays, (count, total, total_sq) = encode_rows(job, seconds)
     with timed(seconds, "write"):
-        write_rows(Path(job.store), job.shard.start, arrays)
+        files = write_rows(Path(job.store), job.shard.start, arrays)
     with timed(seconds, "commit"):
-        Commits(Path(job.commits)).write(job.shard.index, count=np.array(count), sum=total, sumsq=total_sq)
+        Commits(Path(job.commits)).write(job.shard.index, files, count=np.array(count), sum=total, sumsq=total_sq)
     return {"rows": len(arrays["labels"]), **seconds}
 
 

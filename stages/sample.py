@@ -40,7 +40,7 @@ from pipeline.images import save_grid
 from pipeline.parallel import map_jobs
 from pipeline.training import autocast, resolve_device
 from stages.train_flow import flow_info, load_flow, seed_of
-from storage_schemas.success import write_atomic
+from storage_schemas.success import temp_name, write_atomic
 
 CODE_VERSION = "1"
 CHUNKS = "chunks"
@@ -225,7 +225,7 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], total: int, s)
     """Stream the chunk files into samples-cfg{w}.npz (uncompressed: readers can memory-map arr_0) and the
     grid, then delete the chunks. Holds one chunk in memory, never the whole sample set."""
     path = samples_path(out_dir, cfg_scale)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     labels, nonfinite = np.empty(total, np.int64), np.zeros(total, bool)
     grid_picks = {c * s.per_class + j for c in range(s.grid_classes) for j in range(min(s.grid_per_class, s.per_class))}
     grid: dict[int, np.ndarray] = {}

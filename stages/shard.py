@@ -2,8 +2,9 @@
 
 Each split's sorted listing is cut into fixed runs of `shard.samples_per_shard` files; shard i
 always holds run i, so the output does not depend on the number of workers, and a killed run
-resumes shard by shard. A tar is written under a temporary name and renamed when whole; its
-manifest part, renamed after it, is the shard's commit marker.
+resumes shard by shard. A tar is written under a temporary name and renamed when whole, then its
+manifest parts; the shard's commit marker (`commits/{k:06d}.npz`, written last) records the size
+and CRC-32C of all three, so a damaged tar costs only its shard.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipeline.artifacts import StageOutput
+from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
 from pipeline.data.imagenet import (RejectedImage, SourceImage, detect_layout, listing_digest, prepare_image_bytes,
                                     scan_split)
 from pipeline.data.tiny_imagenet import make_tiny_imagenet
 from pipeline.parallel import cpu_workers, map_jobs
 from storage_schemas.shards import INDEX, MANIFEST_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION, shard_name
-from storage_schemas.success import write_atomic
+from storage_schemas.success import temp_name, write_atomic
 
 CODE_VERSION = "1"
 
@@ -36,7 +36,8 @@ CODE_VERSION = "1"
 @dataclass(frozen=True)
 class ShardJob:
     split: str
-    index: int
+    index: int  # within the split
+    commit: int  # the job's commit marker, over all splits
     images: tuple[SourceImage, ...]
     data_root: str
     out_dir: str
@@ -45,13 +46,13 @@ class ShardJob:
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     listing = source_listing(cfg)
     jobs, duplicates = plan_jobs(cfg, listing, out.path)
-    parts = out.path / "parts"
+    parts, commits = out.path / "parts", Commits(out.path / "commits")
     parts.mkdir(exist_ok=True)
     (out.path / "shards").mkdir(exist_ok=True)
-    todo = [j for j in jobs if not (parts / part_name(j, "manifest")).is_file()]
+    todo = [j for j in jobs if not commits.done(j.commit)]
     for _ in map_jobs(write_shard, todo, workers=cpu_workers(cfg.shard.workers), dask_address=cfg.runtime.dask_address,
                       desc="shard", unit="img", weights=lambda j: len(j.images)):
-        out.report_progress(sum((parts / part_name(j, "manifest")).is_file() for j in jobs), len(jobs), "shards")
+        out.report_progress(sum(commits.done(j.commit) for j in jobs), len(jobs), "shards")
 
     manifest = pa.concat_tables([pq.read_table(parts / part_name(j, "manifest")) for j in jobs]).cast(MANIFEST_SCHEMA)
     rejected = pa.concat_tables([pq.read_table(parts / part_name(j, "rejected")) for j in jobs]
@@ -62,7 +63,6 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         pa.compute.equal(manifest["split"], s)).as_py() or 0)} for s in cfg.shard.splits}
     index = {"schema_version": SCHEMA_VERSION, "layout": listing.layout, "synsets": listing.synsets, "splits": splits}
     write_atomic(out.path / INDEX, json.dumps(index, indent=2))
-    shutil.rmtree(parts)
     return {
         "samples": manifest.num_rows,
         "rejected": rejected.num_rows,
@@ -136,7 +136,8 @@ def plan_jobs(cfg: Config, listing: Listing, out_dir: Path) -> tuple[list[ShardJ
                 seen[key] = im.rel_path
                 kept.append(im)
         for i in range(0, len(kept), n):
-            jobs.append(ShardJob(split, i // n, tuple(kept[i:i + n]), str(Path(cfg.data.root).absolute()), str(out_dir)))
+            jobs.append(ShardJob(split, i // n, len(jobs), tuple(kept[i:i + n]), str(Path(cfg.data.root).absolute()),
+                                 str(out_dir)))
     return jobs, duplicates
 
 
@@ -156,7 +157,7 @@ def write_shard(job: ShardJob) -> int:
     out = Path(job.out_dir)
     name = shard_name(job.split, job.index)
     rows, rejected = [], []
-    tmp = out / "shards" / f".{name}.tmp-{os.getpid()}"
+    tmp = temp_name(out / "shards" / name)
     with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0.0) as tar:
         for im in job.images:
             try:
@@ -177,8 +178,10 @@ def write_shard(job: ShardJob) -> int:
                          "orig_format": info["orig_format"], "orig_mode": info["orig_mode"],
                          "converted": info["converted"], "sha256": hashlib.sha256(data).hexdigest()})
     os.replace(tmp, out / "shards" / name)
-    _write_part(out / "parts" / part_name(job, "rejected"), rejected_table(rejected))
-    _write_part(out / "parts" / part_name(job, "manifest"), pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    files = [out / "shards" / name, out / "parts" / part_name(job, "rejected"), out / "parts" / part_name(job, "manifest")]
+    _write_part(files[1], rejected_table(rejected))
+    _write_part(files[2], pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    Commits(out / "commits").write(job.commit, files)
     return len(rows)
 
 

@@ -1,23 +1,34 @@
-"""`_SUCCESS.json`: written last and atomically; its presence is what makes an output complete."""
+"""`_SUCCESS.json`: written last and atomically; its presence is what makes an output complete.
+
+Version 2 lists every file of the output with its size and CRC-32C (Castagnoli, hex), and names the
+output by its path relative to `storage.root`, so a copied or moved root stays whole and a damaged
+copy never reads the original. Version 1 (absolute paths, sizes only) is refused.
+
+`_DAMAGED.json`, written by `srcflow verify --deep` beside it, lists files whose checksum no longer
+matches (DAMAGE_SCHEMA); an output holding one is damaged until it is rebuilt.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from storage_schemas import SchemaError, check_version
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "_SUCCESS.json"
+DAMAGED = "_DAMAGED.json"
 
 
 class OutputFile(BaseModel):
     path: str  # relative to the stage output directory
     bytes: int
+    crc32c: str  # 8 hex digits
 
 
 class Manifest(BaseModel):
@@ -27,7 +38,7 @@ class Manifest(BaseModel):
     stage: str
     fingerprint: str
     code_version: str
-    path: str  # the stage output directory, absolute
+    path: str  # the stage output directory relative to storage.root: "<stage>/<fingerprint[:16]>"
     semantic_config: dict[str, Any]
     upstream: dict[str, str]  # stage -> fingerprint
     external_inputs: dict[str, str]  # name -> digest
@@ -36,24 +47,51 @@ class Manifest(BaseModel):
     host: str
     files: list[OutputFile]
     metrics: dict[str, Any]
+    _root: Path | None = PrivateAttr(None)
 
     @property
     def dir(self) -> Path:
-        return Path(self.path)
+        """The output directory under the root this manifest was read from (never an absolute path on disk)."""
+        if self._root is None:
+            raise RuntimeError(f"manifest of {self.path} was not read through an artifact store root")
+        return self._root / self.path
+
+    def at(self, root: Path) -> Manifest:
+        self._root = Path(root)
+        return self
 
     @property
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files)
 
 
+def temp_name(path: Path) -> Path:
+    """`.NAME.tmp-PID-TID`: per process and thread, so no two writers share one, and a cleaner can tell whose
+    (see `temp_owner`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def temp_owner(path: Path) -> int | None:
+    """The pid in a `temp_name`, or None for a name that is not one."""
+    _, sep, tail = path.name.rpartition(".tmp-")
+    pid = tail.split("-")[0]
+    return int(pid) if sep and path.name.startswith(".") and pid.isdigit() else None
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Temp file in the same directory + fsync + rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Temp file in the same directory + fsync + rename: readers see all or nothing. An OSError (a full disk)
+    names the file."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
@@ -61,14 +99,41 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(out_dir: Path) -> Manifest:
-    path = Path(out_dir) / FILENAME
+    """The manifest of an output directory, its `.dir` under that directory's root; SchemaError names the file."""
+    out_dir = Path(out_dir)
+    path = out_dir / FILENAME
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SchemaError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{path}: unreadable manifest (a JSON object expected, got {type(raw).__name__})")
     check_version(str(path), raw.get("schema_version"), SCHEMA_VERSION)
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         raise SchemaError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return manifest.at(out_dir.parents[1])
+
+
+DAMAGE_SCHEMA_VERSION = 1
+
+
+def write_damage(out_dir: Path, problems: list[dict[str, str]]) -> None:
+    """`_DAMAGED.json`: [{"path": relative file, "reason": ...}], what a deep verify found."""
+    write_atomic(Path(out_dir) / DAMAGED, json.dumps({"schema_version": DAMAGE_SCHEMA_VERSION, "files": problems},
+                                                     indent=2))
+
+
+def read_damage(out_dir: Path) -> list[dict[str, str]] | None:
+    """The files `_DAMAGED.json` lists; None without one. An unreadable one damages the whole output."""
+    path = Path(out_dir) / DAMAGED
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        check_version(str(path), raw.get("schema_version"), DAMAGE_SCHEMA_VERSION)
+        return [{"path": str(f["path"]), "reason": str(f["reason"])} for f in raw["files"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [{"path": DAMAGED, "reason": "unreadable damage report"}]

@@ -57,7 +57,19 @@ class ZarrLayout:
                 raise SchemaError(f"{path}/{name}: dimension_names {dims} != {spec.dims}")
             if spec.dtype != "str" and str(arr.dtype) not in (spec.dtype, *spec.also):
                 raise SchemaError(f"{path}/{name}: dtype {arr.dtype} != {spec.dtype}")
+            if spec.per_row:
+                check_shard_files(path, name, arr)
         return attrs
+
+
+def check_shard_files(path: str | Path, name: str, arr) -> None:
+    """Zarr reads a missing chunk as its fill value: refuse a store with a missing shard file instead."""
+    unit = (arr.shards or arr.chunks)[0]
+    for k in range(-(-arr.shape[0] // unit)):
+        key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+        if not (Path(path) / name / key).is_file():
+            raise SchemaError(f"{Path(path) / name / key}: missing shard file (rows {k * unit} to "
+                              f"{min((k + 1) * unit, arr.shape[0])}): the store is damaged; `srcflow run` rebuilds it")
 
 
 ROW_ARRAYS = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-import pipeline.data.zarr_store as zs
+import pipeline.artifacts as zs
 import stages.compress as compress_stage
 from pipeline.config import apply_override, validate_config
 from pipeline.data.features import load_normalizer, read_features
@@ -93,7 +93,7 @@ def test_kill_at_a_random_point_then_rerun_is_bit_identical(compressed, stores, 
         calls[0] += 1
         if calls[0] == die_at and not before_commit:
             raise Killed  # mid-shard: nothing of it written yet
-        real_write(*a, **k)
+        return real_write(*a, **k)
 
     def commit(self, *a, **k):
         if calls[0] == die_at and before_commit:

@@ -82,7 +82,7 @@ def test_bfloat16_store_round_trips_exactly(make_config):
 
 KILL_SCRIPT = """
 import itertools, os, random, signal, sys, threading
-import pipeline.data.zarr_store as zs
+import pipeline.artifacts as zs
 import stages.encode as enc
 rng = random.Random(int(sys.argv[1]))
 die_at, before_commit = rng.randrange(2, 10), rng.random() < 0.5
@@ -92,9 +92,9 @@ def write(*a, **k):
     mine.call = next(calls)
     if mine.call == die_at and not before_commit:
         os.kill(os.getpid(), signal.SIGKILL)   # mid-shard: nothing of it written yet
-    real_write(*a, **k)
+    return real_write(*a, **k)
 def commit(self, *a, **k):
-    if mine.call == die_at and before_commit:
+    if getattr(mine, "call", None) == die_at and before_commit:
         os.kill(os.getpid(), signal.SIGKILL)   # data written, commit marker not
     real_commit(self, *a, **k)
 enc.write_rows, zs.Commits.write = write, commit

@@ -2,14 +2,14 @@
 
 A store is created at its final size before any writer starts (STACK.md: resize once). Each
 job writes one row range made of whole Zarr shards of every array, then writes its commit
-marker `commits/{k:06d}.npz` (atomically, with any per-shard partial results such as
-statistics). A killed run redoes exactly the shards without a marker, so the final store is
-bit-identical to an uninterrupted run's.
+marker `commits/{k:06d}.npz` (`pipeline.artifacts.Commits`: atomically, with the records of the
+shard's files, `shard_files`, and any per-shard partial results such as statistics). A killed run
+redoes exactly the shards without a marker, so the final store is bit-identical to an uninterrupted
+run's; a damaged shard file costs only its shard.
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from storage_schemas.success import write_atomic
 from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout
 
 
@@ -59,12 +58,19 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
         )
 
 
-def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write whole shards starting at `start` (the caller owns these rows in every array)."""
+def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray]) -> list[Path]:
+    """Write whole shards starting at `start` (the caller owns these rows in every array). Returns the files
+    written (one Zarr storage chunk per shard and array), for the shard's commit marker."""
     group = zarr.open_group(str(path), mode="r+")
+    files = []
     for name, values in arrays.items():
         # the runtime config is not stored with the array: say again that no chunk is checked for emptiness
-        group[name].with_config({"write_empty_chunks": True})[start:start + len(values)] = values
+        arr = group[name].with_config({"write_empty_chunks": True})
+        arr[start:start + len(values)] = values
+        unit = (arr.shards or arr.chunks)[0]
+        for k in range(start // unit, (start + len(values) - 1) // unit + 1):
+            files.append(Path(path) / name / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1)))
+    return files
 
 
 def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
@@ -73,28 +79,3 @@ def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str
                              dimension_names=dims, overwrite=True)
     arr[...] = values
 
-
-class Commits:
-    """Commit markers of a row store: `dir/{k:06d}.npz`, each holding that shard's partial results."""
-
-    def __init__(self, directory: Path):
-        self.dir = Path(directory)
-
-    def path(self, k: int) -> Path:
-        return self.dir / f"{k:06d}.npz"
-
-    def done(self, k: int) -> bool:
-        return self.path(k).is_file()
-
-    def any(self) -> bool:
-        return self.dir.is_dir() and any(self.dir.glob("*.npz"))
-
-    def write(self, k: int, **partials: np.ndarray) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, **partials)
-        write_atomic(self.path(k), buf.getvalue())
-
-    def read(self, k: int) -> dict[str, np.ndarray]:
-        with np.load(self.path(k)) as z:
-            return {name: z[name] for name in z.files}
