@@ -161,7 +161,7 @@ class Commits:
         self.dir.mkdir(parents=True, exist_ok=True)
         records = [file_record(self.base, Path(f)).model_dump() for f in files]
         buf = io.BytesIO()
-        np.savez(buf, **partials, **{self.FILES: np.array(json.dumps(records))})
+        np.savez(buf, **partials, **{self.FILES: np.array(json.dumps(records).encode())})
         write_atomic(self.path(k), buf.getvalue())
 
     def read(self, k: int) -> dict[str, np.ndarray]:
@@ -171,7 +171,7 @@ class Commits:
     def records(self, k: int) -> list[OutputFile]:
         """The files marker k commits; ValueError/OSError when the marker is unreadable."""
         with np.load(self.path(k)) as z:
-            return [OutputFile.model_validate(r) for r in json.loads(str(z[self.FILES]))] if self.FILES in z.files else []
+            return [OutputFile.model_validate(r) for r in json.loads(z[self.FILES].item())] if self.FILES in z.files else []
 
     def indices(self) -> list[int]:
         return sorted(int(p.stem) for p in self.dir.glob("*.npz") if p.stem.isdigit()) if self.dir.is_dir() else []

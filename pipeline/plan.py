@@ -55,9 +55,9 @@ TAR_SAMPLE_OVERHEAD = 3 * TAR_MEMBER_HEADERS + 2 * TAR_BLOCK
 # shard file holds its written inner chunks back to back, then the index, (offset, nbytes) as two
 # uint64 per inner chunk, and its crc32c (4 B). Inner chunks wholly past the last row are not written.
 ZARR_INDEX_BYTES_PER_CHUNK, ZARR_INDEX_CRC = 16, 4
-# A commit marker of encode and compress (np.savez of count, sum, sumsq): 744 B of zip and .npy
-# headers, plus the int64 count.
-COMMIT_OVERHEAD = 744 + 8
+# A commit marker of encode and compress (np.savez of count, sum, sumsq, _files): 992 B of zip and .npy
+# headers, plus the int64 count, plus the JSON records of the shard's files (`commit_records`).
+COMMIT_OVERHEAD = 992 + 8
 
 RATE_KEYS = {"rows_per_s": "rows", "images_per_s": "images", "steps_per_s": "steps", "samples_per_s": "samples"}
 # Fields a throughput record must state, with the config's values, to apply to a stage.
@@ -274,6 +274,15 @@ def row_arrays(rows: int, rows_per_shard: int, key_chars: int = 20) -> Output:
                   "uncompressed upper bound, ~20-char keys")
 
 
+def commit_records(store: str, array: str, shard_bytes: int, shards: int) -> int:
+    """Bytes of the JSON file records in one commit marker: {"path", "bytes", "crc32c"} of the shard's file of
+    `array` and of the 4 small row arrays (their compressed sizes guessed at 3 digits)."""
+    k = "0" * len(str(max(shards - 1, 0)))
+    paths = [(f"{store}/{array}/c/{k}/0/0", len(str(shard_bytes)))] + \
+        [(f"{store}/{name}/c/{k}", 3) for name in ("labels", "keys", "view", "split")]
+    return sum(len('{"path": "", "bytes": , "crc32c": "00000000"}, ') + len(p) + digits for p, digits in paths)
+
+
 def geometry(cfg: Config) -> tuple[int, int]:
     """(tokens, channels) of the encoder's output."""
     from stages.encode import encoder_geometry
@@ -311,14 +320,16 @@ def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
     images = data.encoded_train(e.subset_per_class) + data.val
     rows = images * views
     feat_bytes, shards = sharded_array(rows, tokens * channels * 2, e.rows_per_shard, e.rows_per_chunk)
-    commit = 2 * tokens * channels * 8 + COMMIT_OVERHEAD  # float64 sum and sumsq per shard
+    commit = (2 * tokens * channels * 8 + COMMIT_OVERHEAD  # float64 sum and sumsq per shard
+              + commit_records("features.zarr", "features", feat_bytes // max(shards, 1), shards))
     outputs = [
         Output("features.zarr/features", feat_bytes, shards, shards, True,
                f"{rows:,} rows x {tokens} x {channels} x 2 B, uncompressed, {e.rows_per_shard}-row shards "
                f"(c/<i>/0/0) of {e.rows_per_chunk}-row chunks + index"),
         row_arrays(rows, e.rows_per_shard),
         Output("features.zarr/stats_{mean,var}", 2 * tokens * channels * 8, 2, 1, False, "float64, zstd"),
-        Output("commits/*.npz", shards * commit, shards, shards, True, "float64 sum + sumsq per shard (np.savez)"),
+        Output("commits/*.npz", shards * commit, shards, shards, False,
+               "float64 sum + sumsq per shard and its files' records (np.savez)"),
     ]
     params = param_count("encoder", cfg)
     batch = e.batch_size
@@ -365,13 +376,15 @@ def plan_compress(cfg: Config, data: Dataset) -> StagePlan:
     subset = None if cfg.compress.source == "images" else e.subset_per_class  # from: images codes every image
     rows = (data.encoded_train(subset) + data.val) * len(e.views)
     code_bytes, shards = sharded_array(rows, tokens * s.dim * 4, e.rows_per_shard, e.rows_per_chunk)
-    commit = 2 * s.dim * 8 + COMMIT_OVERHEAD  # float64 sum and sumsq per code channel
+    commit = (2 * s.dim * 8 + COMMIT_OVERHEAD  # float64 sum and sumsq per code channel
+              + commit_records("codes.zarr", "codes", code_bytes // max(shards, 1), shards))
     outputs = [
         Output("codes.zarr/codes", code_bytes, shards, shards, True,
                f"{rows:,} rows x {tokens} x {s.dim} x 4 B (float32), uncompressed, {e.rows_per_shard}-row shards "
                f"of {e.rows_per_chunk}-row chunks + index"),
         row_arrays(rows, e.rows_per_shard),
-        Output("commits/*.npz", shards * commit, shards, shards, True, "float64 sum + sumsq per shard (np.savez)"),
+        Output("commits/*.npz", shards * commit, shards, shards, False,
+               "float64 sum + sumsq per shard and its files' records (np.savez)"),
     ]
     batch = cfg.compress.batch_size
     params = param_count("src", cfg)

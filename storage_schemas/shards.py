@@ -4,6 +4,8 @@
     manifest.parquet                one row per stored sample (MANIFEST_SCHEMA)
     rejected.parquet                one row per file that could not be decoded (REJECTED_SCHEMA)
     shards.json                     {"schema_version", "splits": {split: {"shards", "samples"}}, ...}
+    parts/{split}-{NNNNNN}.{manifest,rejected}.parquet   each shard's rows of the two tables
+    commits/{k:06d}.npz             shard k's commit marker: size and CRC-32C of its tar and parts
 """
 
 from __future__ import annotations
