@@ -14,9 +14,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect_dask import DaskTaskRunner
 
+from pipeline.artifacts import ArtifactStore
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
-from pipeline.artifacts import ArtifactStore
 from pipeline.runner import last_needed, plan, refuse_damaged, run_stage, select_stages
 from storage_schemas.success import Manifest
 

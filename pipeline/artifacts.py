@@ -33,8 +33,17 @@ from typing import Any
 import numpy as np
 
 from storage_schemas import SchemaError
-from storage_schemas.success import (DAMAGED, FILENAME as SUCCESS, Manifest, OutputFile, read_damage, read_manifest,
-                                     temp_owner, write_atomic, write_manifest)
+from storage_schemas.success import (
+    DAMAGED,
+    Manifest,
+    OutputFile,
+    read_damage,
+    read_manifest,
+    temp_owner,
+    write_atomic,
+    write_manifest,
+)
+from storage_schemas.success import FILENAME as SUCCESS
 
 PROGRESS = "_PROGRESS.json"
 REBUILD = ".rebuild"  # suffix of a forced rebuild's directory, `.<fp16>.rebuild`

@@ -26,7 +26,7 @@ from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
 from pipeline.data.features import load_normalizer, open_features, widen
 from pipeline.data.shards import manifest_rows
-from pipeline.data.zarr_store import ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
 from pipeline.training import resolve_device
 from stages.encode import VIEWS, EncodeJob, encode_rows, encoder_spec, make_job, reduce_statistics
@@ -87,6 +87,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     std = np.sqrt(var)
     write_small_array(store, "code_mean", mean, ("code_channel",))
     write_small_array(store, "code_std", std, ("code_channel",))
+    consolidate(store)
     CODES.validate(store)
     return {"rows": n_rows, "train_rows": splits["train"][1] - splits["train"][0], "tokens": tokens,
             "dim": src.config["dim"], "source": cfg.compress.source, "train_tokens": int(count),

@@ -24,7 +24,7 @@ import torch
 from pipeline.artifacts import Commits, StageOutput, input_digest
 from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.data.zarr_store import ShardRange, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
 from pipeline.training import autocast, resolve_device
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
@@ -105,6 +105,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     import zarr
 
     zarr.open_group(str(store), mode="r+").attrs["stats_count"] = int(count)
+    consolidate(store)
     FEATURES.validate(store)
     return {"rows": n_rows, "images": len(images), "train_rows": n_train, "tokens": encoder.num_tokens,
             "channels": encoder.channels, "stats_count": int(count), "feature_mean": float(mean.mean()),

@@ -23,11 +23,23 @@ import webdataset as wds
 
 from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
-from pipeline.data.imagenet import (RejectedImage, SourceImage, detect_layout, listing_digest, prepare_image_bytes,
-                                    scan_split)
+from pipeline.data.imagenet import (
+    RejectedImage,
+    SourceImage,
+    detect_layout,
+    listing_digest,
+    prepare_image_bytes,
+    scan_split,
+)
 from pipeline.data.tiny_imagenet import make_tiny_imagenet
 from pipeline.parallel import cpu_workers, map_jobs
-from storage_schemas.shards import INDEX, MANIFEST_SCHEMA, REJECTED_SCHEMA, SCHEMA_VERSION, shard_name
+from storage_schemas.shards import (
+    INDEX,
+    MANIFEST_SCHEMA,
+    REJECTED_SCHEMA,
+    SCHEMA_VERSION,
+    shard_name,
+)
 from storage_schemas.success import temp_name, write_atomic
 
 CODE_VERSION = "1"

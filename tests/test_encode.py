@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -151,9 +152,14 @@ def test_dask_and_xarray_open_the_store(encoded):
     assert f.shape[1:] == (64, 64)
     channel_mean = f.astype("float64").mean(axis=(0, 1)).compute()
     assert channel_mean.shape == (64,)
-    ds = xr.open_zarr(store, consolidated=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated metadata: the defaults open it without a warning
+        ds = xr.open_zarr(store)
     assert ds["features"].dims == ("row", "token", "channel") and ds["labels"].dims == ("row",)
     assert int(ds["labels"].max()) == 3
+    # the statistics broadcast against the features once (channel, y, x) is flattened to (token, channel)
+    mean = ds["stats_mean"].stack(token=("y", "x")).transpose("token", "channel")
+    assert (ds["features"] - mean.values).shape == ds["features"].shape
 
 
 def test_released_statistics_loader(tmp_path):

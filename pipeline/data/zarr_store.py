@@ -79,3 +79,13 @@ def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str
                              dimension_names=dims, overwrite=True)
     arr[...] = values
 
+
+
+def consolidate(path: Path) -> None:
+    """Consolidated metadata, written when the store is complete, so `xarray.open_zarr(path)` opens it with its
+    defaults and without a warning. (Zarr warns that v3 does not specify it yet: known, not for the user.)"""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(path))
