@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -183,7 +183,10 @@ class FlowConfig(Section):
     start_token: bool = True
     soft_clip: float | None = 4.0
     label_drop: float = 0.1
-    noise_sigma: float = 0.2
+    noise_sigma: float | None = Field(None, ge=0, description="constant noise on the codes the flow learns; null = "
+                                      "src.noise_sigma, the level the SRC decoder is trained to decode (one level)")
+    allow_noise_mismatch: bool = operational(False, "ablations only: accept a flow.noise_sigma other than "
+                                                    "src.noise_sigma (the decoder then sees a level it never saw)")
 
 
 class TrainConfig(Section):
@@ -264,6 +267,19 @@ class Config(Section):
     reference: ReferenceConfig = ReferenceConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
+    @model_validator(mode="after")
+    def one_noise_level(self) -> Config:
+        """flow.noise_sigma is the SRC's noise level (SRC-FLOW.md "Constant-noise regularization"): null takes
+        it; another value is an ablation that must say so."""
+        sigma, src_sigma = self.flow.noise_sigma, self.src.noise_sigma
+        if sigma is None:
+            self.flow.noise_sigma = src_sigma
+        elif sigma != src_sigma and not self.flow.allow_noise_mismatch:
+            raise ValueError(f"flow.noise_sigma={sigma} differs from src.noise_sigma={src_sigma}: the SRC decoder "
+                             "would decode codes at a noise level it never saw; leave flow.noise_sigma null (= "
+                             "src.noise_sigma), or set flow.allow_noise_mismatch=true for an ablation")
+        return self
+
 
 # --- loading ----------------------------------------------------------------------------------
 
@@ -293,6 +309,8 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        if not key:  # a relation between sections: the message names its keys
+            raise ConfigError(f"{source}: {err['msg'].removeprefix('Value error, ')}{more}") from None
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"{source}: unknown key {key}{known_keys_hint(err['loc'])}{more}") from None
         raise ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r}){more}") from None

@@ -93,6 +93,12 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
 
     metrics = {"num_samples": total, "num_classes": num_classes, "per_class": s.per_class, "cfg_scales": scales,
                "cfg_mode": s.cfg_mode, "denoise": s.denoise}
+    src_sigma = upstream["fit_src"].metrics.get("noise_sigma") or 0.0
+    if s.denoise == "tweedie" and src_sigma > 0:
+        # the SRC decoder already learned to decode codes at this noise level: denoising first removes it twice
+        metrics["denoise_warning"] = (f"sample.denoise=tweedie on an SRC decoder trained under src.noise_sigma="
+                                      f"{src_sigma}: the noise is removed twice")
+        log.warning("sample: %s", metrics["denoise_warning"])
     for w in scales:
         if w in todo:
             assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], total, s)

@@ -53,3 +53,23 @@ def test_paper_configs_validate():
 
     for name in ("imagenet256.yaml", "imagenet512.yaml"):
         load_config(REPO / "configs" / name)
+
+
+def test_one_noise_level_null_follows_the_src_and_a_mismatch_needs_the_opt_in():
+    cfg = load_config(SMOKE, ["src.noise_sigma=0.3"])
+    assert cfg.flow.noise_sigma == 0.3  # null: the SRC's level
+    assert load_config(SMOKE, ["src.noise_sigma=0.3", "flow.noise_sigma=0.3"]).flow.noise_sigma == 0.3
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, ["flow.noise_sigma=0.5"])
+    msg = str(e.value)
+    assert "\n" not in msg and "flow.noise_sigma=0.5" in msg and "src.noise_sigma=0.2" in msg
+    assert "flow.allow_noise_mismatch" in msg
+    ablation = load_config(SMOKE, ["flow.noise_sigma=0.5", "flow.allow_noise_mismatch=true"])
+    assert ablation.flow.noise_sigma == 0.5
+
+
+def test_the_resolved_noise_level_keeps_the_fingerprint_of_an_explicit_one():
+    """null resolves to the SRC's value, so stores built with an explicit, equal flow.noise_sigma stay valid."""
+    implicit, explicit = load_config(SMOKE), load_config(SMOKE, ["flow.noise_sigma=0.2"])
+    assert semantic_values(implicit.flow) == semantic_values(explicit.flow)
+    assert "allow_noise_mismatch" not in semantic_values(implicit.flow)

@@ -172,5 +172,7 @@ def test_tweedie_denoising_moves_the_codes_along_the_score(chain, tmp_path, monk
     monkeypatch.setattr(sample, "tweedie", lambda flow, x, y, sigma: seen.append(sigma) or real(flow, x, y, sigma))
     metrics, out = run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]", "sample.denoise=tweedie")
     assert seen and set(seen) == {chain[0].flow.noise_sigma} and metrics["nonfinite_cfg1.0"] == 0
+    assert "removed twice" in metrics["denoise_warning"]  # the SRC decoder was trained under that noise
+    assert "denoise_warning" not in chain[1]["sample"].metrics
     denoised, plain = load(out / "samples-cfg1.0.npz")["arr_0"], load(chain[1]["sample"].dir / "samples-cfg1.0.npz")["arr_0"]
     assert not np.array_equal(denoised, plain)
