@@ -372,6 +372,23 @@ def test_decoder_loads_training_checkpoint_prefers_ema_and_reproduces_outputs(tm
         torch.testing.assert_close(dec(tokens), reference_decode(ema, tokens, DEC), rtol=1e-4, atol=1e-4)
 
 
+def test_decoder_loads_an_rae_stage1_training_checkpoint_of_the_whole_model(tmp_path):
+    """RAE's train_stage1.py saves {model, ema, optimizer, scheduler, disc, ...}, model and ema holding the whole
+    RAE: `encoder.*` (the frozen DINOv2) beside `decoder.*`; here `model` also carries a DDP prefix."""
+    ema, model = rae_decoder_state(DEC, seed=4), rae_decoder_state(DEC, seed=5)
+    encoder = {"encoder.model.embeddings.patch_embeddings.projection.weight": torch.zeros(8, 3, 14, 14),
+               "encoder.model.layernorm.weight": torch.ones(8)}
+    torch.save({"model": {f"module.{k}": v for k, v in {**encoder, **{f"decoder.{k}": v for k, v in model.items()}}.items()},
+                "ema": {**encoder, **{f"decoder.{k}": v for k, v in ema.items()}},
+                "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                              "param_groups": [{"lr": 1e-4, "params": [0]}]},
+                "scheduler": None, "disc": {"head.weight": torch.zeros(1)}, "epoch": 3}, tmp_path / "ep-0003.pt")
+    dec = build_rae_decoder(str(tmp_path / "ep-0003.pt"), **DEC)
+    for k, v in dec.state_dict().items():
+        assert torch.equal(v, ema[k]), k  # the EMA decoder, not the raw model's nor the encoder's
+    assert set(load_rae_decoder_state(str(tmp_path / "ep-0003.pt"))) == set(ema)
+
+
 def test_decoder_loads_plain_release_state_dict_and_safetensors(tmp_path):
     sd = rae_decoder_state(DEC, seed=3)
     torch.save(sd, tmp_path / "model.pt")

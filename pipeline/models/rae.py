@@ -326,8 +326,9 @@ def build_rae_decoder(weights: str | None = None, *, seed: int = 0, **arch) -> R
 def load_rae_decoder_state(path: str) -> dict:
     """A decoder state dict from .pt/.pth (torch.load weights_only=True) or .safetensors: a plain
     state_dict (the release's model.pt) or a training checkpoint {ema (preferred), model, state_dict,
-    ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) and a whole-model 'decoder.' prefix
-    are stripped; 'n_averaged' (torch AveragedModel EMA counter) is dropped."""
+    ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) are stripped; of a whole RAE stage-1
+    model (`encoder.*` and `decoder.*` keys, RAE's train_stage1.py) the `decoder.` subset is taken;
+    'n_averaged' (torch AveragedModel EMA counter) is dropped."""
     state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED), ("ema", "model", "state_dict"))
     out = {}
     for k, v in state.items():
@@ -335,8 +336,8 @@ def load_rae_decoder_state(path: str) -> dict:
             k = k.split(".", 1)[1]
         out[k] = v
     out.pop("n_averaged", None)
-    if out and all(k.startswith("decoder.") for k in out):
-        out = {k[len("decoder."):]: v for k, v in out.items()}
+    if any(k.startswith("decoder.") for k in out):  # a whole RAE (encoder.*, decoder.*): its decoder
+        out = {k[len("decoder."):]: v for k, v in out.items() if k.startswith("decoder.")}
     return out
 
 
