@@ -37,6 +37,14 @@ def write_config(cfg, path: Path) -> str:
     return str(path)
 
 
+def with_root(config: str, root: Path, path: Path) -> str:
+    """The config file `config` with storage.root = root, written to `path`."""
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["storage"]["root"] = str(root)
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 def states(config: str) -> dict[str, dict]:
     r = cli.invoke(app, ["status", "--config", config, "--json"])
     assert r.exit_code == 0, r.output
@@ -143,10 +151,7 @@ def test_a_copied_root_damaged_in_the_copy_repairs_the_copy_and_never_touches_th
     cfg, m, config = chain
     copy = tmp_path / "copy"
     shutil.copytree(cfg.storage.root, copy)
-    copied = yaml.safe_load(Path(config).read_text())
-    copied["storage"]["root"] = str(copy)
-    copy_config = str(tmp_path / "copy.yaml")
-    Path(copy_config).write_text(yaml.safe_dump(copied))
+    copy_config = with_root(config, copy, tmp_path / "copy.yaml")
     original = files_of(Path(cfg.storage.root))
 
     (copy / "encode" / m["encode"].dir.name / "features.zarr" / "features" / "c" / "0" / "0" / "0").unlink()
@@ -164,9 +169,7 @@ def test_a_moved_root_stays_done_and_a_forced_rebuild_reads_it(chain, tmp_path):
     cfg, m, config = chain
     moved = tmp_path / "moved"
     shutil.move(cfg.storage.root, moved)
-    raw = yaml.safe_load(Path(config).read_text())
-    raw["storage"]["root"] = str(moved)
-    Path(config).write_text(yaml.safe_dump(raw))
+    config = with_root(config, moved, Path(config))
     assert all(states(config)[s]["state"] == "done" for s in ("shard", "encode", "fit_src", "compress"))
     before = arrays(moved / "compress" / m["compress"].dir.name / "codes.zarr")
     run_pipeline(load_config(config), until="compress", force=["compress"])
@@ -242,13 +245,10 @@ def test_status_on_a_read_only_root(chain, tmp_path):
             pytest.skip("cannot remount read-only here")
         with pytest.raises(OSError):
             (mount / "probe").write_text("x")
-        raw = yaml.safe_load(Path(config).read_text())
-        raw["storage"]["root"] = str(mount)
-        ro_config = tmp_path / "ro.yaml"
-        ro_config.write_text(yaml.safe_dump(raw))
-        s = states(str(ro_config))
+        ro_config = with_root(config, mount, tmp_path / "ro.yaml")
+        s = states(ro_config)
         assert all(s[x]["state"] == "done" for x in ("shard", "encode", "fit_src", "compress"))
-        r = cli.invoke(app, ["verify", "--config", str(ro_config), "--deep"])
+        r = cli.invoke(app, ["verify", "--config", ro_config, "--deep"])
         assert r.exit_code == 0, r.output
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
