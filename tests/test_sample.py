@@ -86,7 +86,7 @@ def test_sample_file_is_adm_format_with_balanced_labels_and_a_grid(chain):
     metrics = chain[1]["sample"].metrics
     from PIL import Image
 
-    from storage_schemas.samples import open_samples  # the consumer memory-maps arr_0 of the stored .npz
+    from storage_schemas.samples import open_samples
 
     for w in (0.0, 1.0):
         s = load(out / f"samples-cfg{w}.npz")
@@ -97,7 +97,7 @@ def test_sample_file_is_adm_format_with_balanced_labels_and_a_grid(chain):
         assert np.array_equal(s["arr_1"], class_labels(CLASSES, PER_CLASS, chain[0].sample.seed))
         assert int(s["schema_version"]) == 2
         assert not s["nonfinite"].any() and metrics[f"nonfinite_cfg{w}"] == 0
-        images, labels, _ = open_samples(out / f"samples-cfg{w}.npz")
+        images, labels, _ = open_samples(out / f"samples-cfg{w}.npz")  # the consumer memory-maps arr_0
         assert isinstance(images, np.memmap) and np.array_equal(images, s["arr_0"])
         assert np.array_equal(labels, s["arr_1"])
         # the grid: one row per class, that class's first grid_per_class samples in file order
