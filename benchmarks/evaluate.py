@@ -3,11 +3,12 @@
     python -m benchmarks.evaluate                              # CPU, 16 images -> prints JSON
     python -m benchmarks.evaluate --device cuda --out          # -> results/evaluate-cuda.json
 
-- `images_per_s`: torch-fidelity's Inception (float64 inside, as the stages run it) on uint8 images at
-  `--resolution`, batch `--batch-size`, the stages' own batch loop (stages.reference.pool_features),
-  after one warm-up batch. Both stages are this loop, so the figure serves `reference` and `evaluate`.
+- `images_per_s`: torch-fidelity's Inception (float64 inside, as the stages run it; pool features,
+  logits and the sFID spatial features from one pass) on uint8 images at `--resolution`, batch
+  `--batch-size`, the stages' own batch loop (stages.reference.pool_features), after one warm-up batch. Both stages are this loop, so the figure serves `reference` and `evaluate`.
 - `metrics_seconds`: fidelity.metrics_from_features of `--samples` random pool features against a
-  reference of `--reference` (FID's 2048 x 2048 eigenproblem, IS, KID, precision/recall with k = 3).
+  reference of `--reference` (FID's 2048 x 2048 and sFID's 2023 x 2023 eigenproblems, IS, KID,
+  precision/recall with k = 3).
   Features are random: the timing holds, the values mean nothing.
 
 The weights are a seeded stand-in of the same architecture: the cost is the real one.
@@ -65,9 +66,12 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     features = {"2048": rng.gamma(2.0, 0.2, (n_samples, 2048)).astype(np.float32),
-                "logits_unbiased": rng.normal(0, 3, (n_samples, 1008)).astype(np.float32)}
+                "logits_unbiased": rng.normal(0, 3, (n_samples, 1008)).astype(np.float32),
+                "spatial": rng.gamma(2.0, 0.2, (n_samples, 2023)).astype(np.float32)}
     reference_pool = rng.gamma(2.0, 0.2, (n_reference, 2048)).astype(np.float32)
+    reference_spatial = rng.gamma(2.0, 0.2, (n_reference, 2023))
     reference = {"mu": reference_pool.mean(0).astype(np.float64), "sigma": np.cov(reference_pool, rowvar=False),
+                 "mu_s": reference_spatial.mean(0), "sigma_s": np.cov(reference_spatial, rowvar=False),
                  "pr_features": reference_pool, "meta": {"inception_weights_sha256": sha}}
     t = time.perf_counter()
     metrics_from_features(features, reference, sha, device, kid_subset_size=1000, pr_k=3)

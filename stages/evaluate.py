@@ -1,9 +1,9 @@
-"""Stage `evaluate`: FID, IS, KID, precision/recall of each CFG scale's samples against the reference.
+"""Stage `evaluate`: FID, sFID, IS, KID, precision/recall of each CFG scale's samples against the reference.
 
 SRC-FLOW.md "Evaluation protocol": the `sample` stage writes one ADM-format `samples-cfg{w}.npz`
-(`arr_0` uint8 N x H x W x 3, `labels`) per `sample.cfg_scale`; each goes through torch-fidelity's
-Inception (float64 inside, pipeline/metrics/fidelity.py) against the `reference` stage's
-statistics. Output:
+(`arr_0` uint8 N x H x W x 3, `arr_1` labels) per `sample.cfg_scale`; each goes once through
+torch-fidelity's Inception (float64 inside, pipeline/metrics/fidelity.py: pool features, logits and
+ADM's spatial features from one pass) against the `reference` stage's statistics. Output:
 
 - `metrics.json` (storage_schemas/evaluation.py): one entry per CFG scale, every number labelled with the
   evaluator and its version, the Inception weights' sha256, `inception_weights: official|stand-in`,
@@ -47,13 +47,13 @@ from storage_schemas.evaluation import read_metrics
 from storage_schemas.samples import open_samples
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: sfid (metrics.json schema 2)
 METRICS_FILE = "metrics.json"  # layout: storage_schemas/evaluation.py
 PR_K = 3  # precision/recall neighbourhood, as ADM's evaluator
 SAMPLES_GLOB = "samples-cfg*.npz"
 GRID_CLASSES, GRID_PER_CLASS = 8, 4
 # metrics.json key -> the short name of the flattened stage metric (`fid_cfg1.0`)
-FLAT_NAMES = {"fid": "fid", "inception_score_mean": "is", "kid_mean": "kid", "precision": "precision", "recall": "recall"}
+FLAT_NAMES = {"fid": "fid", "sfid": "sfid", "inception_score_mean": "is", "kid_mean": "kid", "precision": "precision", "recall": "recall"}
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
@@ -119,7 +119,8 @@ def check_resolution(samples: np.ndarray, reference: dict, path: Path) -> None:
 
 def sample_features(extractor, samples: np.ndarray, device, batch_size: int, out: StageOutput,
                     desc: str) -> dict[str, np.ndarray]:
-    """Inception pool features and unbiased logits of all samples, batch by batch, with a progress bar."""
+    """Inception pool features, unbiased logits and spatial features of all samples (one pass), batch by batch,
+    with a progress bar."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
     with progress(desc, len(samples), "img") as meter:
         for start in range(0, len(samples), batch_size):
@@ -195,7 +196,7 @@ def stage_metrics(evaluations: list[dict], flow: dict) -> dict:
 
 def metrics_table(evaluations: list[dict]) -> list[dict]:
     """One row per CFG scale (the Prefect table artifact)."""
-    return [{"cfg_scale": e["cfg_scale"], "fid": e["fid"], "inception_score": e["inception_score_mean"],
+    return [{"cfg_scale": e["cfg_scale"], "fid": e["fid"], "sfid": e["sfid"], "inception_score": e["inception_score_mean"],
              "kid": e["kid_mean"], "precision": e["precision"], "recall": e["recall"], "samples": e["num_samples"],
              "reference": e["num_reference"], "inception_weights": e["inception_weights"]} for e in evaluations]
 
@@ -216,7 +217,7 @@ def report_markdown(evaluations: list[dict]) -> str:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "n/a" if v is None else str(v)
 
 
 def external_inputs(cfg: Config) -> dict[str, str]:

@@ -1,14 +1,16 @@
 """Stage `reference`: the Inception statistics samples are compared against (SRC-FLOW.md "Evaluation protocol").
 
 - `reference.kind: train`: the train shards, ADM center crop at `data.resolution`, streamed shard by
-  shard through torch-fidelity's Inception. mu/sigma come from float64 running sums over the
-  selected images (all, or `max_images` class-balanced); the pool features of the first
-  `pr_images` of the class-balanced order are kept for KID and precision/recall.
+  shard through torch-fidelity's Inception. mu/sigma (pool features) and mu_s/sigma_s (ADM's
+  spatial features, sFID) come from float64 running sums over the selected images (all, or
+  `max_images` class-balanced), one Inception pass; the pool features of the first `pr_images` of
+  the class-balanced order are kept for KID and precision/recall.
 - `reference.kind: adm_npz`: ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`): its mu/sigma
-  as they are, pool features of its `arr_0` images (fidelity.import_adm_reference_npz), so the
-  FID is comparable with published numbers.
+  and mu_s/sigma_s as they are, pool features of its `arr_0` images (fidelity.import_adm_reference_npz),
+  so the FID and sFID are comparable with published numbers. Its resolution (arr_0.shape[1]) must be
+  data.resolution, checked when the run is planned.
 
-Output: `reference.npz` (fidelity.save_reference, schema_version 1). The fingerprint holds the shard
+Output: `reference.npz` (fidelity.save_reference, schema_version 2). The fingerprint holds the shard
 set, these settings, the Inception weights' sha256 and the ADM file's: statistics are never reused
 across other weights or another reference batch. A killed `train` run resumes from
 `accumulator.npz` (the sums after the last saved shard).
@@ -33,6 +35,8 @@ from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.fidelity import (
     FEATURES,
     OFFICIAL_WEIGHTS_SHA256_PREFIX,
+    SPATIAL,
+    check_adm_reference,
     check_inception_weights,
     import_adm_reference_npz,
     load_inception,
@@ -44,7 +48,7 @@ from pipeline.progress import progress
 from pipeline.training import resolve_device
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: mu_s/sigma_s (reference schema 2)
 REFERENCE_FILE = "reference.npz"
 ACCUMULATOR_FILE = "accumulator.npz"
 CHECKPOINT_SECONDS = 120  # the running sums (a 2048 x 2048 float64) are saved at most this often
@@ -64,10 +68,12 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     if not path.is_file():
         device = resolve_device(cfg.runtime.device)
         if cfg.reference.kind == "adm_npz":
-            reference = import_adm_reference_npz(cfg.reference.path, weights, device, cfg.evaluate.batch_size)
+            reference = import_adm_reference_npz(cfg.reference.path, weights, device, cfg.evaluate.batch_size,
+                                                 resolution=cfg.data.resolution)
         else:
             reference = train_reference(cfg, upstream["shard"], weights, weights_sha256, device, out)
-        save_reference(path, reference["mu"], reference["sigma"], reference["pr_features"], reference["meta"])
+        save_reference(path, reference["mu"], reference["sigma"], reference["pr_features"], reference["meta"],
+                       mu_s=reference["mu_s"], sigma_s=reference["sigma_s"])
         (out.path / ACCUMULATOR_FILE).unlink(missing_ok=True)
     meta = load_reference(path)["meta"]
     return {"source": meta["source"], "reference_images": meta["num_images"], "pr_images": meta.get("pr_images"),
@@ -75,7 +81,8 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
 
 
 def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, device, out: StageOutput) -> dict:
-    """mu/sigma of the selected train images, pool features of the first `pr_images`, streamed by shard."""
+    """mu/sigma and mu_s/sigma_s of the selected train images, pool features of the first `pr_images`,
+    streamed by shard."""
     shard_dir = shard_manifest.dir
     rows = manifest_rows(shard_dir, ("train",))
     order = class_balanced_order(rows)
@@ -104,19 +111,19 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
         for shard, crops in prefetch(pool, read, todo, depth=threads):
             keep = np.array([i in keep_pr for i in by_shard[shard]])
             for start in range(0, len(crops), batch_size):
-                pool3 = pool_features(extractor, crops[start:start + batch_size], device)["2048"]
-                acc.add(pool3, keep[start:start + batch_size])
-                meter.advance(len(pool3))
+                features = pool_features(extractor, crops[start:start + batch_size], device)
+                acc.add(features, keep[start:start + batch_size])
+                meter.advance(len(features["2048"]))
             acc.shards.append(shard)
             out.report_progress(acc.count, len(chosen), "images")
             if time.monotonic() - saved > CHECKPOINT_SECONDS:
                 acc.save(out.path / ACCUMULATOR_FILE)
                 saved = time.monotonic()
-    mu, sigma = acc.statistics()
+    (mu, sigma), (mu_s, sigma_s) = acc.statistics("2048"), acc.statistics(SPATIAL)
     meta = {"source": "train-shards", "num_images": acc.count, "pr_images": len(acc.pr_features),
             "resolution": resolution, "crop": "ADM center_crop_arr", "selection": "class-balanced round-robin",
             "shard_fingerprint": shard_manifest.fingerprint, "inception_weights_sha256": weights_sha256}
-    return {"mu": mu, "sigma": sigma, "pr_features": acc.pr_features, "meta": meta}
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pr_features": acc.pr_features, "meta": meta}
 
 
 def class_balanced_order(rows: list[dict]) -> list[int]:
@@ -151,7 +158,8 @@ def read_crops(tar: Path, keys: list[str], resolution: int) -> np.ndarray:
 
 
 def pool_features(extractor, images: np.ndarray, device) -> dict[str, np.ndarray]:
-    """torch-fidelity Inception features of (B, H, W, 3) uint8 images: the calls get_featuresdict_from_dataset makes."""
+    """Inception features (fidelity.FEATURES: pool, logits, spatial) of (B, H, W, 3) uint8 images, one forward
+    pass: the calls get_featuresdict_from_dataset makes."""
     x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device)  # a copy: memmaps are read-only
     with torch.no_grad():
         features = extractor.convert_features_tuple_to_dict(extractor(x))
@@ -159,10 +167,14 @@ def pool_features(extractor, images: np.ndarray, device) -> dict[str, np.ndarray
 
 
 class Accumulator:
-    """Running float64 sums of pool features (count, sum, sum of outer products) and the kept features."""
+    """Running float64 sums per feature (count, sum, sum of outer products): pool features ("2048") and
+    spatial ones; and the kept pool features."""
 
-    def __init__(self, count=0, total=None, outer=None, pr_features=None, shards=()):
-        self.count, self.total, self.outer = int(count), total, outer
+    MOMENTS = ("2048", SPATIAL)
+
+    def __init__(self, count=0, sums=None, pr_features=None, shards=()):
+        self.count = int(count)
+        self.sums = dict(sums or {})  # feature name -> (sum, sum of outer products)
         self.pr_parts = [np.zeros((0, 2048), np.float32) if pr_features is None else pr_features]
         self.shards = list(shards)
 
@@ -172,25 +184,27 @@ class Accumulator:
             self.pr_parts = [np.concatenate(self.pr_parts)]
         return self.pr_parts[0]
 
-    def add(self, pool3: np.ndarray, keep: np.ndarray) -> None:
-        x = pool3.astype(np.float64)
-        if self.total is None:
-            self.total, self.outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
-        self.count += len(x)
-        self.total += x.sum(axis=0)
-        self.outer += x.T @ x
-        self.pr_parts.append(pool3[keep].astype(np.float32))
+    def add(self, features: dict[str, np.ndarray], keep: np.ndarray) -> None:
+        for name in self.MOMENTS:
+            x = features[name].astype(np.float64)
+            total, outer = self.sums.get(name) or (np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1])))
+            self.sums[name] = (total + x.sum(axis=0), outer + x.T @ x)
+        self.count += len(features["2048"])
+        self.pr_parts.append(features["2048"][keep].astype(np.float32))
 
-    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    def statistics(self, name: str = "2048") -> tuple[np.ndarray, np.ndarray]:
         """mu and the unbiased covariance (ddof 1, as np.cov in torch-fidelity's fid_features_to_statistics)."""
-        mu = self.total / self.count
-        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        total, outer = self.sums[name]
+        mu = total / self.count
+        sigma = (outer - self.count * np.outer(mu, mu)) / (self.count - 1)
         return mu, (sigma + sigma.T) / 2
 
     def save(self, path: Path) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, count=np.int64(self.count), total=self.total, outer=self.outer,
-                 pr_features=self.pr_features, shards=np.array(json.dumps(self.shards)))
+        sums = {f"{kind}_{name}": value for name, (total, outer) in self.sums.items()
+                for kind, value in (("total", total), ("outer", outer))}
+        np.savez(buffer, count=np.int64(self.count), pr_features=self.pr_features,
+                 shards=np.array(json.dumps(self.shards)), **sums)
         write_atomic(path, buffer.getvalue())
 
     @classmethod
@@ -198,7 +212,8 @@ class Accumulator:
         if not path.is_file():
             return cls()
         with np.load(path, allow_pickle=False) as z:
-            return cls(z["count"], z["total"], z["outer"], z["pr_features"], json.loads(str(z["shards"])))
+            sums = {name: (z[f"total_{name}"], z[f"outer_{name}"]) for name in cls.MOMENTS if f"total_{name}" in z.files}
+            return cls(z["count"], sums, z["pr_features"], json.loads(str(z["shards"])))
 
 
 # --- external inputs: checked when the run is planned, before any stage works ---------------------
@@ -224,12 +239,15 @@ def inception_weights_digest(cfg: Config) -> str:
 
 
 def adm_reference_digest(cfg: Config) -> str:
+    """sha256 of `reference.path`; a one-line error when it is missing, is not an ADM reference batch, or holds
+    images of another resolution than data.resolution (read from its headers: before any sampling)."""
     need = f"ADM's reference batch, e.g. {ADM_REFERENCE_URL}"
     if not cfg.reference.path:
         raise ValueError(f"reference.path is not set (reference.kind adm_npz needs {need})")
     path = Path(cfg.reference.path)
     if not path.is_file():
         raise FileNotFoundError(f"reference.path: {path} does not exist (reference.kind adm_npz needs {need})")
+    check_adm_reference(path, cfg.data.resolution)
     return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
 
 

@@ -1,6 +1,8 @@
 """Stage `sample`: class-balanced samples of the trained flow, decoded to pixels (SRC-FLOW.md, "The chain").
 
-    labels   sample i has class i // sample.per_class (every class sample.per_class times)
+    labels   every class sample.per_class times, in the order of a permutation seeded by sample.seed
+             alone (class_labels): sample i's class is a pure function of (seed, num_classes, per_class, i),
+             so chunks, workers and resumes agree, and the file is not class-sorted (ADM's IS splits)
     z_i      a standard normal (T, d) seeded by (sample.seed, i): the same whatever the chunking,
              the workers or a resume; the same z_i at every CFG scale
     codes    flow.reverse(z, y) with CFG w (sample.cfg_mode tarflow|starflow, sample.cfg_anneal), the
@@ -13,10 +15,10 @@
 Work is cut into chunks of sample.chunk_size samples per CFG scale; each chunk is a job
 (pipeline.parallel.map_jobs, Dask when runtime.workers > 1) that writes `chunks/cfg{w}/{k:06d}.npz`
 atomically, its commit: a killed run redoes only the missing chunks. Then, per scale, the chunks are
-streamed into the ADM-format `samples-cfg{w}.npz` (`arr_0` uint8 N x H x W x 3, `labels` int64, and
-`nonfinite` bool: samples whose code or pixels were NaN / inf, written as black images and counted
-in the metrics, never resampled) and `grid-cfg{w}.png` (the first grid_per_class samples of the first
-grid_classes classes, one class per row).
+streamed into the ADM-format `samples-cfg{w}.npz` (storage_schemas/samples.py: `arr_0` uint8 N x H x W x 3,
+`arr_1` int64 labels with the alias `labels`, and `nonfinite` bool: samples whose code or pixels were
+NaN / inf, written as black images and counted in the metrics, never resampled) and `grid-cfg{w}.png`
+(the first grid_per_class samples of each of the first grid_classes classes, one class per row).
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from pipeline.images import save_grid
 from pipeline.parallel import map_jobs
 from pipeline.training import autocast, resolve_device
 from stages.train_flow import flow_info, load_flow, seed_of
+from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
 from storage_schemas.success import temp_name, write_atomic
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: labels in a seeded order, arr_1 (samples schema 2)
+LABEL_STREAM = 1  # seed_of(sample.seed, LABEL_STREAM): the label order's own stream, apart from the noise
 CHUNKS = "chunks"
 
 log = logging.getLogger("srcflow")
@@ -101,7 +105,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         log.warning("sample: %s", metrics["denoise_warning"])
     for w in scales:
         if w in todo:
-            assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], total, s)
+            assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], num_classes, s)
         with np.load(samples_path(out.path, w)) as npz:
             nonfinite = int(npz["nonfinite"].sum())
         metrics[f"nonfinite_cfg{w}"] = nonfinite
@@ -123,9 +127,19 @@ def samples_path(out_dir: Path, cfg_scale: float) -> Path:
     return out_dir / f"samples-cfg{cfg_scale}.npz"
 
 
-def labels_of(start: int, stop: int, per_class: int) -> np.ndarray:
-    """Class-balanced labels: sample i has class i // per_class."""
-    return np.arange(start, stop) // per_class
+def class_labels(num_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """The labels of all samples: each class per_class times, in a permutation seeded by `seed` only.
+
+    ADM's evaluator scores IS over contiguous 5,000-sample splits without shuffling: a class-sorted
+    file would give each split 100 classes (IS 22 instead of 66 on a simulated 50k). RAE's sampler
+    shuffles its label pool the same way."""
+    rng = np.random.default_rng(seed_of(seed, LABEL_STREAM))
+    return rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64), per_class))
+
+
+def labels_of(start: int, stop: int, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """The labels of samples [start, stop): a slice of class_labels, whatever the chunking."""
+    return class_labels(num_classes, per_class, seed)[start:stop]
 
 
 def sample_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -164,13 +178,14 @@ def sample_chunk(job: SampleJob) -> int:
     s = job.models.cfg.sample
     device = torch.device(job.models.device)
     flow, src, normalizer, decoder = load_models(job.models)
-    sigma = flow_info(job.models.upstream["train_flow"])["noise_sigma"]
+    info = flow_info(job.models.upstream["train_flow"])
+    sigma, labels = info["noise_sigma"], labels_of(job.start, job.stop, info["arch"]["num_classes"], s.per_class, s.seed)
     tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
     images, nonfinite = [], []
     for a in range(job.start, job.stop, s.batch_size):
         b = min(a + s.batch_size, job.stop)
         z = sample_noise(s.seed, a, b, (tokens, channels)).to(device)
-        y = torch.from_numpy(labels_of(a, b, s.per_class)).to(device)
+        y = torch.from_numpy(labels[a - job.start:b - job.start]).to(device)
         with torch.no_grad():
             with autocast(device), token_step_threads(device):
                 x = flow.reverse(z, y, cfg_scale=job.cfg_scale, cfg_mode=s.cfg_mode, cfg_anneal=s.cfg_anneal)
@@ -180,7 +195,7 @@ def sample_chunk(job: SampleJob) -> int:
         images.append(pixels)
         nonfinite.append(bad)
     buf = io.BytesIO()
-    np.savez(buf, images=np.concatenate(images), labels=labels_of(job.start, job.stop, s.per_class),
+    np.savez(buf, images=np.concatenate(images), labels=labels,
              nonfinite=np.concatenate(nonfinite), start=np.array(job.start))
     Path(job.path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(job.path), buf.getvalue())
@@ -227,13 +242,16 @@ def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device) 
 # --- the ADM-format sample file ----------------------------------------------------------------------
 
 
-def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], total: int, s) -> None:
+def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: int, s) -> None:
     """Stream the chunk files into samples-cfg{w}.npz (uncompressed: readers can memory-map arr_0) and the
     grid, then delete the chunks. Holds one chunk in memory, never the whole sample set."""
     path = samples_path(out_dir, cfg_scale)
     tmp = temp_name(path)
-    labels, nonfinite = np.empty(total, np.int64), np.zeros(total, bool)
-    grid_picks = {c * s.per_class + j for c in range(s.grid_classes) for j in range(min(s.grid_per_class, s.per_class))}
+    labels = class_labels(num_classes, s.per_class, s.seed)
+    total, nonfinite = len(labels), np.zeros(len(labels), bool)
+    # the grid: one row per class, its first samples in file order
+    grid_picks = [int(i) for c in range(min(s.grid_classes, num_classes))
+                  for i in np.flatnonzero(labels == c)[:s.grid_per_class]]
     grid: dict[int, np.ndarray] = {}
     written = 0
     try:
@@ -244,23 +262,27 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], total: int, s)
                         images, start = part["images"], int(part["start"])
                         if start != written:
                             raise ValueError(f"{chunk}: starts at sample {start}, expected {written}")
+                        if not np.array_equal(part["labels"], labels[start:start + len(images)]):
+                            raise ValueError(f"{chunk}: its labels are not those of sample.seed {s.seed} "
+                                             f"(a chunk of another code version); delete it to resample")
                         if k == 0:
                             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                       "fortran_order": False, "shape": (total, *images.shape[1:])}
                             np.lib.format.write_array_header_1_0(fh, header)
                         fh.write(np.ascontiguousarray(images).tobytes())
-                        labels[start:start + len(images)] = part["labels"]
                         nonfinite[start:start + len(images)] = part["nonfinite"]
                         grid |= {i: images[i - start] for i in grid_picks if start <= i < start + len(images)}
                         written += len(images)
             if written != total:
                 raise ValueError(f"sample: the chunks of cfg {cfg_scale} hold {written} samples, expected {total}")
-            for name, values in (("labels", labels), ("nonfinite", nonfinite)):
+            # arr_1: the labels where ADM's sampler puts them; `labels`: the same, by name
+            for name, values in (("arr_1", labels), ("labels", labels), ("nonfinite", nonfinite),
+                                 ("schema_version", np.int64(SAMPLES_SCHEMA_VERSION))):
                 with zf.open(f"{name}.npy", "w") as fh:
-                    np.lib.format.write_array(fh, values)
+                    np.lib.format.write_array(fh, np.asarray(values))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        save_grid(np.stack([grid[i] for i in sorted(grid)]), out_dir / f"grid-cfg{cfg_scale}.png",
+        save_grid(np.stack([grid[i] for i in grid_picks]), out_dir / f"grid-cfg{cfg_scale}.png",
                   ncol=min(s.grid_per_class, s.per_class))
         os.replace(tmp, path)
     finally:

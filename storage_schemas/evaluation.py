@@ -1,9 +1,10 @@
 """`metrics.json` (stage evaluate) and `reference.npz` (stage reference).
 
-metrics.json, schema_version 1:
-    {"schema_version": 1, "inception_weights": "official" | "stand-in", "inception_weights_sha256": str,
+metrics.json, schema_version 2 (2: sfid):
+    {"schema_version": 2, "inception_weights": "official" | "stand-in", "inception_weights_sha256": str,
      "evaluations": [one entry per CFG scale, sorted by cfg_scale]}
-an entry holds the metrics (fid, inception_score_mean/std, kid_mean/std, precision, recall) and what
+an entry holds the metrics (fid, sfid, inception_score_mean/std, kid_mean/std, precision, recall; sfid is
+null when the reference has no mu_s/sigma_s) and what
 they were made with: cfg_scale, evaluator, evaluator_version, feature_extractor, inception_weights,
 inception_weights_sha256, num_samples, num_reference (pool features behind KID and P/R), pr_k,
 kid_subset_size, samples_file, num_classes, samples_per_class (None when unbalanced),
@@ -13,8 +14,10 @@ fingerprint} and flow {"<stage>.<metric>": the flow's bits/dim figures}.
 check the code path and are never an FID of the method.
 
 reference.npz is versioned and validated by pipeline.metrics.fidelity (save_reference/load_reference,
-REFERENCE_SCHEMA_VERSION): mu (2048,), sigma (2048, 2048) float64, optional pr_features (N, 2048),
-meta (JSON: source, num_images, inception_weights_sha256, ...).
+REFERENCE_SCHEMA_VERSION 2): mu (2048,), sigma (2048, 2048) float64; mu_s (2023,), sigma_s (2023, 2023)
+float64, the statistics of ADM's spatial features (first 7 channels of mixed_6/conv, 17 x 17 x 7; optional
+in the layout, always written by the stage); optional pr_features (N, 2048); meta (JSON: source, num_images,
+resolution, inception_weights_sha256, ...).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 
 from storage_schemas import SchemaError, check_version
 
-SCHEMA_VERSION = 1
-METRIC_KEYS = ("fid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
+SCHEMA_VERSION = 2
+METRIC_KEYS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
 LABEL_KEYS = ("cfg_scale", "evaluator", "evaluator_version", "inception_weights", "inception_weights_sha256",
               "num_samples", "num_reference", "samples_file", "reference", "flow")
 

@@ -1,11 +1,20 @@
 """Sample sets written by `sample`: `samples-cfg{w}.npz` in the ADM format, the exchange format of the ADM suite.
 
-    arr_0      (N, H, W, 3) uint8   the images (stored uncompressed, so readers can memory-map them)
-    labels     (N,) int64           class labels (sample i has class i // sample.per_class)
-    nonfinite  (N,) bool            samples whose code or pixels were NaN / inf (written black, counted)
+schema_version 2:
+    arr_0           (N, H, W, 3) uint8   the images (stored uncompressed, so readers can memory-map them)
+    arr_1           (N,) int64           class labels, as ADM's sampler writes them
+    labels          (N,) int64           the same labels (an alias, for readers by name)
+    nonfinite       (N,) bool            samples whose code or pixels were NaN / inf (written black, counted)
+    schema_version  () int64             2
 
-The layout is ADM's (their evaluator reads `arr_0` and ignores the rest); `open_samples` refuses a file
-without a (N, H, W, 3) uint8 `arr_0` or with mismatched labels.
+Every class holds the same count, in a seeded random order (sample.seed): ADM's evaluator takes its
+Inception Score over contiguous 5,000-sample splits, so a class-sorted file would score low. Version 1
+(no schema_version entry) was class-sorted and had no arr_1.
+
+The layout is ADM's (their evaluator reads `arr_0` and ignores the rest). `open_samples` reads any
+ADM-format file (other tools' files carry no schema_version): it refuses a file without a
+(N, H, W, 3) uint8 `arr_0`, with labels of another length or arr_1 and labels that differ, or with a
+schema_version it does not know.
 """
 
 from __future__ import annotations
@@ -16,20 +25,46 @@ from pathlib import Path
 
 import numpy as np
 
+from storage_schemas import check_version
+
+SCHEMA_VERSION = 2
+
 
 def open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
-    """ADM-format samples: `arr_0` (N, H, W, 3) uint8 (memory-mapped when stored uncompressed), `labels`, and
-    the count of `nonfinite` ones (NaN / inf samples the sample stage wrote as black images)."""
+    """ADM-format samples: `arr_0` (N, H, W, 3) uint8 (memory-mapped when stored uncompressed), the labels
+    (`arr_1`, else `labels`, else None), and the count of `nonfinite` ones (NaN / inf samples the sample stage
+    wrote as black images)."""
     images = open_npz_array(path, "arr_0")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{path}: arr_0 must be (N, H, W, 3) uint8 (ADM sample format), "
                          f"got {tuple(images.shape)} {images.dtype}")
     with np.load(path, allow_pickle=False) as npz:
-        labels = np.asarray(npz["labels"]) if "labels" in npz.files else None
+        if "schema_version" in npz.files:
+            check_version(str(path), int(npz["schema_version"]), SCHEMA_VERSION)
+        named = {k: np.asarray(npz[k]) for k in ("arr_1", "labels") if k in npz.files}
         nonfinite = int(npz["nonfinite"].sum()) if "nonfinite" in npz.files else None
+    if len(named) == 2 and not np.array_equal(named["arr_1"], named["labels"]):
+        raise ValueError(f"{path}: arr_1 and labels differ (both are the class labels)")
+    labels = next(iter(named.values()), None)
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"{path}: labels has shape {labels.shape}, arr_0 holds {len(images)} images")
     return images, labels, nonfinite
+
+
+def npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
+    """The shape of one array of an .npz from its .npy header alone (stored or compressed): no data is read."""
+    with zipfile.ZipFile(path) as zf:
+        try:
+            fh = zf.open(f"{name}.npy")
+        except KeyError:
+            raise ValueError(f"{path} has no array {name!r} (has {', '.join(zf.namelist())})") from None
+        with fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"{path}: {name}.npy has .npy format version {version}, expected 1.0 or 2.0")
+            return tuple(read_header(fh)[0])
 
 
 def open_npz_array(path: Path, name: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.fidelity import (
     WEIGHTS_FILE,
     fid_statistics,
+    inception_features,
     load_reference,
     make_standin_inception_weights,
 )
@@ -38,7 +39,7 @@ CLASSES = 4  # the tiny test dataset
 BASE = ("reference.max_images=4", "reference.pr_images=4", "reference.loader_threads=1", "sample.per_class=1",
         "sample.cfg_scale=[0.0, 1.0]", "evaluate.kid_subset_size=4", "evaluate.batch_size=4",
         "evaluate.make_standin=false")
-METRICS = ("fid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
+METRICS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def fake_sample_output(cfg, sample_sets: dict, labels, metrics: dict) -> None:
 def test_fid_of_samples_against_their_own_reference_is_zero(evaluated):
     own = evaluated.by_scale[1.0]
     assert abs(own["fid"]) < 1e-3 * np.trace(evaluated.reference["sigma"])
+    assert abs(own["sfid"]) < 1e-3 * np.trace(evaluated.reference["sigma_s"])
     assert (own["precision"], own["recall"]) == (1.0, 1.0)
     assert all(math.isfinite(own[k]) for k in METRICS)
 
@@ -99,21 +101,26 @@ def test_fid_of_samples_against_their_own_reference_is_zero(evaluated):
 def test_fid_rises_when_the_samples_shift(evaluated):
     shifted, own = evaluated.by_scale[0.0], evaluated.by_scale[1.0]
     assert shifted["fid"] > own["fid"] + 0.1 * np.trace(evaluated.reference["sigma"])
+    assert shifted["sfid"] > own["sfid"] + 0.1 * np.trace(evaluated.reference["sigma_s"])
     assert all(math.isfinite(shifted[k]) for k in METRICS)
 
 
-def test_reference_is_class_balanced_train_statistics_at_the_data_resolution(evaluated):
+def test_reference_is_class_balanced_train_statistics_at_the_data_resolution(evaluated, weights):
     meta = evaluated.reference["meta"]
     assert meta | {"source": "train-shards", "num_images": CLASSES, "pr_images": CLASSES, "resolution": 32,
                    "shard_fingerprint": evaluated.manifests["reference"].upstream["shard"]} == meta
     # the samples at w=1.0 are exactly each class's first train image: their features are the reference's
     assert evaluated.by_scale[1.0]["fid"] == pytest.approx(0, abs=1e-3 * np.trace(evaluated.reference["sigma"]))
     assert evaluated.manifests["reference"].metrics["inception_weights"] == "stand-in"
+    # mu_s/sigma_s: the streamed statistics of the same images' spatial features
+    expected = fid_statistics(inception_features(evaluated.crops, weights.path, "cpu", batch_size=4)["spatial"])
+    np.testing.assert_allclose(evaluated.reference["mu_s"], expected["mu"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(evaluated.reference["sigma_s"], expected["sigma"], rtol=1e-5, atol=1e-9)
 
 
 def test_metrics_json_labels_every_number_and_marks_the_stand_in(evaluated, weights):
     report = read_metrics(evaluated.manifests["evaluate"].dir / "metrics.json")  # the schema's validator
-    assert report == evaluated.report and report["schema_version"] == 1
+    assert report == evaluated.report and report["schema_version"] == 2
     assert report["inception_weights"] == "stand-in" and report["inception_weights_sha256"] == weights.sha
     assert [e["cfg_scale"] for e in report["evaluations"]] == [0.0, 1.0]
     for e in report["evaluations"]:
@@ -132,10 +139,14 @@ def test_stage_metrics_are_flat_per_cfg_scale_and_status_shows_the_fid(evaluated
     for w, e in evaluated.by_scale.items():
         assert metrics[f"fid_cfg{w}"] == e["fid"] and metrics[f"is_cfg{w}"] == e["inception_score_mean"]
         assert metrics[f"kid_cfg{w}"] == e["kid_mean"] and metrics[f"precision_cfg{w}"] == e["precision"]
-        assert (out / f"grid-cfg{w}.png").is_file()
+        assert metrics[f"sfid_cfg{w}"] == e["sfid"] and (out / f"grid-cfg{w}.png").is_file()
     assert metrics["inception_weights"] == "stand-in" and metrics["sample.bits_per_dim"] == 1.25
     assert headline(metrics).startswith("fid_cfg0.0=")
-    assert "Stand-in Inception weights" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Stand-in Inception weights" in report and "| sfid |" in report
+    rows = evaluate.metrics_table(evaluated.report["evaluations"])
+    assert [(r["sfid"], r["inception_weights"]) for r in rows] == [(e["sfid"], "stand-in")
+                                                                  for e in evaluated.report["evaluations"]]
 
 
 def test_reference_is_reused_on_a_second_run(evaluated, monkeypatch):
@@ -188,13 +199,14 @@ def test_make_standin_writes_seeded_weights_at_plan_time(make_config, tmp_path, 
 
 def test_adm_npz_reference_gives_the_same_fid_as_train_statistics_of_the_same_images(
         evaluated, module_config, weights, tmp_path):
-    # ADM's layout: mu/sigma of the images' pool features, mu_s/sigma_s (sFID, unused), arr_0 for P/R.
+    # ADM's layout: mu/sigma of the images' pool features, mu_s/sigma_s of their spatial ones, arr_0 for P/R.
     train = evaluated.reference
     stats = fid_statistics(train["pr_features"])  # np.cov over the same 4 images' features
     np.testing.assert_allclose(train["mu"], stats["mu"], rtol=1e-12)
     np.testing.assert_allclose(train["sigma"], stats["sigma"], rtol=1e-9, atol=1e-12)
     npz = tmp_path / "VIRTUAL_fake_labeled.npz"
-    np.savez(npz, mu=stats["mu"], sigma=stats["sigma"], mu_s=np.zeros(4), sigma_s=np.eye(4), arr_0=evaluated.crops)
+    np.savez(npz, mu=stats["mu"], sigma=stats["sigma"], mu_s=train["mu_s"], sigma_s=train["sigma_s"],
+             arr_0=evaluated.crops)
 
     cfg = module_config(*BASE, f"evaluate.inception_weights={weights.path}", "sample.cfg_scale=[0.0]",
                         "reference.kind=adm_npz", f"reference.path={npz}")
@@ -203,11 +215,26 @@ def test_adm_npz_reference_gives_the_same_fid_as_train_statistics_of_the_same_im
     assert manifests["reference"].external_inputs["adm_reference"] == reference.adm_reference_digest(cfg)
     (adm_eval,) = json.loads((manifests["evaluate"].dir / "metrics.json").read_text())["evaluations"]
     assert adm_eval["fid"] == pytest.approx(evaluated.by_scale[0.0]["fid"], rel=1e-6)
+    assert adm_eval["sfid"] == pytest.approx(evaluated.by_scale[0.0]["sfid"], rel=1e-6)
     assert adm_eval["reference"]["source"] == "adm-npz" and adm_eval["reference"]["file"] == npz.name
     # arr_0's features (through fidelity's Dataset path) are those the train stream computed
     adm = load_reference(manifests["reference"].dir / "reference.npz")
     np.testing.assert_allclose(adm["pr_features"], train["pr_features"], rtol=1e-5)
     assert adm_eval["precision"] == evaluated.by_scale[0.0]["precision"]
+    assert adm["meta"]["resolution"] == 32 == evaluated.cfg.data.resolution  # arr_0.shape[1], recorded
+
+
+def test_adm_reference_of_another_resolution_fails_at_plan_time_naming_both(evaluated, make_config, weights, tmp_path):
+    npz = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    ref = evaluated.reference
+    np.savez(npz, mu=ref["mu"], sigma=ref["sigma"], mu_s=ref["mu_s"], sigma_s=ref["sigma_s"],
+             arr_0=np.zeros((2, 64, 64, 3), np.uint8))  # 64 px, data.resolution is 32
+    cfg = make_config(f"evaluate.inception_weights={weights.path}", "reference.kind=adm_npz", f"reference.path={npz}")
+    with pytest.raises(ValueError) as err:
+        plan(cfg)  # before any stage works: no sampling wasted on a reference that cannot score it
+    message = str(err.value)
+    assert "\n" not in message and str(npz) in message
+    assert "holds 64x64 images but data.resolution is 32" in message
 
 
 def test_adm_reference_path_is_checked_at_plan_time(make_config, weights, tmp_path):
@@ -238,6 +265,18 @@ def test_uncompressed_samples_are_memory_mapped_and_compressed_ones_read(tmp_pat
         open_samples(tmp_path / "bad.npz")
 
 
+def test_samples_labels_are_read_from_arr_1_as_adm_writes_them(tmp_path):
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "adm.npz", images, np.array([2, 0, 1]))  # ADM's sampler: arr_0, arr_1
+    assert open_samples(tmp_path / "adm.npz")[1].tolist() == [2, 0, 1]
+    np.savez(tmp_path / "differ.npz", arr_0=images, arr_1=np.array([2, 0, 1]), labels=np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="arr_1 and labels differ"):
+        open_samples(tmp_path / "differ.npz")
+    np.savez(tmp_path / "future.npz", arr_0=images, arr_1=np.arange(3), schema_version=np.int64(9))
+    with pytest.raises(ValueError, match="schema version 9 is not supported"):
+        open_samples(tmp_path / "future.npz")
+
+
 def test_class_balanced_order_takes_classes_round_robin():
     rows = [{"label": label} for label in (0, 0, 0, 1, 1, 2)]
     assert reference.class_balanced_order(rows) == [0, 3, 5, 1, 4, 2]
@@ -245,16 +284,18 @@ def test_class_balanced_order_takes_classes_round_robin():
 
 def test_streamed_statistics_equal_np_cov_and_survive_a_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
-    features = rng.gamma(2.0, 0.3, (23, 2048)).astype(np.float32)  # post-ReLU-like, non-negative
+    features = {"2048": rng.gamma(2.0, 0.3, (23, 2048)).astype(np.float32),  # post-ReLU-like, non-negative
+                "spatial": rng.gamma(2.0, 0.3, (23, 2023)).astype(np.float32)}
     keep = np.arange(23) % 3 == 0
     acc = reference.Accumulator()
-    acc.add(features[:10], keep[:10])
+    acc.add({k: f[:10] for k, f in features.items()}, keep[:10])
     acc.save(tmp_path / "accumulator.npz")
     resumed = reference.Accumulator.load(tmp_path / "accumulator.npz")
-    resumed.add(features[10:], keep[10:])
-    mu, sigma = resumed.statistics()
-    expected = fid_statistics(features)
-    np.testing.assert_allclose(mu, expected["mu"], rtol=1e-12)
-    np.testing.assert_allclose(sigma, expected["sigma"], rtol=1e-9, atol=1e-12)
-    np.testing.assert_array_equal(resumed.pr_features, features[keep])
+    resumed.add({k: f[10:] for k, f in features.items()}, keep[10:])
+    for name in ("2048", "spatial"):
+        mu, sigma = resumed.statistics(name)
+        expected = fid_statistics(features[name])
+        np.testing.assert_allclose(mu, expected["mu"], rtol=1e-12)
+        np.testing.assert_allclose(sigma, expected["sigma"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(resumed.pr_features, features["2048"][keep])
     assert resumed.count == 23

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from pipeline.metrics.fidelity import (
+    FIDELITY_FEATURES,
+    SPATIAL_DIM,
     WEIGHTS_FILE,
     UInt8Images,
+    check_adm_reference,
     check_inception_weights,
     compute_metrics,
     fid_statistics,
@@ -28,7 +31,7 @@ from pipeline.metrics.fidelity import (
 )
 
 N = 16  # images in the shared set; halves of it serve as "samples" and "reference images"
-METRICS = ("fid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
+METRICS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
 
 
 def make_images(n, seed, size=32):
@@ -49,7 +52,7 @@ def inception(tmp_path_factory):
     sha = make_standin_inception_weights(weights, seed=0)
     images = make_images(N, seed=0)
     features = inception_features(images, weights, "cpu", batch_size=8)
-    reference = reference_from_features(features["2048"], sha)
+    reference = reference_from_features(features["2048"], sha, spatial=features["spatial"])
     # Each FID solves a 2048 x 2048 eigenproblem (~5-10 s on CPU): the shared ones are computed here.
     self_metrics = metrics_from_features(features, reference, sha, kid_subset_size=1000)
     half_metrics = metrics_from_features(first_half(features), reference, sha)
@@ -76,6 +79,40 @@ def test_standin_features_are_not_degenerate(inception):
 
 def test_fid_of_a_set_against_its_own_statistics_is_zero(inception):
     assert abs(inception.self_metrics["fid"]) < 1e-3 * np.trace(inception.reference["sigma"])
+    assert abs(inception.self_metrics["sfid"]) < 1e-3 * np.trace(inception.reference["sigma_s"])
+    assert inception.half_metrics["sfid"] > 1e-2 * np.trace(inception.reference["sigma_s"])  # a subset: not zero
+
+
+def test_spatial_features_are_adm_mixed_6_conv_first_7_channels_in_nhwc_order(inception):
+    """ADM's `mixed_6/conv:0`[..., :7] is torch-fidelity's Mixed_6d.branch1x1 output (after BN + ReLU),
+    channels 0-6, flattened as (h, w, c): a hook on a plain torch-fidelity extractor gives the same."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    spatial = inception.features["spatial"]
+    assert spatial.shape == (N, SPATIAL_DIM) == (N, 2023) and np.isfinite(spatial).all()
+    assert spatial.std(axis=0).mean() > 0 and (spatial >= 0).all()  # post-ReLU, not degenerate
+
+    plain = FeatureExtractorInceptionV3("inception-v3-compat", list(FIDELITY_FEATURES),
+                                        feature_extractor_weights_path=str(inception.weights))
+    plain.feature_extractor_internal_dtype = torch.float64
+    plain.to(torch.float64)
+    tapped = []
+    plain.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: tapped.append(output.clone()))
+    with torch.no_grad():
+        pool, logits = plain(torch.from_numpy(inception.images[:5]).permute(0, 3, 1, 2).contiguous())
+    (maps,) = tapped
+    assert tuple(maps.shape) == (5, 192, 17, 17)
+    manual = maps[:, :7].permute(0, 2, 3, 1).numpy().reshape(5, -1).astype(np.float32)
+    np.testing.assert_allclose(spatial[:5], manual, rtol=1e-6, atol=1e-6)
+    # the tap changes nothing else: pool features and logits are torch-fidelity's own
+    np.testing.assert_allclose(inception.features["2048"][:5], pool.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(inception.features["logits_unbiased"][:5], logits.numpy(), rtol=1e-6, atol=1e-5)
+
+
+def test_spatial_features_are_deterministic_across_runs_and_batch_sizes(inception):
+    again = inception_features(inception.images[:6], inception.weights, "cpu", batch_size=4)["spatial"]
+    np.testing.assert_allclose(again, inception.features["spatial"][:6], rtol=1e-6, atol=1e-7)
 
 
 def test_all_metrics_are_finite_and_pr_of_a_set_against_itself_is_one(inception):
@@ -106,18 +143,37 @@ def test_adm_reference_npz_gives_the_same_fid_as_statistics_of_the_same_images(i
     # ADM layout: mu/sigma of the reference set (mu in float32, as np.mean of float32 activations
     # gives), mu_s/sigma_s for sFID, and arr_0 images for precision/recall.
     stats = fid_statistics(inception.features["2048"])
+    spatial = fid_statistics(inception.features["spatial"])
     arr_0 = inception.images[4:8]
     npz = tmp_path / "VIRTUAL_fake_labeled.npz"
-    np.savez(npz, mu=stats["mu"].astype(np.float32), sigma=stats["sigma"], mu_s=np.zeros(4), sigma_s=np.eye(4),
-             arr_0=arr_0)
-    adm = import_adm_reference_npz(npz, inception.weights, "cpu", batch_size=3)
-    fid_adm = metrics_from_features(first_half(inception.features), adm, inception.sha)["fid"]
-    fid_ours = inception.half_metrics["fid"]  # the same samples against statistics of the same images
-    assert fid_ours > 1e-2 * np.trace(inception.reference["sigma"])  # a subset: a non-trivial distance
-    assert fid_adm == pytest.approx(fid_ours, rel=1e-5)
+    np.savez(npz, mu=stats["mu"].astype(np.float32), sigma=stats["sigma"], mu_s=spatial["mu"].astype(np.float32),
+             sigma_s=spatial["sigma"], arr_0=arr_0)
+    adm = import_adm_reference_npz(npz, inception.weights, "cpu", batch_size=3, resolution=32)
+    adm_metrics = metrics_from_features(first_half(inception.features), adm, inception.sha)
+    ours = inception.half_metrics  # the same samples against statistics of the same images
+    assert ours["fid"] > 1e-2 * np.trace(inception.reference["sigma"])  # a subset: a non-trivial distance
+    assert adm_metrics["fid"] == pytest.approx(ours["fid"], rel=1e-5)
+    assert adm_metrics["sfid"] == pytest.approx(ours["sfid"], rel=1e-5)  # ADM's mu_s/sigma_s, used as they are
     # arr_0's features, computed at another batch size, are those of the same images
     np.testing.assert_allclose(adm["pr_features"], inception.features["2048"][4:8], rtol=1e-5)
     assert adm["meta"]["num_images"] == 4 and adm["meta"]["inception_weights_sha256"] == inception.sha
+    assert adm["meta"]["resolution"] == 32  # arr_0.shape[1]
+
+
+def test_adm_reference_of_another_resolution_is_refused_in_one_line(inception, tmp_path):
+    stats = fid_statistics(inception.features["2048"][:4])
+    npz = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez_compressed(npz, mu=stats["mu"], sigma=stats["sigma"], mu_s=np.zeros(SPATIAL_DIM),
+                        sigma_s=np.eye(SPATIAL_DIM), arr_0=make_images(2, seed=3, size=16))
+    assert check_adm_reference(npz) == 16 and check_adm_reference(npz, 16) == 16  # headers only, even compressed
+    with pytest.raises(ValueError) as err:
+        import_adm_reference_npz(npz, inception.weights, "cpu", resolution=32)
+    message = str(err.value)
+    assert "\n" not in message and str(npz) in message
+    assert "holds 16x16 images but data.resolution is 32" in message
+    np.savez(tmp_path / "no_spatial.npz", mu=stats["mu"], sigma=stats["sigma"], arr_0=make_images(2, seed=3))
+    with pytest.raises(ValueError, match=r"lacks mu_s, sigma_s"):
+        check_adm_reference(tmp_path / "no_spatial.npz", 32)
 
 
 def test_missing_weights_fail_with_one_line_naming_the_key_and_file(inception, tmp_path):
@@ -139,14 +195,17 @@ def test_reference_from_other_inception_weights_is_refused(inception):
 def test_reference_round_trips_and_unknown_versions_are_refused(inception, tmp_path):
     reference = inception.reference | {"meta": inception.reference["meta"] | {"split": "val"}}
     path = save_reference(tmp_path / "ref.npz", reference["mu"], reference["sigma"], reference["pr_features"],
-                          reference["meta"])
+                          reference["meta"], mu_s=reference["mu_s"], sigma_s=reference["sigma_s"])
     loaded = load_reference(path)
     np.testing.assert_array_equal(loaded["mu"], reference["mu"])
     np.testing.assert_array_equal(loaded["sigma"], reference["sigma"])
     np.testing.assert_array_equal(loaded["pr_features"], reference["pr_features"])
     assert loaded["meta"] == reference["meta"] and loaded["meta"]["split"] == "val"
+    assert loaded["mu_s"].shape == (2023,) and loaded["sigma_s"].shape == (2023, 2023)
     stats_only = save_reference(tmp_path / "stats_only.npz", loaded["mu"], loaded["sigma"])
-    assert load_reference(stats_only)["pr_features"] is None
+    assert load_reference(stats_only)["pr_features"] is None and load_reference(stats_only)["mu_s"] is None
+    without_spatial = metrics_from_features(inception.features, load_reference(stats_only), inception.sha)
+    assert without_spatial["sfid"] is None and math.isfinite(without_spatial["fid"])
 
     future = tmp_path / "future.npz"
     np.savez(future, schema_version=np.int64(99), mu=loaded["mu"], sigma=loaded["sigma"], meta=np.array("{}"))

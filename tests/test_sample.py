@@ -1,6 +1,6 @@
 """Stage `sample` on a short real chain (shard -> encode -> fit_decoder -> fit_src -> compress -> train_flow),
 sized for CI: class colours survive the whole chain, sharding / resume / CFG w = 0 give the same samples,
-the ADM file format, and NaN samples are counted, never resampled.
+the ADM file format (balanced labels in a seeded order, arr_1), and NaN samples are counted, never resampled.
 """
 
 import numpy as np
@@ -11,7 +11,7 @@ from pipeline.artifacts import StageOutput
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.runner import run_pipeline
 from stages import sample
-from stages.sample import labels_of, load_models, sample_noise
+from stages.sample import class_labels, labels_of, load_models, sample_noise
 
 # The test dataset (4 classes x 12 train + 4 val, 32 px) through the smoke encoder; a tiny RAE decoder
 # (32 px out) and flow, trained just long enough for the class colours to come through.
@@ -84,18 +84,28 @@ def test_held_out_bits_per_dim_beat_the_gaussian_baseline_after_smoke_training(c
 def test_sample_file_is_adm_format_with_balanced_labels_and_a_grid(chain):
     out = chain[1]["sample"].dir
     metrics = chain[1]["sample"].metrics
+    from PIL import Image
+
+    from storage_schemas.samples import open_samples
+
     for w in (0.0, 1.0):
         s = load(out / f"samples-cfg{w}.npz")
         assert s["arr_0"].dtype == np.uint8 and s["arr_0"].shape == (CLASSES * PER_CLASS, 32, 32, 3)
-        assert s["labels"].tolist() == np.repeat(np.arange(CLASSES), PER_CLASS).tolist()
+        assert s["arr_1"].dtype == np.int64 and np.array_equal(s["arr_1"], s["labels"])  # ADM's key, and the alias
+        assert np.bincount(s["arr_1"]).tolist() == [PER_CLASS] * CLASSES  # balanced
+        assert (np.diff(s["arr_1"]) < 0).any()  # not class-sorted: ADM's contiguous IS splits see every class
+        assert np.array_equal(s["arr_1"], class_labels(CLASSES, PER_CLASS, chain[0].sample.seed))
+        assert int(s["schema_version"]) == 2
         assert not s["nonfinite"].any() and metrics[f"nonfinite_cfg{w}"] == 0
-        assert (out / f"grid-cfg{w}.png").is_file()
-        from storage_schemas.samples import (
-            open_samples,  # the consumer memory-maps arr_0 of the stored .npz
-        )
-
-        images = open_samples(out / f"samples-cfg{w}.npz")[0]
+        images, labels, _ = open_samples(out / f"samples-cfg{w}.npz")  # the consumer memory-maps arr_0
         assert isinstance(images, np.memmap) and np.array_equal(images, s["arr_0"])
+        assert np.array_equal(labels, s["arr_1"])
+        # the grid: one row per class, that class's first grid_per_class samples in file order
+        grid = np.asarray(Image.open(out / f"grid-cfg{w}.png").convert("RGB"))
+        for c in range(CLASSES):
+            for j, i in enumerate(np.flatnonzero(s["arr_1"] == c)[:3]):
+                tile = grid[2 + c * 34: 2 + c * 34 + 32, 2 + j * 34: 2 + j * 34 + 32]
+                assert np.array_equal(tile, s["arr_0"][i]), (w, c, j)
     assert not (out / "chunks").exists() and metrics["num_samples"] == CLASSES * PER_CLASS
     assert not np.array_equal(load(out / "samples-cfg0.0.npz")["arr_0"], load(out / "samples-cfg1.0.npz")["arr_0"])
 
@@ -107,7 +117,7 @@ def test_sharded_sampling_equals_unsharded(chain, tmp_path, monkeypatch):
     _, out = run_sample(chain, tmp_path, "sample.chunk_size=4", "sample.cfg_scale=[1.0]")
     single = load(chain[1]["sample"].dir / "samples-cfg1.0.npz")
     sharded = load(out / "samples-cfg1.0.npz")
-    assert np.array_equal(sharded["arr_0"], single["arr_0"]) and np.array_equal(sharded["labels"], single["labels"])
+    assert sharded.keys() == single.keys() and all(np.array_equal(sharded[k], single[k]) for k in single)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(chain, tmp_path, monkeypatch):
@@ -144,7 +154,8 @@ def test_cfg_zero_equals_conditional_sampling_at_the_stage_level(chain, tmp_path
         "encode", "fit_src", "compress", "train_flow", "fit_decoder")}, "cpu"))
     n = CLASSES * PER_CLASS
     with torch.no_grad():
-        codes = flow.reverse(sample_noise(cfg.sample.seed, 0, n, (64, cfg.src.dim)), torch.from_numpy(labels_of(0, n, PER_CLASS)))
+        y = torch.from_numpy(labels_of(0, n, CLASSES, PER_CLASS, cfg.sample.seed))
+        codes = flow.reverse(sample_noise(cfg.sample.seed, 0, n, (64, cfg.src.dim)), y)
         pixels = to_uint8_pixels(decoder(normalizer.inverse(src.decode(codes)))).numpy()
     assert np.abs(pixels.astype(int) - tarflow.astype(int)).max() <= 1  # batch composition may round differently
 
@@ -176,3 +187,15 @@ def test_tweedie_denoising_moves_the_codes_along_the_score(chain, tmp_path, monk
     assert "denoise_warning" not in chain[1]["sample"].metrics
     denoised, plain = load(out / "samples-cfg1.0.npz")["arr_0"], load(chain[1]["sample"].dir / "samples-cfg1.0.npz")["arr_0"]
     assert not np.array_equal(denoised, plain)
+
+
+def test_label_order_is_a_balanced_permutation_fixed_by_the_seed_alone():
+    labels = class_labels(10, 50, seed=0)
+    assert np.bincount(labels).tolist() == [50] * 10
+    assert np.array_equal(labels, class_labels(10, 50, seed=0))  # no hidden state
+    assert not np.array_equal(labels, class_labels(10, 50, seed=1))
+    # any chunking reads the same label for sample i
+    chunks = [labels_of(a, min(a + 64, 500), 10, 50, seed=0) for a in range(0, 500, 64)]
+    assert np.array_equal(np.concatenate(chunks), labels)
+    # every contiguous tenth (ADM's IS splits at 50k: 5,000 of 50,000) holds most classes, not one
+    assert min(len(np.unique(part)) for part in labels.reshape(10, 50)) >= 8

@@ -4,15 +4,18 @@ SRC-FLOW.md, "Evaluation protocol": papers report the ADM TensorFlow evaluator a
 `VIRTUAL_imagenet256_labeled.npz`; the PyTorch route is torch-fidelity's `inception-v3-compat`
 against the ADM mu/sigma (close, not bit-identical). This module is that route:
 
-    samples (N, H, W, 3) uint8 -> Inception pool features (2048) + unbiased logits, computed once
+    samples (N, H, W, 3) uint8 -> Inception pool features (2048), unbiased logits and spatial
+    features (2023), all from one forward pass
       -> FID  against the reference mu/sigma                      (fid_statistics_to_metric)
+      -> sFID against the reference mu_s/sigma_s: the same Frechet distance on ADM's spatial
+         features (Nash et al. 2021; guided-diffusion evaluations/evaluator.py)
       -> IS   on the logits, 10 splits                            (isc_features_to_metric)
       -> KID  against the reference pool features                 (kid_features_to_metric)
       -> precision/recall, k-NN manifolds of Kynkaennemi et al. 2019, on the Inception pool
          features like ADM (torch-fidelity's prc_features_to_metric takes any features; its
          VGG16 default only applies inside calculate_metrics, which is not used here)
 
-A reference is a dict {mu, sigma, pr_features, meta}: built from images, imported from an ADM
+A reference is a dict {mu, sigma, mu_s, sigma_s, pr_features, meta}: built from images, imported from an ADM
 reference batch, or stored as a versioned .npz. The Inception weights are always a local file
 (`evaluate.inception_weights`): torch-fidelity never downloads here.
 """
@@ -25,6 +28,7 @@ import io
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +41,29 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import get_featuresdict_from_dataset
+
+from storage_schemas.samples import npz_array_shape, open_npz_array
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
-FEATURES = ("2048", "logits_unbiased")  # pool_3 features (FID, KID, P/R) and logits without bias (IS)
+FIDELITY_FEATURES = ("2048", "logits_unbiased")  # torch-fidelity's pool_3 (FID, KID, P/R), logits without bias (IS)
+SPATIAL = "spatial"  # ADM's sFID features, tapped from the same pass (InceptionV3WithSpatial)
+FEATURES = (*FIDELITY_FEATURES, SPATIAL)
+# ADM's FID_SPATIAL_NAME "mixed_6/conv:0", first 7 channels (`spatial[..., :7]`, NHWC, flattened per image).
+# In the 2015-12-05 TensorFlow graph the 17x17 blocks are mixed_3 (Mixed_6a), mixed_4..mixed_7
+# (Mixed_6b..Mixed_6e), and the scope's first conv `mixed_N/conv` is the 1x1 branch; torch-fidelity's
+# weight converter (utils/util_convert_inception_weights.py) maps mixed_6/conv/{conv2d_params,batchnorm} to
+# Mixed_6d.branch1x1.{conv,bn}. The op `mixed_6/conv` is that conv's output after batchnorm and ReLU, i.e.
+# the output of BasicConv2d Mixed_6d.branch1x1: (N, 192, 17, 17), of which channels 0..6 in (h, w, c) order.
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2,023
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # torch.hub names checkpoints `<name>-<first hex digits of the sha256>.pth`: the official file's
 # digest starts with this; any other digest (a stand-in) marks the metrics as not reportable.
 OFFICIAL_WEIGHTS_SHA256_PREFIX = "6726825d"
-REFERENCE_SCHEMA_VERSION = 1
-ADM_KEYS = ("mu", "sigma", "arr_0")  # guided-diffusion evaluations/evaluator.py (also mu_s/sigma_s: sFID)
+REFERENCE_SCHEMA_VERSION = 2  # 2: mu_s/sigma_s (sFID)
+ADM_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")  # guided-diffusion evaluations/evaluator.py read_statistics
 ISC_SPLITS = 10
 RNG_SEED = 2020  # torch-fidelity's default seed for IS shuffling and KID subsets
 
@@ -76,6 +93,15 @@ def metrics_from_features(features: dict, reference: dict, weights_sha256: str, 
         raise ValueError(f"reference mu has shape {ref_stats['mu'].shape}, samples have "
                          f"{pool.shape[1]}-d pool features")
     fid = fid_statistics_to_metric(fid_statistics(pool.numpy()), ref_stats, verbose)[KEY_METRIC_FID]
+    # sFID: the same distance on the spatial features, when both sides have them (ADM's evaluator).
+    sfid = None
+    if features.get(SPATIAL) is not None and reference.get("mu_s") is not None:
+        spatial = np.asarray(features[SPATIAL], dtype=np.float64)
+        if reference["mu_s"].shape != (spatial.shape[1],):
+            raise ValueError(f"reference mu_s has shape {reference['mu_s'].shape}, samples have "
+                             f"{spatial.shape[1]}-d spatial features")
+        sfid = fid_statistics_to_metric(fid_statistics(spatial), {"mu": reference["mu_s"],
+                                                                  "sigma": reference["sigma_s"]}, verbose)[KEY_METRIC_FID]
 
     # IS: exp E_x KL(p(y|x) || p(y)), mean/std over splits (Salimans et al. 2016).
     splits = min(ISC_SPLITS, n)
@@ -83,6 +109,7 @@ def metrics_from_features(features: dict, reference: dict, weights_sha256: str, 
 
     out = {
         "fid": fid,
+        "sfid": sfid,
         "inception_score_mean": isc[KEY_METRIC_ISC_MEAN],
         "inception_score_std": isc[KEY_METRIC_ISC_STD],
         "kid_mean": None, "kid_std": None, "precision": None, "recall": None,
@@ -139,7 +166,8 @@ class UInt8Images(Dataset):
 
 def inception_features(images, weights_path, device="cpu", batch_size: int = 64,
                        verbose: bool = False) -> dict[str, np.ndarray]:
-    """{'2048': (N, 2048) pool features, 'logits_unbiased': (N, 1008)} of uint8 images (array or Dataset)."""
+    """{'2048': (N, 2048) pool features, 'logits_unbiased': (N, 1008), 'spatial': (N, 2023)} of uint8 images
+    (array or Dataset), one Inception pass."""
     check_inception_weights(weights_path)
     dataset = images if isinstance(images, Dataset) else UInt8Images(images)
     device = torch.device(device)
@@ -152,13 +180,38 @@ def inception_features(images, weights_path, device="cpu", batch_size: int = 64,
     return {name: features[name].numpy() for name in FEATURES}
 
 
-def load_inception(weights_path, device="cpu", verbose: bool = False) -> FeatureExtractorInceptionV3:
-    """torch-fidelity's inception-v3-compat from a local weights file, float64 inside, on `device`."""
+class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 that also returns ADM's sFID features (SPATIAL_LAYER, see SPATIAL_DIM's
+    comment) from the same forward pass: its outputs are torch-fidelity's features, then `spatial`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tapped = None
+        self.get_submodule(SPATIAL_LAYER).register_forward_hook(self._tap)
+
+    def _tap(self, module, inputs, output):
+        self._tapped = output
+
+    def forward(self, x):
+        features = super().forward(x)
+        if self._tapped is None:
+            raise RuntimeError(f"InceptionV3WithSpatial: {SPATIAL_LAYER} did not run for features {self.features_list}")
+        tapped, self._tapped = self._tapped, None
+        # NCHW -> ADM's NHWC order, flattened: the order of ADM's mu_s/sigma_s
+        spatial = tapped[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(tapped), -1)
+        return (*features, spatial.to(torch.float32))
+
+    def convert_features_tuple_to_dict(self, features):
+        return dict(zip((*self.features_list, SPATIAL), features, strict=True))
+
+
+def load_inception(weights_path, device="cpu", verbose: bool = False) -> InceptionV3WithSpatial:
+    """torch-fidelity's inception-v3-compat (with the spatial tap) from a local weights file, float64 inside."""
     try:
         # torch-fidelity unpickles the file without restrictions: only hand it one that is plain tensors
         torch.load(weights_path, map_location="cpu", weights_only=True)
-        extractor = create_feature_extractor(
-            FEATURE_EXTRACTOR, list(FEATURES), cuda=False, verbose=verbose,
+        extractor = InceptionV3WithSpatial(
+            FEATURE_EXTRACTOR, list(FIDELITY_FEATURES), verbose=verbose,
             feature_extractor_weights_path=str(weights_path), feature_extractor_internal_dtype="float64")
     except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:  # multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -173,18 +226,21 @@ def load_inception(weights_path, device="cpu", verbose: bool = False) -> Feature
 # --- Reference statistics -----------------------------------------------------------------------
 
 
-def fid_statistics(features_2048) -> dict[str, np.ndarray]:
-    """{'mu': mean, 'sigma': covariance (ddof=1)} of (N, 2048) pool features, float64."""
-    features = torch.from_numpy(np.asarray(features_2048, dtype=np.float64))
+def fid_statistics(features) -> dict[str, np.ndarray]:
+    """{'mu': mean, 'sigma': covariance (ddof=1)} of (N, D) features (pool or spatial), float64."""
+    features = torch.from_numpy(np.asarray(features, dtype=np.float64))
     return fid_features_to_statistics(features)
 
 
-def reference_from_features(features_2048, weights_sha256: str, meta: dict | None = None) -> dict:
-    """A reference whose mu/sigma and pr_features all come from the same images' pool features."""
+def reference_from_features(features_2048, weights_sha256: str, meta: dict | None = None, spatial=None) -> dict:
+    """A reference whose mu/sigma and pr_features all come from the same images' pool features (and mu_s/sigma_s
+    from their spatial features, when given)."""
     features = np.asarray(features_2048)
     stats = fid_statistics(features)
+    spatial_stats = fid_statistics(spatial) if spatial is not None else {"mu": None, "sigma": None}
     meta = {"source": "images", "num_images": len(features), "inception_weights_sha256": weights_sha256} | (meta or {})
-    return _reference(stats["mu"], stats["sigma"], features.astype(np.float32), meta)
+    return _reference(stats["mu"], stats["sigma"], features.astype(np.float32), meta,
+                      mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"])
 
 
 def reference_from_images(images, weights_path, device="cpu", batch_size: int = 64, meta: dict | None = None,
@@ -192,41 +248,68 @@ def reference_from_images(images, weights_path, device="cpu", batch_size: int = 
     """Reference statistics and pool features of (N, H, W, 3) uint8 images (array or Dataset)."""
     weights_sha256 = check_inception_weights(weights_path)
     features = inception_features(images, weights_path, device, batch_size, verbose)
-    return reference_from_features(features["2048"], weights_sha256, meta)
+    return reference_from_features(features["2048"], weights_sha256, meta, spatial=features[SPATIAL])
 
 
-def import_adm_reference_npz(path, weights_path, device="cpu", batch_size: int = 64, verbose: bool = False) -> dict:
+def import_adm_reference_npz(path, weights_path, device="cpu", batch_size: int = 64, verbose: bool = False,
+                             resolution: int | None = None) -> dict:
     """ADM's reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) -> a reference.
 
-    mu/sigma are ADM's (TensorFlow Inception pool_3 over the train set) and are used as they are;
-    the pool features for KID and precision/recall come from torch-fidelity's Inception on the
-    batch's `arr_0` images (10k for ImageNet). mu_s/sigma_s (sFID) are not used.
+    mu/sigma and mu_s/sigma_s (sFID) are ADM's (TensorFlow Inception over the train set) and are used
+    as they are; the pool features for KID and precision/recall come from torch-fidelity's Inception on
+    the batch's `arr_0` images (10k for ImageNet). The batch's resolution (arr_0.shape[1]) is recorded,
+    and must be `resolution` (data.resolution) when that is given.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference.path: {path} does not exist (an ADM reference batch .npz with "
                                 f"{', '.join(ADM_KEYS)})")
     weights_sha256 = check_inception_weights(weights_path)
+    batch_resolution = check_adm_reference(path, resolution)
     with np.load(path, allow_pickle=False) as npz:
-        missing = [k for k in ADM_KEYS if k not in npz.files]
-        if missing:
-            raise ValueError(f"reference.path: {path} lacks {', '.join(missing)} (has {', '.join(npz.files)}); "
-                             f"expected ADM's reference batch layout")
-        mu, sigma, images = npz["mu"], npz["sigma"], npz["arr_0"]
+        mu, sigma, mu_s, sigma_s = npz["mu"], npz["sigma"], npz["mu_s"], npz["sigma_s"]
+    if np.shape(mu_s) != (SPATIAL_DIM,):
+        raise ValueError(f"reference.path: {path} has mu_s of shape {np.shape(mu_s)}, expected ({SPATIAL_DIM},) "
+                         f"(ADM's mixed_6/conv spatial features)")
+    images = open_npz_array(path, "arr_0")  # memory-mapped when stored: 10k images at 512 px are 7.9 GB
     features = inception_features(images, weights_path, device, batch_size, verbose)["2048"]
     meta = {"source": "adm-npz", "file": path.name, "file_sha256": _sha256(path), "num_images": len(images),
-            "mu_sigma_from": "ADM TensorFlow Inception pool_3", "inception_weights_sha256": weights_sha256}
-    return _reference(mu, sigma, features, meta)
+            "resolution": batch_resolution, "mu_sigma_from": "ADM TensorFlow Inception pool_3 and mixed_6/conv",
+            "inception_weights_sha256": weights_sha256}
+    return _reference(mu, sigma, features, meta, mu_s=mu_s, sigma_s=sigma_s)
 
 
-def save_reference(path, mu, sigma, pr_features=None, meta: dict | None = None) -> Path:
-    """Write a reference .npz (schema_version, mu, sigma, optional pr_features, meta json) atomically."""
-    ref = _reference(mu, sigma, pr_features, meta or {})
+def check_adm_reference(path, resolution: int | None = None) -> int:
+    """The resolution of an ADM reference batch (its arr_0 is (N, R, R, 3)), read from the headers only; a
+    one-line error for a missing ADM key or an R other than `resolution` (data.resolution)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n[:-len(".npy")] for n in zf.namelist()]
+    except zipfile.BadZipFile:
+        raise ValueError(f"reference.path: {path} is not an .npz (expected ADM's reference batch)") from None
+    missing = [k for k in ADM_KEYS if k not in names]
+    if missing:
+        raise ValueError(f"reference.path: {path} lacks {', '.join(missing)} (has {', '.join(names)}); "
+                         f"expected ADM's reference batch layout")
+    shape = npz_array_shape(path, "arr_0")
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ValueError(f"reference.path: {path} has arr_0 of shape {shape}, expected (N, R, R, 3) images")
+    if resolution is not None and shape[1] != resolution:
+        raise ValueError(f"reference.path: {path} holds {shape[1]}x{shape[2]} images but data.resolution is "
+                         f"{resolution}; use ADM's reference batch of {resolution} px")
+    return int(shape[1])
+
+
+def save_reference(path, mu, sigma, pr_features=None, meta: dict | None = None, mu_s=None, sigma_s=None) -> Path:
+    """Write a reference .npz (schema_version, mu, sigma, optional mu_s/sigma_s and pr_features, meta json)
+    atomically."""
+    ref = _reference(mu, sigma, pr_features, meta or {}, mu_s=mu_s, sigma_s=sigma_s)
     path = Path(path)
     arrays = {"schema_version": np.int64(REFERENCE_SCHEMA_VERSION), "mu": ref["mu"], "sigma": ref["sigma"],
               "meta": np.array(json.dumps(ref["meta"], sort_keys=True))}
-    if ref["pr_features"] is not None:
-        arrays["pr_features"] = ref["pr_features"]
+    for name in ("mu_s", "sigma_s", "pr_features"):
+        if ref[name] is not None:
+            arrays[name] = ref[name]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to names without it
     np.savez(tmp, **arrays)
@@ -247,8 +330,9 @@ def load_reference(path) -> dict:
         if version != REFERENCE_SCHEMA_VERSION:
             raise ValueError(f"{path} has reference schema_version {version}; this code reads "
                              f"version {REFERENCE_SCHEMA_VERSION} only")
-        pr_features = npz["pr_features"] if "pr_features" in npz.files else None
-        return _reference(npz["mu"], npz["sigma"], pr_features, json.loads(str(npz["meta"])))
+        optional = {name: npz[name] if name in npz.files else None for name in ("mu_s", "sigma_s", "pr_features")}
+        return _reference(npz["mu"], npz["sigma"], optional.pop("pr_features"), json.loads(str(npz["meta"])),
+                          **optional)
 
 
 def check_reference_weights(reference: dict, weights_sha256: str) -> None:
@@ -259,14 +343,21 @@ def check_reference_weights(reference: dict, weights_sha256: str) -> None:
                          f"use {weights_sha256[:12]}..; rebuild the reference with evaluate.inception_weights")
 
 
-def _reference(mu, sigma, pr_features, meta) -> dict:
+def _reference(mu, sigma, pr_features, meta, mu_s=None, sigma_s=None) -> dict:
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     pr_features = None if pr_features is None else np.asarray(pr_features)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"reference mu/sigma must be (D,) and (D, D), got {mu.shape} and {sigma.shape}")
     if pr_features is not None and (pr_features.ndim != 2 or pr_features.shape[1] != len(mu)):
         raise ValueError(f"reference pr_features must be (N, {len(mu)}), got {pr_features.shape}")
-    return {"mu": mu, "sigma": sigma, "pr_features": pr_features, "meta": dict(meta)}
+    if (mu_s is None) != (sigma_s is None):
+        raise ValueError("reference mu_s and sigma_s come together (sFID statistics); got only one")
+    if mu_s is not None:
+        mu_s, sigma_s = np.asarray(mu_s, dtype=np.float64), np.asarray(sigma_s, dtype=np.float64)
+        if mu_s.ndim != 1 or sigma_s.shape != (len(mu_s), len(mu_s)):
+            raise ValueError(f"reference mu_s/sigma_s must be (D,) and (D, D), got {mu_s.shape} and {sigma_s.shape}")
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pr_features": pr_features,
+            "meta": dict(meta)}
 
 
 # --- Inception weights ---------------------------------------------------------------------------
