@@ -428,7 +428,8 @@ INCEPTION_PARAMS = 27_000_000  # the FID Inception-v3 (pool3 2048)
 
 def plan_reference(cfg: Config, data: Dataset) -> StagePlan:
     images = 0 if cfg.reference.kind == "adm_npz" else (cfg.reference.max_images or data.train)
-    stats = Output("reference stats", 2048 * 8 + 2048 * 2048 * 8, 1, 1, False, "Inception pool3 mu + sigma (float64)")
+    stats = Output("reference stats", (2048 + 2048 ** 2 + 2023 + 2023 ** 2) * 8, 1, 1, False,
+                   "Inception pool3 mu + sigma and the sFID spatial mu_s + sigma_s (float64)")
     return _inception("reference", cfg, images, [stats])
 
 
