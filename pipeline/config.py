@@ -36,9 +36,10 @@ class StorageConfig(Section):
 
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
-    workers: int = operational(1, "parallel worker processes for shard/encode/compress/sample (Dask LocalCluster when > 1)")
+    workers: int = operational(1, "parallel worker processes for shard/encode/compress/sample (Dask LocalCluster when > 1)",
+                               ge=1)
     dask_address: str | None = operational(None, "an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
-    nproc: int = operational(1, "torchrun processes per node for training stages")
+    nproc: int = operational(1, "torchrun processes per node for training stages", ge=1)
     progress: Literal["auto"] | bool = operational("auto", "progress bars: auto (on a terminal), true or false")
     log_level: str = operational("INFO")
 
@@ -61,7 +62,7 @@ class DataConfig(Section):
     layout: Literal["auto", "imagefolder", "kaggle"] = "auto"
     classes: list[str] | int | None = Field(None, description="a list of synsets or a count of the first ones")
     max_per_class: int | None = None
-    resolution: Literal[256, 512] | int = 256
+    resolution: int = Field(256, gt=0, description="image side in pixels (ADM center crop); the paper: 256 or 512")
     generate_tiny: TinyImageNetConfig | None = Field(
         None, description="generate the tiny procedural ImageNet at data.root when it does not exist (smoke/CI)"
     )
@@ -120,7 +121,7 @@ class DecoderConfig(Section):
 class FitDecoderConfig(Section):
     steps: int = Field(20000, gt=0)
     batch_size: int = Field(512, gt=0)
-    lr: float = 2e-4
+    lr: float = Field(2e-4, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="no warmup; cosine decays to 0 at `steps`")
     weight_decay: float = 0.0
     noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per sample")
@@ -148,7 +149,7 @@ class SRCConfig(Section):
     noise_sigma: float = Field(0.2, ge=0, description="constant code noise the SRC decoder trains under (and the report's noisy rows)")
     steps: int = 5000
     batch_size: int = Field(256, gt=0, description="images per training step (all their tokens)")
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
@@ -173,10 +174,10 @@ class CompressConfig(Section):
 
 
 class FlowConfig(Section):
-    width: int = 1024
-    heads: int = 16
-    num_blocks: int = 8
-    layers_per_block: int = 2
+    width: int = Field(1024, gt=0)
+    heads: int = Field(16, gt=0)
+    num_blocks: int = Field(8, gt=0)
+    layers_per_block: int = Field(2, gt=0)
     deep_layers: int | None = 16
     cond: Literal["additive", "prefix"] = "additive"
     scale: Literal["exp", "softplus"] = "softplus"
@@ -192,7 +193,7 @@ class FlowConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(400000, gt=0)
     batch_size: int = Field(256, gt=0, description="global batch (images), split evenly over runtime.nproc processes")
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(5000, ge=0, description="linear warmup, then cosine decay to 0 at `steps`")
     weight_decay: float = 1e-4
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -267,10 +268,24 @@ class Config(Section):
     reference: ReferenceConfig = ReferenceConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
+    def check_relations(self) -> None:
+        """Relations between keys that no single field can check; each error names its keys."""
+        f, e = self.flow, self.encode
+        if f.width % f.heads:
+            raise ValueError(f"flow.width={f.width} is not divisible by flow.heads={f.heads}")
+        if e.rows_per_shard % e.rows_per_chunk:
+            raise ValueError(f"encode.rows_per_chunk={e.rows_per_chunk} does not divide "
+                             f"encode.rows_per_shard={e.rows_per_shard}")
+        channels = self.encoder.arch.embed_dim or 768  # DINOv2-B
+        if self.src.dim > channels:
+            raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "
+                             "(encoder.arch.embed_dim, DINOv2-B: 768)")
+
     @model_validator(mode="after")
-    def one_noise_level(self) -> Config:
-        """flow.noise_sigma is the SRC's noise level (SRC-FLOW.md "Constant-noise regularization"): null takes
-        it; another value is an ablation that must say so."""
+    def relations(self) -> Config:
+        """Relations between keys (`check_relations`), and one noise level: flow.noise_sigma is the SRC's
+        (SRC-FLOW.md "Constant-noise regularization"); null takes it, another value is an ablation that must say so."""
+        self.check_relations()
         sigma, src_sigma = self.flow.noise_sigma, self.src.noise_sigma
         if sigma is None:
             self.flow.noise_sigma = src_sigma

@@ -57,12 +57,17 @@ def _semantic(value):
     return semantic_values(value) if hasattr(type(value), "model_fields") else value
 
 
+def check_stage_names(names: list[str], option: str = "--stage/--until") -> None:
+    for name in names:
+        if name not in STAGE_NAMES:
+            raise ValueError(f"{option}: unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
 def select_stages(planned: list[PlannedStage], only: list[str] | None = None, until: str | None = None) -> list[PlannedStage]:
     """`only`: exactly these stages (their upstream must be done); `until`: everything up to it."""
     names = [p.name for p in planned]
+    check_stage_names((only or []) + ([until] if until else []))
     for name in (only or []) + ([until] if until else []):
-        if name not in STAGE_NAMES:
-            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
         if name not in names:
             raise ValueError(f"stage {name!r} is disabled by the config (e.g. fit_decoder when decoder.weights is set)")
     if only:
@@ -115,6 +120,7 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False) -> Manifest:
 def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] | tuple[str, ...] = ()) -> None:
     """Before any work: a damaged output that `run` would not repair in place (not a row store) and that is not
     forced stops the run, naming the file and the repair."""
+    check_stage_names(list(force), "--force")
     store = ArtifactStore(cfg.storage.root)
     for p in selected:
         if p.state == "damaged" and p.name not in force and not store.repairable(p.name, p.fingerprint):

@@ -33,6 +33,7 @@ def compressed(stores):  # noqa: F811
 def _with(cfg, *overrides):
     """cfg with `section.key=value` overrides applied (as `--set` does)."""
     raw = cfg.model_dump(by_alias=True)
+    raw["flow"]["noise_sigma"] = None  # the dump holds the resolved level: let it follow src.noise_sigma again
     for o in overrides:
         apply_override(raw, o)
     return validate_config(raw)

@@ -73,3 +73,30 @@ def test_the_resolved_noise_level_keeps_the_fingerprint_of_an_explicit_one():
     implicit, explicit = load_config(SMOKE), load_config(SMOKE, ["flow.noise_sigma=0.2"])
     assert semantic_values(implicit.flow) == semantic_values(explicit.flow)
     assert "allow_noise_mismatch" not in semantic_values(implicit.flow)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("src.dim=100000", "src.dim"), ("data.resolution=0", "data.resolution"), ("train.lr=-1", "train.lr"),
+    ("flow.heads=5", "flow.heads"), ("flow.width=0", "flow.width"), ("runtime.workers=0", "runtime.workers"),
+    ("encode.rows_per_chunk=64", "encode.rows_per_chunk"), ("encode.rows_per_chunk=5", "encode.rows_per_chunk"),
+    ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"),
+])
+def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(SMOKE, [override])
+    msg = str(e.value)
+    assert "\n" not in msg and key in msg, msg
+
+
+def test_an_unknown_stage_for_force_is_one_line_naming_the_stages(tmp_path, tiny_root):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    sets = [f"storage.root={tmp_path}", f"data.root={tiny_root}", "data.generate_tiny=null",
+            f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}"]
+    r = CliRunner().invoke(app, ["run", "--config", str(SMOKE), *[a for x in sets for a in ("--set", x)],
+                                 "--force", "nosuch"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "--force: unknown stage 'nosuch'" in r.output and "train_flow" in r.output
+    assert not (tmp_path / "shard").exists()  # nothing ran

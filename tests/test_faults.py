@@ -259,7 +259,9 @@ def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path):  # noqa: F
                  "flow.width=16", "flow.heads=2", "flow.num_blocks=1", "flow.layers_per_block=1")
     config = write_config(cfg, tmp_path / "config.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "SRCFLOW_CACHE_DIR": str(tmp_path / "c")}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "SRCFLOW_CACHE_DIR": str(tmp_path / "c"),
+           # two ephemeral servers start at once on a loaded 2-core machine: give them time
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     command = [sys.executable, "-m", "pipeline.cli", "run", "--config", config, "--until", "train_flow"]
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
     procs = []
