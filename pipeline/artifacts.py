@@ -233,10 +233,6 @@ class ArtifactStore:
     def rebuild_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / f".{fp[:16]}{REBUILD}"
 
-    @property
-    def digest_cache(self) -> Path:
-        return local_cache_dir() / "digests"
-
     def check(self, stage: str, fp: str, deep: bool = False) -> Health:
         """done | damaged | partial | stale | missing. Fast: every file `_SUCCESS.json` lists exists with its size;
         deep: and its CRC-32C matches. Reads only."""

@@ -82,6 +82,7 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     writes nothing: it works on a read-only store."""
     from pipeline.artifacts import ArtifactStore, dir_bytes
     from pipeline.runner import plan
+    from storage_schemas.success import read_manifest
 
     cfg = _load(config, set_)
     with one_line_errors():
@@ -93,8 +94,8 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                "bytes": dir_bytes(p.path) if p.path.exists() else 0}
         if p.state == "partial":
             row["progress"] = store.progress(p.name, p.fingerprint)
-        if p.state == "done":
-            row["metrics"] = store.manifest(p.name, p.fingerprint).metrics
+        if p.state == "done":  # plan has just checked it
+            row["metrics"] = read_manifest(p.path).metrics
         if p.problem:
             row["problem"] = p.problem
         rows.append(row)
@@ -126,12 +127,13 @@ def verify(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     import time
 
     from pipeline.artifacts import ArtifactStore
-    from pipeline.runner import plan, select_stages
+    from pipeline.runner import check_stage_names, plan
     from storage_schemas.success import write_damage
 
     cfg = _load(config, set_)
     with one_line_errors():
-        planned = select_stages(plan(cfg), stage) if stage else plan(cfg)
+        check_stage_names(stage or [], "--stage")
+        planned = [p for p in plan(cfg) if not stage or p.name in stage]  # whatever the state of their upstream
     store = ArtifactStore(cfg.storage.root)
     damaged = 0
     for p in planned:

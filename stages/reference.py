@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import ArtifactStore, StageOutput, file_sha256
+from pipeline.artifacts import StageOutput, file_sha256
 from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.fidelity import (
@@ -235,7 +235,7 @@ def inception_weights_digest(cfg: Config) -> str:
                     "are marked inception_weights: stand-in", path)
     if not (path.is_file() and path.stat().st_size > 0):
         check_inception_weights(cfg.evaluate.inception_weights)  # raises the one-line error
-    return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
+    return file_sha256(path)
 
 
 def adm_reference_digest(cfg: Config) -> str:
@@ -248,7 +248,7 @@ def adm_reference_digest(cfg: Config) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"reference.path: {path} does not exist (reference.kind adm_npz needs {need})")
     check_adm_reference(path, cfg.data.resolution)
-    return file_sha256(path, ArtifactStore(cfg.storage.root).digest_cache)
+    return file_sha256(path)
 
 
 def weights_label(weights_sha256: str) -> str:

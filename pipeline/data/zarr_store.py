@@ -3,7 +3,7 @@
 A store is created at its final size before any writer starts (STACK.md: resize once). Each
 job writes one row range made of whole Zarr shards of every array, then writes its commit
 marker `commits/{k:06d}.npz` (`pipeline.artifacts.Commits`: atomically, with the records of the
-shard's files, `shard_files`, and any per-shard partial results such as statistics). A killed run
+files `write_rows` returns, and any per-shard partial results such as statistics). A killed run
 redoes exactly the shards without a marker, so the final store is bit-identical to an uninterrupted
 run's; a damaged shard file costs only its shard.
 """
@@ -78,7 +78,6 @@ def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
                              dimension_names=dims, overwrite=True)
     arr[...] = values
-
 
 
 def consolidate(path: Path) -> None:
