@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -92,11 +92,33 @@ def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
     return digest
 
 
-def input_digest(storage_root: str | Path, key: str, path: str | Path | None, expected: str) -> str:
+def input_digest(key: str, path: str | Path | None, expected: str) -> str:
     """Digest of an external input file for a fingerprint; a missing file is a one-line error naming its key."""
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"{key}: {path} does not exist (expected {expected})")
     return file_sha256(path)
+
+
+_PASSED: set[str] = set()  # per process, as _DIGESTS
+
+
+def check_once(path: str | Path, spec: str, check: Callable[[], None]) -> str:
+    """The sha256 of `path` once `check()` (raising a one-line error for a bad file) has passed for these bytes
+    and this `spec` (e.g. the architecture the weights must fit). A pass is remembered beside the digests, so
+    planning again reads no weights and imports no torch."""
+    digest = file_sha256(path)
+    key = hashlib.sha256(f"{digest}|{spec}".encode()).hexdigest()[:32]
+    marker = local_cache_dir() / "checks" / key
+    if key in _PASSED or marker.is_file():
+        return digest
+    check()
+    _PASSED.add(key)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, f"{Path(path).resolve()}\n{spec}\n")
+    except OSError:
+        pass
+    return digest
 
 
 # --- file records: size and CRC-32C (hardware CRC, ~13 GB/s here: fine for terabytes) ----------------

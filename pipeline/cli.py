@@ -31,6 +31,17 @@ def prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "srcflow")
 
 
+def debug() -> bool:
+    """Tracebacks instead of one-line errors: `srcflow --debug ...` or SRCFLOW_DEBUG=1."""
+    return os.environ.get("SRCFLOW_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def main_options(debug_: bool = typer.Option(False, "--debug", help="show tracebacks (also SRCFLOW_DEBUG=1)")):
+    if debug_:
+        os.environ["SRCFLOW_DEBUG"] = "1"
+
+
 def fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -38,11 +49,14 @@ def fail(message: str) -> None:
 
 @contextmanager
 def one_line_errors():
-    """A bad key, value, file or layout (ValueError, FileNotFoundError) ends the command with its one line."""
+    """A bad key, value, file or layout (ValueError, FileNotFoundError), or a file that cannot be read or written
+    (OSError: a full disk, a read-only store), ends the command with its one line; --debug shows the traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    except (ValueError, OSError) as e:
+        if debug():
+            raise
+        fail(str(e) or type(e).__name__)  # an OSError's text names its file: "[Errno 28] No space left on device: 'x'"
 
 
 def _load(config: str, overrides: list[str] | None):
@@ -58,14 +72,24 @@ def _load(config: str, overrides: list[str] | None):
 def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         stage: Optional[list[str]] = typer.Option(None, "--stage", help="run only this stage (repeatable)"),
         until: Optional[str] = typer.Option(None, "--until", help="run every stage up to this one"),
-        force: Optional[list[str]] = typer.Option(None, "--force", help="rebuild this stage even if done (repeatable)")):
-    """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set)."""
+        force: Optional[list[str]] = typer.Option(None, "--force", help="rebuild this stage even if done (repeatable)"),
+        use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even when every stage is done")):
+    """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set). When every
+    selected stage is done, nothing starts: each is reported done (--prefect runs the flow anyway)."""
     cfg = _load(config, set_)
     logging.getLogger("srcflow").setLevel(cfg.runtime.log_level)  # Prefect attaches its handlers (EXTRA_LOGGERS)
-    from pipeline.runner import last_needed, plan, refuse_damaged, select_stages
+    from pipeline.runner import check_resources, last_needed, plan, refuse_damaged, select_stages
 
     with one_line_errors():  # fail fast, before Prefect starts
-        refuse_damaged(select_stages(plan(cfg, last_needed(stage, until)), stage, until), cfg, force or [])
+        selected = select_stages(plan(cfg, last_needed(stage, until)), stage, until)
+        refuse_damaged(selected, cfg, force or [])
+        todo = [p for p in selected if p.state != "done" or p.name in (force or [])]
+        check_resources(todo, cfg)
+    if not todo and not use_prefect:
+        for p in selected:
+            print(f"{p.name}: done ({p.path})")
+        print("nothing to run: every selected stage is done; Prefect was not started (--prefect runs the flow)")
+        return
     prefect_env()
     from flows.srcflow import srcflow
 

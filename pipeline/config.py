@@ -42,6 +42,8 @@ class RuntimeConfig(Section):
     nproc: int = operational(1, "torchrun processes per node for training stages", ge=1)
     progress: Literal["auto"] | bool = operational("auto", "progress bars: auto (on a terminal), true or false")
     log_level: str = operational("INFO")
+    memory_check: bool = operational(True, "refuse a stage whose planned peak memory exceeds this machine's "
+                                           "(srcflow plan shows the estimate); false trusts the batch sizes")
 
 
 # --- data -------------------------------------------------------------------------------------

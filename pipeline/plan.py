@@ -208,7 +208,7 @@ def _capped(n, cfg: Config):
 
 
 def _counts_from_listing(cfg: Config) -> Dataset:
-    from stages.shard import source_listing
+    from stages.inputs import source_listing
 
     listing = source_listing(cfg)
     images = [im for split in listing.images.values() for im in split]
@@ -285,7 +285,7 @@ def commit_records(store: str, array: str, shard_bytes: int, shards: int) -> int
 
 def geometry(cfg: Config) -> tuple[int, int]:
     """(tokens, channels) of the encoder's output."""
-    from stages.encode import encoder_geometry
+    from stages.inputs import encoder_geometry
 
     grid, channels = encoder_geometry(cfg)
     return grid * grid, channels
@@ -496,7 +496,7 @@ def _build(model: str, cfg: Config):
                                  **arch)
     if model == "decoder":
         from pipeline.models.rae import RAEDecoder
-        from stages.fit_decoder import decoder_arch
+        from stages.inputs import decoder_arch
 
         return RAEDecoder(**decoder_arch(cfg))
     if model == "src":

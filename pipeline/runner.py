@@ -127,6 +127,62 @@ def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] |
             raise DamagedError(f"{p.name}: damaged: {p.problem}; rebuild it with `srcflow run --force {p.name}`")
 
 
+TRAINING_BATCHES = {"fit_decoder": "fit_decoder.batch_size", "fit_src": "src.batch_size",
+                    "train_flow": "train.batch_size"}  # images (rows) per step, from the train rows
+BATCH_KEYS = {**TRAINING_BATCHES, "encode": "encode.batch_size", "compress": "compress.batch_size",
+              "sample": "sample.batch_size", "reference": "evaluate.batch_size",
+              "evaluate": "evaluate.batch_size"}
+
+
+def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
+    """Before any work, for the stages about to run: a training batch larger than the training rows, or a planned
+    peak memory (pipeline.plan's estimate) above this machine's, is a one-line error naming the batch key; the
+    node is never driven out of memory."""
+    if not todo:
+        return
+    from pipeline.plan import capacity_plan, dataset_counts, human_bytes
+
+    names = {p.name for p in todo}
+    data = dataset_counts(cfg)
+    rows = data.encoded_train(cfg.encode.subset_per_class) * len(cfg.encode.views)
+    for name, key in TRAINING_BATCHES.items():
+        batch = select(cfg, key)
+        if name in names and batch > rows:
+            raise ValueError(f"{key}: {batch} is more than the {rows} training rows ({rows // len(cfg.encode.views)} "
+                             f"images x {len(cfg.encode.views)} views, {data.source}); use at most {rows}")
+    if not cfg.runtime.memory_check:
+        return
+    host, device = machine_memory(cfg.runtime.device)
+    for s in capacity_plan(cfg)["stages"]:
+        name = s["stage"]
+        if name not in names:
+            continue
+        need = s["memory"]["host_bytes"] + (s["memory"]["device_bytes"] if device is None else 0)
+        for what, needed, have in (("host", need * s["processes"], host),
+                                   ("GPU", s["memory"]["device_bytes"], device)):
+            if have is not None and needed > have:
+                key = BATCH_KEYS.get(name, name)
+                raise ValueError(f"{key}: {name} would need ~"
+                                 f"{human_bytes(needed)} of {what} memory ({s['memory']['basis']}), more than this "
+                                 f"machine's {human_bytes(have)}; lower {key} or the model size (or set "
+                                 f"runtime.memory_check=false)")
+
+
+def machine_memory(device: str) -> tuple[int, int | None]:
+    """(host RAM, memory of one GPU or None when the stages run on the CPU) in bytes."""
+    import psutil
+
+    from pipeline.training import resolve_device
+
+    resolved = resolve_device(device)
+    gpu = None
+    if resolved.type == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_properties(resolved).total_memory
+    return psutil.virtual_memory().total, gpu
+
+
 def last_needed(only: list[str] | None, until: str | None) -> str | None:
     """The last stage a selection runs: nothing after it needs planning."""
     names = [n for n in (only or []) + ([until] if until else []) if n in STAGE_NAMES]
@@ -138,4 +194,5 @@ def run_pipeline(cfg: Config, only: list[str] | None = None, until: str | None =
     """The whole pipeline in this process, no Prefect: what tests and the flow's tasks share."""
     selected = select_stages(plan(cfg, last_needed(only, until)), only, until)
     refuse_damaged(selected, cfg, force)
+    check_resources([p for p in selected if p.state != "done" or p.name in force], cfg)
     return {p.name: run_stage(p, cfg, force=p.name in force) for p in selected}

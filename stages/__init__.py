@@ -9,58 +9,65 @@ A stage is a plain function `run(cfg, upstream, out) -> metrics`:
 `sections` are the config sections or dotted fields whose semantic values enter the fingerprint;
 `external` returns digests of inputs outside the store (weights, the dataset listing); a stage
 whose `enabled` is false is left out, and so is it from its consumers' upstream.
+
+`code_version` enters the fingerprint: bump it when a stage's code computes a different output, so
+stored outputs rebuild. The table imports no stage module (they import torch): `Stage.run` imports
+`stages.<name>` when the stage runs, and the external inputs come from the torch-free `stages.inputs`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.config import Config
-from stages import compress, encode, evaluate, fit_decoder, fit_src, reference, sample, shard, train_flow
+from stages import inputs
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable
     code_version: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...] = ()
     external: Callable[[Config], dict[str, str]] = field(default=lambda cfg: {})
     enabled: Callable[[Config], bool] = field(default=lambda cfg: True)
 
+    def run(self, cfg: Config, upstream: dict, out) -> dict:
+        return importlib.import_module(f"stages.{self.name}").run(cfg, upstream, out)
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("shard", shard.run, shard.CODE_VERSION,
+    Stage("shard", "1",
           sections=("data.layout", "data.classes", "data.max_per_class", "shard"),
-          external=shard.external_inputs),
-    Stage("encode", encode.run, encode.CODE_VERSION,
+          external=inputs.dataset_inputs),
+    Stage("encode", "1",
           sections=("data.resolution", "encoder", "encode.views", "encode.dtype", "encode.rows_per_shard",
                     "encode.rows_per_chunk", "encode.subset_per_class"),
-          upstream=("shard",), external=encode.external_inputs),
-    Stage("fit_decoder", fit_decoder.run, fit_decoder.CODE_VERSION,
+          upstream=("shard",), external=inputs.encoder_inputs),
+    Stage("fit_decoder", "1",
           sections=("decoder", "fit_decoder"),
-          upstream=("shard", "encode"), external=fit_decoder.training_inputs, enabled=fit_decoder.enabled),
-    Stage("fit_src", fit_src.run, fit_src.CODE_VERSION,
+          upstream=("shard", "encode"), external=inputs.lpips_inputs, enabled=inputs.decoder_enabled),
+    Stage("fit_src", "1",
           sections=("src", "encode.stats"),
-          upstream=("shard", "encode", "fit_decoder"), external=lambda cfg: {**fit_decoder.external_inputs(cfg),
-                                                                              **encode.stats_inputs(cfg)}),
-    Stage("compress", compress.run, compress.CODE_VERSION,
+          upstream=("shard", "encode", "fit_decoder"),
+          external=lambda cfg: {**inputs.decoder_inputs(cfg), **inputs.stats_inputs(cfg)}),
+    Stage("compress", "1",
           sections=("compress",),
           upstream=("shard", "encode", "fit_src")),
-    Stage("train_flow", train_flow.run, train_flow.CODE_VERSION,
+    Stage("train_flow", "1",
           sections=("flow", "train"),
           upstream=("compress",)),
-    Stage("sample", sample.run, sample.CODE_VERSION,
+    Stage("sample", "2",  # 2: labels in a seeded order, arr_1 (samples schema 2)
           sections=("sample", "decoder"),
-          upstream=("encode", "fit_src", "compress", "train_flow", "fit_decoder"), external=fit_decoder.external_inputs),
-    Stage("reference", reference.run, reference.CODE_VERSION,
+          upstream=("encode", "fit_src", "compress", "train_flow", "fit_decoder"), external=inputs.decoder_inputs),
+    Stage("reference", "2",  # 2: mu_s/sigma_s (reference schema 2)
           sections=("reference", "data.resolution"),
-          upstream=("shard",), external=reference.external_inputs),
-    Stage("evaluate", evaluate.run, evaluate.CODE_VERSION,
+          upstream=("shard",), external=inputs.reference_inputs),
+    Stage("evaluate", "2",  # 2: sfid (metrics.json schema 2)
           sections=("evaluate.kid_subset_size",),
-          upstream=("sample", "reference"), external=evaluate.external_inputs),
+          upstream=("sample", "reference"), external=inputs.evaluate_inputs),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)

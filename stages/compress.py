@@ -33,7 +33,6 @@ from stages.encode import VIEWS, EncodeJob, encode_rows, encoder_spec, make_job,
 from stages.fit_src import load_src
 from storage_schemas.zarr_layouts import CODES, SPLIT_IDS
 
-CODE_VERSION = "1"
 
 
 @dataclass(frozen=True)

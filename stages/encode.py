@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import Commits, StageOutput, input_digest
+from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
 from pipeline.training import autocast, resolve_device
+from stages.inputs import encoder_weights_digest
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
 
-CODE_VERSION = "1"
 VIEWS = {"plain": 0, "flip": 1}
 
 
@@ -74,7 +74,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         create_row_store(store, FEATURES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
                          rows_per_chunk=cfg.encode.rows_per_chunk,
                          row_shapes={"features": ((encoder.num_tokens, encoder.channels), storage_dtype(cfg.encode.dtype))},
-                         attrs={"encoder": spec.name, "weights_sha256": weights_digest(cfg),
+                         attrs={"encoder": spec.name, "weights_sha256": encoder_weights_digest(cfg),
                                 "resolution": cfg.data.resolution, "input_size": spec.input_size,
                                 "crop": "adm_center_crop_arr, bicubic resize to input_size (no antialias)",
                                 "normalization": "final LayerNorm without affine; per-position stats_mean/stats_var "
@@ -116,34 +116,9 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
             "job_seconds": {k: round(v, 3) for k, v in job_seconds.items()}}
 
 
-def encoder_geometry(cfg: Config) -> tuple[int, int]:
-    """(grid size, channels) of the configured encoder, without building it (DINOv2-B: patch 14, 768)."""
-    arch = cfg.encoder.arch
-    return cfg.encoder.input_size // (arch.patch_size or 14), arch.embed_dim or 768
-
-
 def encoder_spec(cfg: Config) -> EncoderSpec:
     arch = tuple(sorted((k, v) for k, v in cfg.encoder.arch.model_dump().items() if v is not None))
     return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed)
-
-
-def weights_digest(cfg: Config) -> str:
-    if cfg.encoder.weights == "random":
-        return "random"
-    return input_digest(cfg.storage.root, "encoder.weights", cfg.encoder.weights,
-                        "a local DINOv2-B/reg4 checkpoint, .safetensors or .pth, timm or HF format")
-
-
-def external_inputs(cfg: Config) -> dict[str, str]:
-    return {"encoder_weights": weights_digest(cfg)}
-
-
-def stats_inputs(cfg: Config) -> dict[str, str]:
-    """For the stages that normalize features: the released statistics file, when `encode.stats: file`."""
-    if cfg.encode.stats == "computed":
-        return {}
-    return {"feature_stats": input_digest(cfg.storage.root, "encode.stats_file", cfg.encode.stats_file,
-                                          "RAE's released statistics for encode.stats: file")}
 
 
 def storage_dtype(dtype: str) -> str:

@@ -38,7 +38,6 @@ from pipeline.progress import progress
 from pipeline.training import resolve_device
 from stages.reference import (
     REFERENCE_FILE,
-    inception_weights_digest,
     pool_features,
     weights_label,
 )
@@ -47,7 +46,6 @@ from storage_schemas.evaluation import read_metrics
 from storage_schemas.samples import open_samples
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "2"  # 2: sfid (metrics.json schema 2)
 METRICS_FILE = "metrics.json"  # layout: storage_schemas/evaluation.py
 PR_K = 3  # precision/recall neighbourhood, as ADM's evaluator
 SAMPLES_GLOB = "samples-cfg*.npz"
@@ -218,8 +216,3 @@ def report_markdown(evaluations: list[dict]) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else "n/a" if v is None else str(v)
-
-
-def external_inputs(cfg: Config) -> dict[str, str]:
-    """The Inception weights' sha256: a missing file fails `srcflow run` at plan time, before sampling."""
-    return {"inception_weights": inception_weights_digest(cfg)}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import StageOutput, input_digest
+from pipeline.artifacts import StageOutput
 from pipeline.config import Config
 from pipeline.data.features import open_features, read_features
 from pipeline.data.shards import decode_crop
@@ -49,11 +49,10 @@ from pipeline.training import (
     seed_all,
     warmup_cosine,
 )
-from stages.encode import encoder_geometry
+from stages.inputs import decoder_arch, encoder_geometry
 from storage_schemas.model_files import model_info
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "1"
 WEIGHTS = "decoder.safetensors"
 ARCH = "decoder.json"
 GRID = "recon_grid.png"
@@ -339,17 +338,6 @@ def psnr_from_mse(mse: float) -> float:
 # --- what other stages use -------------------------------------------------------------------------
 
 
-def enabled(cfg: Config) -> bool:
-    return cfg.decoder.weights is None
-
-
-def decoder_arch(cfg: Config) -> dict:
-    grid, channels = encoder_geometry(cfg)
-    d = cfg.decoder
-    return {"in_channels": channels, "num_tokens": grid * grid, "hidden_size": d.hidden_size, "depth": d.depth,
-            "num_heads": d.num_heads, "intermediate_size": d.intermediate_size, "patch_size": d.patch_size}
-
-
 def check_resolution(cfg: Config) -> None:
     """The decoder's output side (grid x patch) must be the image crop's (data.resolution)."""
     grid, _ = encoder_geometry(cfg)
@@ -358,23 +346,6 @@ def check_resolution(cfg: Config) -> None:
         raise ValueError(f"decoder.patch_size: {grid}x{grid} tokens x patch {cfg.decoder.patch_size} decode to {side} "
                          f"px but data.resolution is {cfg.data.resolution} (patch_size "
                          f"{cfg.data.resolution / grid:g} would match)")
-
-
-def training_inputs(cfg: Config) -> dict[str, str]:
-    """For fit_decoder itself: the LPIPS weights' digest, when a file is given."""
-    if cfg.fit_decoder.lpips_weights is None:
-        return {}
-    return {"lpips_weights": input_digest(cfg.storage.root, "fit_decoder.lpips_weights", cfg.fit_decoder.lpips_weights,
-                                          "a local LPIPS-VGG state dict, VGG16 backbone and linear layers")}
-
-
-def external_inputs(cfg: Config) -> dict[str, str]:
-    """For the stages that decode: the released decoder's digest (a trained one enters as upstream)."""
-    if cfg.decoder.weights is None:
-        return {}
-    return {"decoder_weights": input_digest(cfg.storage.root, "decoder.weights", cfg.decoder.weights,
-                                            "a released RAE decoder checkpoint: a state_dict .pt or a dict with "
-                                            "'ema'/'model'")}
 
 
 def load_decoder(cfg: Config, upstream: dict, device: torch.device | str = "cpu"):

@@ -64,7 +64,6 @@ from stages.fit_decoder import load_decoder
 from storage_schemas.model_files import model_info, read_model_info
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "1"
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
 GRID_IMAGES = 8

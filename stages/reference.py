@@ -29,32 +29,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import StageOutput, file_sha256
+from pipeline.artifacts import StageOutput
 from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.fidelity import (
     FEATURES,
     OFFICIAL_WEIGHTS_SHA256_PREFIX,
     SPATIAL,
-    check_adm_reference,
     check_inception_weights,
     import_adm_reference_npz,
     load_inception,
     load_reference,
-    make_standin_inception_weights,
     save_reference,
 )
 from pipeline.progress import progress
 from pipeline.training import resolve_device
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "2"  # 2: mu_s/sigma_s (reference schema 2)
 REFERENCE_FILE = "reference.npz"
 ACCUMULATOR_FILE = "accumulator.npz"
 CHECKPOINT_SECONDS = 120  # the running sums (a 2048 x 2048 float64) are saved at most this often
-STANDIN_SEED = 0
-ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/" \
-                    "VIRTUAL_imagenet256_labeled.npz"
 
 log = logging.getLogger("srcflow")
 
@@ -214,41 +208,6 @@ class Accumulator:
         with np.load(path, allow_pickle=False) as z:
             sums = {name: (z[f"total_{name}"], z[f"outer_{name}"]) for name in cls.MOMENTS if f"total_{name}" in z.files}
             return cls(z["count"], sums, z["pr_features"], json.loads(str(z["shards"])))
-
-
-# --- external inputs: checked when the run is planned, before any stage works ---------------------
-
-
-def external_inputs(cfg: Config) -> dict[str, str]:
-    digests = {"inception_weights": inception_weights_digest(cfg)}
-    if cfg.reference.kind == "adm_npz":
-        digests["adm_reference"] = adm_reference_digest(cfg)
-    return digests
-
-
-def inception_weights_digest(cfg: Config) -> str:
-    """sha256 of `evaluate.inception_weights` (a one-line error when missing); writes the stand-in if asked."""
-    path = Path(cfg.evaluate.inception_weights)
-    if cfg.evaluate.make_standin and cfg.evaluate.inception_weights and not path.exists():
-        make_standin_inception_weights(path, seed=STANDIN_SEED)
-        log.warning("evaluate.make_standin: wrote stand-in Inception weights to %s; metrics computed with them "
-                    "are marked inception_weights: stand-in", path)
-    if not (path.is_file() and path.stat().st_size > 0):
-        check_inception_weights(cfg.evaluate.inception_weights)  # raises the one-line error
-    return file_sha256(path)
-
-
-def adm_reference_digest(cfg: Config) -> str:
-    """sha256 of `reference.path`; a one-line error when it is missing, is not an ADM reference batch, or holds
-    images of another resolution than data.resolution (read from its headers: before any sampling)."""
-    need = f"ADM's reference batch, e.g. {ADM_REFERENCE_URL}"
-    if not cfg.reference.path:
-        raise ValueError(f"reference.path is not set (reference.kind adm_npz needs {need})")
-    path = Path(cfg.reference.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference.path: {path} does not exist (reference.kind adm_npz needs {need})")
-    check_adm_reference(path, cfg.data.resolution)
-    return file_sha256(path)
 
 
 def weights_label(weights_sha256: str) -> str:

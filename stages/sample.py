@@ -45,7 +45,6 @@ from stages.train_flow import flow_info, load_flow, seed_of
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
 from storage_schemas.success import temp_name, write_atomic
 
-CODE_VERSION = "2"  # 2: labels in a seeded order, arr_1 (samples schema 2)
 LABEL_STREAM = 1  # seed_of(sample.seed, LABEL_STREAM): the label order's own stream, apart from the noise
 CHUNKS = "chunks"
 

@@ -14,7 +14,6 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,16 +22,9 @@ import webdataset as wds
 
 from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
-from pipeline.data.imagenet import (
-    RejectedImage,
-    SourceImage,
-    detect_layout,
-    listing_digest,
-    prepare_image_bytes,
-    scan_split,
-)
-from pipeline.data.tiny_imagenet import make_tiny_imagenet
+from pipeline.data.imagenet import RejectedImage, SourceImage, prepare_image_bytes
 from pipeline.parallel import cpu_workers, map_jobs
+from stages.inputs import Listing, source_listing
 from storage_schemas.shards import (
     INDEX,
     MANIFEST_SCHEMA,
@@ -42,7 +34,6 @@ from storage_schemas.shards import (
 )
 from storage_schemas.success import temp_name, write_atomic
 
-CODE_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -83,54 +74,6 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         "splits": splits,
         "classes": len(listing.synsets),
     }
-
-
-# --- the source listing (also the dataset's identity for the fingerprint) --------------------
-
-
-@dataclass(frozen=True)
-class Listing:
-    layout: str
-    synsets: list[str]
-    images: dict[str, list[SourceImage]]
-    ignored: dict[str, int]
-    digest: str
-
-
-def external_inputs(cfg: Config) -> dict[str, str]:
-    return {"dataset_listing": source_listing(cfg).digest}
-
-
-def source_listing(cfg: Config) -> Listing:
-    prepare_source(cfg)
-    d = cfg.data
-    classes = tuple(d.classes) if isinstance(d.classes, list) else d.classes
-    return _scan(str(Path(d.root).absolute()), d.layout, classes, d.max_per_class, tuple(cfg.shard.splits))
-
-
-def prepare_source(cfg: Config) -> None:
-    """The smoke config's dataset is generated on first use; a real one must exist."""
-    root = Path(cfg.data.root)
-    tiny = cfg.data.generate_tiny
-    if tiny is not None:
-        make_tiny_imagenet(root, classes=tiny.classes, per_class=tiny.per_class, val_per_class=tiny.val_per_class,
-                           size=tiny.size, seed=tiny.seed)
-    elif not root.is_dir():
-        raise FileNotFoundError(f"data.root: {root} does not exist (expected ImageNet in ImageFolder or Kaggle layout)")
-
-
-@lru_cache(maxsize=4)
-def _scan(root: str, layout: str, classes, max_per_class, splits) -> Listing:
-    layout = detect_layout(root) if layout == "auto" else layout
-    images, ignored = {}, {}
-    for split in splits:
-        images[split], ign = scan_split(root, split, layout, classes=list(classes) if isinstance(classes, tuple) else classes,
-                                        max_per_class=max_per_class)
-        for reason, n in ign.items():
-            ignored[reason] = ignored.get(reason, 0) + n
-    synsets = sorted({im.synset for split in images.values() for im in split})
-    digest = listing_digest([im for split in splits for im in images[split]], root)
-    return Listing(layout, synsets, images, ignored, digest)
 
 
 def plan_jobs(cfg: Config, listing: Listing, out_dir: Path) -> tuple[list[ShardJob], list[tuple[SourceImage, str]]]:

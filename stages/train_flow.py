@@ -64,7 +64,6 @@ from pipeline.training import (
 from storage_schemas.model_files import model_info, read_model_info
 from storage_schemas.success import write_atomic
 
-CODE_VERSION = "1"
 WEIGHTS, INFO, METRICS, SUMMARY = "flow.safetensors", "flow.json", "metrics.jsonl", "train_summary.json"
 WORKER = "stages.train_flow:train_worker"
 

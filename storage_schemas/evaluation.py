@@ -23,11 +23,18 @@ resolution, inception_weights_sha256, ...).
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 from storage_schemas import SchemaError, check_version
+from storage_schemas.samples import npz_array_shape
 
 SCHEMA_VERSION = 2
+# The external files the evaluation reads, checked from their headers when a run is planned:
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity URL_INCEPTION_V3
+ADM_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")  # guided-diffusion evaluations/evaluator.py read_statistics
 METRIC_KEYS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
 LABEL_KEYS = ("cfg_scale", "evaluator", "evaluator_version", "inception_weights", "inception_weights_sha256",
               "num_samples", "num_reference", "samples_file", "reference", "flow")
@@ -49,3 +56,36 @@ def read_metrics(path: str | Path) -> dict:
             raise SchemaError(f"{path}: evaluations[{i}].inception_weights is {entry['inception_weights']!r}, "
                               f"expected 'official' or 'stand-in'")
     return raw
+
+
+def check_inception_file(path) -> None:
+    """A one-line error when `evaluate.inception_weights` is unset, missing or empty."""
+    need = f"needs torch-fidelity's {INCEPTION_WEIGHTS_FILE}, from {INCEPTION_WEIGHTS_URL}; place it locally"
+    if path is None or str(path) == "":
+        raise ValueError(f"evaluate.inception_weights is not set ({need})")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluate.inception_weights: {path} does not exist ({need})")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ValueError(f"evaluate.inception_weights: {path} is not a non-empty file ({need})")
+
+
+def check_adm_reference(path, resolution: int | None = None) -> int:
+    """The resolution of an ADM reference batch (its arr_0 is (N, R, R, 3)), read from the headers only; a
+    one-line error for a missing ADM key or an R other than `resolution` (data.resolution)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n[:-len(".npy")] for n in zf.namelist()]
+    except zipfile.BadZipFile:
+        raise ValueError(f"reference.path: {path} is not an .npz (expected ADM's reference batch)") from None
+    missing = [k for k in ADM_KEYS if k not in names]
+    if missing:
+        raise ValueError(f"reference.path: {path} lacks {', '.join(missing)} (has {', '.join(names)}); "
+                         f"expected ADM's reference batch layout")
+    shape = npz_array_shape(path, "arr_0")
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ValueError(f"reference.path: {path} has arr_0 of shape {shape}, expected (N, R, R, 3) images")
+    if resolution is not None and shape[1] != resolution:
+        raise ValueError(f"reference.path: {path} holds {shape[1]}x{shape[2]} images but data.resolution is "
+                         f"{resolution}; use ADM's reference batch of {resolution} px")
+    return int(shape[1])

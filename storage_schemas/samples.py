@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,24 @@ from storage_schemas import check_version
 SCHEMA_VERSION = 2
 
 
+@contextmanager
+def _complete_npz(path: Path):
+    """A truncated or damaged .npz is a one-line error naming it (zipfile's own names no file)."""
+    try:
+        yield
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a complete .npz ({type(e).__name__}: {e}); it is truncated or damaged") from None
+
+
 def open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     """ADM-format samples: `arr_0` (N, H, W, 3) uint8 (memory-mapped when stored uncompressed), the labels
     (`arr_1`, else `labels`, else None), and the count of `nonfinite` ones (NaN / inf samples the sample stage
     wrote as black images)."""
+    with _complete_npz(path):
+        return _open_samples(path)
+
+
+def _open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     images = open_npz_array(path, "arr_0")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{path}: arr_0 must be (N, H, W, 3) uint8 (ADM sample format), "
@@ -53,7 +68,7 @@ def open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]
 
 def npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
     """The shape of one array of an .npz from its .npy header alone (stored or compressed): no data is read."""
-    with zipfile.ZipFile(path) as zf:
+    with _complete_npz(path), zipfile.ZipFile(path) as zf:
         try:
             fh = zf.open(f"{name}.npy")
         except KeyError:
@@ -72,7 +87,7 @@ def open_npz_array(path: Path, name: str) -> np.ndarray:
 
     50,000 samples at 512 px are 39 GB: a memory map lets the Inception read them batch by batch.
     """
-    with zipfile.ZipFile(path) as zf:
+    with _complete_npz(path), zipfile.ZipFile(path) as zf:
         try:
             info = zf.getinfo(f"{name}.npy")
         except KeyError:

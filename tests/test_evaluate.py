@@ -23,15 +23,14 @@ from pipeline.artifacts import ArtifactStore, now
 from pipeline.cli import app, headline
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.fidelity import (
-    WEIGHTS_FILE,
     fid_statistics,
     inception_features,
     load_reference,
     make_standin_inception_weights,
 )
 from pipeline.runner import plan, run_pipeline
-from stages import evaluate, reference
-from storage_schemas.evaluation import read_metrics
+from stages import evaluate, inputs, reference
+from storage_schemas.evaluation import INCEPTION_WEIGHTS_FILE, read_metrics
 from storage_schemas.samples import open_samples
 from tests.conftest import SMOKE
 
@@ -174,27 +173,27 @@ def test_other_inception_weights_invalidate_the_reference_and_the_metrics(evalua
 
 
 def test_missing_weights_fail_at_plan_time_with_one_line(make_config, tiny_root, tmp_path):
-    absent = tmp_path / "absent" / WEIGHTS_FILE
+    absent = tmp_path / "absent" / INCEPTION_WEIGHTS_FILE
     cfg = make_config(f"evaluate.inception_weights={absent}", "evaluate.make_standin=false")
     with pytest.raises(FileNotFoundError) as err:
         run_pipeline(cfg)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"evaluate.inception_weights: {absent} does not exist")
-    assert WEIGHTS_FILE in message and "place it locally" in message
+    assert INCEPTION_WEIGHTS_FILE in message and "place it locally" in message
     assert not any((tmp_path / "artifacts").glob("*/*/"))  # no stage ran: no sampling work wasted
 
     overrides = [f"storage.root={tmp_path / 'cli'}", f"data.root={tiny_root}", "data.generate_tiny=null",
                  f"evaluate.inception_weights={absent}", "evaluate.make_standin=false"]
     result = CliRunner().invoke(app, ["run", "--config", str(SMOKE), *(a for o in overrides for a in ("--set", o))])
-    assert result.exit_code == 2 and WEIGHTS_FILE in result.output
+    assert result.exit_code == 2 and INCEPTION_WEIGHTS_FILE in result.output
     assert not (tmp_path / "cli").exists()
 
 
 def test_make_standin_writes_seeded_weights_at_plan_time(make_config, tmp_path, weights):
     path = tmp_path / "weights" / "standin-inception.pth"
     cfg = make_config(f"evaluate.inception_weights={path}", "evaluate.make_standin=true")
-    assert evaluate.external_inputs(cfg) == {"inception_weights": weights.sha}  # seed 0: the same bytes
-    assert path.is_file() and reference.external_inputs(cfg)["inception_weights"] == weights.sha
+    assert inputs.evaluate_inputs(cfg) == {"inception_weights": weights.sha}  # seed 0: the same bytes
+    assert path.is_file() and inputs.reference_inputs(cfg)["inception_weights"] == weights.sha
 
 
 def test_adm_npz_reference_gives_the_same_fid_as_train_statistics_of_the_same_images(
@@ -212,7 +211,7 @@ def test_adm_npz_reference_gives_the_same_fid_as_train_statistics_of_the_same_im
                         "reference.kind=adm_npz", f"reference.path={npz}")
     fake_sample_output(cfg, {0.0: colour_shift(evaluated.crops)}, evaluated.labels, metrics={})
     manifests = run_pipeline(cfg, only=["reference", "evaluate"])
-    assert manifests["reference"].external_inputs["adm_reference"] == reference.adm_reference_digest(cfg)
+    assert manifests["reference"].external_inputs["adm_reference"] == inputs.adm_reference_digest(cfg)
     (adm_eval,) = json.loads((manifests["evaluate"].dir / "metrics.json").read_text())["evaluations"]
     assert adm_eval["fid"] == pytest.approx(evaluated.by_scale[0.0]["fid"], rel=1e-6)
     assert adm_eval["sfid"] == pytest.approx(evaluated.by_scale[0.0]["sfid"], rel=1e-6)

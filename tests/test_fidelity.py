@@ -15,9 +15,7 @@ import pytest
 from pipeline.metrics.fidelity import (
     FIDELITY_FEATURES,
     SPATIAL_DIM,
-    WEIGHTS_FILE,
     UInt8Images,
-    check_adm_reference,
     check_inception_weights,
     compute_metrics,
     fid_statistics,
@@ -29,6 +27,7 @@ from pipeline.metrics.fidelity import (
     reference_from_features,
     save_reference,
 )
+from storage_schemas.evaluation import INCEPTION_WEIGHTS_FILE, check_adm_reference
 
 N = 16  # images in the shared set; halves of it serve as "samples" and "reference images"
 METRICS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
@@ -177,13 +176,13 @@ def test_adm_reference_of_another_resolution_is_refused_in_one_line(inception, t
 
 
 def test_missing_weights_fail_with_one_line_naming_the_key_and_file(inception, tmp_path):
-    absent = tmp_path / "absent" / WEIGHTS_FILE
+    absent = tmp_path / "absent" / INCEPTION_WEIGHTS_FILE
     with pytest.raises(FileNotFoundError) as err:
         compute_metrics(inception.images[:2], inception.reference, absent)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"evaluate.inception_weights: {absent} does not exist")
-    assert WEIGHTS_FILE in message and "place it locally" in message
+    assert INCEPTION_WEIGHTS_FILE in message and "place it locally" in message
 
 
 def test_reference_from_other_inception_weights_is_refused(inception):

@@ -25,7 +25,8 @@ from pipeline.images import psnr
 from pipeline.models.rae import build_rae_decoder, to_encoder_input, to_uint8_pixels
 from pipeline.runner import plan, run_pipeline
 from stages import fit_decoder
-from stages.fit_decoder import decoder_arch, load_decoder, noise_augment, step_seed
+from stages.fit_decoder import load_decoder, noise_augment, step_seed
+from stages.inputs import decoder_arch
 from tests.conftest import REPO
 
 # the test set is 32 px: 8x8 tokens x patch 4 decode to 32 px

@@ -38,7 +38,7 @@ def stores(tiny_root, tmp_path_factory):
         decoder = base / "decoder.pt"
         cfg = _config(base / "store", tiny_root, decoder)
         from pipeline.models.rae import build_rae_decoder
-        from stages.fit_decoder import decoder_arch
+        from stages.inputs import decoder_arch
 
         torch.save(build_rae_decoder(None, seed=1, **decoder_arch(cfg)).state_dict(), decoder)
         run_pipeline(cfg, until="encode")

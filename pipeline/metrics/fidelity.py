@@ -36,14 +36,15 @@ import torch
 import torch_fidelity
 from torch import nn
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from storage_schemas.samples import npz_array_shape, open_npz_array
+from storage_schemas.evaluation import ADM_KEYS, check_adm_reference, check_inception_file
+from storage_schemas.samples import open_npz_array
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FIDELITY_FEATURES = ("2048", "logits_unbiased")  # torch-fidelity's pool_3 (FID, KID, P/R), logits without bias (IS)
@@ -58,12 +59,10 @@ FEATURES = (*FIDELITY_FEATURES, SPATIAL)
 SPATIAL_LAYER = "Mixed_6d.branch1x1"
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2,023
-WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # torch.hub names checkpoints `<name>-<first hex digits of the sha256>.pth`: the official file's
 # digest starts with this; any other digest (a stand-in) marks the metrics as not reportable.
 OFFICIAL_WEIGHTS_SHA256_PREFIX = "6726825d"
 REFERENCE_SCHEMA_VERSION = 2  # 2: mu_s/sigma_s (sFID)
-ADM_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")  # guided-diffusion evaluations/evaluator.py read_statistics
 ISC_SPLITS = 10
 RNG_SEED = 2020  # torch-fidelity's default seed for IS shuffling and KID subsets
 
@@ -279,27 +278,6 @@ def import_adm_reference_npz(path, weights_path, device="cpu", batch_size: int =
     return _reference(mu, sigma, features, meta, mu_s=mu_s, sigma_s=sigma_s)
 
 
-def check_adm_reference(path, resolution: int | None = None) -> int:
-    """The resolution of an ADM reference batch (its arr_0 is (N, R, R, 3)), read from the headers only; a
-    one-line error for a missing ADM key or an R other than `resolution` (data.resolution)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n[:-len(".npy")] for n in zf.namelist()]
-    except zipfile.BadZipFile:
-        raise ValueError(f"reference.path: {path} is not an .npz (expected ADM's reference batch)") from None
-    missing = [k for k in ADM_KEYS if k not in names]
-    if missing:
-        raise ValueError(f"reference.path: {path} lacks {', '.join(missing)} (has {', '.join(names)}); "
-                         f"expected ADM's reference batch layout")
-    shape = npz_array_shape(path, "arr_0")
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
-        raise ValueError(f"reference.path: {path} has arr_0 of shape {shape}, expected (N, R, R, 3) images")
-    if resolution is not None and shape[1] != resolution:
-        raise ValueError(f"reference.path: {path} holds {shape[1]}x{shape[2]} images but data.resolution is "
-                         f"{resolution}; use ADM's reference batch of {resolution} px")
-    return int(shape[1])
-
-
 def save_reference(path, mu, sigma, pr_features=None, meta: dict | None = None, mu_s=None, sigma_s=None) -> Path:
     """Write a reference .npz (schema_version, mu, sigma, optional mu_s/sigma_s and pr_features, meta json)
     atomically."""
@@ -365,15 +343,33 @@ def _reference(mu, sigma, pr_features, meta, mu_s=None, sigma_s=None) -> dict:
 
 def check_inception_weights(path) -> str:
     """The sha256 of the local Inception weights file; a one-line error when it is missing."""
-    need = f"needs torch-fidelity's {WEIGHTS_FILE}, from {URL_INCEPTION_V3}; place it locally"
-    if path is None or str(path) == "":
-        raise ValueError(f"evaluate.inception_weights is not set ({need})")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluate.inception_weights: {path} does not exist ({need})")
-    if not path.is_file() or path.stat().st_size == 0:
-        raise ValueError(f"evaluate.inception_weights: {path} is not a non-empty file ({need})")
+    check_inception_file(path)
     return _sha256(path)
+
+
+def check_inception_state(path) -> None:
+    """A one-line ValueError unless `path` holds torch-fidelity's Inception state dict (its keys and shapes; the
+    tensors are memory-mapped, not read)."""
+    check_inception_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a legacy (non-zip) or damaged file: read it whole, or say why not
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise ValueError(f"evaluate.inception_weights: {path} could not be read ({type(e).__name__}) "
+                             f"(expected torch-fidelity's Inception state dict)") from None
+    with torch.device("meta"):
+        model = _standin_inception()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if got != expected:
+        missing = [k for k in expected if k not in got]
+        bad = [k for k in expected if k in got and got[k] != expected[k]]
+        detail = (f"{len(missing)} expected keys missing (e.g. {', '.join(missing[:3])})" if missing else
+                  f"{len(bad)} shape mismatches (e.g. {bad[0]}: {got[bad[0]]} vs {expected[bad[0]]})" if bad else
+                  f"{len(got) - len(expected)} unexpected keys")
+        raise ValueError(f"evaluate.inception_weights: {path} is not torch-fidelity's Inception: {detail}")
 
 
 class _UnloadedInceptionV3(FeatureExtractorInceptionV3):
@@ -383,6 +379,14 @@ class _UnloadedInceptionV3(FeatureExtractorInceptionV3):
         return None
 
 
+def _standin_inception() -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception with PyTorch's initialisation (no checkpoint read)."""
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    return _UnloadedInceptionV3(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+
+
 def make_standin_inception_weights(path, seed: int = 0) -> str:
     """Write a stand-in for the Inception weights (same architecture and state-dict keys); return its sha256.
 
@@ -390,10 +394,7 @@ def make_standin_inception_weights(path, seed: int = 0) -> str:
     default init shrinks activations layer by layer until features collapse (FID ~1e-13), so the
     convs get Kaiming-normal init (fan_in, ReLU); BatchNorm keeps its identity statistics.
     """
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    model = _UnloadedInceptionV3(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+    model = _standin_inception()
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

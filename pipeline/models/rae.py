@@ -128,20 +128,23 @@ def build_rae_encoder(
     input_size: int = 224,
     arch: dict | None = None,
     seed: int = 0,
+    device: str | None = None,
 ) -> RAEEncoder:
     """weights: "random" (init under torch.manual_seed(seed)) or a local checkpoint: timm names
     (.safetensors/.pth), HF facebook/dinov2-with-registers-base names, or the original facebookresearch
     dinov2_vitb14_reg4_pretrain.pth layout (timm converts it). Never downloads.
     input_size 224 -> 16x16 tokens, 448 -> 32x32; arch: timm kwargs (embed_dim, depth, num_heads,
     patch_size) for small test models. pos_embed is resampled to the grid as timm does for
-    pretrained=True with pretrained_cfg_overlay=dict(file=...) (same checkpoint_filter_fn)."""
+    pretrained=True with pretrained_cfg_overlay=dict(file=...) (same checkpoint_filter_fn).
+    device "meta": only check that the file fits the architecture (its tensors' shapes; no weights read)."""
+    meta = device == "meta"
     state = None
     if weights != "random":
-        state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED)  # before building
+        state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
         state = _unwrap(state, ("state_dict", "model"))
         if "embeddings.patch_embeddings.projection.weight" in state:
             state = dinov2_hf_to_timm(state)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         vit = timm.create_model(model_name, pretrained=False, img_size=input_size, num_classes=0,
                                 **(arch or {}))
@@ -154,7 +157,8 @@ def build_rae_encoder(
         # norm.weight/bias are optional: RAE drops the final LN affine (diffusers' RAE port strips them)
         _check_state_dict(state, vit.state_dict(), "encoder.weights", weights, "a DINOv2 checkpoint",
                           optional=("norm.weight", "norm.bias"))
-        vit.load_state_dict(state, strict=False)  # strict in substance: _check_state_dict above
+        if not meta:
+            vit.load_state_dict(state, strict=False)  # strict in substance: _check_state_dict above
     return RAEEncoder(vit, input_size)
 
 
@@ -305,31 +309,34 @@ class RAEDecoder(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, g * p, g * p)
 
 
-def build_rae_decoder(weights: str | None = None, *, seed: int = 0, **arch) -> RAEDecoder:
+def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str | None = None, **arch) -> RAEDecoder:
     """weights: None / "random" (init under torch.manual_seed(seed): PyTorch defaults, zero CLS, as
     RAE's GeneralDecoder) or a released / training checkpoint, loaded strictly. arch: RAEDecoder kwargs
-    (see DECODER_SIZES). Returned in eval mode; freezing is the caller's choice."""
+    (see DECODER_SIZES). Returned in eval mode; freezing is the caller's choice. device "meta": only check
+    that the file fits the architecture (its tensors' shapes; no weights read)."""
     state = None
     if weights not in (None, "random"):
-        state = load_rae_decoder_state(weights)  # before building
-    with torch.random.fork_rng(devices=[]):
+        state = load_rae_decoder_state(weights, meta=device == "meta")  # before building
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         decoder = RAEDecoder(**arch)
     if state is not None:
         _check_state_dict(state, decoder.state_dict(), "decoder.weights", weights, "an RAE decoder checkpoint",
                           optional=("decoder_pos_embed",))
-        state.setdefault("decoder_pos_embed", decoder.decoder_pos_embed)  # recomputed, identical sin-cos
-        decoder.load_state_dict(state, strict=True)
+        if device != "meta":
+            state.setdefault("decoder_pos_embed", decoder.decoder_pos_embed)  # recomputed, identical sin-cos
+            decoder.load_state_dict(state, strict=True)
     return decoder.eval()
 
 
-def load_rae_decoder_state(path: str) -> dict:
+def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
     """A decoder state dict from .pt/.pth (torch.load weights_only=True) or .safetensors: a plain
     state_dict (the release's model.pt) or a training checkpoint {ema (preferred), model, state_dict,
     ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) are stripped; of a whole RAE stage-1
     model (`encoder.*` and `decoder.*` keys, RAE's train_stage1.py) the `decoder.` subset is taken;
     'n_averaged' (torch AveragedModel EMA counter) is dropped."""
-    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED), ("ema", "model", "state_dict"))
+    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
+                    ("ema", "model", "state_dict"))
     out = {}
     for k, v in state.items():
         while k.startswith(("module.", "_orig_mod.")):
@@ -353,13 +360,23 @@ def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _read_state_dict(path: str, key: str, expected: str) -> dict:
-    """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True)."""
+def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
+    """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True). meta: tensors
+    with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file)."""
     if not Path(path).is_file():
         raise WeightsError(f"{key}: {path} does not exist (expected {expected})")
     try:
-        if str(path).endswith(".safetensors"):
+        if str(path).endswith(".safetensors") and meta:
+            with safetensors.safe_open(path, framework="pt") as f:
+                obj = {}
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    obj[name] = torch.empty(part.get_shape(), dtype=_SAFETENSORS_DTYPES[part.get_dtype()],
+                                            device="meta")
+        elif str(path).endswith(".safetensors"):
             obj = safetensors.torch.load_file(path, device="cpu")
+        elif meta:
+            obj = _to_meta(_torch_load_mmap(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -368,6 +385,26 @@ def _read_state_dict(path: str, key: str, expected: str) -> dict:
             f"{key}: {path} could not be read ({type(e).__name__}: {reason}) (expected {expected})") from e
     if not isinstance(obj, dict):
         raise WeightsError(f"{key}: {path} holds a {type(obj).__name__}, not a state dict (expected {expected})")
+    return obj
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _torch_load_mmap(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_meta(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.to("meta")
+    if isinstance(obj, dict):
+        return {k: _to_meta(v) for k, v in obj.items()}
     return obj
 
 
