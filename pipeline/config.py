@@ -96,7 +96,10 @@ class EncoderConfig(Section):
 
 class EncodeConfig(Section):
     views: list[Literal["plain", "flip"]] = ["plain"]
-    dtype: Literal["float16", "bfloat16"] = "float16"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the encoder forward's arithmetic: fp32 (TF32 matmuls on CUDA), as RAE encodes; bf16 "
+                            "autocast is faster but ~0.4% off per token (benchmarks/encode.py measures it)")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="the stored features' dtype (after the forward)")
     stats: Literal["computed", "file"] = "computed"
     stats_file: str | None = None
     rows_per_shard: int = Field(256, gt=0, description="rows per Zarr shard: the unit of a writer and of resume")

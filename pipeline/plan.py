@@ -62,7 +62,7 @@ COMMIT_OVERHEAD = 992 + 8
 RATE_KEYS = {"rows_per_s": "rows", "images_per_s": "images", "steps_per_s": "steps", "samples_per_s": "samples"}
 # Fields a throughput record must state, with the config's values, to apply to a stage.
 IDENTITY = {
-    "encode": ("encoder_name", "input_size", "tokens", "channels", "depth"),
+    "encode": ("encoder_name", "input_size", "tokens", "channels", "depth", "encode_precision"),
     "compress": ("params_m", "tokens", "channels"),
     "fit_decoder": ("params_m", "tokens", "channels"),
     "fit_src": ("params_m", "tokens", "channels"),
@@ -541,7 +541,7 @@ def identity(cfg: Config, stage: str) -> dict:
 
     values = {
         "encode": lambda: {"encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size, "tokens": tokens,
-                           "channels": channels, "depth": a.depth or 12},
+                           "channels": channels, "depth": a.depth or 12, "encode_precision": cfg.encode.precision},
         "compress": lambda: {"params_m": params_m("src"), "tokens": tokens, "channels": channels},
         "fit_decoder": lambda: {"params_m": params_m("decoder"), "tokens": tokens, "channels": channels},
         "fit_src": lambda: {"params_m": params_m("src"), "tokens": tokens, "channels": channels},

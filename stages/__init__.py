@@ -36,7 +36,7 @@ STAGES: tuple[Stage, ...] = (
           sections=("data.layout", "data.classes", "data.max_per_class", "shard"),
           external=shard.external_inputs),
     Stage("encode", encode.run, encode.CODE_VERSION,
-          sections=("data.resolution", "encoder", "encode.views", "encode.dtype", "encode.rows_per_shard",
+          sections=("data.resolution", "encoder", "encode.views", "encode.precision", "encode.dtype", "encode.rows_per_shard",
                     "encode.rows_per_chunk", "encode.subset_per_class"),
           upstream=("shard",), external=encode.external_inputs),
     Stage("fit_decoder", fit_decoder.run, fit_decoder.CODE_VERSION,
