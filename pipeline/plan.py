@@ -356,8 +356,10 @@ def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:
     d = cfg.fit_decoder
     tokens, _ = geometry(cfg)
     params = param_count("decoder", cfg)
+    # augment resize_random_crop: the frozen encoder runs every step (fp32 weights; no-grad activations are freed)
+    extra = 4 * param_count("encoder", cfg) if d.augment == "resize_random_crop" else 0
     return _training("fit_decoder", cfg, d.steps, params, d.batch_size, tokens + 1, cfg.decoder.hidden_size,
-                     cfg.decoder.depth, "decoder.safetensors")
+                     cfg.decoder.depth, "decoder.safetensors", extra_device=extra)
 
 
 def plan_fit_src(cfg: Config, data: Dataset) -> StagePlan:
