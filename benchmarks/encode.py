@@ -1,14 +1,18 @@
 """Stage `encode` against its encoder alone, the Zarr writer against raw writes, and peak RSS against N.
 
     python -m benchmarks.encode --out                     # CPU, smoke encoder, < ~3 min -> results/encode-cpu.json
-    python -m benchmarks.encode --device cuda --out       # DINOv2-B/reg4 shapes, random weights, bf16
+    python -m benchmarks.encode --device cuda --out       # DINOv2-B/reg4 shapes, random weights, fp32 (TF32)
                                                           #   -> results/encode-cuda.json
 
 One run, side by side on the same machine (shared and noisy: compare figures of one run only):
 - `encode_images_per_s`: the real `stages.encode.run` on a generated shard set of 256 px JPEGs (tar
   read, JPEG decode, ADM crop, transfer, both views' forwards, Zarr write, commits, statistics);
 - `forward_images_per_s`: the same encoder on pre-made input tensors of the same batch, both views;
-  `ratio` = encode / forward, goal >= 0.9 (the data path hides behind compute);
+  `ratio` = encode / forward, goal >= 0.9 (the data path hides behind compute); both at the timed
+  run's `encode.precision` (--precision, default fp32 as the configs);
+- `precision`: the forward alone at fp32 (TF32 matmuls on CUDA) and at bf16 autocast, images/s each, and
+  the error of bf16 features against fp32 ones on one batch: ||f_bf16 - f_fp32|| / ||f_fp32|| over the
+  batch, the mean per token of the same ratio, and the max abs difference;
 - `jobs_images_per_s` / `jobs_ratio`: the same run over its jobs only (the stage's `rows_per_s`),
   without the stage's fixed costs (encoder load, store creation, statistics, validation), but with
   the start of the Dask workers when --workers > 1;
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--rows-per-chunk", type=int, default=16)
     parser.add_argument("--jobs-per-worker", type=int, default=2, help="encode.jobs_per_worker of the timed run")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encode.precision of the timed run")
     parser.add_argument("--workers", type=int, default=1, help="runtime.workers of the timed run (Dask when > 1)")
     parser.add_argument("--throughput-only", action="store_true",
                         help="skip the write comparison and the RSS runs (e.g. a second run at other --workers)")
@@ -118,13 +123,14 @@ def run(args, tmp: Path) -> dict:
 
     encoder = bench_encoder(args, cfg)
     images = shard.metrics["samples"]
-    forward_first = forward_rate(cfg, encoder, images)
+    forward_first = forward_rate(cfg, encoder, images, cfg.encode.precision)
     encode_seconds, metrics = timed_encode(cfg, shard, tmp / "encode")
     serial = cfg.model_copy(deep=True)
     serial.encode.jobs_per_worker, serial.runtime.workers = 1, 1
     serial_seconds, _ = timed_encode(serial, shard, tmp / "encode-serial")
-    forward_second = forward_rate(cfg, encoder, images)
+    forward_second = forward_rate(cfg, encoder, images, cfg.encode.precision)
     forward = (forward_first + forward_second) / 2
+    precision = {} if args.simulate_device else {"precision": precision_comparison(cfg, encoder, images)}
     encode = images / encode_seconds
     views = len(cfg.encode.views)
 
@@ -139,7 +145,8 @@ def run(args, tmp: Path) -> dict:
         "arch": args.arch, "encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size,
         "tokens": encoder.num_tokens, "channels": encoder.channels, "depth": len(encoder.vit.blocks),
         "params_m": round(sum(p.numel() for p in encoder.parameters()) / 1e6, 2),
-        "views": views, "dtype": cfg.encode.dtype, "batch_size": cfg.encode.batch_size,
+        "views": views, "encode_precision": cfg.encode.precision, "dtype": cfg.encode.dtype,
+        "batch_size": cfg.encode.batch_size,
         "workers": cfg.runtime.workers, "jobs_per_worker": cfg.encode.jobs_per_worker,
         "rows_per_shard": cfg.encode.rows_per_shard, "rows_per_chunk": cfg.encode.rows_per_chunk,
         "resolution": cfg.data.resolution, "images": images,
@@ -152,7 +159,7 @@ def run(args, tmp: Path) -> dict:
         "jobs_ratio": round(metrics["rows_per_s"] / views / forward, 3),
         "serial_images_per_s": round(images / serial_seconds, 2), "job_seconds": metrics["job_seconds"],
         "simulated_device": args.simulate_device,
-        **side,
+        **precision, **side,
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
@@ -169,6 +176,7 @@ def bench_config(args, storage: Path, data_root: Path):
         "shard.samples_per_shard=256", "shard.workers=1", "encode.views=[plain, flip]", "encode.dtype=float16",
         f"encode.rows_per_shard={args.rows_per_shard}", f"encode.rows_per_chunk={args.rows_per_chunk}",
         f"encode.batch_size={args.batch}", f"encode.jobs_per_worker={args.jobs_per_worker}",
+        f"encode.precision={args.precision}",
         f"runtime.workers={args.workers}", "encoder.weights=random", *ARCHS[args.arch]])
 
 
@@ -241,18 +249,27 @@ def simulate_device(encoder, images_per_s: float, views: int) -> None:
     encoder.forward = forward
 
 
-def forward_rate(cfg, encoder, images: int) -> float:
-    """Images/s of the encoder alone (both views, as encode runs it) on a pre-made input batch."""
+def encoder_input(cfg, seed: int = 0):
+    """One batch of random 8-bit images as the encoder's input, on the benchmark's device."""
     import torch
 
     from pipeline.models.rae import to_encoder_input
-    from pipeline.training import autocast
+
+    r, generator = cfg.data.resolution, torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (cfg.encode.batch_size, r, r, 3), dtype=torch.uint8, generator=generator)
+    return to_encoder_input(pixels.to(cfg.runtime.device), cfg.encoder.input_size)
+
+
+def forward_rate(cfg, encoder, images: int, precision: str) -> float:
+    """Images/s of the encoder alone (both views, as encode runs it) on a pre-made input batch."""
+    import torch
+
+    from pipeline.training import inference_precision
 
     device = torch.device(cfg.runtime.device)
     batch = cfg.encode.batch_size
-    pixels = torch.randint(0, 256, (batch, cfg.data.resolution, cfg.data.resolution, 3), dtype=torch.uint8)
-    x = to_encoder_input(pixels.to(device), cfg.encoder.input_size)
-    with torch.inference_mode(), autocast(device):
+    x = encoder_input(cfg)
+    with torch.inference_mode(), inference_precision(device, precision):
         encoder(x), encoder(x.flip(-1))  # warm-up at the full batch shape (kernels, allocator)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -264,6 +281,29 @@ def forward_rate(cfg, encoder, images: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
+
+
+def precision_comparison(cfg, encoder, images: int) -> dict:
+    """encode.precision fp32 vs bf16: the forward's images/s at each, and bf16's error on one batch of features."""
+    import torch
+
+    from pipeline.training import inference_precision
+
+    rates = {p: round(forward_rate(cfg, encoder, images, p), 2) for p in ("fp32", "bf16")}
+    x = encoder_input(cfg, seed=1)
+    with torch.inference_mode():
+        with inference_precision(cfg.runtime.device, "fp32"):
+            f32 = encoder(x).float()
+        with inference_precision(cfg.runtime.device, "bf16"):
+            f16 = encoder(x).float()
+    diff = f16 - f32
+    per_token = diff.norm(dim=-1) / f32.norm(dim=-1)
+    return {"fp32_images_per_s": rates["fp32"], "bf16_images_per_s": rates["bf16"],
+            "bf16_speedup": round(rates["bf16"] / rates["fp32"], 3),
+            "rel_error": float(diff.norm() / f32.norm()), "rel_error_per_token_mean": float(per_token.mean()),
+            "max_abs_error": float(diff.abs().max()), "feature_abs_mean": float(f32.abs().mean()),
+            "images_compared": len(x),
+            "fp32_means": "TF32 matmuls" if torch.device(cfg.runtime.device).type == "cuda" else "strict fp32 (CPU)"}
 
 
 def mean_jpeg_bytes(root: Path) -> float:
@@ -347,7 +387,7 @@ def measure_rss(args, shard_dir: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.encode", "--rss-child", str(shard_dir), str(work),
            "--arch", args.arch, "--device", args.device, "--batch", str(args.batch),
            "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_chunk),
-           "--jobs-per-worker", str(args.jobs_per_worker), "--workers", str(args.workers),
+           "--jobs-per-worker", str(args.jobs_per_worker), "--workers", str(args.workers), "--precision", args.precision,
            *(["--simulate-device", str(args.simulate_device)] if args.simulate_device else [])]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:

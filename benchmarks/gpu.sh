@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one prepared command, under 8 minutes on one H200, printing one JSON object.
 #
-#   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at bf16 on synthetic 256 px JPEG
+#   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at fp32 (TF32; bf16 beside it, with
+#                              #       its error against fp32) on synthetic 256 px JPEG
 #                              #       shards (whole path vs forward alone; 1 and 3 worker processes), flow
 #                              #       training at the paper config's width on random codes, KV-cache vs
 #                              #       naive sampling at a paper-like width

@@ -98,7 +98,10 @@ class EncoderConfig(Section):
 
 class EncodeConfig(Section):
     views: list[Literal["plain", "flip"]] = ["plain"]
-    dtype: Literal["float16", "bfloat16"] = "float16"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the encoder forward's arithmetic: fp32 (TF32 matmuls on CUDA), as RAE encodes; bf16 "
+                            "autocast is faster but ~0.4% off per token (benchmarks/encode.py measures it)")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="the stored features' dtype (after the forward)")
     stats: Literal["computed", "file"] = "computed"
     stats_file: str | None = None
     rows_per_shard: int = Field(256, gt=0, description="rows per Zarr shard: the unit of a writer and of resume")
@@ -121,13 +124,27 @@ class DecoderConfig(Section):
 
 
 class FitDecoderConfig(Section):
+    """RAE's stage-1 recipe (bytetriper/RAE configs/stage1/training/DINOv2-B_decXL.yaml, "RAE yaml" below, and
+    src/train_stage1.py), less the GAN term; L1 on [0, 1] pixels as RAE computes it."""
+
     steps: int = Field(20000, gt=0)
-    batch_size: int = Field(512, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="no warmup; cosine decays to 0 at `steps`")
-    weight_decay: float = 0.0
-    noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per sample")
-    ema_decay: float = 0.999
+    batch_size: int = Field(512, gt=0, description="RAE yaml training.global_batch_size")
+    lr: float = Field(2e-4, gt=0, description="peak lr (RAE yaml training.optimizer.lr / scheduler.base_lr)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="cosine: linear warmup from 0 over warmup_steps, then cosine decay to final_lr at `steps` "
+                              "(RAE yaml training.scheduler: type cosine, warmup_from_zero); constant: lr throughout")
+    warmup_steps: int | None = Field(None, ge=0, description="null = steps // 16 (RAE yaml training.scheduler."
+                                     "warmup_epochs 1 of training.epochs 16)")
+    final_lr: float = Field(2e-5, ge=0, description="the cosine's floor, reached at `steps` (RAE yaml "
+                                                   "training.scheduler.final_lr, at base_lr 2e-4)")
+    weight_decay: float = Field(0.0, description="RAE yaml training.optimizer.weight_decay")
+    noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per sample "
+                                                    "(RAE yaml stage_1.params.noise_tau)")
+    ema_decay: float = Field(0.9978, description="RAE yaml training.ema_decay")
+    augment: Literal["none", "resize_random_crop"] = Field(
+        "none", description="none: the stored features and their ADM center crops; resize_random_crop: RAE's "
+                            "Resize(1.5 x data.resolution, bicubic) + RandomCrop(data.resolution) (src/train_stage1.py "
+                            "stage1_transform), a fresh crop per step encoded by the frozen encoder at encode.precision")
     lpips_weights: str | None = Field(None, description="local LPIPS weights: adds an LPIPS term (needs the lpips package)")
     lpips_weight: float = 1.0
     report_images: int | None = Field(1000, gt=0, description="held-out val images (view 0) for psnr_val / l1_val and the grid; None = all")
@@ -278,6 +295,11 @@ class Config(Section):
         if e.rows_per_shard % e.rows_per_chunk:
             raise ValueError(f"encode.rows_per_chunk={e.rows_per_chunk} does not divide "
                              f"encode.rows_per_shard={e.rows_per_shard}")
+        d = self.fit_decoder
+        if d.final_lr > d.lr:
+            raise ValueError(f"fit_decoder.final_lr={d.final_lr} exceeds fit_decoder.lr={d.lr}: the cosine decays to it")
+        if d.warmup_steps is not None and d.warmup_steps > d.steps:
+            raise ValueError(f"fit_decoder.warmup_steps={d.warmup_steps} exceeds fit_decoder.steps={d.steps}")
         channels = self.encoder.arch.embed_dim or 768  # DINOv2-B
         if self.src.dim > channels:
             raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "

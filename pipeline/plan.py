@@ -62,7 +62,7 @@ COMMIT_OVERHEAD = 992 + 8
 RATE_KEYS = {"rows_per_s": "rows", "images_per_s": "images", "steps_per_s": "steps", "samples_per_s": "samples"}
 # Fields a throughput record must state, with the config's values, to apply to a stage.
 IDENTITY = {
-    "encode": ("encoder_name", "input_size", "tokens", "channels", "depth"),
+    "encode": ("encoder_name", "input_size", "tokens", "channels", "depth", "encode_precision"),
     "compress": ("params_m", "tokens", "channels"),
     "fit_decoder": ("params_m", "tokens", "channels"),
     "fit_src": ("params_m", "tokens", "channels"),
@@ -356,8 +356,10 @@ def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:
     d = cfg.fit_decoder
     tokens, _ = geometry(cfg)
     params = param_count("decoder", cfg)
+    # augment resize_random_crop: the frozen encoder runs every step (fp32 weights; no-grad activations are freed)
+    extra = 4 * param_count("encoder", cfg) if d.augment == "resize_random_crop" else 0
     return _training("fit_decoder", cfg, d.steps, params, d.batch_size, tokens + 1, cfg.decoder.hidden_size,
-                     cfg.decoder.depth, "decoder.safetensors")
+                     cfg.decoder.depth, "decoder.safetensors", extra_device=extra)
 
 
 def plan_fit_src(cfg: Config, data: Dataset) -> StagePlan:
@@ -541,7 +543,7 @@ def identity(cfg: Config, stage: str) -> dict:
 
     values = {
         "encode": lambda: {"encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size, "tokens": tokens,
-                           "channels": channels, "depth": a.depth or 12},
+                           "channels": channels, "depth": a.depth or 12, "encode_precision": cfg.encode.precision},
         "compress": lambda: {"params_m": params_m("src"), "tokens": tokens, "channels": channels},
         "fit_decoder": lambda: {"params_m": params_m("decoder"), "tokens": tokens, "channels": channels},
         "fit_src": lambda: {"params_m": params_m("src"), "tokens": tokens, "channels": channels},

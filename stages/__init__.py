@@ -43,10 +43,11 @@ STAGES: tuple[Stage, ...] = (
           sections=("data.layout", "data.classes", "data.max_per_class", "shard"),
           external=inputs.dataset_inputs),
     Stage("encode", "1",
-          sections=("data.resolution", "encoder", "encode.views", "encode.dtype", "encode.rows_per_shard",
+          sections=("data.resolution", "encoder", "encode.views", "encode.precision", "encode.dtype",
+                    "encode.rows_per_shard",
                     "encode.rows_per_chunk", "encode.subset_per_class"),
           upstream=("shard",), external=inputs.encoder_inputs),
-    Stage("fit_decoder", "1",
+    Stage("fit_decoder", "2",  # 2: L1 on [0, 1] pixels, RAE's warmup + cosine to a floor
           sections=("decoder", "fit_decoder"),
           upstream=("shard", "encode"), external=inputs.lpips_inputs, enabled=inputs.decoder_enabled),
     Stage("fit_src", "1",

@@ -1,4 +1,5 @@
-"""Stage `encode`: shard set -> `features.zarr`, frozen RAE encoder tokens (SRC-FLOW.md "RAE").
+"""Stage `encode`: shard set -> `features.zarr`, frozen RAE encoder tokens (SRC-FLOW.md "RAE"), at
+`encode.precision` (fp32 with TF32 matmuls, as RAE encodes, or bf16 autocast).
 
 Rows are (image, view) pairs in manifest order, train then val. The rows are cut into whole
 Zarr shards; each shard is one job (read its images from the tars, ADM center crop, encode,
@@ -26,7 +27,7 @@ from pipeline.config import Config
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
-from pipeline.training import autocast, resolve_device
+from pipeline.training import inference_precision, resolve_device
 from stages.inputs import encoder_weights_digest
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
 
@@ -52,7 +53,8 @@ class EncodeJob:
     views: tuple[int, ...]
     encoder: EncoderSpec
     resolution: int
-    dtype: str
+    precision: str  # encode.precision: the forward's arithmetic
+    dtype: str  # encode.dtype: the stored features'
     batch_size: int
     decode_threads: int
     device: str
@@ -79,7 +81,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
                                 "crop": "adm_center_crop_arr, bicubic resize to input_size (no antialias)",
                                 "normalization": "final LayerNorm without affine; per-position stats_mean/stats_var "
                                                  "stored beside, NOT applied",
-                                "logical_dtype": cfg.encode.dtype, "views": list(cfg.encode.views),
+                                "precision": cfg.encode.precision, "logical_dtype": cfg.encode.dtype, "views": list(cfg.encode.views),
                                 "splits": {"train": [0, n_train], "val": [n_train, n_rows]},
                                 "grid_size": encoder.grid_size, "source_fingerprint": upstream["shard"].fingerprint,
                                 "stats_count": 0})
@@ -132,8 +134,8 @@ def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: En
     mine = tuple((im["key"], im["label"], im["split"], str(shard_dir / "shards" / im["shard"]))
                  for im in images[first:last + 1])
     decode_threads = cfg.encode.decode_threads or max(2, (os.cpu_count() or 2) // max(1, cfg.runtime.workers))
-    return EncodeJob(r, mine, first, views, spec, cfg.data.resolution, cfg.encode.dtype, cfg.encode.batch_size,
-                     decode_threads, device, str(store), str(commits.dir))
+    return EncodeJob(r, mine, first, views, spec, cfg.data.resolution, cfg.encode.precision, cfg.encode.dtype,
+                     cfg.encode.batch_size, decode_threads, device, str(store), str(commits.dir))
 
 
 # --- one job, run in a worker thread -----------------------------------------------------------
@@ -222,7 +224,7 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
             with timed(seconds, "forward"):
                 pixels = batch.pin_memory().to(device, non_blocking=True) if cuda else batch
                 x = to_encoder_input(pixels, job.encoder.input_size)
-                with torch.inference_mode(), autocast(device):
+                with torch.inference_mode(), inference_precision(device, job.precision):
                     for v_index, view in enumerate(job.views):
                         rows = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
                         features[rows] = encoder(x.flip(-1) if view == 1 else x).to(features.dtype)

@@ -1,12 +1,15 @@
 """Stage `fit_decoder`: train the RAE decoder on (features, images) when no released decoder is given.
 
     features.zarr train rows (both views)  +  the same images' ADM center crops (mirrored for a flipped row)
-      -> RAE decoder, L1 on ImageNet-normalized pixels (+ LPIPS), on z + s*eps, s ~ tau*U(0, 1) per sample
+    (augment: resize_random_crop -- RAE's fresh crop of each image every step, encoded by the frozen encoder)
+      -> RAE decoder, L1 on [0, 1] pixels (+ LPIPS), on z + s*eps, s ~ tau*U(0, 1) per sample
       -> decoder.safetensors (EMA weights), decoder.json (arch), recon_grid.png, psnr_val / l1_val
 
-(SRC-FLOW.md "RAE", decoder training: AdamW betas (0.9, 0.95), EMA; the GAN term is left out.)
-The data position is the step (BatchSchedule over the train rows) and the noise of a step is a function of
-(seed, step), so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
+(SRC-FLOW.md "RAE", decoder training, as bytetriper/RAE src/train_stage1.py with
+configs/stage1/training/DINOv2-B_decXL.yaml: AdamW betas (0.9, 0.95), no gradient clipping, warmup +
+cosine to a floor, EMA 0.9978; the GAN term (from epoch 8 of 16 there) is left out.)
+The data position is the step (BatchSchedule over the train rows) and the noise (and crops) of a step are a
+function of (seed, step), so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
 Pixels stream: each batch's JPEGs are read by offset from the shard tars and decoded in threads, with the
 feature rows read alongside, while the previous step trains; memory is bounded by the batch (plus 16 bytes
 a row of JPEG locations), whatever the dataset size. A set that fits in `fit_decoder.memory_mb` (the smoke
@@ -34,7 +37,7 @@ import torch
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
 from pipeline.data.features import open_features, read_features
-from pipeline.data.shards import decode_crop
+from pipeline.data.shards import decode_crop, decode_random_crop
 from pipeline.images import save_grid
 from pipeline.progress import progress
 from pipeline.training import (
@@ -43,12 +46,14 @@ from pipeline.training import (
     Checkpointer,
     StopSignal,
     autocast,
+    inference_precision,
     load_safetensors,
     resolve_device,
     save_safetensors,
     seed_all,
     warmup_cosine,
 )
+from stages.encode import encoder_spec, load_encoder
 from stages.inputs import decoder_arch, encoder_geometry
 from storage_schemas.model_files import model_info
 from storage_schemas.success import write_atomic
@@ -65,7 +70,7 @@ log = logging.getLogger("srcflow")
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     from pipeline.models.rae import (  # imports timm: only when run
         build_rae_decoder,
-        to_encoder_input,
+        to_unit_pixels,
     )
 
     fd, resolution = cfg.fit_decoder, cfg.data.resolution
@@ -79,14 +84,17 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         raise ValueError(f"fit_decoder.batch_size: {fd.batch_size} is larger than the {len(train)} train rows of "
                          f"features.zarr")
     pairs = PairSource(group, upstream["shard"].dir, resolution, fd.loader_threads)
-    if pairs.hold(train, fd.memory_mb << 20):
+    augment = fd.augment == "resize_random_crop"
+    encoder = load_encoder(encoder_spec(cfg), str(device)) if augment else None  # frozen, as `encode` runs it
+    if not augment and pairs.hold(train, fd.memory_mb << 20):
         log.info("fit_decoder: the %d train pairs are held in memory", len(train))
 
     seed_all(fd.seed)
     model = build_rae_decoder(None, seed=fd.seed, **arch).to(device).train()
     ema = EMA(model, fd.ema_decay)
+    # RAE yaml training.optimizer: AdamW betas [0.9, 0.95]; training.clip_grad 0.0: no clipping
     optimizer = torch.optim.AdamW(model.parameters(), lr=fd.lr, betas=(0.9, 0.95), weight_decay=fd.weight_decay)
-    scheduler = lr_schedule(optimizer, fd.lr_schedule, fd.steps)
+    scheduler = lr_schedule(optimizer, fd)
     batches = BatchSchedule(len(train), fd.batch_size, fd.seed)
     checkpoints = Checkpointer(out.path / "checkpoints", every=fd.ckpt_every, keep=1)
     step, extra = checkpoints.restore(model, ema, optimizer, scheduler)  # 0, {} on a fresh run
@@ -95,17 +103,24 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     if step:
         log.info("fit_decoder: resuming at step %d/%d from %s", step, fd.steps, checkpoints.latest())
 
-    load = lambda s: pairs(train.start + batches.indices(s))  # the batch of step s
+    if augment:  # the batch of step s: RAE crops, the features computed in the loop
+        load = lambda s: (None, pairs.random_crops(train.start + batches.indices(s), (fd.seed, s, 1)))
+    else:  # the batch of step s: stored features and their crops
+        load = lambda s: pairs(train.start + batches.indices(s))
     with StopSignal() as stop, progress("fit_decoder", fd.steps, "steps") as bar, \
             closing(prefetched(load, range(step, fd.steps))) as stream:
         bar.advance(step)
         for features, crops in stream:
-            target = to_encoder_input(torch.from_numpy(crops).to(device), resolution)  # ImageNet-normalized
+            pixels = torch.from_numpy(crops).to(device)
+            if features is None:
+                features = encode_crops(encoder, pixels, cfg)
+            target = unit_pixels(pixels)
             z, _ = noise_augment(features.to(device), fd.noise_tau, noise.manual_seed(step_seed(fd.seed, step)))
             with autocast(device):
-                recon = model(z)
-            l1 = (recon.float() - target).abs().mean()
-            loss = l1 if lpips is None else l1 + fd.lpips_weight * lpips(to_unit(recon.float()), to_unit(target)).mean()
+                recon = to_unit_pixels(model(z))  # [0, 1], unclamped, as RAE's decode returns
+            l1 = (recon - target).abs().mean()  # RAE: (recon - images).abs().mean(), images in [0, 1]
+            # RAE: LPIPS on [-1, 1] (images * 2 - 1), weight gan.loss.perceptual_weight 1.0 from lpips_start 0
+            loss = l1 if lpips is None else l1 + fd.lpips_weight * lpips(recon * 2 - 1, target * 2 - 1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -150,20 +165,33 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """No warmup: a constant lr, or cosine decay to 0 at `steps`."""
-    if kind == "cosine":
-        return warmup_cosine(optimizer, 0, steps)
+def lr_schedule(optimizer: torch.optim.Optimizer, fd) -> torch.optim.lr_scheduler.LambdaLR:
+    """RAE's (utils/optim_utils.py build_scheduler, type cosine, warmup_from_zero): (s + 1) / warmup during the
+    warmup, then cosine from lr down to final_lr at `steps`, final_lr after; or a constant lr."""
+    if fd.lr_schedule == "cosine":
+        return warmup_cosine(optimizer, warmup_steps(fd), fd.steps, min_ratio=fd.final_lr / fd.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def to_unit(x_normalized: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalized pixels -> [-1, 1], the LPIPS input range."""
-    from pipeline.models.rae import IMAGENET_MEAN, IMAGENET_STD
+def warmup_steps(fd) -> int:
+    """fit_decoder.warmup_steps, or RAE's 1 epoch of 16: steps // 16."""
+    return fd.steps // 16 if fd.warmup_steps is None else fd.warmup_steps
 
-    mean = torch.tensor(IMAGENET_MEAN, device=x_normalized.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x_normalized.device).view(1, 3, 1, 1)
-    return (x_normalized * std + mean) * 2 - 1
+
+def unit_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], RAE's ToTensor() image and its L1 target."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 255.0
+
+
+def encode_crops(encoder, pixels: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The frozen encoder on uint8 crops (B, R, R, 3), as `encode` computes a row: encode.precision, then
+    rounded to encode.dtype (what the decoder meets in features.zarr), as float32."""
+    from pipeline.models.rae import to_encoder_input
+
+    dtype = torch.bfloat16 if cfg.encode.dtype == "bfloat16" else torch.float16
+    with torch.no_grad(), inference_precision(pixels.device, cfg.encode.precision):
+        features = encoder(to_encoder_input(pixels, cfg.encoder.input_size))
+    return features.to(dtype).float()
 
 
 def load_lpips(path: str | None, device: torch.device):
@@ -234,13 +262,27 @@ class PairSource:
                           for j, v in zip(zip(self.tar[rows], self.offset[rows], self.size[rows]), self.view[rows])])
         return features.result()[torch.from_numpy(np.argsort(order))], crops
 
+    def random_crops(self, rows: np.ndarray, seed) -> np.ndarray:
+        """RAE's training crops (B, R, R, 3) of these rows' images, mirrored for a flipped-view row; the crop
+        positions are drawn from `seed` (one per row, in row order; the stage passes (seed, step, 1)), so a
+        step's crops are a function of (seed, step) and resume needs no RNG state."""
+        rows = np.asarray(rows)
+        positions = np.random.default_rng(seed).random((len(rows), 2))
+        jpegs = zip(self.tar[rows], self.offset[rows], self.size[rows])
+        crops = self.pool.map(lambda job: decode_random_crop(self.jpeg(job[0]), self.resolution, job[1]),
+                              zip(jpegs, positions))
+        return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, self.view[rows])])
+
     def crop(self, jpeg: tuple[int, int, int]) -> np.ndarray:
-        tar, offset, size = jpeg
+        return decode_crop(self.jpeg(jpeg), self.resolution)
+
+    def jpeg(self, location: tuple[int, int, int]) -> bytes:
+        tar, offset, size = location
         with open(self.tars[tar], "rb") as f:
             data = os.pread(f.fileno(), int(size), int(offset))
         if len(data) != size:
             raise OSError(f"{self.tars[tar]}: truncated tar, a JPEG at byte {offset} ends early")
-        return decode_crop(data, self.resolution)
+        return data
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -296,9 +338,9 @@ def held_out_rows(group, attrs: dict, limit: int | None) -> np.ndarray:
 def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: torch.device,
            ) -> tuple[dict, np.ndarray, np.ndarray]:
     """The decoder on clean (un-noised) held-out features against the image crops: PSNR (uint8 pixels, MSE
-    over the whole set), L1 (ImageNet-normalized), and the PSNR of the trivial baseline that predicts the
+    over the whole set), L1 ([0, 1] pixels, as the training loss), and the PSNR of the trivial baseline that predicts the
     held-out set's own mean image. Also GRID_COLUMNS images spread over the set and their reconstructions."""
-    from pipeline.models.rae import to_encoder_input, to_uint8_pixels
+    from pipeline.models.rae import to_uint8_pixels, to_unit_pixels
 
     if len(rows) == 0:
         log.warning("fit_decoder: no val images in features.zarr: no psnr_val, l1_val or grid")
@@ -313,7 +355,7 @@ def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: to
             features, crops = pairs(rows[b0:b0 + cfg.fit_decoder.eval_batch_size])
             with autocast(device):
                 recon = decoder(features.to(device)).float()
-            l1 += (recon - to_encoder_input(torch.from_numpy(crops).to(device), r)).abs().sum().item()
+            l1 += (to_unit_pixels(recon) - unit_pixels(torch.from_numpy(crops).to(device))).abs().sum().item()
             pixels = to_uint8_pixels(recon).cpu().numpy()
             truth = crops.astype(np.float64)
             sse += np.square(pixels - truth).sum()

@@ -79,7 +79,7 @@ def test_the_resolved_noise_level_keeps_the_fingerprint_of_an_explicit_one():
     ("src.dim=100000", "src.dim"), ("data.resolution=0", "data.resolution"), ("train.lr=-1", "train.lr"),
     ("flow.heads=5", "flow.heads"), ("flow.width=0", "flow.width"), ("runtime.workers=0", "runtime.workers"),
     ("encode.rows_per_chunk=64", "encode.rows_per_chunk"), ("encode.rows_per_chunk=5", "encode.rows_per_chunk"),
-    ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"),
+    ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"), ("encode.precision=fp16", "encode.precision"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

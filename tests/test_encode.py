@@ -81,6 +81,27 @@ def test_bfloat16_store_round_trips_exactly(make_config):
     assert torch.equal(widened.to(torch.bfloat16).float(), widened)  # exactly representable in bf16
 
 
+def test_precision_enters_the_fingerprint_of_encode_and_of_every_stage_downstream(make_config):
+    fp32 = {p.name: p.fingerprint for p in plan(make_config())}
+    bf16 = {p.name: p.fingerprint for p in plan(make_config("encode.precision=bf16"))}
+    assert make_config().encode.precision == "fp32"  # the default, as RAE encodes
+    unchanged = {"shard", "reference"}  # they do not read the features
+    assert {s for s in fp32 if fp32[s] == bf16[s]} == unchanged
+    assert {"encode", "fit_decoder", "fit_src", "compress", "train_flow", "sample", "evaluate"} <= fp32.keys()
+
+
+def test_bf16_features_differ_from_fp32_ones_but_stay_close(module_config, encoded):
+    _, bf16 = _encode(module_config, "encode.precision=bf16")
+    assert bf16.fingerprint != encoded.fingerprint
+    stores = [zarr.open_group(str(out.dir / "features.zarr"), mode="r") for out in (encoded, bf16)]
+    assert [g.attrs["precision"] for g in stores] == ["fp32", "bf16"]
+    f32, f16 = (widen(g["features"][:]).astype(np.float64) for g in stores)
+    relative = np.linalg.norm(f16 - f32) / np.linalg.norm(f32)
+    # bf16 keeps 8 mantissa bits (~0.4% a value); the stored float16 rounds at ~0.05%, so the two stores differ
+    assert 1e-3 < relative < 3e-2, relative
+    assert np.abs(f16 - f32).max() < 0.25
+
+
 KILL_SCRIPT = """
 import itertools, os, random, signal, sys, threading
 import pipeline.artifacts as zs

@@ -22,10 +22,10 @@ from pipeline.config import config_dict
 from pipeline.data.features import read_features
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.images import psnr
-from pipeline.models.rae import build_rae_decoder, to_encoder_input, to_uint8_pixels
+from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
 from pipeline.runner import plan, run_pipeline
 from stages import fit_decoder
-from stages.fit_decoder import load_decoder, noise_augment, step_seed
+from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, step_seed, unit_pixels
 from stages.inputs import decoder_arch
 from tests.conftest import REPO
 
@@ -91,9 +91,9 @@ def test_training_lowers_l1_and_beats_the_mean_image(trained):
     cfg, manifests, _ = trained
     metrics = manifests["fit_decoder"].metrics
     features, crops = held_out(cfg, manifests)
-    target = to_encoder_input(torch.from_numpy(crops), 32)
+    target = unit_pixels(torch.from_numpy(crops))
     untrained = build_rae_decoder(None, seed=cfg.fit_decoder.seed, **decoder_arch(cfg))
-    l1_untrained = float((reconstruct(untrained, features) - target).abs().mean())
+    l1_untrained = float((to_unit_pixels(reconstruct(untrained, features)) - target).abs().mean())
 
     assert metrics["steps"] == 100 and metrics["report_images"] == 16
     assert metrics["l1_train_last"] < 0.6 * metrics["l1_train_first"]
@@ -111,8 +111,10 @@ def test_report_is_the_ema_decoder_on_clean_features(trained):
     features, crops = held_out(cfg, manifests)
     recon = reconstruct(decoder, features)
     assert psnr(to_uint8_pixels(recon).numpy(), crops) == pytest.approx(metrics["psnr_val"], rel=1e-6)
-    l1 = float((recon - to_encoder_input(torch.from_numpy(crops), 32)).abs().mean())
-    assert l1 == pytest.approx(metrics["l1_val"], rel=1e-5)
+    l1 = float((to_unit_pixels(recon) - torch.from_numpy(crops).permute(0, 3, 1, 2) / 255.0).abs().mean())
+    assert l1 == pytest.approx(metrics["l1_val"], rel=1e-5)  # on [0, 1] pixels
+    normalized = float((recon - to_encoder_input(torch.from_numpy(crops), 32)).abs().mean())
+    assert 4.0 < normalized / l1 < 4.9  # ImageNet-normalized space would weigh it ~1 / std = ~4.4x
 
 
 def test_outputs_weights_arch_and_reconstruction_grid(trained):
@@ -150,6 +152,95 @@ def test_noise_scale_is_uniform_per_sample_and_seeded_by_step():
     assert torch.equal(z, again) and step_seed(0, 5) != step_seed(0, 6) and step_seed(0, 5) != step_seed(1, 5)
     same, none = noise_augment(features, 0.0, g)
     assert torch.equal(same, features) and not none.any()
+
+
+def test_l1_is_on_unit_pixels_as_rae_computes_it():
+    """A decoder output of 0 (ImageNet-normalized) is the mean colour in [0, 1]; against white, the L1 is
+    mean(1 - (0.485, 0.456, 0.406)) = 0.551, not the normalized-space mean(0.515/0.229, ...) = 2.42."""
+    white = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    recon = to_unit_pixels(torch.zeros(2, 3, 4, 4))
+    l1 = float((recon - unit_pixels(white)).abs().mean())
+    assert l1 == pytest.approx((0.515 + 0.544 + 0.594) / 3, abs=1e-6)
+    grey = torch.full((1, 2, 2, 3), 51, dtype=torch.uint8)  # 0.2
+    assert float((to_unit_pixels(to_encoder_input(grey, 2)) - unit_pixels(grey)).abs().max()) < 1e-6
+
+
+def test_lr_schedule_warms_up_to_the_peak_then_decays_by_cosine_to_the_floor():
+    from pipeline.config import FitDecoderConfig
+
+    fd = FitDecoderConfig(steps=320, lr=2e-4, final_lr=2e-5)  # warmup_steps null: steps // 16 = 20
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=fd.lr)
+    scheduler, lrs = lr_schedule(optimizer, fd), []
+    for _ in range(330):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(2e-4 / 20) and lrs[19] == pytest.approx(2e-4)  # from zero, peak at the end
+    assert np.all(np.diff(lrs[:20]) > 0) and np.all(np.diff(lrs[20:320]) < 0)
+    for step in (20, 95, 170, 245):  # cosine: floor + (peak - floor) (1 + cos(pi p)) / 2
+        p = (step - 20) / 300
+        assert lrs[step] == pytest.approx(2e-5 + 1.8e-4 * (1 + np.cos(np.pi * p)) / 2, rel=1e-9)
+    assert lrs[170] == pytest.approx(1.1e-4)  # halfway: the mean of peak and floor
+    assert lrs[320] == pytest.approx(2e-5) and lrs[-1] == pytest.approx(2e-5)  # the floor, and it stays there
+    constant = FitDecoderConfig(lr_schedule="constant")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    lr_schedule(optimizer, constant)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_rae_augmentation_resizes_the_short_side_to_1_5x_and_crops_as_torchvision():
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 450, 3), dtype=np.uint8))  # H 300, W 450
+    resized = np.asarray(transforms.Resize(384, interpolation=transforms.InterpolationMode.BICUBIC)(image))
+    assert resized.shape == (384, 576, 3)
+    crop = resize_random_crop(image, 256, (0.5, 0.25))
+    top, left = int(0.5 * (384 - 256 + 1)), int(0.25 * (576 - 256 + 1))
+    assert crop.shape == (256, 256, 3) and np.array_equal(crop, resized[top:top + 256, left:left + 256])
+    corner = resize_random_crop(image, 256, (0.0, 0.999999))  # the last position RandomCrop can draw
+    assert np.array_equal(corner, resized[:256, -256:])
+
+
+def test_random_crops_are_seeded_per_step_and_mirrored_for_flipped_rows(config):
+    manifests = run_pipeline(config(), until="encode")
+    group = zarr.open_group(str(manifests["encode"].dir / "features.zarr"), mode="r")
+    pairs = fit_decoder.PairSource(group, manifests["shard"].dir, 32, threads=2)
+    rows = np.arange(8)  # 4 images, plain and flipped
+    crops = pairs.random_crops(rows, seed=3)
+    assert crops.shape == (8, 32, 32, 3) and crops.dtype == np.uint8
+    assert np.array_equal(crops, pairs.random_crops(rows, seed=3))
+    assert not np.array_equal(crops, pairs.random_crops(rows, seed=4))
+    center = pairs(rows)[1]
+    assert not np.array_equal(crops, center)  # 48 px resize, 32 px crop: not the center crop
+    mirrored = pairs.random_crops(np.array([1]), seed=7)[0]  # row 1 is image 0's flipped view
+    assert np.array_equal(mirrored[:, ::-1], pairs.random_crops(np.array([0]), seed=7)[0])
+    pairs.close()
+
+
+def test_online_features_of_the_center_crops_equal_the_stored_ones(config):
+    """With augment: resize_random_crop the encoder runs in the loop; it computes rows as `encode` does."""
+    from stages.encode import encoder_spec, load_encoder
+
+    cfg = config()
+    manifests = run_pipeline(cfg, until="encode")
+    group = zarr.open_group(str(manifests["encode"].dir / "features.zarr"), mode="r")
+    pairs = fit_decoder.PairSource(group, manifests["shard"].dir, 32, threads=2)
+    rows = np.arange(0, 12, 2)  # plain views
+    stored, crops = pairs(rows)
+    online = encode_crops(load_encoder(encoder_spec(cfg), "cpu"), torch.from_numpy(crops), cfg)
+    torch.testing.assert_close(online, stored, rtol=2e-3, atol=2e-3)  # float16 rounding of the same forward
+    pairs.close()
+
+
+def test_training_with_rae_augmentation_runs_and_has_its_own_fingerprint(config):
+    cfg = config(*RESUME, "fit_decoder.steps=6", "fit_decoder.augment=resize_random_crop")
+    plain = {p.name: p.fingerprint for p in plan(config(*RESUME, "fit_decoder.steps=6"))}
+    manifests = run_pipeline(cfg, until="fit_decoder")
+    assert manifests["fit_decoder"].fingerprint != plain["fit_decoder"]
+    assert manifests["fit_decoder"].semantic_config["fit_decoder"]["augment"] == "resize_random_crop"
+    metrics = manifests["fit_decoder"].metrics
+    assert metrics["steps"] == 6 and np.isfinite(metrics["psnr_val"]) and 0 < metrics["l1_val"] < 1
 
 
 def test_streamed_pairs_equal_held_pairs_and_flips_pair_with_mirrored_images(config):

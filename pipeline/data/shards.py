@@ -48,3 +48,12 @@ def decode_crop(jpeg: bytes, resolution: int) -> np.ndarray:
 
     with Image.open(io.BytesIO(jpeg)) as img:
         return center_crop_arr(img, resolution)
+
+
+def decode_random_crop(jpeg: bytes, resolution: int, position: tuple[float, float]) -> np.ndarray:
+    """JPEG bytes -> RAE's decoder-training crop at `resolution` (resize the short side to 1.5x, crop at
+    `position`), uint8 HxWx3."""
+    from pipeline.models.rae import resize_random_crop
+
+    with Image.open(io.BytesIO(jpeg)) as img:
+        return resize_random_crop(img, resolution, position)

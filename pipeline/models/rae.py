@@ -62,6 +62,23 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
+def resize_random_crop(pil_image: Image.Image, image_size: int, position: tuple[float, float]) -> np.ndarray:
+    """RAE's decoder-training augmentation (src/train_stage1.py stage1_transform): torchvision
+    Resize(1.5 * image_size, BICUBIC) of the short side (384 at 256 px), then RandomCrop(image_size).
+    `position` (two numbers in [0, 1)) places the crop: top = floor(position[0] * (H - image_size + 1)),
+    left likewise, as RandomCrop's randint(0, H - size + 1). Returns uint8 (image_size, image_size, 3)."""
+    pil_image = pil_image.convert("RGB")  # ImageFolder's loader
+    short = int(image_size * 1.5)  # RAE: 384 if image_size == 256 else int(image_size * 1.5)
+    w, h = pil_image.size
+    if min(w, h) != short:  # torchvision: the long side is int(short * long / short_side)
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        pil_image = pil_image.resize(size, resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = int(position[0] * (arr.shape[0] - image_size + 1))
+    left = int(position[1] * (arr.shape[1] - image_size + 1))
+    return arr[top : top + image_size, left : left + image_size]
+
+
 def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: bool = False) -> torch.Tensor:
     """uint8 images, (B, H, W, 3) or (B, 3, H, W) -> float (B, 3, input_size, input_size): [0, 1] pixels,
     bicubic resize (256 -> 224 in RAE), then ImageNet mean/std. RAE's own encode (stage1/rae.py) calls
@@ -82,12 +99,18 @@ def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: boo
     return (x - mean) / std
 
 
+def to_unit_pixels(x_normalized: torch.Tensor) -> torch.Tensor:
+    """Decoder output (B, 3, H, W), ImageNet-normalised -> [0, 1] pixels x * std + mean, unclamped: what
+    RAE's decode returns, and where its L1 is computed (src/train_stage1.py: (recon - images).abs().mean())."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x_normalized.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x_normalized.device).view(1, 3, 1, 1)
+    return x_normalized.float() * std + mean
+
+
 def to_uint8_pixels(x_normalized: torch.Tensor) -> torch.Tensor:
     """Decoder output (B, 3, H, W), ImageNet-normalised -> uint8 (B, H, W, 3): x * std + mean (as RAE
     decode), clamp to [0, 1], round to 0..255."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x_normalized.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x_normalized.device).view(1, 3, 1, 1)
-    x = (x_normalized.float() * std + mean).clamp(0, 1)
+    x = to_unit_pixels(x_normalized).clamp(0, 1)
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
