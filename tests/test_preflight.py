@@ -210,7 +210,7 @@ def test_an_os_error_is_one_line_naming_the_file_and_debug_shows_the_traceback(m
 
 
 def test_debug_shows_the_traceback_of_a_refusal(tmp_path, tiny_root, monkeypatch):
-    monkeypatch.delenv("SRCFLOW_DEBUG", raising=False)  # --debug sets it for the process: restored after
+    monkeypatch.setenv("SRCFLOW_DEBUG", "0")  # --debug sets it to 1 for the process: monkeypatch restores it
     args = ["run", "--config", str(SMOKE), *sets(tmp_path, tiny_root, "train.batch_size=100000")]
     r = cli.invoke(app, ["--debug", *args])
     assert r.exit_code == 1 and isinstance(r.exception, ValueError) and "train.batch_size" in str(r.exception)
