@@ -66,6 +66,9 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
     with one_line_errors():  # fail fast, before Prefect starts
         refuse_damaged(select_stages(plan(cfg, last_needed(stage, until)), stage, until), cfg, force or [])
+    from pipeline.watchdog import guard_children
+
+    guard_children()  # before Prefect, Dask or torchrun start anything: none of it outlives this process
     prefect_env()
     from flows.srcflow import srcflow
 
