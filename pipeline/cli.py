@@ -42,6 +42,14 @@ def main_options(debug_: bool = typer.Option(False, "--debug", help="show traceb
         os.environ["SRCFLOW_DEBUG"] = "1"
 
 
+def drop_traceback(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed flow or task run with its traceback; its message already holds the exception's one
+    line, so the traceback is shown only with --debug."""
+    if not debug():
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -90,8 +98,14 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
             print(f"{p.name}: done ({p.path})")
         print("nothing to run: every selected stage is done; Prefect was not started (--prefect runs the flow)")
         return
+    from pipeline.watchdog import guard_children
+
+    guard_children()  # before Prefect, Dask or torchrun start anything: none of it outlives this process
     prefect_env()
     from flows.srcflow import srcflow
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(drop_traceback)
 
     state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
                     return_state=True)

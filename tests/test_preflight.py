@@ -248,3 +248,48 @@ def test_check_once_remembers_a_pass_for_these_bytes_and_this_spec(tmp_path):
     with pytest.raises(ValueError):  # a failure is never remembered
         check_once(path, "arch-c", lambda: (_ for _ in ()).throw(ValueError("bad")))
     assert calls == ["a", "b"]
+
+
+# --- a stage failing inside the Prefect flow ---------------------------------------------------------------
+
+FAILING_RUN = """
+import sys
+import stages.shard
+def fail(cfg, upstream, out):
+    raise ValueError("shard: a stage failing at run time")
+stages.shard.run = fail
+from pipeline.cli import app
+sys.argv = ["srcflow", *sys.argv[1:]]
+app()
+"""
+
+
+def test_a_stage_failing_inside_the_flow_is_one_line_per_run_without_tracebacks(tmp_path, tiny_root):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env.pop("SRCFLOW_DEBUG", None)
+    r = subprocess.run([sys.executable, "-c", FAILING_RUN, "run", "--config", str(SMOKE), "--until", "shard",
+                        *sets(tmp_path, tiny_root)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "error: flow run Failed" in r.stderr and "shard: a stage failing at run time" in r.stderr
+
+
+def test_prefect_run_logs_keep_their_traceback_only_with_debug(monkeypatch):
+    import logging
+
+    from pipeline.cli import drop_traceback
+
+    def record():
+        try:
+            raise ValueError("x")
+        except ValueError:
+            return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed: %r", (1,),
+                                     sys.exc_info())
+
+    monkeypatch.setenv("SRCFLOW_DEBUG", "0")
+    r = record()
+    assert drop_traceback(r) and r.exc_info is None
+    monkeypatch.setenv("SRCFLOW_DEBUG", "1")
+    r = record()
+    assert drop_traceback(r) and r.exc_info is not None
