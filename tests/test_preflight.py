@@ -8,7 +8,6 @@ Each `srcflow run` below is on a fresh root: the assertion that no stage folder 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +81,7 @@ def test_a_fitting_decoder_is_checked_once_and_then_planned_without_torch(tmp_pa
     safetensors.torch.save_file(decoder_state(cfg), path)
     assert {p.name for p in plan(cfg)} >= {"fit_src", "sample"} and "fit_decoder" not in {p.name for p in plan(cfg)}
 
-    import pipeline.models.rae as rae
+    from pipeline.models import rae
 
     build = rae.build_rae_decoder
 
