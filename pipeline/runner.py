@@ -110,7 +110,12 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False) -> Manifest:
         out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
         log.info("%s: running -> %s", p.name, out.path)
         started = now()
-        metrics = p.stage.run(cfg, upstream, out)
+        try:
+            metrics = p.stage.run(cfg, upstream, out)
+        except OSError as e:  # e.g. a full disk: a write names no file, so name the output being written
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, f"{p.name}: {e.strerror} (writing into {out.path})") from e
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {})
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
