@@ -370,7 +370,7 @@ def test_tiny_imagenet_default_kind_keeps_the_marker_and_pixels_of_before_kinds(
 
 
 def test_tiny_shapes_are_deterministic_and_recorded_as_their_kind(tmp_path):
-    args = dict(classes=4, per_class=3, val_per_class=2, size=32, seed=0, kind="shapes")
+    args = {"classes": 4, "per_class": 3, "val_per_class": 2, "size": 32, "seed": 0, "kind": "shapes"}
     make_tiny_imagenet(tmp_path / "a", **args)
     make_tiny_imagenet(tmp_path / "b", **args)
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
@@ -386,12 +386,12 @@ def test_tiny_shapes_are_deterministic_and_recorded_as_their_kind(tmp_path):
 def test_tiny_shapes_classes_share_colour_size_and_position_statistics():
     # per image: mean colour, ink (the shape's pixels: fg value >= 0.75, bg <= 0.35) and its centroid
     stats = {k: [] for k in range(4)}
-    for k in stats:
+    for k, rows in stats.items():
         for i in range(200):
             img = render_image(k, "train", i, size=32, seed=0, kind="shapes").astype(float)
             ink = img.max(2) > 140
             ys, xs = np.nonzero(ink)
-            stats[k].append([*img.reshape(-1, 3).mean(0), ink.mean(), xs.mean(), ys.mean()])
+            rows.append([*img.reshape(-1, 3).mean(0), ink.mean(), xs.mean(), ys.mean()])
     stats = {k: np.array(v) for k, v in stats.items()}
     spread = np.concatenate(list(stats.values())).std(0)  # across all images
     means = np.array([v.mean(0) for v in stats.values()])
@@ -403,5 +403,6 @@ def test_tiny_shapes_classes_share_colour_size_and_position_statistics():
         ink = render_image(k, "train", i, size=32, seed=0, kind="shapes").max(2) > 140
         ys, xs = np.nonzero(ink)
         return np.roll(ink, (16 - round(ys.mean()), 16 - round(xs.mean())), (0, 1))
-    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
     assert iou(centred(0, 0), centred(3, 0)) < iou(centred(0, 0), centred(0, 1)) - 0.1
