@@ -241,12 +241,14 @@ def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 @app.command("make-tiny-imagenet")
 def make_tiny_imagenet_cmd(out: Path, classes: int = 4, per_class: int = 32, val_per_class: int = 8, size: int = 64,
-                           seed: int = 0, layout: str = typer.Option("imagefolder", help="imagefolder | kaggle")):
+                           seed: int = 0, layout: str = typer.Option("imagefolder", help="imagefolder | kaggle"),
+                           kind: str = typer.Option("colours", help="colours (a shape and hue per class) | shapes "
+                                                                    "(classes differ only by shape)")):
     """Write the deterministic procedural ImageNet used by the demo and CI."""
     from pipeline.data.tiny_imagenet import make_tiny_imagenet
 
     summary = make_tiny_imagenet(out, classes=classes, per_class=per_class, val_per_class=val_per_class, size=size,
-                                 seed=seed, layout=layout)
+                                 seed=seed, layout=layout, kind=kind)
     print(json.dumps(summary, indent=2, default=str))
 
 

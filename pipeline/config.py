@@ -57,6 +57,9 @@ class TinyImageNetConfig(Section):
     val_per_class: int = 8
     size: int = 64
     seed: int = 0
+    kind: Literal["colours", "shapes"] = Field(
+        "colours", description="colours: one shape and hue per class; shapes: classes differ only by shape "
+                               "(configs/learn.yaml); enters fingerprints through the listing digest")
 
 
 class DataConfig(Section):

@@ -66,7 +66,7 @@ def prepare_source(cfg: Config) -> None:
     expected = "a directory holding train/ and val/ in ImageFolder or Kaggle layout"
     if tiny is not None:
         make_tiny_imagenet(root, classes=tiny.classes, per_class=tiny.per_class, val_per_class=tiny.val_per_class,
-                           size=tiny.size, seed=tiny.seed)
+                           size=tiny.size, seed=tiny.seed, kind=tiny.kind)
     elif root.is_file():
         raise ValueError(f"data.root: {root} is a file (expected {expected})")
     elif not root.is_dir():

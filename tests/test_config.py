@@ -55,6 +55,14 @@ def test_paper_configs_validate():
         load_config(REPO / "configs" / name)
 
 
+def test_the_learn_config_validates_and_draws_the_shape_only_set():
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "learn.yaml")
+    assert cfg.data.generate_tiny.kind == "shapes" and cfg.data.generate_tiny.classes == 4
+    assert load_config(SMOKE).data.generate_tiny.kind == "colours"  # the default: smoke's set is unchanged
+
+
 def test_one_noise_level_null_follows_the_src_and_a_mismatch_needs_the_opt_in():
     cfg = load_config(SMOKE, ["src.noise_sigma=0.3"])
     assert cfg.flow.noise_sigma == 0.3  # null: the SRC's level

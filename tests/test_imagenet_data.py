@@ -21,7 +21,7 @@ from pipeline.data.imagenet import (
     prepare_image_bytes,
     scan_split,
 )
-from pipeline.data.tiny_imagenet import SYNSETS, make_tiny_imagenet
+from pipeline.data.tiny_imagenet import SYNSETS, make_tiny_imagenet, render_image
 
 SMALL = dict(classes=3, per_class=5, val_per_class=4, size=32, seed=0)
 
@@ -360,3 +360,49 @@ def test_tiny_imagenet_class_mean_colours_are_pairwise_far_apart(tmp_path):
     closest = min(np.linalg.norm(means[a] - means[b])
                   for a, b in itertools.combinations(means, 2))
     assert closest > 35  # on a 0..255 scale; the default 4 classes are ~100 apart
+
+
+def test_tiny_imagenet_default_kind_keeps_the_marker_and_pixels_of_before_kinds(folder_root):
+    # the default kind must not change existing datasets, hence their listing digests and fingerprints
+    assert "kind" not in json.loads((folder_root / "tiny_imagenet.json").read_text())["args"]
+    assert np.array_equal(render_image(1, "train", 3, size=32, seed=0),
+                          render_image(1, "train", 3, size=32, seed=0, kind="colours"))
+
+
+def test_tiny_shapes_are_deterministic_and_recorded_as_their_kind(tmp_path):
+    args = {"classes": 4, "per_class": 3, "val_per_class": 2, "size": 32, "seed": 0, "kind": "shapes"}
+    make_tiny_imagenet(tmp_path / "a", **args)
+    make_tiny_imagenet(tmp_path / "b", **args)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert json.loads((tmp_path / "a/tiny_imagenet.json").read_text())["args"]["kind"] == "shapes"
+    with pytest.raises(ValueError, match="already holds"):
+        make_tiny_imagenet(tmp_path / "a", **{**args, "kind": "colours"})
+    with pytest.raises(ValueError, match="kind 'shapes' has 1..4 classes"):
+        make_tiny_imagenet(tmp_path / "c", **{**args, "classes": 5})
+    with pytest.raises(ValueError, match="kind='stripes'"):
+        make_tiny_imagenet(tmp_path / "d", **{**args, "kind": "stripes"})
+
+
+def test_tiny_shapes_classes_share_colour_size_and_position_statistics():
+    # per image: mean colour, ink (the shape's pixels: fg value >= 0.75, bg <= 0.35) and its centroid
+    stats = {k: [] for k in range(4)}
+    for k, rows in stats.items():
+        for i in range(200):
+            img = render_image(k, "train", i, size=32, seed=0, kind="shapes").astype(float)
+            ink = img.max(2) > 140
+            ys, xs = np.nonzero(ink)
+            rows.append([*img.reshape(-1, 3).mean(0), ink.mean(), xs.mean(), ys.mean()])
+    stats = {k: np.array(v) for k, v in stats.items()}
+    spread = np.concatenate(list(stats.values())).std(0)  # across all images
+    means = np.array([v.mean(0) for v in stats.values()])
+    # class means agree to a fraction of the per-image spread (chance alone: ~0.07 std at n = 200)
+    assert (np.abs(means - means.mean(0)) / spread).max() < 0.3
+    # ... yet the images of different classes are different shapes: the ink masks of class 0 (disc)
+    # and class 3 (cross), centred, overlap far less than two discs do
+    def centred(k, i):
+        ink = render_image(k, "train", i, size=32, seed=0, kind="shapes").max(2) > 140
+        ys, xs = np.nonzero(ink)
+        return np.roll(ink, (16 - round(ys.mean()), 16 - round(xs.mean())), (0, 1))
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+    assert iou(centred(0, 0), centred(3, 0)) < iou(centred(0, 0), centred(0, 1)) - 0.1

@@ -7,12 +7,18 @@ the same hue, with per-image jitter of position, size and brightness plus mild n
 Hues are handed out so the first classes are furthest apart on the colour wheel, hence
 the class mean colours differ clearly. Output is byte-identical for the same arguments
 (numpy Generator seeded from (seed, split, class, index); baseline JPEG at quality 95).
+
+kind "shapes" (configs/learn.yaml): classes differ ONLY by shape (disc, square, triangle, cross),
+scaled to equal area; every image draws its foreground and background colours, size and position
+from one distribution shared by all classes, so neither a class's mean colour nor its mean ink
+tells it apart: a model must learn the shape.
 """
 
 from __future__ import annotations
 
 import colorsys
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +33,12 @@ SYNSETS = (
     "n01532829", "n01534433", "n01537544", "n01558993",
 )
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bars", "x")
+KIND_SHAPES = ("disc", "square", "triangle", "cross")
+# Radius factors giving every shape of kind "shapes" the disc's area pi r^2 (areas of _shape_mask:
+# square 2.89 r^2, triangle 2 r^2, cross 2.04 r^2).
+_EQUAL_AREA = {"disc": 1.0, "square": math.sqrt(math.pi / 2.89), "triangle": math.sqrt(math.pi / 2.0),
+               "cross": math.sqrt(math.pi / 2.04)}
+KINDS = ("colours", "shapes")
 MARKER = "tiny_imagenet.json"
 FORMAT_VERSION = 1
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -41,13 +53,17 @@ def make_tiny_imagenet(
     size: int = 64,
     seed: int = 0,
     layout: str = "imagefolder",
+    kind: str = "colours",
 ) -> dict:
     """Write the dataset to `out` and return its summary (the marker's content plus
     `created`). A no-op when `out` already holds a complete dataset made with the same
     arguments. The dataset is built in a sibling `.<name>.partial-<pid>` folder, marker
-    written last, then renamed into place, so `out` is either complete or absent."""
+    written last, then renamed into place, so `out` is either complete or absent.
+    kind: "colours" (one shape and hue per class) or "shapes" (shape only, see the module doc)."""
     args = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class,
             "size": size, "seed": seed, "layout": layout}
+    if kind != "colours":  # the default kind keeps the marker (and the sets made before kinds) unchanged
+        args["kind"] = kind
     _check_args(args)
     out = Path(out)
     existing = _read_marker(out)
@@ -91,9 +107,11 @@ def class_style(k: int) -> tuple[str, tuple[int, int, int], tuple[int, int, int]
     return SHAPES[k % len(SHAPES)], fg, bg
 
 
-def render_image(k: int, split: str, index: int, *, size: int, seed: int) -> np.ndarray:
+def render_image(k: int, split: str, index: int, *, size: int, seed: int, kind: str = "colours") -> np.ndarray:
     """One uint8 HxWx3 image of class k; depends only on its arguments."""
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], k, index])
+    if kind == "shapes":
+        return _render_shape_only(k, rng, size)
     shape, fg, bg = class_style(k)
     r = size * rng.uniform(0.24, 0.34)
     cx, cy = size * rng.uniform(0.38, 0.62, size=2)
@@ -103,6 +121,24 @@ def render_image(k: int, split: str, index: int, *, size: int, seed: int) -> np.
     img = np.empty((size, size, 3), np.float64)
     img[:] = bg
     img[mask] = np.asarray(fg, np.float64) * gain
+    img += rng.normal(0.0, 6.0, size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _render_shape_only(k: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    # Every draw below has the same distribution for every class; only the mask's shape depends on k.
+    shape = KIND_SHAPES[k]
+    fg = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    bg = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.3, 0.9), rng.uniform(0.1, 0.35))
+    r = size * rng.uniform(0.18, 0.25) * _EQUAL_AREA[shape]
+    cx, cy = size * rng.uniform(0.42, 0.58, size=2)  # the shape's centroid; every shape stays inside
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    # _shape_mask centres the triangle's bounding box; its centroid lies r / 3 below that
+    dy = y - cy + (r / 3 if shape == "triangle" else 0.0)
+    mask = _shape_mask(shape, x - cx, dy, r)
+    img = np.empty((size, size, 3), np.float64)
+    img[:] = np.asarray(bg) * 255
+    img[mask] = np.asarray(fg) * 255
     img += rng.normal(0.0, 6.0, size=img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -133,6 +169,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 
 def _write_dataset(root: Path, args: dict) -> dict:
     classes, size, seed = args["classes"], args["size"], args["seed"]
+    kind = args.get("kind", "colours")
     kaggle = args["layout"] == "kaggle"
     data_dir = root / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else root
     synsets = list(SYNSETS[:classes])
@@ -140,7 +177,7 @@ def _write_dataset(root: Path, args: dict) -> dict:
         folder = data_dir / "train" / synset
         folder.mkdir(parents=True)
         for i in range(args["per_class"]):
-            _save_jpeg(render_image(k, "train", i, size=size, seed=seed),
+            _save_jpeg(render_image(k, "train", i, size=size, seed=seed, kind=kind),
                        folder / f"{synset}_{i}.JPEG")
 
     # Val ids interleave classes (round robin) like the real, shuffled val set.
@@ -151,7 +188,7 @@ def _write_dataset(root: Path, args: dict) -> dict:
         folder.mkdir(exist_ok=True)
         for i in range(args["val_per_class"]):
             image_id = f"ILSVRC2012_val_{i * classes + k + 1:08d}"
-            _save_jpeg(render_image(k, "val", i, size=size, seed=seed),
+            _save_jpeg(render_image(k, "val", i, size=size, seed=seed, kind=kind),
                        folder / f"{image_id}.JPEG")
             solution.append(f"{image_id},{synset} 0 0 {size - 1} {size - 1}")
     if kaggle:
@@ -162,19 +199,22 @@ def _write_dataset(root: Path, args: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "args": args,
         "synsets": synsets,
-        "styles": {s: _style_json(k) for k, s in enumerate(synsets)},
+        "styles": {s: _style_json(k, kind) for k, s in enumerate(synsets)},
         "train_images": classes * args["per_class"],
         "val_images": classes * args["val_per_class"],
     }
     (root / "README.txt").write_text(
         "Procedural tiny ImageNet made by pipeline.data.tiny_imagenet.make_tiny_imagenet.\n"
         f"Arguments: {json.dumps(args, sort_keys=True)}\n"
-        "Class k = synset k of the sorted ImageNet-1k list; one shape and hue per class.\n")
+        + ("Class k = synset k of the sorted ImageNet-1k list; one shape and hue per class.\n" if kind == "colours"
+           else "Class k = synset k of the sorted ImageNet-1k list; classes differ only by shape.\n"))
     (root / MARKER).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")  # last
     return summary
 
 
-def _style_json(k: int) -> dict:
+def _style_json(k: int, kind: str) -> dict:
+    if kind == "shapes":
+        return {"shape": KIND_SHAPES[k], "foreground": "random", "background": "random"}
     shape, fg, bg = class_style(k)
     return {"shape": shape, "foreground": list(fg), "background": list(bg)}
 
@@ -199,5 +239,10 @@ def _check_args(args: dict) -> None:
             raise ValueError(f"{name}={args[name]}: expected >= 1")
     if args["size"] < 16:
         raise ValueError(f"size={args['size']}: expected >= 16 pixels")
+    kind = args.get("kind", "colours")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    if kind == "shapes" and args["classes"] > len(KIND_SHAPES):
+        raise ValueError(f"classes={args['classes']}: kind 'shapes' has 1..{len(KIND_SHAPES)} classes")
     if args["layout"] not in ("imagefolder", "kaggle"):
         raise ValueError(f"layout={args['layout']!r}: expected 'imagefolder' or 'kaggle'")
