@@ -17,7 +17,7 @@ from prefect_dask import DaskTaskRunner
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
-from pipeline.runner import check_resources, last_needed, plan, refuse_damaged, run_stage, select_stages
+from pipeline.runner import last_needed, plan, preflight, run_stage, select_stages
 from storage_schemas.success import Manifest
 
 
@@ -74,10 +74,9 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
     results_dir = store.root / ".prefect-results"
     manifests: dict[str, Manifest] = {}
     selected = select_stages(plan(cfg, last_needed(stages, until)), stages, until)
-    refuse_damaged(selected, cfg, force)
-    check_resources([p for p in selected if p.state != "done" or p.name in force], cfg)
+    todo = preflight(selected, cfg, force)
     for p in selected:
-        rerun = p.state != "done" or p.name in force
+        rerun = p in todo
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
         args = (p.name, p.fingerprint, config_dict(cfg), p.upstream)

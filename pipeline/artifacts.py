@@ -24,12 +24,12 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 

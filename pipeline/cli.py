@@ -86,13 +86,11 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     selected stage is done, nothing starts: each is reported done (--prefect runs the flow anyway)."""
     cfg = _load(config, set_)
     logging.getLogger("srcflow").setLevel(cfg.runtime.log_level)  # Prefect attaches its handlers (EXTRA_LOGGERS)
-    from pipeline.runner import check_resources, last_needed, plan, refuse_damaged, select_stages
+    from pipeline.runner import last_needed, plan, preflight, select_stages
 
     with one_line_errors():  # fail fast, before Prefect starts
         selected = select_stages(plan(cfg, last_needed(stage, until)), stage, until)
-        refuse_damaged(selected, cfg, force or [])
-        todo = [p for p in selected if p.state != "done" or p.name in (force or [])]
-        check_resources(todo, cfg)
+        todo = preflight(selected, cfg, force or [])
     if not todo and not use_prefect:
         for p in selected:
             print(f"{p.name}: done ({p.path})")

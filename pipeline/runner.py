@@ -188,6 +188,15 @@ def machine_memory(device: str) -> tuple[int, int | None]:
     return psutil.virtual_memory().total, gpu
 
 
+def preflight(selected: list[PlannedStage], cfg: Config, force: list[str] | tuple[str, ...] = ()) -> list[PlannedStage]:
+    """What every entry point (CLI, flow, run_pipeline) checks before any work; returns the stages that will run
+    (not done, or forced)."""
+    refuse_damaged(selected, cfg, force)
+    todo = [p for p in selected if p.state != "done" or p.name in force]
+    check_resources(todo, cfg)
+    return todo
+
+
 def last_needed(only: list[str] | None, until: str | None) -> str | None:
     """The last stage a selection runs: nothing after it needs planning."""
     names = [n for n in (only or []) + ([until] if until else []) if n in STAGE_NAMES]
@@ -198,6 +207,5 @@ def run_pipeline(cfg: Config, only: list[str] | None = None, until: str | None =
                  force: list[str] | tuple[str, ...] = ()) -> dict[str, Manifest]:
     """The whole pipeline in this process, no Prefect: what tests and the flow's tasks share."""
     selected = select_stages(plan(cfg, last_needed(only, until)), only, until)
-    refuse_damaged(selected, cfg, force)
-    check_resources([p for p in selected if p.state != "done" or p.name in force], cfg)
+    preflight(selected, cfg, force)
     return {p.name: run_stage(p, cfg, force=p.name in force) for p in selected}

@@ -349,15 +349,14 @@ def check_inception_weights(path) -> str:
 def check_inception_state(path) -> None:
     """A one-line ValueError unless `path` holds torch-fidelity's Inception state dict (its keys and shapes; the
     tensors are memory-mapped, not read)."""
+    from pipeline.models.rae import load_state_mmap  # the one checkpoint reader (timm is imported with it)
+
     check_inception_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a legacy (non-zip) or damaged file: read it whole, or say why not
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise ValueError(f"evaluate.inception_weights: {path} could not be read ({type(e).__name__}) "
-                             f"(expected torch-fidelity's Inception state dict)") from None
+        state = load_state_mmap(path)
+    except Exception as e:  # a damaged file, or one torch.load(weights_only=True) refuses
+        raise ValueError(f"evaluate.inception_weights: {path} could not be read ({type(e).__name__}) "
+                         f"(expected torch-fidelity's Inception state dict)") from None
     with torch.device("meta"):
         model = _standin_inception()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

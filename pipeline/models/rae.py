@@ -399,7 +399,7 @@ def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> 
         elif str(path).endswith(".safetensors"):
             obj = safetensors.torch.load_file(path, device="cpu")
         elif meta:
-            obj = _to_meta(_torch_load_mmap(path))
+            obj = _to_meta(load_state_mmap(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -416,10 +416,12 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "BOOL": torch.bool}
 
 
-def _torch_load_mmap(path: str):
+def load_state_mmap(path: str):
+    """torch.load(weights_only=True) with the tensors memory-mapped, not read (a legacy, non-zip file cannot be
+    mapped: it is read whole)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it
+    except RuntimeError:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
