@@ -1,9 +1,10 @@
 """Does the chain learn structure? The learn config end to end, its samples scored by a judge.
 
-    python benchmarks/learn.py                                   # configs/learn.yaml, CPU, ~10 min
-    python benchmarks/learn.py --set train.steps=500 --set storage.root=data/artifacts/learn-500
+    python benchmarks/learn.py                                   # configs/learn.yaml, CPU, ~12.5 min
+    python benchmarks/learn.py --set train.steps=1500            # a shorter flow; upstream stages are reused
+    python benchmarks/learn.py --until evaluate                  # also the stand-in-Inception stages
 
-Runs the config (done stages are reused: a second call only judges), trains the judge
+Runs the config up to `sample` (done stages are reused: a second call only judges), trains the judge
 (pipeline/metrics/judge.py, a small CNN) on the real train images, and prints one JSON object:
     judge_accuracy.real_val          the judge on the real val images (is it a good judge?)
     judge_accuracy.reconstruction    val codes + flow.noise_sigma * eps -> SRC decoder -> RAE decoder:
@@ -39,7 +40,9 @@ def main() -> None:
     ap.add_argument("--judge-steps", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; on the shared 2-core box one "
                     "thread trained the learn flow 6x faster than two (3.8 vs 0.6 steps/s, benchmarks/train_flow.py)")
-    ap.add_argument("--until", default=None, help="run the stages up to this one (e.g. sample: no Inception)")
+    ap.add_argument("--until", default="sample", help="run the stages up to this one; the default leaves out "
+                    "reference and evaluate: the judge scores the samples, and the stand-in Inception on a few hundred "
+                    "32 px samples says nothing and costs ~1 s per image here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the stages' lines, on stderr
