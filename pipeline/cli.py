@@ -1,4 +1,4 @@
-"""`srcflow`: run, status, verify, inspect, plan, make-tiny-imagenet."""
+"""`srcflow`: run, status, verify, inspect, plan, score, invert, interpolate, make-tiny-imagenet."""
 
 from __future__ import annotations
 
@@ -195,13 +195,17 @@ def verify(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 
 def headline(metrics: dict) -> str:
-    """The one number a user wants to see per stage in `status`."""
+    """The number a user wants to see per stage in `status`; for evaluate, the FID and beside it the flow's
+    Bayes-rule accuracy on val (a property of the model, needing no Inception)."""
     standin = " (stand-in Inception)" if metrics.get("inception_weights") == "stand-in" else ""
+    bayes = metrics.get("bayes_accuracy")
+    bayes = f", bayes_accuracy={bayes:.3f} ({metrics.get('bayes_images')} val)" if bayes is not None else ""
     for key in ("fid", "val_bits_per_dim", "psnr_val", "src/feature_mse", "num_samples", "samples", "rows",
                 "reference_images"):
         for k, v in metrics.items():
             if k.startswith(key) and isinstance(v, (int, float)):
-                return (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}") + (standin if key == "fid" else "")
+                head = f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                return head + (standin + bayes if key == "fid" else "")
     return ""
 
 
@@ -235,6 +239,98 @@ def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         print(json.dumps(report, indent=2))
     else:
         print_plan(report, title=f"srcflow plan ({config})")
+
+
+@app.command()
+def score(paths: list[Path] = typer.Argument(..., help="image files or folders (searched recursively)"),
+          config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+          as_json: bool = typer.Option(False, "--json", help="print {rows, summary} as JSON"),
+          csv_file: Optional[Path] = typer.Option(None, "--csv", help="also write the rows to this CSV file"),
+          max_images: Optional[int] = typer.Option(None, "--max-images", help="score at most this many images"),
+          noise_samples: int = typer.Option(0, "--noise-samples",
+                                            help="average log p over this many draws c + sigma * eps (0: clean c)")):
+    """The flow's exact log-density of each image's code: the Bayes-rule class, its posterior and bits/dim of the
+    conditional, the marginal and the unconditional branch (README "Likelihood and inversion"). Reads the done
+    artifacts of the config; runs no stage. `<synset>/` folders give labels, and the accuracy."""
+    cfg = _load(config, set_)
+    from stages.likelihood import FIELDS, open_chain, score_images
+
+    with one_line_errors():
+        rows, summary = score_images(open_chain(cfg, config), paths, max_images=max_images,
+                                     noise_samples=noise_samples)
+        if csv_file is not None:
+            import csv
+
+            with open(csv_file, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+    if as_json:
+        print(json.dumps({"rows": rows, "summary": summary}, indent=2))
+        return
+    table = Table(title=f"srcflow score ({config}, {summary['noise']})")
+    for col in ("path", "class", "posterior", "bits/dim", "marginal", "uncond", "error"):
+        table.add_column(col)
+    f = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in rows:
+        predicted = "" if r["predicted_class"] is None else f"{r['predicted_class']} {r['predicted_synset']}"
+        table.add_row(r["path"], predicted, f(r["posterior"]), f(r["bits_per_dim"]), f(r["bits_per_dim_marginal"]),
+                      f(r["bits_per_dim_uncond"]), r["error"] or "")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print(f"{summary['count']} scored, {summary['errors']} errors; bits/dim {f(summary['bits_per_dim_mean'])} "
+          f"(marginal {f(summary['bits_per_dim_marginal_mean'])}, unconditional "
+          f"{f(summary['bits_per_dim_uncond_mean'])}); "
+          + (f"accuracy {summary['accuracy']:.3f} on {summary['labelled']} labelled" if summary["labelled"]
+             else "no <synset>/ folders: no accuracy"))
+
+
+ClassOpt = typer.Option(None, "--class", help="the class y (a label or a synset); default: the Bayes-rule class")
+
+
+@app.command()
+def invert(images: list[Path] = typer.Argument(..., help="image files"),
+           out: Path = typer.Option(..., "--out", help="folder for the z files and the grid"),
+           config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, class_: Optional[str] = ClassOpt,
+           as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """image -> code c -> z = f(c | y) -> c' = f^-1(z | y) -> pixels: writes each z (.npz with its class) and
+    invert-grid.png (original | RAE reconstruction | SRC reconstruction | flow round trip); reports max |c - c'| and
+    the PSNR of decode(c') against decode(c)."""
+    cfg = _load(config, set_)
+    from stages.likelihood import invert as invert_images
+    from stages.likelihood import open_chain
+
+    with one_line_errors():
+        report = invert_images(open_chain(cfg, config, decoder=True), images, out, class_)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for r in report["images"]:
+        db = "identical pixels" if r["identical_pixels"] else f"PSNR {r['psnr_round_trip_db']:.1f} dB"
+        print(f"{r['path']}: class {r['class']} {r['synset']} ({r['class_from']}), max |c - c'| "
+              f"{r['max_abs_code_error']:.3g}, decode(c') vs decode(c): {db} -> {r['z_file']}")
+    print(f"grid: {report['grid']} ({' | '.join(report['grid_columns'])})")
+
+
+@app.command()
+def interpolate(image_a: Path = typer.Argument(..., help="the first image"),
+                image_b: Path = typer.Argument(..., help="the second image"),
+                out: Path = typer.Option(..., "--out", help="folder for the frames and the grid"),
+                steps: int = typer.Option(8, "--steps", help="frames, end points included"),
+                config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, class_: Optional[str] = ClassOpt,
+                as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Invert both images under one class (--class, else image A's Bayes-rule class), slerp between their latents,
+    and write the decoded frames and interpolation.png."""
+    cfg = _load(config, set_)
+    from stages.likelihood import interpolate as interpolate_images
+    from stages.likelihood import open_chain
+
+    with one_line_errors():
+        report = interpolate_images(open_chain(cfg, config, decoder=True), image_a, image_b, out, steps, class_)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"class {report['class']} {report['synset']} ({report['class_from']}), latents {report['angle_degrees']:.1f}"
+          f" degrees apart, {report['steps']} frames: {report['grid']}")
 
 
 @app.command("make-tiny-imagenet")

@@ -270,6 +270,9 @@ class EvaluateConfig(Section):
         False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
                "time; every metric computed with it is marked inception_weights: stand-in")
     kid_subset_size: int = 1000
+    bayes_max_images: int | None = Field(
+        None, ge=1, description="the flow as a Bayes-rule classifier on at most this many val images, class-balanced "
+                                "(each costs one flow pass per class); None = the whole val split")
     batch_size: int = operational(64)
 
 

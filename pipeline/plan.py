@@ -437,7 +437,11 @@ def plan_reference(cfg: Config, data: Dataset) -> StagePlan:
 
 def plan_evaluate(cfg: Config, data: Dataset) -> StagePlan:
     images = len(cfg.sample.cfg_scale) * data.classes * cfg.sample.per_class
-    return _inception("evaluate", cfg, images, [Output("metrics", 0, 1, 1, False, "small JSON")])
+    plan = _inception("evaluate", cfg, images, [Output("metrics", 0, 1, 1, False, "small JSON")])
+    flow = param_count("flow", cfg)  # the Bayes-rule pass holds the flow beside the Inception
+    plan.memory["device_bytes"] += 4 * flow
+    plan.memory["basis"] += f" + the {flow / 1e6:.0f}M flow (fp32) for the Bayes-rule pass"
+    return plan
 
 
 def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> StagePlan:

@@ -66,9 +66,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("reference", "2",  # 2: mu_s/sigma_s (reference schema 2)
           sections=("reference", "data.resolution"),
           upstream=("shard",), external=inputs.reference_inputs),
-    Stage("evaluate", "2",  # 2: sfid (metrics.json schema 2)
-          sections=("evaluate.kid_subset_size",),
-          upstream=("sample", "reference"), external=inputs.evaluate_inputs),
+    Stage("evaluate", "3",  # 2: sfid (metrics.json schema 2); 3: the flow as a classifier (schema 3)
+          sections=("evaluate.kid_subset_size", "evaluate.bayes_max_images"),
+          upstream=("compress", "train_flow", "sample", "reference"), external=inputs.evaluate_inputs),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)

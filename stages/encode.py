@@ -194,8 +194,6 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
     """The job's rows, computed and not written: features in the storage dtype, labels, split, keys, view;
     and the float64 (count, sum, sum of squares) of its train rows. Also the image path of
     `compress.from: images`, so both paths see the same stored-precision features."""
-    from pipeline.models.rae import to_encoder_input
-
     seconds = {} if seconds is None else seconds
     device = torch.device(job.device)
     encoder = load_encoder(job.encoder, job.device)
@@ -223,21 +221,38 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
                 batch = torch.from_numpy(np.stack([next(crops) for _ in range(n)]))
             with timed(seconds, "forward"):
                 pixels = batch.pin_memory().to(device, non_blocking=True) if cuda else batch
-                x = to_encoder_input(pixels, job.encoder.input_size)
-                with torch.inference_mode(), inference_precision(device, job.precision):
-                    for v_index, view in enumerate(job.views):
-                        rows = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
-                        features[rows] = encoder(x.flip(-1) if view == 1 else x).to(features.dtype)
+                for v_index, view in enumerate(job.views):
+                    rows = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
+                    features[rows] = encode_pixels(encoder, pixels, job.encoder.input_size, job.precision,
+                                                   job.dtype, flip=view == 1)
         with timed(seconds, "forward"):  # the job's device work ends with these copies to the host
             mine = features[lo:hi]
             sums = train_sums(mine[torch.from_numpy(splits == SPLIT_IDS["train"]).to(device)])
-            host = mine.cpu()  # bf16 leaves the device as bf16: CUDA has few kernels for uint16
-            stored = (host.view(torch.uint16) if job.dtype == "bfloat16" else host).numpy()
+            stored = stored_array(mine)
     return {
         "features": stored, "labels": labels, "split": splits,
         "keys": np.repeat([k for k, *_ in job.images], n_views)[lo:hi],
         "view": np.tile(np.array(job.views, dtype=np.uint8), len(job.images))[lo:hi],
     }, sums
+
+
+def encode_pixels(encoder, pixels: torch.Tensor, input_size: int, precision: str, dtype: str,
+                  flip: bool = False) -> torch.Tensor:
+    """uint8 ADM crops (B, H, W, 3) on the encoder's device -> features (B, T, C) in the stored dtype (float16 or
+    bfloat16), at `encode.precision`: the one forward of `encode` (and of `compress.from: images`, `srcflow score`).
+    `flip`: the flip view (the crop mirrored left-right)."""
+    from pipeline.models.rae import to_encoder_input
+
+    x = to_encoder_input(pixels, input_size)
+    with torch.inference_mode(), inference_precision(pixels.device, precision):
+        return encoder(x.flip(-1) if flip else x).to(torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+
+
+def stored_array(features: torch.Tensor) -> np.ndarray:
+    """Stored-dtype features -> the host array the Zarr store holds (bf16 as its uint16 bits; read back by
+    pipeline.data.features.widen). bf16 leaves the device as bf16: CUDA has few kernels for uint16."""
+    host = features.cpu()
+    return (host.view(torch.uint16) if host.dtype == torch.bfloat16 else host).numpy()
 
 
 def train_sums(rows: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:

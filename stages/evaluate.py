@@ -8,7 +8,10 @@ ADM's spatial features from one pass) against the `reference` stage's statistics
 - `metrics.json` (storage_schemas/evaluation.py): one entry per CFG scale, every number labelled with the
   evaluator and its version, the Inception weights' sha256, `inception_weights: official|stand-in`,
   the sample and reference counts, the CFG scale, and the flow's bits/dim from upstream manifests;
-- `grid-cfg{w}.png` (a few samples of the first classes) and `report.md` (the table and grids).
+- `grid-cfg{w}.png` (a few samples of the first classes) and `report.md` (the table and grids);
+- the flow as a Bayes-rule classifier on the clean val codes (stages/likelihood.py flow_classifier, at most
+  `evaluate.bayes_max_images`): accuracy and mean bits/dim in metrics.json `flow_classifier`, the stage metrics
+  (`bayes_accuracy`, ...) and the report; a property of the model that needs no Inception, not a paper metric.
 
 Metrics made with stand-in weights (any file but torch-fidelity's 6726825d Inception) prove the
 code path only; they are never an FID of the method. A killed run keeps the CFG scales already
@@ -36,6 +39,7 @@ from pipeline.metrics.fidelity import (
 )
 from pipeline.progress import progress
 from pipeline.training import resolve_device
+from stages.likelihood import flow_classifier
 from stages.reference import (
     REFERENCE_FILE,
     pool_features,
@@ -61,6 +65,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     check_reference_weights(reference, weights_sha256)
     sample_sets = find_samples(upstream["sample"].dir, cfg.sample.cfg_scale)  # every file, before any Inception
     flow = flow_metrics(cfg, upstream["sample"])
+    classifier = flow_classifier(cfg, upstream, cfg.evaluate.bayes_max_images)  # needs no Inception
     reference_label = reference_summary(reference, upstream["reference"])
     device = resolve_device(cfg.runtime.device)
 
@@ -79,12 +84,12 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         evaluations.append({"cfg_scale": cfg_scale, **metrics, "inception_weights": weights_label(weights_sha256),
                             "samples_file": path.name, **class_counts(labels), "nonfinite_samples": nonfinite,
                             "reference": reference_label, "flow": flow})
-        write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256))  # this scale is done
+        write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256, classifier))  # scale done
 
     evaluations.sort(key=lambda e: e["cfg_scale"])
-    write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256))
-    write_atomic(out.path / "report.md", report_markdown(evaluations))
-    return stage_metrics(evaluations, flow)
+    write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256, classifier))
+    write_atomic(out.path / "report.md", report_markdown(evaluations, classifier))
+    return stage_metrics(evaluations, flow, classifier)
 
 
 # --- samples ------------------------------------------------------------------------------------
@@ -168,9 +173,10 @@ def reference_summary(reference: dict, manifest) -> dict:
             "num_images": meta.get("num_images"), "pr_images": n_pr, "fingerprint": manifest.fingerprint}
 
 
-def metrics_json(evaluations: list[dict], weights_sha256: str) -> str:
+def metrics_json(evaluations: list[dict], weights_sha256: str, classifier: dict) -> str:
     return json.dumps({"schema_version": METRICS_SCHEMA_VERSION, "inception_weights": weights_label(weights_sha256),
-                       "inception_weights_sha256": weights_sha256, "evaluations": evaluations}, indent=2)
+                       "inception_weights_sha256": weights_sha256, "evaluations": evaluations,
+                       "flow_classifier": classifier}, indent=2)
 
 
 def read_evaluations(path: Path, sample_sets: list[tuple[float, Path]]) -> list[dict]:
@@ -181,9 +187,12 @@ def read_evaluations(path: Path, sample_sets: list[tuple[float, Path]]) -> list[
     return [e for e in read_metrics(path)["evaluations"] if files.get(e["cfg_scale"]) == e["samples_file"]]
 
 
-def stage_metrics(evaluations: list[dict], flow: dict) -> dict:
-    """Flattened for _SUCCESS.json and `srcflow status`: `fid_cfg1.0`, `is_cfg1.0`, ..., and how they were made."""
-    out: dict = {}
+def stage_metrics(evaluations: list[dict], flow: dict, classifier: dict) -> dict:
+    """Flattened for _SUCCESS.json and `srcflow status`: `fid_cfg1.0`, `is_cfg1.0`, ..., how they were made, and the
+    flow as a classifier (`bayes_accuracy`, `bayes_bits_per_dim`, ...: a property of the model, no paper metric)."""
+    out: dict = {f"bayes_{k.removeprefix('mean_')}": v for k, v in classifier.items()
+                 if k in ("accuracy", "images", "mean_bits_per_dim", "mean_bits_per_dim_marginal",
+                          "mean_bits_per_dim_uncond")}
     for e in evaluations:
         out |= {f"{short}_cfg{e['cfg_scale']}": e[key] for key, short in FLAT_NAMES.items()}
     first = evaluations[0]
@@ -199,7 +208,7 @@ def metrics_table(evaluations: list[dict]) -> list[dict]:
              "reference": e["num_reference"], "inception_weights": e["inception_weights"]} for e in evaluations]
 
 
-def report_markdown(evaluations: list[dict]) -> str:
+def report_markdown(evaluations: list[dict], classifier: dict) -> str:
     e0 = evaluations[0]
     lines = ["# srcflow evaluate", ""]
     if e0["inception_weights"] != "official":
@@ -210,6 +219,16 @@ def report_markdown(evaluations: list[dict]) -> str:
     rows = metrics_table(evaluations)
     lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) if k == "cfg_scale" else _fmt(v) for k, v in r.items()) + " |" for r in rows]
+    if classifier.get("images"):
+        c = classifier
+        lines += ["", "## The flow as a classifier", "",
+                  (f"A property of the model, not a published metric of the paper: the Bayes-rule class argmax_y "
+                   f"log p(c | y) (uniform prior over {c['classes']} classes) on {c['images']} clean {c['split']} "
+                   f"codes ({c['view']} view), no Inception involved."), "",
+                  "| accuracy | bits/dim (predicted class) | bits/dim (marginal) | bits/dim (unconditional) |",
+                  "|---|---|---|---|",
+                  "| " + " | ".join(_fmt(c[k]) for k in ("accuracy", "mean_bits_per_dim", "mean_bits_per_dim_marginal",
+                                                      "mean_bits_per_dim_uncond")) + " |"]
     lines += [""] + [f"![samples, cfg {e['cfg_scale']}](grid-cfg{e['cfg_scale']}.png)" for e in evaluations]
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,10 @@
 """`metrics.json` (stage evaluate) and `reference.npz` (stage reference).
 
-metrics.json, schema_version 2 (2: sfid):
-    {"schema_version": 2, "inception_weights": "official" | "stand-in", "inception_weights_sha256": str,
-     "evaluations": [one entry per CFG scale, sorted by cfg_scale]}
+metrics.json, schema_version 3 (2: sfid; 3: flow_classifier):
+    {"schema_version": 3, "inception_weights": "official" | "stand-in", "inception_weights_sha256": str,
+     "evaluations": [one entry per CFG scale, sorted by cfg_scale],
+     "flow_classifier": {accuracy, images, classes, split, view, mean_posterior, mean_bits_per_dim,
+                         mean_bits_per_dim_marginal, mean_bits_per_dim_uncond, note}}
 an entry holds the metrics (fid, sfid, inception_score_mean/std, kid_mean/std, precision, recall; sfid is
 null when the reference has no mu_s/sigma_s) and what
 they were made with: cfg_scale, evaluator, evaluator_version, feature_extractor, inception_weights,
@@ -12,6 +14,8 @@ nonfinite_samples, reference {source, file, file_sha256, num_images (behind mu/s
 fingerprint} and flow {"<stage>.<metric>": the flow's bits/dim figures}.
 "inception_weights": "stand-in" marks numbers from any weights but torch-fidelity's Inception: they
 check the code path and are never an FID of the method.
+flow_classifier is the flow as a Bayes-rule classifier on clean val codes (stages/likelihood.py flow_classifier;
+`images` 0 and only `note` when the val split is empty): a property of the model, not a metric of the paper.
 
 reference.npz is versioned and validated by pipeline.metrics.fidelity (save_reference/load_reference,
 REFERENCE_SCHEMA_VERSION 2): mu (2048,), sigma (2048, 2048) float64; mu_s (2023,), sigma_s (2023, 2023)
@@ -29,13 +33,15 @@ from pathlib import Path
 from storage_schemas import SchemaError, check_version
 from storage_schemas.samples import npz_array_shape
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The external files the evaluation reads, checked from their headers when a run is planned:
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity URL_INCEPTION_V3
 ADM_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")  # guided-diffusion evaluations/evaluator.py read_statistics
 METRIC_KEYS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
+CLASSIFIER_KEYS = ("accuracy", "images", "classes", "split", "view", "mean_posterior", "mean_bits_per_dim",
+                   "mean_bits_per_dim_marginal", "mean_bits_per_dim_uncond", "note")
 LABEL_KEYS = ("cfg_scale", "evaluator", "evaluator_version", "inception_weights", "inception_weights_sha256",
               "num_samples", "num_reference", "samples_file", "reference", "flow")
 
@@ -55,6 +61,12 @@ def read_metrics(path: str | Path) -> dict:
         if entry["inception_weights"] not in ("official", "stand-in"):
             raise SchemaError(f"{path}: evaluations[{i}].inception_weights is {entry['inception_weights']!r}, "
                               f"expected 'official' or 'stand-in'")
+    classifier = raw.get("flow_classifier")
+    if not isinstance(classifier, dict) or "note" not in classifier or "images" not in classifier:
+        raise SchemaError(f"{path}: flow_classifier is missing or lacks images / note")
+    missing = [k for k in CLASSIFIER_KEYS if classifier["images"] and k not in classifier]
+    if missing:
+        raise SchemaError(f"{path}: flow_classifier lacks {', '.join(missing)}")
     return raw
 
 

@@ -35,7 +35,12 @@ from storage_schemas.samples import open_samples
 from tests.conftest import SMOKE
 
 CLASSES = 4  # the tiny test dataset
-BASE = ("reference.max_images=4", "reference.pr_images=4", "reference.loader_threads=1", "sample.per_class=1",
+# evaluate reads the codes and the flow (the flow as a classifier): a few steps of each stage up to train_flow
+CHAIN = ("runtime.device=cpu", "encode.rows_per_shard=16", "encode.rows_per_chunk=4", "decoder.hidden_size=32",
+         "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64", "fit_decoder.steps=2",
+         "fit_decoder.batch_size=8", "fit_decoder.report_images=4", "src.kind=pca", "src.report_images=4",
+         "flow.width=32", "flow.heads=2", "train.steps=20", "train.batch_size=16")
+BASE = CHAIN + ("reference.max_images=4", "reference.pr_images=4", "reference.loader_threads=1", "sample.per_class=1",
         "sample.cfg_scale=[0.0, 1.0]", "evaluate.kid_subset_size=4", "evaluate.batch_size=4",
         "evaluate.make_standin=false")
 METRICS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")
@@ -50,7 +55,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(module_config, weights):
     cfg = module_config(*BASE, f"evaluate.inception_weights={weights.path}")
-    shard_dir = run_pipeline(cfg, until="shard")["shard"].dir
+    shard_dir = run_pipeline(cfg, until="train_flow")["shard"].dir
     crops, labels = first_train_crop_per_class(shard_dir, cfg.data.resolution)
     fake_sample_output(cfg, {0.0: colour_shift(crops), 1.0: crops}, labels, metrics={"bits_per_dim": 1.25})
     manifests = run_pipeline(cfg, only=["reference", "evaluate"])
@@ -119,18 +124,54 @@ def test_reference_is_class_balanced_train_statistics_at_the_data_resolution(eva
 
 def test_metrics_json_labels_every_number_and_marks_the_stand_in(evaluated, weights):
     report = read_metrics(evaluated.manifests["evaluate"].dir / "metrics.json")  # the schema's validator
-    assert report == evaluated.report and report["schema_version"] == 2
+    assert report == evaluated.report and report["schema_version"] == 3
     assert report["inception_weights"] == "stand-in" and report["inception_weights_sha256"] == weights.sha
     assert [e["cfg_scale"] for e in report["evaluations"]] == [0.0, 1.0]
+    flow = evaluated.manifests["evaluate"].upstream["train_flow"]
+    store = ArtifactStore(evaluated.cfg.storage.root)
+    flow_bits = {f"train_flow.{k}": v for k, v in store.manifest("train_flow", flow).metrics.items() if "bits" in k}
+    assert "train_flow.val_bits_per_dim" in flow_bits
     for e in report["evaluations"]:
         assert e | {"evaluator": "torch-fidelity", "evaluator_version": torch_fidelity.__version__,
                     "feature_extractor": "inception-v3-compat", "inception_weights": "stand-in",
                     "inception_weights_sha256": weights.sha, "inception_weights_official": False,
                     "num_samples": CLASSES, "num_reference": CLASSES, "pr_k": 3, "num_classes": CLASSES,
                     "samples_per_class": 1, "samples_file": f"samples-cfg{e['cfg_scale']}.npz", "nonfinite_samples": 0,
-                    "flow": {"sample.bits_per_dim": 1.25}} == e
+                    "flow": {"sample.bits_per_dim": 1.25, **flow_bits}} == e
         assert e["reference"] | {"source": "train-shards", "num_images": CLASSES, "pr_images": CLASSES,
                                  "fingerprint": evaluated.manifests["reference"].fingerprint} == e["reference"]
+
+
+def test_the_flow_as_a_classifier_is_reported_beside_the_fid_and_labelled(evaluated):
+    classifier = evaluated.report["flow_classifier"]
+    assert classifier["images"] == CLASSES * 4 and classifier["classes"] == CLASSES  # every val image, plain view
+    assert 0 <= classifier["accuracy"] <= 1 and classifier["split"] == "val" and classifier["view"] == "plain"
+    assert "not a published metric of the paper" in classifier["note"]
+    metrics = evaluated.manifests["evaluate"].metrics
+    assert metrics["bayes_accuracy"] == classifier["accuracy"] and metrics["bayes_images"] == CLASSES * 4
+    assert metrics["bayes_bits_per_dim"] == classifier["mean_bits_per_dim"] > 0
+    line = headline(metrics)
+    assert line.startswith("fid_cfg0.0=") and "(stand-in Inception)" in line
+    assert line.endswith(f"bayes_accuracy={classifier['accuracy']:.3f} ({CLASSES * 4} val)")
+    report = (evaluated.manifests["evaluate"].dir / "report.md").read_text()
+    assert "## The flow as a classifier" in report and "not a published metric of the paper" in report
+    # evaluate reads the codes and the flow: both are upstream, and bayes_max_images enters its fingerprint
+    assert set(evaluated.manifests["evaluate"].upstream) == {"compress", "train_flow", "sample", "reference"}
+    capped_cfg = module_config_of(evaluated, "evaluate.bayes_max_images=4")
+    assert {p.name: p for p in plan(capped_cfg)}["evaluate"].fingerprint != evaluated.manifests["evaluate"].fingerprint
+    store = ArtifactStore(evaluated.cfg.storage.root)
+    upstream = {name: store.manifest(name, fp) for name, fp in evaluated.manifests["evaluate"].upstream.items()}
+    capped = evaluate.flow_classifier(capped_cfg, upstream, capped_cfg.evaluate.bayes_max_images)
+    assert capped["images"] == 4 and capped["classes"] == CLASSES  # one image per class: class-balanced
+
+
+def module_config_of(evaluated, *overrides):
+    from pipeline.config import apply_override, config_dict, validate_config
+
+    raw = config_dict(evaluated.cfg)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
 
 
 def test_stage_metrics_are_flat_per_cfg_scale_and_status_shows_the_fid(evaluated):

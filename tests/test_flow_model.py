@@ -10,6 +10,8 @@ from pipeline.models.flow import (
     bits_per_dim,
     cfg_starflow,
     cfg_tarflow,
+    class_posterior,
+    slerp,
     tweedie_denoise,
 )
 
@@ -206,6 +208,43 @@ def test_logdet_and_latents_stay_fp32_under_bf16_autocast():
         sample = model.reverse(z, y, cfg_scale=1.0, cfg_mode="starflow")
     assert z.dtype == logdet.dtype == sample.dtype == torch.float32
     assert torch.allclose(logdet, model(x, y)[1], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("max_batch", [1, 7, 1024])
+def test_log_prob_classes_is_log_prob_of_every_label_in_any_chunking(variant, max_batch):
+    model = make_flow(*variant)
+    x, _ = batch(model, size=4)
+    labels = torch.tensor([2, 0, NUM_CLASSES, 1])  # any order, the null label included
+    table = model.log_prob_classes(x, labels, max_batch=max_batch)
+    assert table.shape == (4, 4) and table.dtype == torch.float32
+    for j, label in enumerate(labels):
+        expected = model.log_prob(x, torch.full((4,), int(label)))
+        torch.testing.assert_close(table[:, j], expected, rtol=1e-5, atol=1e-4)
+    assert (table[:, 0] - table[:, 1]).abs().max() > 1e-3  # the label matters
+
+
+def test_class_posterior_is_the_bayes_rule_under_a_uniform_prior():
+    log_probs = torch.tensor([[-10.0, -12.0, -10.0 - math.log(3)], [-5.0, -1.0, -3.0]])
+    post = class_posterior(log_probs, torch.tensor([-11.0, -2.0]), dims=4)
+    assert post["predicted"].tolist() == [0, 1]
+    p = torch.softmax(log_probs.double(), 1)
+    torch.testing.assert_close(post["posterior"], p.max(1).values)
+    marginal = torch.log(torch.exp(log_probs.double()).mean(1))
+    torch.testing.assert_close(post["log_prob_marginal"], marginal)
+    torch.testing.assert_close(post["bits_per_dim"], -log_probs.double().max(1).values / 4 / math.log(2))
+    torch.testing.assert_close(post["bits_per_dim_uncond"], torch.tensor([11.0, 2.0], dtype=torch.float64) / 4
+                               / math.log(2))
+
+
+def test_slerp_ends_exactly_at_both_latents_and_keeps_the_norm_between():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    b = b * a.norm() / b.norm()  # equal norms: the arc stays on their sphere
+    for t in (0.25, 0.5, 0.75):
+        assert slerp(a, b, t).norm() == pytest.approx(a.norm().item(), rel=1e-5)
+    torch.testing.assert_close(slerp(a, a, 0.3), a)  # parallel latents: no division by sin(0)
 
 
 def test_bits_per_dim_divides_nats_by_ln2():

@@ -109,12 +109,7 @@ class TARFlow(nn.Module):
 
     def forward(self, x, y):
         """x -> (z, logdet): blocks in order, logdet (B,) summed in fp32."""
-        logdet = 0.0
-        for block in self.blocks:
-            z, block_logdet = block(_order(x, block.flip), y)
-            x = _order(z, block.flip)
-            logdet = logdet + block_logdet
-        return x, logdet
+        return _through(self.blocks, x, y, 0.0)
 
     @torch.no_grad()
     def reverse(self, z, y, *, cfg_scale=0.0, cfg_mode="tarflow", cfg_anneal=False, use_cache=True):
@@ -137,6 +132,23 @@ class TARFlow(nn.Module):
         z, logdet = self(x, y)
         n = z[0].numel()
         return -0.5 * z.square().sum((1, 2)) - 0.5 * n * math.log(2 * math.pi) + logdet
+
+    @torch.no_grad()
+    def log_prob_classes(self, x, labels, max_batch=1024):
+        """log p(x_b | labels_k) for every sample and every label, (B, K) in fp32, in chunks of labels so that
+        at most max(max_batch, B) flow evaluations run at once (1,000 classes fit in memory). The blocks before the
+        first conditioned one do not see the label (STARFlow's shallow blocks): they run once per sample."""
+        first = next(i for i, b in enumerate(self.blocks) if b.cond is not None)
+        h, logdet = _through(self.blocks[:first], _fp32(x), None, torch.zeros(len(x), device=x.device))
+        n, per = x[0].numel(), max(1, max_batch // len(x))
+        out = []
+        for k in range(0, len(labels), per):
+            ys = labels[k:k + per]
+            hk = h[:, None].expand(-1, len(ys), *h.shape[1:]).reshape(-1, *h.shape[1:])  # row b * len(ys) + j
+            z, ld = _through(self.blocks[first:], hk, ys.repeat(len(x)), logdet.repeat_interleave(len(ys)))
+            lp = -0.5 * z.square().sum((1, 2)) - 0.5 * n * math.log(2 * math.pi) + ld
+            out.append(lp.view(len(x), len(ys)))
+        return torch.cat(out, 1)
 
     def nll_per_dim(self, x, y):
         """Training loss: mean NLL per dimension in nats."""
@@ -311,6 +323,42 @@ class KVCache:
         self.k[:, :, self.length : end], self.v[:, :, self.length : end] = k, v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def class_posterior(log_probs, log_prob_uncond, dims):
+    """The flow as a classifier, from log p(x | y) (B, K) over K classes and log p(x | null) (B,):
+    the Bayes-rule class argmax_y log p(x | y) under a uniform prior, its posterior p(y | x), the marginal
+    log p(x) = logsumexp_y log p(x | y) - log K, and bits/dim (of `dims` dimensions) of the conditional at the
+    predicted class, of the marginal and of the unconditional branch."""
+    log_probs = log_probs.double()
+    lse = torch.logsumexp(log_probs, 1)
+    best, predicted = log_probs.max(1)
+    marginal = lse - math.log(log_probs.shape[1])
+    to_bits = lambda lp: -lp / dims / math.log(2.0)  # noqa: E731
+    return {"predicted": predicted, "posterior": torch.exp(best - lse), "log_prob": best, "log_prob_marginal": marginal,
+            "log_prob_uncond": log_prob_uncond.double(), "bits_per_dim": to_bits(best),
+            "bits_per_dim_marginal": to_bits(marginal), "bits_per_dim_uncond": to_bits(log_prob_uncond.double())}
+
+
+def slerp(a, b, t):
+    """Spherical interpolation of latents a, b (same shape) at t in [0, 1], over the angle of their flattenings;
+    exactly a at t = 0 and b at t = 1. Nearly parallel latents are interpolated linearly."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    theta = torch.arccos((a64 @ b64 / (a64.norm() * b64.norm())).clamp(-1, 1)).item()
+    if theta < 1e-6:
+        wa, wb = 1.0 - t, float(t)
+    else:  # at t = 0: wa = sin(theta) / sin(theta) = 1.0 and wb = 0.0 exactly (and the reverse at t = 1)
+        wa, wb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return wa * a + wb * b
+
+
+def _through(blocks, x, y, logdet):
+    """x through `blocks` in order (each in its own token order): (z, logdet + their log-dets)."""
+    for block in blocks:
+        z, block_logdet = block(_order(x, block.flip), y)
+        x = _order(z, block.flip)
+        logdet = logdet + block_logdet
+    return x, logdet
 
 
 def _order(x, flip):
