@@ -4,8 +4,12 @@
 #   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at fp32 (TF32; bf16 beside it, with
 #                              #       its error against fp32) on synthetic 256 px JPEG
 #                              #       shards (whole path vs forward alone; 1 and 3 worker processes), flow
-#                              #       training at the paper config's width on random codes, KV-cache vs
-#                              #       naive sampling at a paper-like width
+#                              #       training at the paper config's width on random codes, eager and
+#                              #       torch.compiled (fused AdamW, MFU), every sampler (naive, KV cache with
+#                              #       one and two CFG passes, static cache, CUDA graphs, Jacobi) at a
+#                              #       paper-like width fitted briefly to AR(1) codes, and seconds for 50k
+#                              #       samples at the best batch size; train + sample parts: 4 minutes at most
+#   benchmarks/gpu.sh train    # only the train_flow and sample parts (issue #15's device check, ~4 minutes)
 #   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this)
 #
 # Each part also lands as JSON in $SRCFLOW_BENCH_OUT (default: benchmarks/results on CUDA, a temp dir
@@ -16,8 +20,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-mode=cuda
+mode=cuda parts=all
 [ "${1:-}" = "--cpu" ] && mode=cpu
+[ "${1:-}" = "train" ] && parts=train
 if [ "$mode" = cpu ]; then out=${SRCFLOW_BENCH_OUT:-$(mktemp -d)}; else out=${SRCFLOW_BENCH_OUT:-benchmarks/results}; fi
 mkdir -p "$out"
 
@@ -33,20 +38,26 @@ run() {  # name, limit (s), command...: a part that fails or times out is record
 
 if [ "$mode" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || true
-  run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 --batch 256 \
-      --rss-images 256 --write-mb 500 --repeats 1
-  # three worker processes share the GPU: three Zarr writers, each with its own event loop and GIL
-  run encode-cuda-workers3 90 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 \
-      --batch 256 --workers 3 --throughput-only
-  run train_flow-cuda 60 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
-      --batch 256 --steps 10
-  run sample-cuda 200 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8
+  if [ "$parts" = all ]; then
+    run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 --batch 256 \
+        --rss-images 256 --write-mb 500 --repeats 1
+    # three worker processes share the GPU: three Zarr writers, each with its own event loop and GIL
+    run encode-cuda-workers3 90 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 \
+        --batch 256 --workers 3 --throughput-only
+  fi
+  # eager, then the compiled loss (its compile in warmup_seconds, outside the timing; its loss against eager's)
+  run train_flow-cuda 45 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
+      --batch 256 --steps 10 --warmup 3
+  run train_flow-cuda-compiled 90 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml \
+      --device cuda --batch 256 --steps 10 --warmup 2 --compile on
+  run sample-cuda 105 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8 --fit-steps 100 \
+      --sweep 128,512,1024
 else
   run encode-cpu-smoke 300 "$PY" -m benchmarks.encode --device cpu --arch smoke --images 32 --batch 16 \
       --rss-images 16 --write-mb 16 --repeats 1
   run train_flow-cpu-smoke 120 "$PY" benchmarks/train_flow.py --config configs/smoke.yaml --device cpu --steps 3
   run sample-cpu-smoke 300 "$PY" -m benchmarks.sample --device cpu --batch 1 --width 32 --heads 2 --blocks 2 \
-      --layers 1 --tokens 16 --channels 4
+      --layers 1 --tokens 16 --channels 4 --jacobi-chunk 8
 fi
 
 "$PY" - "$out" "$mode" <<'PYEOF'

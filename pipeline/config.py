@@ -2,7 +2,9 @@
 
 Every field is *semantic* (it changes a stage's output and enters its fingerprint) unless it is
 declared with `operational(...)` (batch sizes for inference, workers, device, progress, logging):
-those never enter a fingerprint. The whole `runtime` and `storage` sections are operational.
+those never enter a fingerprint. The whole `runtime` and `storage` sections are operational. A field
+declared with `added(...)` is semantic but enters a fingerprint only when it is not its default: a
+key added later whose default keeps what was stored (e.g. `sample.solver: sequential`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ class ConfigError(ValueError):
 def operational(default: Any, description: str = "", **constraints: Any) -> Any:
     """A field that changes how a stage runs, never what it produces."""
     return Field(default, description=description, json_schema_extra={"operational": True}, **constraints)
+
+
+def added(default: Any, description: str = "", **constraints: Any) -> Any:
+    """A semantic field added after outputs were stored, whose default reproduces them: it enters a
+    fingerprint only when set to another value, so every fingerprint stored before it existed stays valid.
+    Its default must never change (that would silently match outputs of the old default)."""
+    return Field(default, description=description, json_schema_extra={"omit_default": True}, **constraints)
 
 
 class Section(BaseModel):
@@ -230,6 +239,10 @@ class TrainConfig(Section):
                                             "at most this big, else stream shuffle windows from codes.zarr")
     prefetch: int = operational(4, "batches assembled ahead of the training step")
     eval_batch_size: int = operational(256, "batch of the held-out likelihood evaluation")
+    compile: Literal["auto"] | bool = operational("auto", "torch.compile the flow's loss (forward and backward); "
+                                                  "auto: on CUDA, off on CPU")
+    activation_checkpointing: bool = operational(False, "recompute each transformer layer's activations in the "
+                                                 "backward pass (less memory for larger flows, ~1/3 more compute)")
     torchrun_args: list[str] | None = operational(None, "torchrun rendezvous arguments replacing --standalone "
                                                   "(multi-node), e.g. [--nnodes=2, --node-rank=0, "
                                                   "--rdzv-backend=c10d, --rdzv-endpoint=HEAD:29500]")
@@ -243,10 +256,17 @@ class SampleConfig(Section):
     denoise: Literal["none", "tweedie"] = Field("none", description="tweedie: x + sigma^2 grad log p(x | y), "
                                                 "sigma = flow.noise_sigma")
     seed: int = Field(0, description="sample i's noise is seeded by (seed, i): any sharding gives the same samples")
+    solver: Literal["sequential", "jacobi"] = added("sequential", "the inverse of each flow block: one token per "
+                                                    "step (exact), or block-wise Jacobi fixed-point iterations")
+    jacobi_chunk: int = added(64, "jacobi: tokens solved together", gt=0)
+    jacobi_tol: float = added(1e-3, "jacobi: stop a chunk when max_b ||x_new - x|| / ||x_new|| is below this", ge=0)
+    jacobi_max_iters: int = added(32, "jacobi: at most this many passes per chunk", gt=0)
     batch_size: int = operational(125)
     chunk_size: int = operational(1000, "samples per job and per resume unit (a committed chunk file)")
     grid_per_class: int = operational(4, "samples of each class in grid-cfg{w}.png")
     grid_classes: int = operational(16, "classes (the first ones) in grid-cfg{w}.png")
+    cuda_graph: bool = operational(False, "CUDA only: static KV caches and each network step of the inverse "
+                                   "captured once as a CUDA graph and replayed (the same samples up to rounding)")
 
 
 class ReferenceConfig(Section):
@@ -400,9 +420,10 @@ def semantic_values(model: BaseModel) -> dict[str, Any]:
     """The fields of a section that determine outputs (operational ones dropped), JSON-ready."""
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
-        if (field.json_schema_extra or {}).get("operational"):
-            continue
+        extra = field.json_schema_extra or {}
         value = getattr(model, name)
+        if extra.get("operational") or (extra.get("omit_default") and value == field.default):
+            continue
         out[name] = semantic_values(value) if isinstance(value, BaseModel) else _jsonable(value)
     return out
 

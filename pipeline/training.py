@@ -98,6 +98,18 @@ def inference_precision(device: torch.device | str, precision: str):
     return nullcontext()
 
 
+def adamw(params, device: torch.device | str, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for every tensor's update) on CUDA; the same update rule as the default
+    multi-tensor one, and its state dict loads into either."""
+    return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
+
+
+def compile_enabled(setting: str | bool, device: torch.device | str) -> bool:
+    """A `compile: auto | true | false` key: auto compiles on CUDA only (inductor on the CPU needs a C++
+    compiler and minutes of compile time for seconds of training)."""
+    return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DDP / DataParallel / torch.compile wrappers (state-dict keys without
     `module.` / `_orig_mod.`)."""
@@ -138,10 +150,12 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         model = unwrap(model)
-        for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            if e.dtype == torch.float32:
-                e.lerp_(p.detach().float(), 1.0 - self.decay)
-            else:  # bf16 / fp16 weights: average in fp32, then round once
+        pairs = list(zip(self.module.parameters(), model.parameters(), strict=True))
+        fp32 = [(e, p.detach()) for e, p in pairs if e.dtype == p.dtype == torch.float32]
+        if fp32:  # one multi-tensor kernel for all fp32 weights instead of one lerp_ per tensor
+            torch._foreach_lerp_([e for e, _ in fp32], [p for _, p in fp32], 1.0 - self.decay)
+        for e, p in pairs:
+            if not e.dtype == p.dtype == torch.float32:  # bf16 / fp16 weights: average in fp32, round once
                 e.copy_(e.float().lerp_(p.detach().float(), 1.0 - self.decay))
         for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
             e.copy_(b)

@@ -5,8 +5,11 @@
              so chunks, workers and resumes agree, and the file is not class-sorted (ADM's IS splits)
     z_i      a standard normal (T, d) seeded by (sample.seed, i): the same whatever the chunking,
              the workers or a resume; the same z_i at every CFG scale
-    codes    flow.reverse(z, y) with CFG w (sample.cfg_mode tarflow|starflow, sample.cfg_anneal), the
-             per-block KV-cache sampler; optionally one Tweedie step x + sigma^2 grad log p(x | y)
+    codes    flow.reverse(z, y) with CFG w (sample.cfg_mode tarflow|starflow, sample.cfg_anneal), both CFG
+             branches as one doubled batch, each block inverted by sample.solver: sequential (token by
+             token, a KV cache) or jacobi (chunks of sample.jacobi_chunk tokens iterated to
+             sample.jacobi_tol, at most sample.jacobi_max_iters passes); sample.cuda_graph: static caches,
+             each step a replayed CUDA graph; optionally one Tweedie step x + sigma^2 grad log p(x | y)
              (sample.denoise: tweedie, sigma = flow.noise_sigma, conditional score, fp32)
     pixels   SRC.decode(codes) (codes as compress stored them: the SRC's own encode output) ->
              per-position feature de-normalization (normalizer.inverse, the statistics the SRC was
@@ -76,13 +79,17 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     total = num_classes * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
     models = Models(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
+    if s.cuda_graph and not models.device.startswith("cuda"):
+        raise ValueError(f"sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to "
+                         f"{models.device}")
     load_models(models)  # a missing or mismatched model fails here, before any work
     chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
     jobs = [SampleJob(models, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
             if not chunk_path(out.path, w, k).is_file()]
-    log.info("sample: %d classes x %d per class at cfg scales %s (%s, anneal %s, denoise %s): %d of %d chunks to do",
-             num_classes, s.per_class, scales, s.cfg_mode, s.cfg_anneal, s.denoise, len(jobs), len(todo) * len(chunks))
+    log.info("sample: %d classes x %d per class at cfg scales %s (%s, anneal %s, denoise %s, solver %s): %d of %d "
+             "chunks to do", num_classes, s.per_class, scales, s.cfg_mode, s.cfg_anneal, s.denoise, s.solver,
+             len(jobs), len(todo) * len(chunks))
 
     started, done = time.perf_counter(), len(scales) * total - sum(j.stop - j.start for j in jobs)
     gpus = torch.cuda.device_count() if models.device.startswith("cuda") else 0
@@ -95,7 +102,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     seconds = time.perf_counter() - started
 
     metrics = {"num_samples": total, "num_classes": num_classes, "per_class": s.per_class, "cfg_scales": scales,
-               "cfg_mode": s.cfg_mode, "denoise": s.denoise}
+               "cfg_mode": s.cfg_mode, "denoise": s.denoise, "solver": s.solver}
     src_sigma = upstream["fit_src"].metrics.get("noise_sigma") or 0.0
     if s.denoise == "tweedie" and src_sigma > 0:
         # the SRC decoder already learned to decode codes at this noise level: denoising first removes it twice
@@ -187,7 +194,8 @@ def sample_chunk(job: SampleJob) -> int:
         y = torch.from_numpy(labels[a - job.start:b - job.start]).to(device)
         with torch.no_grad():
             with autocast(device), token_step_threads(device):
-                x = flow.reverse(z, y, cfg_scale=job.cfg_scale, cfg_mode=s.cfg_mode, cfg_anneal=s.cfg_anneal)
+                x = flow.reverse(z, y, cfg_scale=job.cfg_scale, cfg_mode=s.cfg_mode, cfg_anneal=s.cfg_anneal,
+                                 **solver_args(s))
             if s.denoise == "tweedie":
                 x = tweedie(flow, x, y, sigma)
             pixels, bad = decode(x, src, normalizer, decoder, device)
@@ -199,6 +207,12 @@ def sample_chunk(job: SampleJob) -> int:
     Path(job.path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(job.path), buf.getvalue())
     return job.stop - job.start
+
+
+def solver_args(s) -> dict:
+    """flow.reverse's solver keywords for the sample section."""
+    return {"solver": s.solver, "cache": "graph" if s.cuda_graph else "dynamic", "jacobi_chunk": s.jacobi_chunk,
+            "jacobi_tol": s.jacobi_tol, "jacobi_max_iters": s.jacobi_max_iters}
 
 
 @contextmanager

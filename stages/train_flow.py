@@ -5,8 +5,10 @@
              per image per step, chunk-aligned shuffle windows read ahead in a thread
     x        c + flow.noise_sigma * eps, one constant sigma; labels dropped to the null label with
              probability flow.label_drop (the unconditional branch CFG needs)
-    loss     flow.nll_per_dim(x, y), nats per dimension; AdamW + warmup/cosine, gradient clipping,
-             EMA, bf16 autocast on CUDA (log-dets stay fp32)
+    loss     flow.nll_per_dim(x, y), nats per dimension; AdamW (fused on CUDA) + warmup/cosine, gradient
+             clipping, EMA (one multi-tensor lerp), bf16 autocast on CUDA (log-dets stay fp32); the loss is
+             torch.compiled under train.compile (auto: on CUDA); train.activation_checkpointing recomputes
+             each layer in the backward pass
     resume   checkpoints every train.ckpt_every steps and on SIGTERM / SIGINT: model, EMA, optimizer,
              scheduler, RNG states, the log window; every random draw of step s (data order, view,
              noise, label drop) is a pure function of (train.seed, s), drawn for the global batch, so a
@@ -54,7 +56,9 @@ from pipeline.training import (
     EMA,
     Checkpointer,
     StopSignal,
+    adamw,
     autocast,
+    compile_enabled,
     load_safetensors,
     resolve_device,
     save_safetensors,
@@ -137,9 +141,12 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
     data = TrainCodes(codes, t.in_memory_limit_gb)
     seed_all(t.seed)
     flow = build_flow(cfg, data.tokens, data.channels, data.num_classes).to(device).train()
+    flow.checkpoint_activations(t.activation_checkpointing)
     ema = EMA(flow, t.ema_decay)
     loss_fn = distributed.data_parallel(distributed.Calls(flow, "nll_per_dim"), device)
-    optimizer = torch.optim.AdamW(flow.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    if compile_enabled(t.compile, device):  # compiled on the first step (forward and backward graphs)
+        loss_fn = torch.compile(loss_fn)
+    optimizer = adamw(flow.parameters(), device, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     scheduler = warmup_cosine(optimizer, min(t.warmup_steps, t.steps), t.steps)
     checkpoints = Checkpointer(out_dir / "checkpoints", every=t.ckpt_every)
     step, extra = checkpoints.restore(flow, ema, optimizer, scheduler)

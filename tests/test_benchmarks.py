@@ -19,6 +19,13 @@ def test_gpu_benchmark_script_runs_on_cpu_at_smoke_size(tmp_path):
     encode = results["encode-cpu-smoke"]
     assert encode["encode_images_per_s"] > 0 and encode["forward_images_per_s"] > 0 and 0 < encode["ratio"]
     assert encode["write"]["zarr_mb_per_s"] > 0 and encode["rss"]["ratio"] > 0
-    assert results["train_flow-cpu-smoke"]["steps_per_s"] > 0
+    train = results["train_flow-cpu-smoke"]
+    assert train["steps_per_s"] > 0 and train["mfu"] is None and train["peak_source"] == "cpu: no peak"
+    assert train["flops"]["step"] == 3 * train["flops"]["forward_per_sample"] * train["batch"]
     sample = results["sample-cpu-smoke"]["models"]["smoke"]
-    assert sample["kv_cache"]["samples_per_s"] > 0 and sample["max_abs_diff"] < 1e-4
+    for sampler in ("kv_cache", "naive", "kv_two_pass", "kv_static", "jacobi"):
+        assert sample[sampler]["samples_per_s"] > 0, sampler
+    assert sample["naive"]["max_abs_diff"] < 1e-4 and sample["kv_static"]["max_abs_diff"] < 1e-4
+    assert sample["kv_two_pass"]["max_abs_diff"] < 1e-6  # batched CFG = two-pass CFG
+    assert sample["jacobi"]["max_abs_diff"] < 1e-2 and sample["kv_vs_naive"] > 0
+    assert set(sample["jacobi_per_block"]) == {"0", "1"} and sample["jacobi"]["passes_per_block"]["0"] >= 2

@@ -83,11 +83,27 @@ def test_the_resolved_noise_level_keeps_the_fingerprint_of_an_explicit_one():
     assert "allow_noise_mismatch" not in semantic_values(implicit.flow)
 
 
+def test_the_sampler_keys_keep_stored_sample_fingerprints_at_their_defaults():
+    """sample.solver and sample.jacobi_* were added after sample outputs were stored: at their defaults they
+    stay out of the semantic values (the fingerprints stay), set otherwise they enter them."""
+    before = {"per_class", "cfg_scale", "cfg_mode", "cfg_anneal", "denoise", "seed"}  # the keys before they existed
+    assert set(semantic_values(load_config(SMOKE).sample)) == before
+    assert set(semantic_values(load_config(SMOKE, ["sample.solver=sequential"]).sample)) == before
+    jacobi = semantic_values(load_config(SMOKE, ["sample.solver=jacobi", "sample.jacobi_tol=1e-4"]).sample)
+    assert jacobi["solver"] == "jacobi" and jacobi["jacobi_tol"] == 1e-4 and "jacobi_chunk" not in jacobi
+    compiled = load_config(SMOKE, ["sample.cuda_graph=true", "train.compile=true",
+                                   "train.activation_checkpointing=true"])
+    assert set(semantic_values(compiled.sample)) == before  # operational
+    assert not {"compile", "activation_checkpointing"} & set(semantic_values(compiled.train))
+
+
 @pytest.mark.parametrize("override, key", [
     ("src.dim=100000", "src.dim"), ("data.resolution=0", "data.resolution"), ("train.lr=-1", "train.lr"),
     ("flow.heads=5", "flow.heads"), ("flow.width=0", "flow.width"), ("runtime.workers=0", "runtime.workers"),
     ("encode.rows_per_chunk=64", "encode.rows_per_chunk"), ("encode.rows_per_chunk=5", "encode.rows_per_chunk"),
     ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"), ("encode.precision=fp16", "encode.precision"),
+    ("sample.solver=newton", "sample.solver"), ("sample.jacobi_chunk=0", "sample.jacobi_chunk"),
+    ("sample.jacobi_tol=-1", "sample.jacobi_tol"), ("train.compile=maybe", "train.compile"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

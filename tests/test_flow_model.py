@@ -284,3 +284,131 @@ def test_short_training_fits_a_two_class_gaussian_mixture():
     baseline = -torch.distributions.Normal(0.0, 1.0).log_prob(x).mean().item()  # ~2.09 nats/dim
     optimum = 0.5 * math.log(2 * math.pi * math.e * std**2)  # ~0.21 nats/dim
     assert nll < baseline - 1.5, (nll, baseline, optimum)  # well below N(0, 1), near the optimum
+
+
+# --- samplers: batched CFG, static cache, Jacobi ----------------------------------------------------------
+
+CFG_CASES = [(0.0, False), (1.5, False), (3.0, True)]  # (w, anneal)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("cfg_mode", ["tarflow", "starflow"])
+def test_batched_cfg_equals_two_pass_cfg(variant, cfg_mode):
+    """Both CFG branches as one doubled batch with one KV cache = a pass per branch with a cache each."""
+    model = make_flow(*variant)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    for solver in ("sequential", "jacobi"):
+        for w, anneal in CFG_CASES:
+            kw = {"cfg_scale": w, "cfg_mode": cfg_mode, "cfg_anneal": anneal, "solver": solver, "jacobi_chunk": 3}
+            batched, two_pass = model.reverse(z, y, **kw), model.reverse(z, y, two_pass_cfg=True, **kw)
+            torch.testing.assert_close(batched, two_pass, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_static_kv_cache_equals_the_dynamic_one(variant):
+    model = make_flow(*variant)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    for w, anneal in CFG_CASES:
+        kw = {"cfg_scale": w, "cfg_mode": "starflow" if anneal else "tarflow", "cfg_anneal": anneal}
+        torch.testing.assert_close(model.reverse(z, y, cache="static", **kw), model.reverse(z, y, **kw),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_static_step_is_one_graph_for_every_token_and_the_dynamic_one_is_not():
+    """Fixed shapes and a tensor position: torch.compile(fullgraph) captures the one-token step once for all
+    steps (what CUDA graphs need); the dynamic cache's growing keys make it recompile."""
+    import torch._dynamo
+
+    model = make_flow("prefix", "softplus", True, 2)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    reference = model.reverse(z, y, cfg_scale=1.5, cache="static")
+    deep = model.blocks[-1]  # the guided deep block; an instance attribute: its sampler calls the compiled step
+    deep.predict = torch.compile(deep.predict, fullgraph=True, dynamic=False, backend="aot_eager")
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = model.reverse(z, y, cfg_scale=1.5, cache="static")
+            torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+            with pytest.raises(Exception, match="[Rr]ecompil"):
+                model.reverse(z, y, cfg_scale=1.5, cache="dynamic")
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("cfg_mode", ["tarflow", "starflow"])
+def test_jacobi_solves_each_chunk_exactly_in_as_many_passes_as_tokens(variant, cfg_mode):
+    """Pass k makes the chunk's first k tokens exact: with tol 0 the chunk's length in passes is the inverse."""
+    model = make_flow(*variant, tokens=7)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    for w, anneal in CFG_CASES:
+        kw = {"cfg_scale": w, "cfg_mode": cfg_mode, "cfg_anneal": anneal}
+        for cache in ("dynamic", "static"):
+            stats = []
+            x = model.reverse(z, y, solver="jacobi", cache=cache, jacobi_chunk=3, jacobi_tol=0.0,
+                              jacobi_max_iters=99, stats=stats, **kw)
+            torch.testing.assert_close(x, model.reverse(z, y, **kw), rtol=1e-5, atol=1e-5)
+            steps = 7 - (not variant[2])  # token 0 passes through without a start token
+            assert [s["iterations"] for s in stats] == [steps] * 3 and [s["block"] for s in stats] == [2, 1, 0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("cfg_mode", ["tarflow", "starflow"])
+def test_jacobi_equals_sequential_within_its_tolerance_and_stops_early(variant, cfg_mode):
+    model = make_flow(*variant, tokens=24)
+    z, y = batch(model)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    tol, kw = 1e-3, {"cfg_scale": 1.5, "cfg_mode": cfg_mode}
+    stats = []
+    x = model.reverse(z, y, solver="jacobi", jacobi_chunk=12, jacobi_tol=tol, stats=stats, **kw)
+    reference = model.reverse(z, y, **kw)
+    relative = (x - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+    assert relative.max() < 2 * tol, relative
+    steps = 24 - (not variant[2])
+    assert all(s["iterations"] < steps and s["chunks"] == 2 and s["max_chunk_iterations"] <= 12 for s in stats)
+    capped = []
+    model.reverse(z, y, solver="jacobi", jacobi_chunk=12, jacobi_tol=0.0, jacobi_max_iters=4, stats=capped, **kw)
+    assert [s["iterations"] for s in capped] == [8, 8, 8]  # max_iters passes per chunk at most
+
+
+def test_bad_solver_arguments_fail_in_one_line():
+    model = make_flow()
+    z, y = batch(model)
+    for kw, word in (({"solver": "newton"}, "solver"), ({"cache": "paged"}, "cache"), ({"cache": "graph"}, "CUDA"),
+                     ({"solver": "jacobi", "jacobi_chunk": 0}, "chunk")):
+        with pytest.raises(ValueError, match=word) as e:
+            model.reverse(z, y, **kw)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[-3:], ids=VARIANT_IDS[-3:])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
+    model = make_flow(*variant).train()
+    x, y = batch(model)
+    grads = []
+    for on in (False, True):
+        model.checkpoint_activations(on)
+        model.zero_grad()
+        loss = model.nll_per_dim(x, y)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(g0, g1))
+
+
+def test_checkpointing_recomputes_the_layers_in_backward(monkeypatch):
+    from pipeline.models import flow
+
+    calls = []
+    real = flow.TransformerLayer.forward
+    monkeypatch.setattr(flow.TransformerLayer, "forward", lambda self, *a: calls.append(1) or real(self, *a))
+    model = make_flow(num_blocks=2).train()
+    x, y = batch(model)
+    for on, expected in ((False, 2), (True, 4)):  # 2 layers: forward only, or forward + recompute
+        calls.clear()
+        model.checkpoint_activations(on).nll_per_dim(x, y).backward()
+        assert len(calls) == expected

@@ -199,3 +199,14 @@ def test_label_order_is_a_balanced_permutation_fixed_by_the_seed_alone():
     assert np.array_equal(np.concatenate(chunks), labels)
     # every contiguous tenth (ADM's IS splits at 50k: 5,000 of 50,000) holds most classes, not one
     assert min(len(np.unique(part)) for part in labels.reshape(10, 50)) >= 8
+
+
+def test_the_jacobi_solver_gives_the_sequential_samples_at_the_stage_level(chain, tmp_path):
+    metrics, out = run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]", "sample.solver=jacobi",
+                              "sample.jacobi_chunk=16", "sample.jacobi_tol=1e-5")
+    jacobi = load(out / "samples-cfg1.0.npz")
+    sequential = load(chain[1]["sample"].dir / "samples-cfg1.0.npz")
+    assert metrics["solver"] == "jacobi" and np.array_equal(jacobi["labels"], sequential["labels"])
+    assert np.abs(jacobi["arr_0"].astype(int) - sequential["arr_0"].astype(int)).max() <= 1  # rounding only
+    with pytest.raises(ValueError, match="sample.cuda_graph"):
+        run_sample(chain, tmp_path / "graph", "sample.cuda_graph=true")

@@ -186,6 +186,41 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_the_same_trajectory(c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compiled_and_checkpointed_training_follow_the_eager_trajectory(compress, straight, tmp_path, monkeypatch):
+    """train.compile (the loss through torch.compile; aot_eager here, inductor's C++ compile is minutes on this
+    CPU) and train.activation_checkpointing change how a step runs, not what it computes; a compiled run
+    stopped by SIGTERM resumes onto the same trajectory."""
+    import torch._dynamo
+
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real_compile(fn, backend="aot_eager",
+                                                                                                **kw))
+    _, reference = straight
+    real = train_flow.step_noise
+
+    def noise(seed, step, *args):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(seed, step, *args)
+
+    monkeypatch.setattr(train_flow, "step_noise", noise)
+    with pytest.raises(TrainingStopped, match="step 7/12"):
+        train(compress, tmp_path / "compiled", "train.compile=true")
+    monkeypatch.setattr(train_flow, "step_noise", real)
+    train(compress, tmp_path / "compiled", "train.compile=true")
+    assert len(compiled) == 2  # the stopped run and the resumed one
+    train(compress, tmp_path / "checkpointed", "train.activation_checkpointing=true")
+    torch._dynamo.reset()
+    one = trajectory(reference)
+    for run in ("compiled", "checkpointed"):
+        other = trajectory(tmp_path / run)
+        assert [s for s, _ in other] == [s for s, _ in one]
+        np.testing.assert_allclose([v for _, v in other], [v for _, v in one], rtol=1e-5, atol=1e-6)
+        a, b = weights(tmp_path / run), weights(reference)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path

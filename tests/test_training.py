@@ -80,6 +80,70 @@ def test_ema_decay_one_freezes_and_zero_follows():
     assert torch.equal(follower.module.weight, model.weight)
 
 
+def test_ema_update_is_one_multi_tensor_lerp_equal_to_a_lerp_per_tensor(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(3, 2).to(torch.bfloat16))
+    ema = EMA(model, decay=0.9)
+    reference = [p.detach().clone() for p in ema.module.parameters()]
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: calls.append(len(a[0])) or real(*a))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for r, p in zip(reference, model.parameters()):
+            if r.dtype == torch.float32:
+                r.lerp_(p.detach(), 0.1)
+            else:  # bf16: averaged in fp32, rounded once
+                r.copy_(r.float().lerp_(p.detach().float(), 0.1))
+    assert calls == [4, 4, 4]  # one call per update for the four fp32 tensors; the bf16 ones alone
+    assert all(torch.equal(e, r) for e, r in zip(ema.module.parameters(), reference))
+
+
+def test_adamw_is_fused_on_cuda_only_and_compile_auto_means_cuda():
+    params = [nn.Parameter(torch.zeros(2))]
+    assert not training.adamw(params, "cpu", lr=1e-3).defaults["fused"]
+    assert training.compile_enabled("auto", "cuda") and not training.compile_enabled("auto", "cpu")
+    assert training.compile_enabled(True, "cpu") and not training.compile_enabled(False, "cuda")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_flow_loss_gives_the_eager_loss_and_gradients(backend):
+    """torch.compile of the flow's training loss (train.compile): forward and backward graphs. aot_eager
+    checks the capture (dynamo + AOTAutograd) in seconds; inductor compiles C++ kernels, ~45 s cold on a
+    2-core CPU, so it runs only with SRCFLOW_TEST_INDUCTOR=1 (benchmarks/gpu.sh checks it on CUDA)."""
+    if backend == "inductor" and os.environ.get("SRCFLOW_TEST_INDUCTOR") != "1":
+        pytest.skip("inductor's cold C++ compile takes ~45 s on this CPU; set SRCFLOW_TEST_INDUCTOR=1 "
+                    "(benchmarks/gpu.sh compares compiled and eager losses on CUDA)")
+    import torch._dynamo
+
+    from pipeline.distributed import Calls
+    from pipeline.models.flow import TARFlow
+
+    torch.manual_seed(0)
+    flow = TARFlow(in_channels=4, num_tokens=8, num_classes=3, width=32, heads=4, num_blocks=3, layers_per_block=1,
+                   deep_layers=2, cond="prefix", scale="softplus", start_token=True, soft_clip=4.0).train()
+    for block in flow.blocks:
+        nn.init.normal_(block.proj_out.weight, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 8, 4, generator=g), torch.randint(0, 4, (8,), generator=g)
+    loss_fn = Calls(flow, "nll_per_dim")
+    results = []
+    torch._dynamo.reset()
+    for fn in (loss_fn, torch.compile(loss_fn, backend=backend)):
+        flow.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in flow.parameters()]))
+    torch._dynamo.reset()
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --- learning rate --------------------------------------------------------------------------------
 
 
