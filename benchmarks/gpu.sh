@@ -2,8 +2,10 @@
 # The GPU benchmark: one prepared command, under 8 minutes on one H200, printing one JSON object.
 #
 #   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at fp32 (TF32; bf16 beside it, with
-#                              #       its error against fp32) on synthetic 256 px JPEG
-#                              #       shards (whole path vs forward alone; 1 and 3 worker processes), flow
+#                              #       its error against fp32) on photo-like 500x375 JPEG shards: the three
+#                              #       decode paths (per core; nvjpeg on the device), the whole path per decode
+#                              #       path vs the forward alone (MFU; compiled beside eager), the write
+#                              #       candidates; 1 and 3 worker processes (at most 4 minutes in all), flow
 #                              #       training at the paper config's width on random codes, KV-cache vs
 #                              #       naive sampling at a paper-like width
 #   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this)
@@ -33,17 +35,21 @@ run() {  # name, limit (s), command...: a part that fails or times out is record
 
 if [ "$mode" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || true
-  run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 --batch 256 \
-      --rss-images 256 --write-mb 500 --repeats 1
-  # three worker processes share the GPU: three Zarr writers, each with its own event loop and GIL
-  run encode-cuda-workers3 90 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 \
-      --batch 256 --workers 3 --throughput-only
+  # encode, 240 s at most: every decode path per core and on the device, the stage once per path, the writers
+  run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 2048 --batch 256 \
+      --decode pil,tensor,nvjpeg --rss-images 256 --write-mb 300 --repeats 2 --writers 1,3
+  # torch.compile (compiled before the timing, in its own part: a slow compile costs only this part)
+  run encode-cuda-compile 60 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 1024 --batch 256 \
+      --decode nvjpeg --compile --throughput-only
+  # three worker processes share the GPU: three Zarr writers and decode pools, each with its own GIL
+  run encode-cuda-workers3 60 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 1024 \
+      --batch 256 --workers 3 --decode tensor,nvjpeg --throughput-only
   run train_flow-cuda 60 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
       --batch 256 --steps 10
   run sample-cuda 200 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8
 else
   run encode-cpu-smoke 300 "$PY" -m benchmarks.encode --device cpu --arch smoke --images 32 --batch 16 \
-      --rss-images 16 --write-mb 16 --repeats 1
+      --rss-images 16 --write-mb 16 --repeats 1 --writers 1 --decode-images 8
   run train_flow-cpu-smoke 120 "$PY" benchmarks/train_flow.py --config configs/smoke.yaml --device cpu --steps 3
   run sample-cpu-smoke 300 "$PY" -m benchmarks.sample --device cpu --batch 1 --width 32 --heads 2 --blocks 2 \
       --layers 1 --tokens 16 --channels 4

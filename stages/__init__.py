@@ -7,6 +7,9 @@ A stage is a plain function `run(cfg, upstream, out) -> metrics`:
   output directory (resume or rebuild); the runner writes `_SUCCESS.json` after it returns.
 
 `sections` are the config sections or dotted fields whose semantic values enter the fingerprint;
+`added` are dotted fields that came after outputs were stored, each with the value that means what the
+code did before it: a field enters the fingerprint only when it differs from that value, so the stored
+outputs keep their fingerprints (and stay `done`) until someone asks for the new behaviour;
 `external` returns digests of inputs outside the store (weights, the dataset listing); a stage
 whose `enabled` is false is left out, and so is it from its consumers' upstream.
 
@@ -21,7 +24,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.config import Config
+from pipeline.config import Config, select, semantic_values
 from stages import inputs
 
 
@@ -33,6 +36,15 @@ class Stage:
     upstream: tuple[str, ...] = ()
     external: Callable[[Config], dict[str, str]] = field(default=lambda cfg: {})
     enabled: Callable[[Config], bool] = field(default=lambda cfg: True)
+    added: tuple[tuple[str, object], ...] = ()
+
+    def semantic(self, cfg: Config) -> dict:
+        """The semantic values of `sections` (and of the `added` fields that differ from their old value)."""
+        values = {section: _semantic(select(cfg, section)) for section in self.sections}
+        for dotted, before in self.added:
+            if select(cfg, dotted) != before:
+                values[dotted] = _semantic(select(cfg, dotted))
+        return values
 
     def run(self, cfg: Config, upstream: dict, out) -> dict:
         return importlib.import_module(f"stages.{self.name}").run(cfg, upstream, out)
@@ -46,7 +58,8 @@ STAGES: tuple[Stage, ...] = (
           sections=("data.resolution", "encoder", "encode.views", "encode.precision", "encode.dtype",
                     "encode.rows_per_shard",
                     "encode.rows_per_chunk", "encode.subset_per_class"),
-          upstream=("shard",), external=inputs.encoder_inputs),
+          upstream=("shard",), external=inputs.encoder_inputs,
+          added=(("encode.decode", "pil"),)),  # pil: the decode and crop of every store before the field
     Stage("fit_decoder", "2",  # 2: L1 on [0, 1] pixels, RAE's warmup + cosine to a floor
           sections=("decoder", "fit_decoder"),
           upstream=("shard", "encode"), external=inputs.lpips_inputs, enabled=inputs.decoder_enabled),
@@ -72,6 +85,10 @@ STAGES: tuple[Stage, ...] = (
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _semantic(value):
+    return semantic_values(value) if hasattr(type(value), "model_fields") else value
 
 
 def get_stage(name: str) -> Stage:

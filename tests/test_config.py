@@ -46,6 +46,7 @@ def test_operational_fields_are_not_semantic():
     assert "batch_size" not in semantic_values(cfg.encode) and "rows_per_shard" in semantic_values(cfg.encode)
     assert "workers" not in semantic_values(cfg.shard) and semantic_values(cfg.runtime) == {}
     assert "batch_size" in semantic_values(cfg.train)  # a training batch changes the result
+    assert "decode" in semantic_values(cfg.encode) and "compile" not in semantic_values(cfg.encode)
 
 
 def test_paper_configs_validate():
@@ -88,6 +89,7 @@ def test_the_resolved_noise_level_keeps_the_fingerprint_of_an_explicit_one():
     ("flow.heads=5", "flow.heads"), ("flow.width=0", "flow.width"), ("runtime.workers=0", "runtime.workers"),
     ("encode.rows_per_chunk=64", "encode.rows_per_chunk"), ("encode.rows_per_chunk=5", "encode.rows_per_chunk"),
     ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"), ("encode.precision=fp16", "encode.precision"),
+    ("encode.decode=turbo", "encode.decode"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
