@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmark: one prepared command, under 8 minutes on one H200, printing one JSON object.
+# The GPU benchmark: one prepared command, about 8 minutes on one H200 (each half under 4), printing one JSON object.
 #
 #   benchmarks/gpu.sh          # CUDA: encode with DINOv2-B/reg4 shapes at fp32 (TF32; bf16 beside it, with
-#                              #       its error against fp32) on synthetic 256 px JPEG
-#                              #       shards (whole path vs forward alone; 1 and 3 worker processes), flow
-#                              #       training at the paper config's width on random codes, eager and
+#                              #       its error against fp32) on photo-like 500x375 JPEG shards: the three
+#                              #       decode paths (per core; nvjpeg on the device), the whole path per decode
+#                              #       path vs the forward alone (MFU; compiled beside eager), the write
+#                              #       candidates; 1 and 3 worker processes (encode parts: 4 minutes at most);
+#                              #       flow training at the paper config's width on random codes, eager and
 #                              #       torch.compiled (fused AdamW, MFU), every sampler (naive, KV cache with
 #                              #       one and two CFG passes, static cache, CUDA graphs, Jacobi) at a
 #                              #       paper-like width fitted briefly to AR(1) codes, and seconds for 50k
-#                              #       samples at the best batch size; train + sample parts: 4 minutes at most
+#                              #       samples at the best batch size (train + sample parts: 4 minutes at most)
+#   benchmarks/gpu.sh encode   # only the encode parts (issue #14's device check, ~4 minutes)
 #   benchmarks/gpu.sh train    # only the train_flow and sample parts (issue #15's device check, ~4 minutes)
 #   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this)
 #
@@ -23,6 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mode=cuda parts=all
 [ "${1:-}" = "--cpu" ] && mode=cpu
 [ "${1:-}" = "train" ] && parts=train
+[ "${1:-}" = "encode" ] && parts=encode
 if [ "$mode" = cpu ]; then out=${SRCFLOW_BENCH_OUT:-$(mktemp -d)}; else out=${SRCFLOW_BENCH_OUT:-benchmarks/results}; fi
 mkdir -p "$out"
 
@@ -38,23 +42,29 @@ run() {  # name, limit (s), command...: a part that fails or times out is record
 
 if [ "$mode" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || true
-  if [ "$parts" = all ]; then
-    run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 --batch 256 \
-        --rss-images 256 --write-mb 500 --repeats 1
-    # three worker processes share the GPU: three Zarr writers, each with its own event loop and GIL
-    run encode-cuda-workers3 90 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 8192 \
-        --batch 256 --workers 3 --throughput-only
+  if [ "$parts" != train ]; then
+    # encode, 240 s at most: every decode path per core and on the device, the stage once per path, the writers
+    run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 2048 --batch 256 \
+        --decode pil,tensor,nvjpeg --rss-images 256 --write-mb 300 --repeats 2 --writers 1,3
+    # torch.compile (compiled before the timing, in its own part: a slow compile costs only this part)
+    run encode-cuda-compile 60 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 1024 --batch 256 \
+        --decode nvjpeg --compile --throughput-only
+    # three worker processes share the GPU: three Zarr writers and decode pools, each with its own GIL
+    run encode-cuda-workers3 60 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 1024 \
+        --batch 256 --workers 3 --decode tensor,nvjpeg --throughput-only
   fi
-  # eager, then the compiled loss (its compile in warmup_seconds, outside the timing; its loss against eager's)
-  run train_flow-cuda 45 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
-      --batch 256 --steps 10 --warmup 3
-  run train_flow-cuda-compiled 90 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml \
-      --device cuda --batch 256 --steps 10 --warmup 2 --compile on
-  run sample-cuda 105 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8 --fit-steps 100 \
-      --sweep 128,512,1024
+  if [ "$parts" != encode ]; then
+    # eager, then the compiled loss (its compile in warmup_seconds, outside the timing; its loss against eager's)
+    run train_flow-cuda 45 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
+        --batch 256 --steps 10 --warmup 3
+    run train_flow-cuda-compiled 90 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml \
+        --device cuda --batch 256 --steps 10 --warmup 2 --compile on
+    run sample-cuda 105 "$PY" -m benchmarks.sample --device cuda --paper --bf16 --batch 8 --fit-steps 100 \
+        --sweep 128,512,1024
+  fi
 else
   run encode-cpu-smoke 300 "$PY" -m benchmarks.encode --device cpu --arch smoke --images 32 --batch 16 \
-      --rss-images 16 --write-mb 16 --repeats 1
+      --rss-images 16 --write-mb 16 --repeats 1 --writers 1 --decode-images 8
   run train_flow-cpu-smoke 120 "$PY" benchmarks/train_flow.py --config configs/smoke.yaml --device cpu --steps 3
   run sample-cpu-smoke 300 "$PY" -m benchmarks.sample --device cpu --batch 1 --width 32 --heads 2 --blocks 2 \
       --layers 1 --tokens 16 --channels 4 --jacobi-chunk 8
@@ -71,7 +81,7 @@ def load(path):  # a part prints one JSON object, indented or on its last line
         return json.loads(text)
     except json.JSONDecodeError:
         return json.loads(text.strip().splitlines()[-1])
-parts = {p.stem: load(p) for p in sorted(out.glob(f"*{tag}.json"))}
+parts = {p.stem: load(p) for p in sorted(out.glob(f"*{tag}*.json"))}  # encode-cuda-compile, ...-workers3 too
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else None
 print(json.dumps({"mode": mode, "gpu": gpu, "results": parts}, indent=2))
 PYEOF

@@ -119,7 +119,14 @@ class EncodeConfig(Section):
     rows_per_shard: int = Field(256, gt=0, description="rows per Zarr shard: the unit of a writer and of resume")
     rows_per_chunk: int = Field(16, gt=0, description="rows per inner chunk: the unit of a random read")
     subset_per_class: int | None = Field(None, description="encode only the first K train images per class")
+    decode: Literal["pil", "tensor", "nvjpeg"] = added(  # pil: the decode and crop of every store before the key
+        "pil", description="JPEG decode + ADM crop: pil (PIL, ADM's exact path: the reference); tensor (torchvision's "
+                           "decode + the crop on tensors, CPU threads, 2.3x pil per core; within 2 levels of pil on "
+                           "0.4% of values); nvjpeg (batches decoded on the GPU, cropped there as PIL does; CUDA only; "
+                           "what nvjpeg refuses is decoded on the CPU). benchmarks/encode.py `decode` measures them")
     batch_size: int = operational(64)
+    compile: bool = operational(False, "torch.compile the encoder on CUDA (ignored elsewhere); every batch is padded "
+                                       "to batch_size so one graph serves them all; compiled before the first job")
     jobs_per_worker: int = operational(2, "shard jobs a worker runs at once, in threads: one job's tar read, "
                                           "JPEG decode and Zarr write overlap another's forward passes", gt=0)
     decode_threads: int | None = operational(None, "JPEG decode threads per worker, shared by its jobs "
@@ -425,6 +432,20 @@ def semantic_values(model: BaseModel) -> dict[str, Any]:
         if extra.get("operational") or (extra.get("omit_default") and value == field.default):
             continue
         out[name] = semantic_values(value) if isinstance(value, BaseModel) else _jsonable(value)
+    return out
+
+
+def semantic_of(cfg: Config, paths: tuple[str, ...]) -> dict[str, Any]:
+    """What enters a stage's fingerprint: the semantic values of config sections or dotted fields, keyed by
+    path. An `added` field named by its dotted path is left out at its default, as inside a section."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        value = select(cfg, path)
+        parent, _, name = path.rpartition(".")
+        field = type(select(cfg, parent)).model_fields[name] if parent else None
+        if field is not None and (field.json_schema_extra or {}).get("omit_default") and value == field.default:
+            continue
+        out[path] = semantic_values(value) if isinstance(value, BaseModel) else value
     return out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import ArtifactStore, DamagedError, fingerprint, now
-from pipeline.config import Config, select, semantic_values
+from pipeline.config import Config, select, semantic_of
 from stages import STAGE_NAMES, STAGES, Stage
 from storage_schemas.success import Manifest
 
@@ -42,7 +42,7 @@ def plan(cfg: Config, last: str | None = None) -> list[PlannedStage]:
     for stage in STAGES[: STAGE_NAMES.index(last) + 1] if last in STAGE_NAMES else STAGES:
         if not stage.enabled(cfg):
             continue
-        semantic = {section: _semantic(select(cfg, section)) for section in stage.sections}
+        semantic = semantic_of(cfg, stage.sections)
         upstream = {u: fingerprints[u] for u in stage.upstream if u in fingerprints}  # disabled ones drop out
         external = stage.external(cfg)
         fp = fingerprint(stage.name, stage.code_version, semantic, upstream, external)
@@ -51,10 +51,6 @@ def plan(cfg: Config, last: str | None = None) -> list[PlannedStage]:
         planned.append(PlannedStage(stage, fp, semantic, upstream, external, health.state, path,
                                     health.first(path) if health.problems else None))
     return planned
-
-
-def _semantic(value):
-    return semantic_values(value) if hasattr(type(value), "model_fields") else value
 
 
 def check_stage_names(names: list[str], option: str = "--stage/--until") -> None:

@@ -7,6 +7,8 @@ A stage is a plain function `run(cfg, upstream, out) -> metrics`:
   output directory (resume or rebuild); the runner writes `_SUCCESS.json` after it returns.
 
 `sections` are the config sections or dotted fields whose semantic values enter the fingerprint;
+a field declared `added(...)` in pipeline/config.py (a key that came after outputs were stored) enters
+only when it differs from its default, so stored outputs keep their fingerprints (pipeline.config.semantic_of);
 `external` returns digests of inputs outside the store (weights, the dataset listing); a stage
 whose `enabled` is false is left out, and so is it from its consumers' upstream.
 
@@ -45,7 +47,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("encode", "1",
           sections=("data.resolution", "encoder", "encode.views", "encode.precision", "encode.dtype",
                     "encode.rows_per_shard",
-                    "encode.rows_per_chunk", "encode.subset_per_class"),
+                    "encode.rows_per_chunk", "encode.subset_per_class", "encode.decode"),
           upstream=("shard",), external=inputs.encoder_inputs),
     Stage("fit_decoder", "2",  # 2: L1 on [0, 1] pixels, RAE's warmup + cosine to a floor
           sections=("decoder", "fit_decoder"),

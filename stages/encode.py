@@ -24,7 +24,8 @@ import torch
 
 from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
-from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.data.decode import decode_crop_with, nvjpeg_crops
+from pipeline.data.shards import iter_jpegs, manifest_rows
 from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
 from pipeline.parallel import map_jobs
 from pipeline.training import inference_precision, resolve_device
@@ -60,6 +61,8 @@ class EncodeJob:
     device: str
     store: str
     commits: str
+    decode: str = "pil"  # encode.decode: pil | tensor | nvjpeg
+    compile: bool = False  # encode.compile, on CUDA: the compiled encoder, every batch padded to batch_size
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
@@ -69,7 +72,11 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     n_rows = len(images) * len(views)
     spec = encoder_spec(cfg)
     device = str(resolve_device(cfg.runtime.device))
+    check_decode_device(cfg.encode.decode, device)
     encoder = load_encoder(spec, device)  # a bad weights file fails here, before any work
+    in_process = cfg.runtime.workers == 1 and not cfg.runtime.dask_address  # else each worker compiles its own
+    if cfg.encode.compile and torch.device(device).type == "cuda" and in_process:
+        compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)  # compiled before any job
     store, commits = out.path / "features.zarr", Commits(out.path / "commits")
     n_train = sum(r["split"] == "train" for r in images) * len(views)
     if not commits.any():
@@ -79,6 +86,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
                          attrs={"encoder": spec.name, "weights_sha256": encoder_weights_digest(cfg),
                                 "resolution": cfg.data.resolution, "input_size": spec.input_size,
                                 "crop": "adm_center_crop_arr, bicubic resize to input_size (no antialias)",
+                                "decode": cfg.encode.decode,
                                 "normalization": "final LayerNorm without affine; per-position stats_mean/stats_var "
                                                  "stored beside, NOT applied",
                                 "precision": cfg.encode.precision, "logical_dtype": cfg.encode.dtype, "views": list(cfg.encode.views),
@@ -95,7 +103,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     for result in map_jobs(encode_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
                            worker_env=worker_env, threads=cfg.encode.jobs_per_worker, desc="encode", unit="rows",
                            weights=lambda j: j.shard.stop - j.shard.start):
-        job_seconds.update(result)  # adds up each job's rows and phase seconds
+        job_seconds.update(result)  # adds up each job's rows, phase seconds (and CPU-decoded images)
         out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
     wall = time.perf_counter() - started
 
@@ -113,6 +121,9 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
             "channels": encoder.channels, "stats_count": int(count), "feature_mean": float(mean.mean()),
             "feature_var": float(var.mean()),
             "rows_per_s": round(job_seconds.pop("rows", 0) / max(wall, 1e-9), 2),
+            # decode: nvjpeg, the images nvjpeg was not given or refused, decoded on the CPU instead
+            **({"decode_fallbacks": int(job_seconds.pop("decode_fallbacks", 0))}
+               if cfg.encode.decode == "nvjpeg" else {}),
             # where this run's jobs spent their time, summed over jobs (they overlap, so the sum exceeds the
             # wall time): read (tars), decode_wait (crops not ready), forward (incl. copies), write, commit
             "job_seconds": {k: round(v, 3) for k, v in job_seconds.items()}}
@@ -121,6 +132,12 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
 def encoder_spec(cfg: Config) -> EncoderSpec:
     arch = tuple(sorted((k, v) for k, v in cfg.encoder.arch.model_dump().items() if v is not None))
     return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed)
+
+
+def check_decode_device(decode: str, device: str) -> None:
+    if decode == "nvjpeg" and torch.device(device).type != "cuda":
+        raise ValueError(f"encode.decode: nvjpeg decodes on a CUDA device, and this run's device is {device}; "
+                         f"use tensor or pil (or runtime.device=cuda)")
 
 
 def storage_dtype(dtype: str) -> str:
@@ -135,7 +152,8 @@ def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: En
                  for im in images[first:last + 1])
     decode_threads = cfg.encode.decode_threads or max(2, (os.cpu_count() or 2) // max(1, cfg.runtime.workers))
     return EncodeJob(r, mine, first, views, spec, cfg.data.resolution, cfg.encode.precision, cfg.encode.dtype,
-                     cfg.encode.batch_size, decode_threads, device, str(store), str(commits.dir))
+                     cfg.encode.batch_size, decode_threads, device, str(store), str(commits.dir),
+                     decode=cfg.encode.decode, compile=cfg.encode.compile)
 
 
 # --- one job, run in a worker thread -----------------------------------------------------------
@@ -144,7 +162,9 @@ def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: En
 # its own CUDA stream, so its copies overlap the other jobs' kernels.
 
 _ENCODERS: dict = {}  # per process: built once, shared by every job the process runs
-_DECODE_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: PIL decodes and resizes without the GIL
+_COMPILED: dict = {}  # per process: (spec, device, precision, batch) -> the compiled encoder, warmed up
+_COMPILE_LOCK = threading.Lock()
+_DECODE_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: JPEG decodes and crops without the GIL
 _LOCK = threading.Lock()
 
 
@@ -162,6 +182,25 @@ def load_encoder(spec: EncoderSpec, device: str):
         return _ENCODERS[(spec, device)]
 
 
+def compiled_encoder(spec: EncoderSpec, device: str, precision: str, batch_size: int):
+    """torch.compile of the process's encoder for one batch shape (batch_size, 3, S, S) at `precision`, compiled
+    and run once here, so no job waits on the compiler and the jobs' threads only call it."""
+    from pipeline.models.rae import to_encoder_input
+
+    encoder = load_encoder(spec, device)
+    key = (spec, str(resolve_device(device)), precision, batch_size)
+    with _COMPILE_LOCK:
+        if key not in _COMPILED:
+            compiled = torch.compile(encoder, dynamic=False)
+            pixels = torch.zeros((batch_size, 8, 8, 3), dtype=torch.uint8, device=device)
+            with torch.inference_mode(), inference_precision(pixels.device, precision):
+                compiled(to_encoder_input(pixels, spec.input_size))
+            if pixels.device.type == "cuda":
+                torch.cuda.synchronize(pixels.device)
+            _COMPILED[key] = compiled
+        return _COMPILED[key]
+
+
 def decode_pool(threads: int) -> ThreadPoolExecutor:
     with _LOCK:
         if threads not in _DECODE_POOLS:
@@ -170,14 +209,17 @@ def decode_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def encode_shard(job: EncodeJob) -> dict[str, float]:
-    """Encode, write and commit one shard. Returns its rows and the seconds of each phase of this job."""
+    """Encode, write and commit one shard. Returns its rows, the seconds of each phase of this job and (nvjpeg)
+    how many of its images were decoded on the CPU."""
     seconds: dict[str, float] = {}
     arrays, (count, total, total_sq) = encode_rows(job, seconds)
     with timed(seconds, "write"):
         files = write_rows(Path(job.store), job.shard.start, arrays)
     with timed(seconds, "commit"):
         Commits(Path(job.commits)).write(job.shard.index, files, count=np.array(count), sum=total, sumsq=total_sq)
-    return {"rows": len(arrays["labels"]), **seconds}
+    fallbacks = seconds.pop("decode_fallbacks", 0)  # nvjpeg: images it was not given or refused
+    return {"rows": len(arrays["labels"]), **({"decode_fallbacks": fallbacks} if job.decode == "nvjpeg" else {}),
+            **seconds}
 
 
 @contextmanager
@@ -195,8 +237,12 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
     and the float64 (count, sum, sum of squares) of its train rows. Also the image path of
     `compress.from: images`, so both paths see the same stored-precision features."""
     seconds = {} if seconds is None else seconds
+    check_decode_device(job.decode, job.device)  # compress.from: images comes here too
     device = torch.device(job.device)
+    cuda = device.type == "cuda"
+    compiled = job.compile and cuda
     encoder = load_encoder(job.encoder, job.device)
+    forward = compiled_encoder(job.encoder, job.device, job.precision, job.batch_size) if compiled else encoder
     n_views = len(job.views)
     with timed(seconds, "read"):
         keys = {k for k, *_ in job.images}
@@ -205,8 +251,9 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
     if missing:
         raise FileNotFoundError(f"encode: {len(missing)} images of the manifest are not in their shards "
                                 f"(e.g. {sorted(missing)[0]}); the shard set is damaged, rerun `shard` with --force")
-    crops = decode_pool(job.decode_threads).map(lambda item: decode_crop(jpegs[item[0]], job.resolution), job.images)
-    cuda = device.type == "cuda"
+    if job.decode != "nvjpeg":  # crops made ahead by the worker's decode threads, in the job's order
+        crop = decode_crop_with(job.decode)
+        crops = decode_pool(job.decode_threads).map(lambda item: crop(jpegs[item[0]], job.resolution), job.images)
     # rows of this shard, as offsets into the images this job holds
     lo = job.shard.start - job.first_image * n_views
     hi = lo + job.shard.stop - job.shard.start
@@ -218,13 +265,20 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
         for b0 in range(0, len(job.images), job.batch_size):
             n = min(job.batch_size, len(job.images) - b0)
             with timed(seconds, "decode_wait"):
-                batch = torch.from_numpy(np.stack([next(crops) for _ in range(n)]))
+                if job.decode == "nvjpeg":  # decoded and cropped on the device, on this job's stream
+                    pixels, on_cpu = nvjpeg_crops([jpegs[k] for k, *_ in job.images[b0:b0 + n]], job.resolution,
+                                                  device)
+                    seconds["decode_fallbacks"] = seconds.get("decode_fallbacks", 0) + len(on_cpu)
+                else:
+                    batch = torch.from_numpy(np.stack([next(crops) for _ in range(n)]))
             with timed(seconds, "forward"):
-                pixels = batch.pin_memory().to(device, non_blocking=True) if cuda else batch
+                if job.decode != "nvjpeg":
+                    pixels = batch.pin_memory().to(device, non_blocking=True) if cuda else batch
                 for v_index, view in enumerate(job.views):
                     rows = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
-                    features[rows] = encode_pixels(encoder, pixels, job.encoder.input_size, job.precision,
-                                                   job.dtype, flip=view == 1)
+                    features[rows] = encode_pixels(forward, pixels, job.encoder.input_size, job.precision,
+                                                   job.dtype, flip=view == 1,
+                                                   pad_to=job.batch_size if compiled else None)
         with timed(seconds, "forward"):  # the job's device work ends with these copies to the host
             mine = features[lo:hi]
             sums = train_sums(mine[torch.from_numpy(splits == SPLIT_IDS["train"]).to(device)])
@@ -237,15 +291,20 @@ def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
 
 
 def encode_pixels(encoder, pixels: torch.Tensor, input_size: int, precision: str, dtype: str,
-                  flip: bool = False) -> torch.Tensor:
+                  flip: bool = False, pad_to: int | None = None) -> torch.Tensor:
     """uint8 ADM crops (B, H, W, 3) on the encoder's device -> features (B, T, C) in the stored dtype (float16 or
     bfloat16), at `encode.precision`: the one forward of `encode` (and of `compress.from: images`, `srcflow score`).
-    `flip`: the flip view (the crop mirrored left-right)."""
+    `flip`: the flip view (the crop mirrored left-right). `pad_to`: a smaller batch is padded with black images to
+    this size and their rows dropped, so a compiled encoder meets one shape."""
     from pipeline.models.rae import to_encoder_input
 
+    n = len(pixels)
+    if pad_to is not None and n < pad_to:
+        pixels = torch.cat([pixels, pixels.new_zeros((pad_to - n, *pixels.shape[1:]))])
     x = to_encoder_input(pixels, input_size)
     with torch.inference_mode(), inference_precision(pixels.device, precision):
-        return encoder(x.flip(-1) if flip else x).to(torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+        out = encoder(x.flip(-1) if flip else x)[:n]
+        return out.to(torch.bfloat16 if dtype == "bfloat16" else torch.float16)
 
 
 def stored_array(features: torch.Tensor) -> np.ndarray:

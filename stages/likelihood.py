@@ -2,8 +2,8 @@
 flow as a classifier (stage `evaluate`). Not a stage: it reads the done artifacts of a config and runs none.
 
     image    the pipeline's own path, function for function: shard's bytes -> JPEG (prepare_image_bytes), the
-             ADM center crop (decode_crop), the frozen encoder at encode.precision, rounded to encode.dtype
-             (encode.encode_pixels, the plain view), per-position normalization and SRC.encode
+             ADM center crop (decode_crop, by encode.decode), the frozen encoder at encode.precision, rounded to
+             encode.dtype (encode.encode_pixels, the plain view), per-position normalization and SRC.encode
              (compress.encode_codes): the code c, as compress would store it
     score    log p(c | y) = log N(f(c | y); 0, I) + log |det df/dc| for every class y of the shard set (batched
              over classes, TARFlow.log_prob_classes) and for the null label; the Bayes-rule class under a
@@ -87,6 +87,11 @@ class Chain:
     noise_sigma: float
 
     @property
+    def crop_args(self) -> tuple[int, str, str]:
+        """How `encode` made this store's crops: (data.resolution, encode.decode, device)."""
+        return self.cfg.data.resolution, self.cfg.encode.decode, str(self.device)
+
+    @property
     def dims(self) -> int:
         return self.flow.blocks[0].pos_embed.shape[0] * self.flow.blocks[0].proj_in.in_features
 
@@ -154,13 +159,14 @@ def list_images(paths: list[str | Path], max_images: int | None = None) -> list[
     return found[:max_images]
 
 
-def load_crop(path: Path, resolution: int) -> np.ndarray:
-    """An image file -> the ADM center crop the pipeline encodes (via the JPEG bytes `shard` would store)."""
+def load_crop(path: Path, resolution: int, decode: str = "pil", device: str | None = None) -> np.ndarray:
+    """An image file -> the ADM center crop the pipeline encodes (via the JPEG bytes `shard` would store), by
+    the store's decode path (`encode.decode`)."""
     try:
         jpeg, _ = prepare_image_bytes(Path(path).read_bytes())
     except RejectedImage as e:
         raise ValueError(f"{path}: not a decodable image ({e.reason})") from None
-    return decode_crop(jpeg, resolution)
+    return decode_crop(jpeg, resolution, decode, device)
 
 
 def image_features(chain: Chain, crops: np.ndarray) -> np.ndarray:
@@ -234,7 +240,7 @@ def score_images(chain: Chain, paths: list[str | Path], *, max_images: int | Non
                 row = dict.fromkeys(FIELDS) | {"path": str(path), "true_synset": synset,
                                                "true_class": by_synset.get(synset)}
                 try:
-                    crops.append(load_crop(path, chain.cfg.data.resolution))
+                    crops.append(load_crop(path, *chain.crop_args))
                     batch.append(row)
                 except (ValueError, OSError) as e:
                     row["error"] = str(e)
@@ -344,7 +350,7 @@ def invert(chain: Chain, images: list[str | Path], out_dir: str | Path, class_: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [Path(p) for p in images]
-    crops = np.stack([load_crop(p, chain.cfg.data.resolution) for p in files])
+    crops = np.stack([load_crop(p, *chain.crop_args) for p in files])
     features = image_features(chain, crops)
     from stages.compress import encode_codes
 
@@ -392,7 +398,7 @@ def interpolate(chain: Chain, image_a: str | Path, image_b: str | Path, out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [Path(image_a), Path(image_b)]
-    codes = torch.from_numpy(image_codes(chain, np.stack([load_crop(p, chain.cfg.data.resolution) for p in files])))
+    codes = torch.from_numpy(image_codes(chain, np.stack([load_crop(p, *chain.crop_args) for p in files])))
     labels, posteriors = _classes_for(chain, codes, chain.class_of(class_))
     label = int(labels[0])
     z, _ = round_trip(chain, codes, np.full(2, label))

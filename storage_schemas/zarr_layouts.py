@@ -6,6 +6,27 @@ sharded by `rows_per_shard` rows, so a writer that owns a row range of whole sha
 files of every array (concurrent writes inside one Zarr shard lose data, see STACK.md).
 
 Open with `dask.array.from_zarr(path, component="features")` or `xarray.open_zarr(path)`.
+
+The row layout, and why it stays (schema version 1): `features` and `codes` are uncompressed (float16
+features are incompressible: zstd level 3 shrinks the stage's own features 1.08x, row by row) and stored in
+`rows_per_chunk`-row inner chunks (16: one random row read fetches 6.3 MB at DINOv2-B shapes) inside
+`rows_per_shard`-row shard files (the sharding codec, crc32c shard index at the end; 512 in the paper
+configs: the unit of a writer, of a commit and of resume). The readers want exactly that: fit_decoder
+reads random rows, train_flow shuffles chunk-aligned windows, Dask and xarray scan sequentially.
+The cost was the writer: Zarr 3.1's sharding codec fills and copies every inner chunk and concatenates
+the shard on one event-loop thread per process, 0.18-0.48 of a raw write of the same bytes
+(benchmarks/encode.py `write`, 2026-12). Measured candidates, MB/s against raw, page cache:
+- the same layout through the codec (`zarr`): 0.18-0.37 with one process, 0.34-0.43 with three;
+- one chunk per shard (no codec): 0.53-1.0, but then a random row read fetches a whole 200 MB shard and
+  the train shuffle's blocks are whole shards;
+- several writer processes per GPU: three codec writers at once reach 0.34-0.43 of three raw writers;
+- whole shard files without the codec's copies (`direct`, pipeline.data.zarr_store.shard_file_parts):
+  0.77-1.08 with one process, 0.93-1.04 with three. A shard file of an uncompressed array is its rows' bytes,
+  zero rows up to its last inner chunk, and the (offset, nbytes) index with its CRC-32C: written in one
+  pass, byte for byte the file the codec writes (tests/test_parallel.py compares them), so it is no
+  layout change and no reader changes.
+The decision: the direct writer, the layout unchanged. A change of layout (one chunk per shard, other
+codecs) would bump SCHEMA_VERSION, and the readers refuse a version they do not know (`check_version`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ def test_gpu_benchmark_script_runs_on_cpu_at_smoke_size(tmp_path):
     encode = results["encode-cpu-smoke"]
     assert encode["encode_images_per_s"] > 0 and encode["forward_images_per_s"] > 0 and 0 < encode["ratio"]
     assert encode["write"]["zarr_mb_per_s"] > 0 and encode["rss"]["ratio"] > 0
+    assert encode["write"]["direct_mb_per_s"] > 0 and encode["write"]["features_zstd_ratio"] > 0
+    decode = encode["decode"]
+    assert decode["pil"]["images_per_s_per_core"] > 0 and decode["tensor_vs_pil"] > 0
+    assert decode["tensor"]["vs_pil"]["max_level"] <= 2 and decode["nvjpeg"]["crop_on_cpu_vs_pil"]["max_level"] == 0
+    assert set(encode["stage_by_decode"]) == {"pil", "tensor"} and encode["mfu"] is None
+    assert encode["flops_per_image"] == 2 * encode["flops"]["per_view"] > 0
     train = results["train_flow-cpu-smoke"]
     assert train["steps_per_s"] > 0 and train["mfu"] is None and train["peak_source"] == "cpu: no peak"
     assert train["flops"]["step"] == 3 * train["flops"]["forward_per_sample"] * train["batch"]

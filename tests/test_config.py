@@ -46,6 +46,7 @@ def test_operational_fields_are_not_semantic():
     assert "batch_size" not in semantic_values(cfg.encode) and "rows_per_shard" in semantic_values(cfg.encode)
     assert "workers" not in semantic_values(cfg.shard) and semantic_values(cfg.runtime) == {}
     assert "batch_size" in semantic_values(cfg.train)  # a training batch changes the result
+    assert "decode" in semantic_values(cfg.encode) and "compile" not in semantic_values(cfg.encode)
 
 
 def test_paper_configs_validate():
@@ -104,6 +105,7 @@ def test_the_sampler_keys_keep_stored_sample_fingerprints_at_their_defaults():
     ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"), ("encode.precision=fp16", "encode.precision"),
     ("sample.solver=newton", "sample.solver"), ("sample.jacobi_chunk=0", "sample.jacobi_chunk"),
     ("sample.jacobi_tol=-1", "sample.jacobi_tol"), ("train.compile=maybe", "train.compile"),
+    ("encode.decode=turbo", "encode.decode"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -210,3 +210,59 @@ def test_an_unknown_store_layout_is_refused(tmp_path):
     g.create_array("features", shape=(1,), dtype="float16")
     with pytest.raises(SchemaError, match="schema version 99"):
         FEATURES.validate(tmp_path / "x.zarr")
+
+
+def test_the_decode_path_enters_the_fingerprint_and_the_default_keeps_todays(make_config):
+    from pipeline.artifacts import fingerprint
+    from pipeline.config import select, semantic_values
+    from stages import get_stage
+
+    pil = {p.name: p for p in plan(make_config())}
+    tensor = {p.name: p.fingerprint for p in plan(make_config("encode.decode=tensor"))}
+    assert make_config().encode.decode == "pil"
+    assert {s for s in pil if pil[s].fingerprint == tensor[s]} == {"shard", "reference"}
+    # encode.decode at pil is left out of the semantic values: the fingerprint of every store encoded before
+    stage, p = get_stage("encode"), pil["encode"]
+    before = {s: (semantic_values(v) if hasattr(v, "model_fields") else v)
+              for s in stage.sections for v in [select(make_config(), s)]}
+    assert "encode.decode" not in p.semantic and p.semantic == before
+    assert p.fingerprint == fingerprint("encode", stage.code_version, before, p.upstream, p.external)
+
+
+def test_the_tensor_path_writes_the_pil_store_when_no_resize_is_needed_and_nvjpeg_needs_cuda(module_config, encoded):
+    # the tiny images are 32 px at data.resolution 32: no resize, and torchvision decodes PIL's pixels
+    _, tensor = _encode(module_config, "encode.decode=tensor")
+    assert tensor.fingerprint != encoded.fingerprint
+    a, b = _arrays(encoded.dir / "features.zarr"), _arrays(tensor.dir / "features.zarr")
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    assert zarr.open_group(str(tensor.dir / "features.zarr")).attrs["decode"] == "tensor"
+    with pytest.raises(ValueError, match="encode.decode: nvjpeg decodes on a CUDA device") as e:
+        _encode(module_config, "encode.decode=nvjpeg", "runtime.device=cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_compile_is_operational_and_a_padded_batch_gives_the_rows_of_the_unpadded_one(make_config):
+    from stages.encode import encode_pixels, encoder_spec, load_encoder
+
+    assert plan(make_config("encode.compile=true"))[1].fingerprint == plan(make_config())[1].fingerprint
+    cfg = make_config()
+    encoder = load_encoder(encoder_spec(cfg), "cpu")
+    shapes = []
+
+    def recorded(x):
+        shapes.append(tuple(x.shape))
+        return encoder(x)
+
+    pixels = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    padded = encode_pixels(recorded, pixels, cfg.encoder.input_size, "fp32", "float16", pad_to=8)
+    plain = encode_pixels(encoder, pixels, cfg.encoder.input_size, "fp32", "float16")
+    assert shapes == [(8, 3, cfg.encoder.input_size, cfg.encoder.input_size)] and padded.shape == plain.shape
+    torch.testing.assert_close(padded.float(), plain.float(), rtol=0, atol=2e-3)  # one float16 step at most
+
+
+def test_the_encoder_attends_with_fused_sdpa(make_config):
+    from stages.encode import encoder_spec, load_encoder
+
+    encoder = load_encoder(encoder_spec(make_config()), "cpu")
+    flags = [m.fused_attn for m in encoder.modules() if hasattr(m, "fused_attn")]
+    assert len(flags) == len(encoder.vit.blocks) and all(flags)

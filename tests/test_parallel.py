@@ -91,3 +91,40 @@ def test_jobs_in_threads_share_one_encoder_built_once(monkeypatch):
                               ("num_heads", 2), ("patch_size", 7)), 0)
     encoders = list(map_jobs(lambda _: encode.load_encoder(spec, "cpu"), range(4), threads=4))
     assert len(built) == 1 and all(e is encoders[0] for e in encoders)
+
+
+@pytest.mark.parametrize("n_rows, rows_per_chunk", [(40, 4), (38, 4), (38, 16), (3, 4)],
+                         ids=["partial-last-shard", "partial-inner-chunk", "one-chunk-per-shard", "one-short-shard"])
+def test_the_direct_writer_writes_the_very_files_zarr_writes(tmp_path, n_rows, rows_per_chunk):
+    from pipeline.data.zarr_store import raw_layout
+
+    values = np.random.default_rng(0).standard_normal((n_rows, 3, 5)).astype(np.float16)
+    stores = {}
+    for direct in (True, False):
+        store = tmp_path / f"direct-{direct}.zarr"
+        create_row_store(store, FEATURES, n_rows, rows_per_shard=16, rows_per_chunk=rows_per_chunk,
+                         row_shapes={"features": ((3, 5), "float16")}, attrs={})
+        for start in range(0, n_rows, 16):
+            files = write_rows(store, start, {"features": values[start:start + 16],
+                                              "labels": np.arange(start, min(n_rows, start + 16), dtype=np.int32)},
+                               direct=direct)
+            assert all(f.is_file() for f in files) and len(files) == 2
+        stores[direct] = store
+    group = zarr.open_group(str(stores[True]), mode="r")
+    assert raw_layout(group["features"]) and not raw_layout(group["labels"])  # compressed: through Zarr
+    written = sorted(p.relative_to(stores[False]) for p in stores[False].rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(stores[True]) for p in stores[True].rglob("*") if p.is_file())
+    for rel in written:  # byte for byte, shard index and its CRC-32C included
+        assert (stores[True] / rel).read_bytes() == (stores[False] / rel).read_bytes(), rel
+    assert np.array_equal(group["features"][...], values)
+    assert np.array_equal(group["features"].get_orthogonal_selection((np.array([n_rows - 1, 0, 2]),)),
+                          values[[n_rows - 1, 0, 2]])  # random rows read through the shard index
+
+
+def test_rows_that_are_not_whole_shards_go_through_zarr(tmp_path):
+    store = _store(tmp_path / "f.zarr", rows_per_chunk=4)
+    values = np.random.default_rng(1).standard_normal((16, 3, 4)).astype(np.float16)
+    write_rows(store, 0, {"features": values[:4]})  # part of a shard: Zarr reads, merges, writes
+    write_rows(store, 4, {"features": values[4:8]})
+    write_rows(store, 8, {"features": values[8:]})
+    assert np.array_equal(zarr.open_group(str(store), mode="r")["features"][...], values)

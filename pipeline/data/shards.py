@@ -42,12 +42,17 @@ def iter_jpegs(tar_paths: list[str], keys: set[str]) -> Iterator[tuple[str, byte
             yield sample["__key__"], sample["jpg"]
 
 
-def decode_crop(jpeg: bytes, resolution: int) -> np.ndarray:
-    """JPEG bytes -> ADM center crop at `resolution`, uint8 HxWx3 (RAE / ADM preprocessing)."""
-    from pipeline.models.rae import center_crop_arr
+def decode_crop(jpeg: bytes, resolution: int, method: str = "pil", device: str | None = None) -> np.ndarray:
+    """JPEG bytes -> ADM center crop at `resolution`, uint8 HxWx3 (RAE / ADM preprocessing), by the decode path
+    `method` (`encode.decode`, pipeline.data.decode): pil (the reference), tensor, or nvjpeg on CUDA `device`."""
+    from pipeline.data import decode
 
-    with Image.open(io.BytesIO(jpeg)) as img:
-        return center_crop_arr(img, resolution)
+    if method != "nvjpeg":
+        return decode.decode_crop_with(method)(jpeg, resolution)
+    if device is None or not str(device).startswith("cuda"):
+        raise ValueError(f"encode.decode: nvjpeg decodes on a CUDA device, not on {device}; use tensor or pil")
+    crops, _ = decode.nvjpeg_crops([jpeg], resolution, device)
+    return crops[0].cpu().numpy()
 
 
 def decode_random_crop(jpeg: bytes, resolution: int, position: tuple[float, float]) -> np.ndarray:

@@ -246,3 +246,32 @@ def _check_args(args: dict) -> None:
         raise ValueError(f"classes={args['classes']}: kind 'shapes' has 1..{len(KIND_SHAPES)} classes")
     if args["layout"] not in ("imagefolder", "kaggle"):
         raise ValueError(f"layout={args['layout']!r}: expected 'imagefolder' or 'kaggle'")
+
+
+def photo_like_jpeg(seed: int, width: int = 500, height: int = 375, quality: int = 90) -> bytes:
+    """A JPEG with the statistics that make photos slow to decode and hard to resize exactly: smooth colour
+    gradients, band-limited texture at three scales (foliage, fur), flat objects with hard edges, sensor-like
+    noise; ~100 KB at 500x375 and quality 90 (ImageNet's are ~110 KB at ~400x350). For decode benchmarks and
+    pixel-difference tests; the same bytes for the same arguments."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        a, b, phase = rng.uniform(-1, 1, 3)
+        img[..., c] = 120 + 50 * np.sin(a * x / 40 + b * y / 50 + phase) + 30 * np.cos((x * b - y * a) / 90)
+    for scale, amplitude in ((2, 30), (6, 18), (20, 12)):
+        noise = rng.standard_normal((height // scale + 2, width // scale + 2, 3)) * 40 + 128
+        noise = Image.fromarray(noise.clip(0, 255).astype(np.uint8)).resize(
+            (width + 2 * scale, height + 2 * scale), Image.BICUBIC)
+        img += (np.asarray(noise, np.float32)[:height, :width] - 128) / 40 * amplitude
+    for _ in range(8):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(15, 110)
+        disc = rng.random() < 0.5
+        mask = ((x - cx) ** 2 + (y - cy) ** 2 < r * r) if disc else ((abs(x - cx) < r) & (abs(y - cy) < r * 0.6))
+        img[mask] = img[mask] * 0.4 + rng.uniform(0, 255, 3) * 0.6
+    img += rng.normal(0, 9, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

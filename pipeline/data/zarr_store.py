@@ -10,6 +10,7 @@ run's; a damaged shard file costs only its shard.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,19 +59,95 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
         )
 
 
-def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray]) -> list[Path]:
+def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray], direct: bool = True) -> list[Path]:
     """Write whole shards starting at `start` (the caller owns these rows in every array). Returns the files
-    written (one Zarr storage chunk per shard and array), for the shard's commit marker."""
+    written (one Zarr storage chunk per shard and array), for the shard's commit marker.
+    Uncompressed arrays (features, codes) are written `direct`ly: each shard file as the bytes Zarr would
+    write (`shard_file_parts`), in one pass, at the raw write rate; the rest (and `direct=False`) through Zarr."""
     group = zarr.open_group(str(path), mode="r+")
     files = []
     for name, values in arrays.items():
         # the runtime config is not stored with the array: say again that no chunk is checked for emptiness
         arr = group[name].with_config({"write_empty_chunks": True})
-        arr[start:start + len(values)] = values
         unit = (arr.shards or arr.chunks)[0]
-        for k in range(start // unit, (start + len(values) - 1) // unit + 1):
-            files.append(Path(path) / name / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1)))
+        stop = start + len(values)
+        keys = [arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+                for k in range(start // unit, (stop - 1) // unit + 1)]
+        whole = start % unit == 0 and (stop % unit == 0 or stop == arr.shape[0])
+        if direct and whole and raw_layout(arr):
+            values = np.ascontiguousarray(values, dtype=arr.dtype.newbyteorder("<"))
+            for key, off in zip(keys, range(0, len(values), unit), strict=True):
+                write_file(Path(path) / name / key, shard_file_parts(arr, values[off:off + unit]))
+        else:
+            arr[start:stop] = values
+        files += [Path(path) / name / key for key in keys]
     return files
+
+
+# --- whole shard files without the sharding codec -------------------------------------------------
+# Zarr 3.1's sharding codec copies every inner chunk and concatenates the shard on one event-loop thread
+# per process (0.27-0.48 of the raw write rate, benchmarks/encode.py). For an uncompressed array whose
+# chunks span every axis but the rows, a shard file is just its rows' bytes, zero rows up to its last inner
+# chunk, and the index of (offset, nbytes) pairs with its CRC-32C: written here in one pass, byte for byte
+# what Zarr writes (tests/test_parallel.py compares the files), so every reader reads it unchanged.
+
+
+def raw_layout(arr) -> bool:
+    """An array whose shard files `shard_file_parts` can write: fixed-size dtype, fill 0, no compressor or filter,
+    chunks (and shards) spanning every axis but the rows, Zarr's default shard index (little-endian + CRC-32C,
+    at the end)."""
+    meta = arr.metadata.to_dict()
+    plain = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    codecs = [c if isinstance(c, dict) else c.to_dict() for c in meta.get("codecs", ())]
+    if arr.dtype.kind not in "fiub" or arr.metadata.fill_value != 0 or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
+        return False
+    if arr.shards is None:
+        return codecs == plain
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return False
+    config = codecs[0]["configuration"]
+    as_list = lambda items: [i if isinstance(i, dict) else i.to_dict() for i in items]
+    return (tuple(arr.shards[1:]) == tuple(arr.shape[1:]) and as_list(config["codecs"]) == plain
+            and as_list(config["index_codecs"]) == plain + [{"name": "crc32c"}]
+            and config.get("index_location", "end") == "end")
+
+
+def shard_file_parts(arr, rows: np.ndarray) -> list[memoryview | bytes]:
+    """The bytes of the storage file holding `rows` (a whole shard, or the array's last rows), as Zarr writes
+    them: unsharded, the chunk padded to its full row count; sharded, the inner chunks that hold rows (the
+    last padded with zero rows), then the index (offset, nbytes per inner chunk; 2^64 - 1 for absent ones)
+    and the CRC-32C of the index."""
+    import crc32c
+
+    unit = (arr.shards or arr.chunks)[0]
+    chunk = arr.chunks[0] if arr.shards is not None else unit
+    row_bytes = rows[:1].nbytes if len(rows) else 0
+    n_chunks = -(-len(rows) // chunk)
+    parts: list[memoryview | bytes] = [memoryview(rows).cast("B"), bytes((n_chunks * chunk - len(rows)) * row_bytes)]
+    if arr.shards is None:
+        return parts
+    chunk_bytes = chunk * row_bytes
+    index = np.full((unit // chunk, 2), np.iinfo(np.uint64).max, dtype="<u8")
+    index[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
+    index[:n_chunks, 1] = chunk_bytes
+    index_bytes = index.tobytes()
+    return [*parts, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
+
+
+def write_file(path: Path, parts: list[memoryview | bytes]) -> None:
+    """`parts` into `path` through a temp file renamed into place (readers see the old file or the new one), not
+    fsynced (as Zarr's own writes). An OSError names the file."""
+    from storage_schemas.success import temp_name
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(parts)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:

@@ -171,6 +171,9 @@ def build_rae_encoder(
         torch.manual_seed(seed)
         vit = timm.create_model(model_name, pretrained=False, img_size=input_size, num_classes=0,
                                 **(arch or {}))
+    for module in vit.modules():  # timm's default, made sure of (TIMM_FUSED_ATTN=0 would turn it off):
+        if hasattr(module, "fused_attn"):  # F.scaled_dot_product_attention, flash / memory-efficient on CUDA
+            module.fused_attn = True
     if state is not None:
         try:  # timm: original-DINOv2 layout (mask_token, register_tokens), pos_embed resampled to this grid
             state = checkpoint_filter_fn(state, vit)
