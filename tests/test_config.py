@@ -46,7 +46,10 @@ def test_operational_fields_are_not_semantic():
     assert "batch_size" not in semantic_values(cfg.encode) and "rows_per_shard" in semantic_values(cfg.encode)
     assert "workers" not in semantic_values(cfg.shard) and semantic_values(cfg.runtime) == {}
     assert "batch_size" in semantic_values(cfg.train)  # a training batch changes the result
-    assert "decode" in semantic_values(cfg.encode) and "compile" not in semantic_values(cfg.encode)
+    assert "compile" not in semantic_values(cfg.encode)
+    # encode.decode is semantic, added after stores existed: it enters only when not at its default (pil)
+    assert "decode" not in semantic_values(cfg.encode)
+    assert semantic_values(load_config(SMOKE, ["encode.decode=tensor"]).encode)["decode"] == "tensor"
 
 
 def test_paper_configs_validate():

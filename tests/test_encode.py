@@ -224,7 +224,7 @@ def test_the_decode_path_enters_the_fingerprint_and_the_default_keeps_todays(mak
     # encode.decode at pil is left out of the semantic values: the fingerprint of every store encoded before
     stage, p = get_stage("encode"), pil["encode"]
     before = {s: (semantic_values(v) if hasattr(v, "model_fields") else v)
-              for s in stage.sections for v in [select(make_config(), s)]}
+              for s in stage.sections if s != "encode.decode" for v in [select(make_config(), s)]}
     assert "encode.decode" not in p.semantic and p.semantic == before
     assert p.fingerprint == fingerprint("encode", stage.code_version, before, p.upstream, p.external)
 
