@@ -1,4 +1,4 @@
-"""`srcflow`: run, status, verify, inspect, plan, score, invert, interpolate, make-tiny-imagenet."""
+"""`srcflow`: run, sweep, compare, status, verify, inspect, plan, score, invert, interpolate, make-tiny-imagenet."""
 
 from __future__ import annotations
 
@@ -109,6 +109,157 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                     return_state=True)
     if not state.is_completed():
         fail(f"flow run {state.name}: {state.message}")
+
+
+@contextmanager
+def prefect_api():
+    """PREFECT_API_URL for a flow whose tasks run in other processes: the configured one, else a temporary server
+    started here, whose URL those processes inherit (each would otherwise start its own). The server stops when
+    this process exits (Prefect's atexit hook, after its log workers have flushed)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+@app.command()
+def sweep(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+          grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY=V1,V2[,...]; K1,K2=V1,V2 ties keys that "
+                                                   "move together; repeatable: the points are the Cartesian product"),
+          seeds: int = typer.Option(1, "--seeds", help="every point runs for seeds 0..N-1"),
+          seed_keys: str = typer.Option("train.seed,sample.seed", "--seed-keys",
+                                        help="the config keys a point's seed is applied to (comma-separated)"),
+          until: Optional[str] = typer.Option(None, "--until", help="run every point up to this stage"),
+          parallel: int = typer.Option(1, "--parallel", help="points at once, each in its own process, through the "
+                                                             "Prefect flow"),
+          use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even with --parallel 1 or "
+                                                                    "when every point is done"),
+          as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")):
+    """A grid of overrides x seeds over one artifact store (README "Ablations"): every point planned and checked
+    before any work, each output several points share built once, then the points; writes
+    <storage.root>/sweeps/<id>/ (summary.json/.csv/.md, plots). Exit 1 when a point failed (the others ran)."""
+    from stages.sweep import PointsFailed, execute, expand, in_process, stopped, write_results
+    from storage_schemas.sweep import read_summary
+
+    with one_line_errors():
+        sw = expand(config, set_ or [], grid or [], seeds, seed_keys, until, parallel)
+    logging.getLogger("srcflow").setLevel(sw.base.runtime.log_level)
+    if as_json:
+        sw.base.runtime.progress = False  # stdout holds the JSON: no bar
+    out = sys.stderr if as_json else sys.stdout
+    if (parallel == 1 or not sw.todo) and not use_prefect:
+        from pipeline.progress import set_mode
+
+        set_mode(sw.base.runtime.progress)
+        with one_line_errors():
+            try:
+                run = execute(sw, *in_process(sw), report=lambda line: print(line, file=out, flush=True))
+            except RuntimeError as e:
+                if stopped(e):
+                    fail(f"{e}; run the sweep again to resume")
+                raise
+            summary = write_results(sw, run)
+        if not sw.todo:
+            print("nothing to run: every point is done; Prefect was not started (--prefect runs the flow)", file=out)
+    else:
+        from pipeline.watchdog import guard_children
+
+        guard_children()  # the temporary server, the point processes and their children never outlive this one
+        prefect_env()
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(drop_traceback)
+        from flows.sweep import srcflow_sweep
+
+        with prefect_api():
+            overrides = (set_ or []) + ["runtime.progress=false"] * as_json  # operational: the same sweep id
+            state = srcflow_sweep(config=config, overrides=overrides, grid=grid or [], seeds=seeds,
+                                  seed_keys=list(sw.seed_keys), until=until, parallel=parallel, return_state=True)
+        if not state.is_completed() and not isinstance(state.result(raise_on_failure=False), PointsFailed):
+            fail(f"flow run {state.name}: {state.message}")
+        with one_line_errors():
+            summary = read_summary(sw.dir)
+    if as_json:
+        print(json.dumps(summary.model_dump(), indent=2))
+    else:
+        print_sweep(summary, sw)
+    failed = [p for p in summary.points if p.state == "failed"]
+    if failed:
+        print(f"{len(failed)} of {len(summary.points)} points failed; the others are in {sw.dir}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def print_sweep(summary, sw) -> None:
+    from stages.sweep import group_label, mean_std
+
+    table = Table(title=f"srcflow sweep {summary.sweep[:16]}: mean ± std over seeds")
+    table.add_column("metric")
+    for g in summary.groups:
+        table.add_column(f"{group_label(g.overrides, sw.grids)} (n={g.n})")
+    for m in dict.fromkeys(k for g in summary.groups for k in g.mean):
+        table.add_row(m, *[mean_std(g, m) for g in summary.groups])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print(f"summary: {sw.dir / 'summary.md'} ({len(summary.plots)} plots)")
+
+
+@app.command()
+def compare(outputs: Optional[list[Path]] = typer.Argument(None, help="two stage output directories (instead of "
+                                                                      "--a/--b)"),
+            config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+            a: Optional[str] = typer.Option(None, "--a", help='side a: overrides on --config/--set, "k=v k2=v2"'),
+            b: Optional[str] = typer.Option(None, "--b", help='side b: overrides on --config/--set, "k=v k2=v2"'),
+            as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON")):
+    """Two configs (--a/--b) or two stage outputs side by side: the semantic fields that differ, the stages they
+    share (the same fingerprint: one output), and their headline metrics where done. Runs nothing."""
+    import shlex
+
+    from stages.sweep import compare_configs, compare_outputs
+
+    if outputs:
+        if len(outputs) != 2 or a is not None or b is not None:
+            fail("compare: give two stage output paths, or --a \"k=v ...\" and --b \"k=v ...\", not both")
+        with one_line_errors():
+            report = compare_outputs(*outputs)
+    else:
+        if a is None or b is None:
+            fail("compare: give --a \"k=v ...\" and --b \"k=v ...\" (or two stage output paths)")
+        cfg_a, cfg_b = _load(config, (set_ or []) + shlex.split(a)), _load(config, (set_ or []) + shlex.split(b))
+        with one_line_errors():
+            report = compare_configs(cfg_a, cfg_b)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    show = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = Table(title="semantic fields that differ")
+    for col in ("field", "a", "b"):
+        table.add_column(col)
+    for d in report["differ"]:
+        table.add_row(d["key"], show(d["a"]), show(d["b"]))
+    console.print(table if report["differ"] else "no semantic field differs")
+    table = Table(title="stages (shared: the same output)")
+    for col in ("stage", "a", "b", "shared"):
+        table.add_column(col)
+    for st in report["stages"]:
+        table.add_row(st["stage"], f"{(st['a'] or '')[:16]} {st['a_state']}", f"{(st['b'] or '')[:16]} {st['b_state']}",
+                      "yes" if st["shared"] else "")
+    console.print(table)
+    if report["metrics"]:
+        table = Table(title="headline metrics (where done)")
+        for col in ("metric", "a", "b"):
+            table.add_column(col)
+        for m in report["metrics"]:
+            table.add_row(m["metric"], show(m["a"]), show(m["b"]))
+        console.print(table)
 
 
 @app.command()

@@ -80,8 +80,9 @@ def select_stages(planned: list[PlannedStage], only: list[str] | None = None, un
     return planned
 
 
-def run_stage(p: PlannedStage, cfg: Config, force: bool = False) -> Manifest:
-    """Skip a complete output; else run the stage and commit it, holding the output's lock.
+def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str] | None = None) -> Manifest:
+    """Skip a complete output; else run the stage and commit it, holding the output's lock (`built`, when given,
+    gets the stage's name appended when this call built or repaired the output).
 
     - Another run writing the same output: wait for it, then use what it built.
     - A damaged row store (shard, encode, compress): redo only its damaged shards, in place.
@@ -114,6 +115,8 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False) -> Manifest:
             raise OSError(e.errno, f"{p.name}: {e.strerror} (writing into {out.path})") from e
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {})
+    if built is not None:
+        built.append(p.name)
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
     return manifest
 

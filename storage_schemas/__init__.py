@@ -5,7 +5,8 @@
 - `zarr_layouts`: the Zarr groups (`features.zarr`, `codes.zarr`): arrays, dims, dtypes, attrs;
 - `model_files`: trained models (`decoder`, `src`, `flow`: safetensors + a json to rebuild them);
 - `samples`:  the ADM-format `samples-cfg{w}.npz` sample sets;
-- `evaluation`: `metrics.json` of stage `evaluate`.
+- `evaluation`: `metrics.json` of stage `evaluate`;
+- `sweep`:    `sweeps/<id>/` of `srcflow sweep` (summary.json, runs.jsonl, the tables and plots).
 
 Readers call the validators and refuse a layout or version they do not know.
 """

@@ -33,17 +33,21 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
+def smoke_overrides(storage: Path, tiny_root: Path, root: Path | None = None) -> list[str]:
+    """The overrides that point the smoke config at the test dataset (or `root`) and a store under `storage`."""
+    return [f"storage.root={storage}", f"data.root={root or tiny_root}", "data.generate_tiny=null",
+            # the stand-in Inception weights: written once per session, next to the test dataset
+            f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}",
+            "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false", "shard.workers=1",
+            "shard.samples_per_shard=16"]
+
+
 def config_factory(storage: Path, tiny_root: Path):
     """factory("shard.samples_per_shard=8", ...) -> the smoke config on the test dataset, stored under `storage`."""
     from pipeline.config import load_config
 
     def make(*overrides: str, root: Path | None = None):
-        base = [f"storage.root={storage}", f"data.root={root or tiny_root}", "data.generate_tiny=null",
-                # the stand-in Inception weights: written once per session, next to the test dataset
-                f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}",
-                "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false", "shard.workers=1",
-                "shard.samples_per_shard=16"]
-        return load_config(SMOKE, base + list(overrides))
+        return load_config(SMOKE, smoke_overrides(storage, tiny_root, root) + list(overrides))
 
     return make
 
