@@ -11,6 +11,16 @@
 Readers call the validators and refuse a layout or version they do not know.
 """
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+Model = TypeVar("Model", bound=BaseModel)
+
 
 class SchemaError(ValueError):
     """An on-disk layout that this code does not know; the message is one line."""
@@ -21,3 +31,20 @@ def check_version(what: str, found: object, supported: int) -> None:
         raise SchemaError(
             f"{what}: schema version {found!r} is not supported by this srcflow (reads version {supported})"
         )
+
+
+def read_json_model(path: Path, model: type[Model], supported: int, what: str) -> Model:
+    """A JSON object file at schema version `supported`, validated as `model`; any other content is one
+    SchemaError line naming the file (`what`: e.g. "manifest", for "unreadable manifest")."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{path}: unreadable {what} (a JSON object expected, got {type(raw).__name__})")
+    check_version(str(path), raw.get("schema_version"), supported)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SchemaError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

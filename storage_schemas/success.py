@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from storage_schemas import SchemaError, check_version
+from storage_schemas import check_version, read_json_model
 
 SCHEMA_VERSION = 2
 FILENAME = "_SUCCESS.json"
@@ -101,19 +101,7 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> None:
 def read_manifest(out_dir: Path) -> Manifest:
     """The manifest of an output directory, its `.dir` under that directory's root; SchemaError names the file."""
     out_dir = Path(out_dir)
-    path = out_dir / FILENAME
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SchemaError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(raw, dict):
-        raise SchemaError(f"{path}: unreadable manifest (a JSON object expected, got {type(raw).__name__})")
-    check_version(str(path), raw.get("schema_version"), SCHEMA_VERSION)
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SchemaError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    manifest = read_json_model(out_dir / FILENAME, Manifest, SCHEMA_VERSION, "manifest")
     return manifest.at(out_dir.parents[1])
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from storage_schemas import SchemaError, check_version
+from storage_schemas import SchemaError, check_version, read_json_model
 from storage_schemas.success import write_atomic
 
 SCHEMA_VERSION = 1
@@ -121,20 +121,9 @@ def write_if_changed(path: Path, data: str | bytes) -> bool:
 def read_summary(directory: Path) -> SweepSummary:
     """summary.json of a sweep directory; SchemaError (one line naming the file) for another layout or version."""
     path = Path(directory) / SUMMARY
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: the sweep has not been summarised (run it)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SchemaError(f"{path}: unreadable sweep summary ({e})") from None
-    if not isinstance(raw, dict):
-        raise SchemaError(f"{path}: unreadable sweep summary (a JSON object expected)")
-    check_version(str(path), raw.get("schema_version"), SCHEMA_VERSION)
-    try:
-        return SweepSummary.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SchemaError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the sweep has not been summarised (run it)")
+    return read_json_model(path, SweepSummary, SCHEMA_VERSION, "sweep summary")
 
 
 def append_run(directory: Path, run: SweepRun) -> None:
