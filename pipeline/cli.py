@@ -23,6 +23,17 @@ ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="YAML config")
 SetOpt = typer.Option(None, "--set", "-s", help="override: section.key=value (repeatable)")
 
 
+def start_prefect() -> None:
+    """Before a Prefect flow runs here: guard the children (Prefect's server, Dask, torchrun, pool processes: none
+    outlives this process), the project-local Prefect settings, one-line failed-run logs."""
+    from pipeline.watchdog import guard_children
+
+    guard_children()
+    prefect_env()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(drop_traceback)
+
+
 def prefect_env() -> None:
     """Offline, project-local Prefect defaults (each can be overridden from the environment)."""
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").absolute()))
@@ -96,14 +107,8 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
             print(f"{p.name}: done ({p.path})")
         print("nothing to run: every selected stage is done; Prefect was not started (--prefect runs the flow)")
         return
-    from pipeline.watchdog import guard_children
-
-    guard_children()  # before Prefect, Dask or torchrun start anything: none of it outlives this process
-    prefect_env()
+    start_prefect()
     from flows.srcflow import srcflow
-
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(drop_traceback)
 
     state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
                     return_state=True)
@@ -172,12 +177,7 @@ def sweep(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         if not sw.todo:
             print("nothing to run: every point is done; Prefect was not started (--prefect runs the flow)", file=out)
     else:
-        from pipeline.watchdog import guard_children
-
-        guard_children()  # the temporary server, the point processes and their children never outlive this one
-        prefect_env()
-        for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(drop_traceback)
+        start_prefect()
         from flows.sweep import srcflow_sweep
 
         with prefect_api():
