@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-SRCFLOW = [sys.executable, "-m", "pipeline.cli"]
+SRCFLOW = [sys.executable, "-m", "srcflow.cli"]
 
 
 def timed(args: list[str], repeats: int) -> float:
@@ -32,7 +32,7 @@ def timed(args: list[str], repeats: int) -> float:
 
 
 def plan_imports_torch(config: str) -> bool:
-    code = ("import sys; from pipeline.config import load_config; from pipeline.runner import plan; "
+    code = ("import sys; from pipeline.config import load_config; from stages.runner import plan; "
             f"plan(load_config({config!r})); print('torch' in sys.modules)")
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True).stdout.strip().endswith("True")

@@ -410,7 +410,7 @@ def replicate(src: Path, dst: Path, train_images: int) -> None:
 
 
 def shard_set(cfg):
-    from pipeline.runner import run_pipeline
+    from stages.runner import run_pipeline
 
     return run_pipeline(cfg, until="shard")["shard"]
 

@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the stages' lines, on stderr
 
-    from pipeline.runner import run_pipeline
+    from stages.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides + ["runtime.progress=false"])
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """The Prefect flow `srcflow`: runs the stages in order, each as a task cached on its fingerprint.
 
 Only wiring lives here; what a stage does is in `stages/`, how it is planned and committed in
-`pipeline/runner.py`. A stage whose output is complete on disk shows as Cached; one whose
+`stages/runner.py`. A stage whose output is complete on disk shows as Cached; one whose
 output is missing or partial is (re)run with `refresh_cache`, so a deleted artifact is rebuilt.
 """
 
@@ -17,7 +17,7 @@ from prefect_dask import DaskTaskRunner
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import config_dict, load_config, validate_config
 from pipeline.progress import set_mode
-from pipeline.runner import last_needed, plan, preflight, run_stage, select_stages
+from stages.runner import last_needed, plan, preflight, run_stage, select_stages
 from storage_schemas.success import Manifest
 
 

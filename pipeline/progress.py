@@ -61,3 +61,18 @@ def progress(desc: str, total: int, unit: str = "items") -> Iterator[Meter]:
             bar.stop()
         log.info("%s: %d %s in %.1f s (%.1f %s/s)", desc, meter.done, unit,
                  time.perf_counter() - meter.start, meter.rate, unit)
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as disks are sold: 1.5 GB is 1.5e9 bytes."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_hours(h: float) -> str:
+    if h >= 1:
+        return f"{h:,.1f} h"
+    return f"{h * 60:.1f} min" if h * 60 >= 1 else f"{h * 3600:.0f} s"

@@ -74,10 +74,3 @@ STAGES: tuple[Stage, ...] = (
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
-
-
-def get_stage(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")

@@ -54,7 +54,7 @@ from pipeline.training import (
     warmup_cosine,
 )
 from stages.encode import encoder_spec, load_encoder
-from stages.inputs import decoder_arch, encoder_geometry
+from pipeline.models.configured import decoder_arch, encoder_geometry
 from storage_schemas.model_files import model_info
 from storage_schemas.success import write_atomic
 

@@ -41,6 +41,7 @@ from pipeline.data.features import (
 )
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.images import save_grid
+from pipeline.models.configured import src_arch
 from pipeline.models.src import (
     SRC,
     PCAResult,
@@ -228,8 +229,7 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
     (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one."""
     s = cfg.src
     seed_all(s.seed)
-    model = SRC.from_pca(pca, dim=s.dim, arch=s.arch, hidden=s.hidden, depth=s.depth,
-                         num_tokens=data.features.shape[1], heads=s.heads).to(device).train()
+    model = SRC.from_pca(pca, dim=s.dim, num_tokens=data.features.shape[1], **src_arch(cfg)).to(device).train()
     ema = EMA(model, s.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = warmup_cosine(optimizer, min(s.warmup_steps, s.steps), s.steps)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.artifacts import check_once, file_sha256, input_digest, local_cache_dir
 from pipeline.config import Config
+from pipeline.models.configured import decoder_arch, encoder_arch
 from pipeline.data.imagenet import SourceImage, detect_layout, listing_digest, scan_split
 from storage_schemas.evaluation import check_adm_reference, check_inception_file
 from storage_schemas.success import write_atomic
@@ -146,18 +147,6 @@ def _listing_key(cfg: Config) -> str | None:
 # --- the encoder -------------------------------------------------------------------------------
 
 
-def encoder_geometry(cfg: Config) -> tuple[int, int]:
-    """(grid size, channels) of the configured encoder, without building it (DINOv2-B: patch 14, 768)."""
-    arch = cfg.encoder.arch
-    return cfg.encoder.input_size // (arch.patch_size or 14), arch.embed_dim or 768
-
-
-def encoder_arch(cfg: Config) -> dict:
-    """build_rae_encoder's keyword arguments for the configured encoder."""
-    arch = {k: v for k, v in cfg.encoder.arch.model_dump().items() if v is not None}
-    return {"model_name": cfg.encoder.name, "input_size": cfg.encoder.input_size, "arch": arch}
-
-
 def encoder_weights_digest(cfg: Config) -> str:
     """sha256 of encoder.weights after it is checked to fit the configured encoder ("random": none)."""
     if cfg.encoder.weights == "random":
@@ -190,13 +179,6 @@ def stats_inputs(cfg: Config) -> dict[str, str]:
 def decoder_enabled(cfg: Config) -> bool:
     """fit_decoder runs only when no released decoder is given."""
     return cfg.decoder.weights is None
-
-
-def decoder_arch(cfg: Config) -> dict:
-    grid, channels = encoder_geometry(cfg)
-    d = cfg.decoder
-    return {"in_channels": channels, "num_tokens": grid * grid, "hidden_size": d.hidden_size, "depth": d.depth,
-            "num_heads": d.num_heads, "intermediate_size": d.intermediate_size, "patch_size": d.patch_size}
 
 
 def decoder_inputs(cfg: Config) -> dict[str, str]:

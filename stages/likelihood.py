@@ -51,7 +51,7 @@ def done_manifests(cfg: Config, config_path: str, names: tuple[str, ...] = NEEDE
     """The manifests of `names` (the enabled ones) for this config; a one-line error naming the first that is not
     done and the command that builds it. Plans as `srcflow status` does; runs nothing."""
     from pipeline.artifacts import ArtifactStore, DamagedError
-    from pipeline.runner import plan
+    from stages.runner import plan
 
     last = max(names, key=STAGE_NAMES.index)
     planned = {p.name: p for p in plan(cfg, last)}

@@ -3,7 +3,7 @@
 `expand` turns a sweep definition (config, --set, --grid, --seeds, --seed-keys, --until) into points, each a
 validated Config planned against the store, and checks all of it before any work. `execute` runs them: first
 every output that two or more points share and that is not done (in stage order, each built once), then the
-points, each running its remaining stages with `pipeline.runner.run_stage` (whose per-output lock keeps two
+points, each running its remaining stages with `stages.runner.run_stage` (whose per-output lock keeps two
 runs that meet on one output from building it twice). `write_results` reads each point's headline metrics
 from its stages' `_SUCCESS.json` and writes `<storage.root>/sweeps/<id>/` (storage_schemas/sweep.py).
 
@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from pipeline.artifacts import ArtifactStore, fingerprint, now
 from pipeline.config import Config, ConfigError, load_config, semantic_values
 from pipeline.progress import progress, set_mode
-from pipeline.runner import PlannedStage, check_stage_names, last_needed, plan, preflight, run_stage, select_stages
+from stages.runner import PlannedStage, check_stage_names, last_needed, plan, preflight, run_stage, select_stages
 from stages import STAGE_NAMES
 from storage_schemas.success import read_manifest
 from storage_schemas.sweep import (

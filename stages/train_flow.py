@@ -49,6 +49,7 @@ from pipeline.data.codes import (
     read_rows,
     split_rows,
 )
+from pipeline.models.configured import flow_arch
 from pipeline.models.flow import TARFlow, bits_per_dim
 from pipeline.progress import progress
 from pipeline.progress import set_mode as set_progress_mode
@@ -140,7 +141,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
     rank, world = distributed.rank(), distributed.world_size()
     data = TrainCodes(codes, t.in_memory_limit_gb)
     seed_all(t.seed)
-    flow = build_flow(cfg, data.tokens, data.channels, data.num_classes).to(device).train()
+    flow = TARFlow(**flow_arch(cfg, data.tokens, data.channels, data.num_classes)).to(device).train()
     flow.checkpoint_activations(t.activation_checkpointing)
     ema = EMA(flow, t.ema_decay)
     loss_fn = distributed.data_parallel(distributed.Calls(flow, "nll_per_dim"), device)
@@ -217,18 +218,6 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
         write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
         save_flow(ema.module, cfg, data, codes, codes_fingerprint, out_dir)
     distributed.barrier()
-
-
-def build_flow(cfg: Config, tokens: int, channels: int, num_classes: int) -> TARFlow:
-    return TARFlow(**flow_arch(cfg, tokens, channels, num_classes))
-
-
-def flow_arch(cfg: Config, tokens: int, channels: int, num_classes: int) -> dict:
-    f = cfg.flow
-    return {"in_channels": channels, "num_tokens": tokens, "num_classes": num_classes, "width": f.width,
-            "heads": f.heads, "num_blocks": f.num_blocks, "layers_per_block": f.layers_per_block,
-            "deep_layers": f.deep_layers, "cond": f.cond, "scale": f.scale, "start_token": f.start_token,
-            "soft_clip": f.soft_clip, "label_drop": f.label_drop}
 
 
 def seed_of(*parts: int) -> int:

@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.runner import run_pipeline
+from srcflow.cli import app
+from stages.runner import run_pipeline
 from tests.conftest import SMOKE
 
 runner = CliRunner()
@@ -64,7 +64,7 @@ def test_stage_of_a_run_needs_its_upstream_done(store):
 
 
 def test_inspect_summarises_a_manifest_a_shard_set_and_a_zarr_store(module_config, store):
-    from pipeline.runner import plan
+    from stages.runner import plan
 
     paths = {p.name: p.path for p in plan(module_config(*ENCODE))}
     manifest = json.loads(runner.invoke(app, ["inspect", str(paths["shard"] / "manifest.parquet")]).stdout)

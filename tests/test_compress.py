@@ -12,7 +12,7 @@ import pipeline.artifacts as zs
 import stages.compress as compress_stage
 from pipeline.config import apply_override, validate_config
 from pipeline.data.features import load_normalizer, read_features
-from pipeline.runner import plan, run_pipeline
+from stages.runner import plan, run_pipeline
 from stages.fit_src import load_src
 from storage_schemas.zarr_layouts import CODES
 from tests.test_fit_src import stores  # noqa: F401  (fixture: shard + encode built once, copied per root)

@@ -120,7 +120,7 @@ def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(ov
 def test_an_unknown_stage_for_force_is_one_line_naming_the_stages(tmp_path, tiny_root):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from srcflow.cli import app
 
     sets = [f"storage.root={tmp_path}", f"data.root={tiny_root}", "data.generate_tiny=null",
             f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}"]

@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from pipeline.data.features import load_normalizer, load_released_stats, widen
-from pipeline.runner import plan, run_pipeline
+from stages.runner import plan, run_pipeline
 from storage_schemas import SchemaError
 from storage_schemas.zarr_layouts import FEATURES
 from tests.conftest import REPO
@@ -121,7 +121,7 @@ def commit(self, *a, **k):
     real_commit(self, *a, **k)
 enc.write_rows, zs.Commits.write = write, commit
 from pipeline.config import load_config
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 run_pipeline(load_config(None, sys.argv[2:]), until="encode")
 """
 
@@ -215,14 +215,14 @@ def test_an_unknown_store_layout_is_refused(tmp_path):
 def test_the_decode_path_enters_the_fingerprint_and_the_default_keeps_todays(make_config):
     from pipeline.artifacts import fingerprint
     from pipeline.config import select, semantic_values
-    from stages import get_stage
+    from stages import STAGE_NAMES, STAGES
 
     pil = {p.name: p for p in plan(make_config())}
     tensor = {p.name: p.fingerprint for p in plan(make_config("encode.decode=tensor"))}
     assert make_config().encode.decode == "pil"
     assert {s for s in pil if pil[s].fingerprint == tensor[s]} == {"shard", "reference"}
     # encode.decode at pil is left out of the semantic values: the fingerprint of every store encoded before
-    stage, p = get_stage("encode"), pil["encode"]
+    stage, p = STAGES[STAGE_NAMES.index("encode")], pil["encode"]
     before = {s: (semantic_values(v) if hasattr(v, "model_fields") else v)
               for s in stage.sections if s != "encode.decode" for v in [select(make_config(), s)]}
     assert "encode.decode" not in p.semantic and p.semantic == before

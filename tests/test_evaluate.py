@@ -20,7 +20,7 @@ import torch_fidelity
 from typer.testing import CliRunner
 
 from pipeline.artifacts import ArtifactStore, now
-from pipeline.cli import app, headline
+from srcflow.cli import app, headline
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.fidelity import (
     fid_statistics,
@@ -28,7 +28,7 @@ from pipeline.metrics.fidelity import (
     load_reference,
     make_standin_inception_weights,
 )
-from pipeline.runner import plan, run_pipeline
+from stages.runner import plan, run_pipeline
 from stages import evaluate, inputs, reference
 from storage_schemas.evaluation import INCEPTION_WEIGHTS_FILE, read_metrics
 from storage_schemas.samples import open_samples

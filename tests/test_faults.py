@@ -20,10 +20,10 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.cli import app
+from srcflow.cli import app
 from pipeline.config import config_dict, load_config
 from pipeline.data.features import open_features
-from pipeline.runner import plan, run_pipeline
+from stages.runner import plan, run_pipeline
 from storage_schemas import SchemaError
 from tests.conftest import REPO
 from tests.test_fit_src import stores  # noqa: F401  (fixture: shard + encode built once, copied per root)
@@ -187,7 +187,7 @@ def compress_shard(job):
     return real(job)
 compress.compress_shard = compress_shard
 from pipeline.config import load_config
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 run_pipeline(load_config(sys.argv[1]), until="compress", force=["compress"])
 """
 
@@ -262,7 +262,7 @@ def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path):  # noqa: F
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "SRCFLOW_CACHE_DIR": str(tmp_path / "c"),
            # two ephemeral servers start at once on a loaded 2-core machine: give them time
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--config", config, "--until", "train_flow"]
+    command = [sys.executable, "-m", "srcflow.cli", "run", "--config", config, "--until", "train_flow"]
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
     procs = []
     try:

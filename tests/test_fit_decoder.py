@@ -23,10 +23,10 @@ from pipeline.data.features import read_features
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.images import psnr
 from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
-from pipeline.runner import plan, run_pipeline
+from stages.runner import plan, run_pipeline
 from stages import fit_decoder
 from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, step_seed, unit_pixels
-from stages.inputs import decoder_arch
+from pipeline.models.configured import decoder_arch
 from tests.conftest import REPO
 
 # the test set is 32 px: 8x8 tokens x patch 4 decode to 32 px
@@ -275,7 +275,7 @@ def update(self, model):
     real(self, model)
 training.EMA.update = update
 from pipeline.config import load_config
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 run_pipeline(load_config(sys.argv[3]), until="fit_decoder")
 """
 

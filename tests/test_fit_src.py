@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.features import load_normalizer, read_features
-from pipeline.runner import plan, run_pipeline
+from stages.runner import plan, run_pipeline
 from stages import fit_src
 from stages.fit_src import TrainingStopped, load_pca, load_src
 from tests.conftest import SMOKE
@@ -38,7 +38,7 @@ def stores(tiny_root, tmp_path_factory):
         decoder = base / "decoder.pt"
         cfg = _config(base / "store", tiny_root, decoder)
         from pipeline.models.rae import build_rae_decoder
-        from stages.inputs import decoder_arch
+        from pipeline.models.configured import decoder_arch
 
         torch.save(build_rae_decoder(None, seed=1, **decoder_arch(cfg)).state_dict(), decoder)
         run_pipeline(cfg, until="encode")

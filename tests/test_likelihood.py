@@ -14,11 +14,11 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from srcflow.cli import app
 from pipeline.config import config_dict
 from pipeline.data.codes import open_codes, read_rows, split_rows
 from pipeline.data.tiny_imagenet import make_tiny_imagenet
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 from stages import likelihood
 from stages.train_flow import row_noise
 

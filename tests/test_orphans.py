@@ -135,7 +135,7 @@ def srcflow_run(make_config, tmp_path, prefect_home, tag: str) -> subprocess.Pop
                       # a loaded 2-core machine: the ephemeral server may take long to start
                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     env.pop("PREFECT_API_URL", None)  # the ephemeral server, not a running one
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config),
+    return subprocess.Popen([sys.executable, "-m", "srcflow.cli", "run", "--config", str(config),
                              "--until", "encode"], cwd=REPO, env=env, stdout=open(tmp_path / "run.log", "w"),
                             stderr=subprocess.STDOUT)
 

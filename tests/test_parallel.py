@@ -10,7 +10,7 @@ import zarr
 
 from pipeline.data.zarr_store import create_row_store, write_rows
 from pipeline.parallel import map_jobs
-from pipeline.plan import sharded_array
+from stages.plan.layouts import sharded_array
 from storage_schemas.zarr_layouts import FEATURES
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from srcflow.cli import app
 from pipeline.config import load_config
-from pipeline.plan import capacity_plan, device_hours, identity, load_measurements
-from pipeline.runner import run_pipeline
+from stages.plan import capacity_plan
+from stages.plan.measured import device_hours, identity, load_measurements
+from stages.runner import run_pipeline
 from tests.conftest import REPO
 
 # The test dataset (4 classes x 12 train + 4 val at 32 px) through the smoke encoder (8x8 tokens x 64),

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 import stages.inputs
 from pipeline.artifacts import check_once
-from pipeline.cli import app, one_line_errors
+from srcflow.cli import app, one_line_errors
 from pipeline.config import load_config
-from pipeline.runner import plan
-from stages.inputs import decoder_arch, encoder_arch
+from stages.runner import plan
+from pipeline.models.configured import decoder_arch, encoder_arch
 from storage_schemas.samples import open_samples
 from tests.conftest import REPO, SMOKE
 
@@ -94,7 +94,7 @@ def test_a_fitting_decoder_is_checked_once_and_then_planned_without_torch(tmp_pa
     overrides = [f"data.root={tiny_root}", "data.generate_tiny=null", "data.resolution=32", "decoder.patch_size=4",
                  f"decoder.weights={path}", f"storage.root={tmp_path / 'root'}",
                  f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}"]
-    code = ("import sys; from pipeline.config import load_config; from pipeline.runner import plan; "
+    code = ("import sys; from pipeline.config import load_config; from stages.runner import plan; "
             f"plan(load_config({str(SMOKE)!r}, {overrides!r})); "
             "print(sorted(m for m in ('torch', 'timm', 'prefect') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -144,7 +144,7 @@ def test_a_batch_larger_than_the_data_is_refused(tmp_path, tiny_root):
 
 
 def test_a_batch_whose_memory_exceeds_the_machine_is_refused(tmp_path, tiny_root, monkeypatch):
-    monkeypatch.setattr("pipeline.runner.machine_memory", lambda device: (2 * 1024**3, None))  # a 2 GB machine
+    monkeypatch.setattr("stages.runner.machine_memory", lambda device: (2 * 1024**3, None))  # a 2 GB machine
     line = refused(tmp_path, tiny_root, "flow.width=2048", key="train.batch_size")
     assert "host memory" in line and "runtime.memory_check=false" in line
     assert cli.invoke(app, ["plan", "--config", str(SMOKE), *sets(tmp_path, tiny_root)]).exit_code == 0
@@ -219,7 +219,7 @@ def test_debug_shows_the_traceback_of_a_refusal(tmp_path, tiny_root, monkeypatch
 
 
 def test_a_no_op_run_reports_every_stage_done_and_starts_no_prefect(tmp_path, tiny_root, monkeypatch):
-    from pipeline.runner import run_pipeline
+    from stages.runner import run_pipeline
 
     args = sets(tmp_path, tiny_root, "src.steps=2", "fit_decoder.steps=2", "train.steps=2", "sample.per_class=1",
                 "reference.max_images=4", "reference.pr_images=4", "evaluate.kid_subset_size=4")
@@ -257,7 +257,7 @@ import stages.shard
 def fail(cfg, upstream, out):
     raise ValueError("shard: a stage failing at run time")
 stages.shard.run = fail
-from pipeline.cli import app
+from srcflow.cli import app
 sys.argv = ["srcflow", *sys.argv[1:]]
 app()
 """
@@ -277,7 +277,7 @@ def test_a_stage_failing_inside_the_flow_is_one_line_per_run_without_tracebacks(
 def test_prefect_run_logs_keep_their_traceback_only_with_debug(monkeypatch):
     import logging
 
-    from pipeline.cli import drop_traceback
+    from srcflow.cli import drop_traceback
 
     def record():
         try:

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 from stages import sample
 from stages.sample import class_labels, labels_of, load_models, sample_noise
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 from storage_schemas.shards import validate_shard_set
 from tests.conftest import REPO
 
@@ -128,7 +128,7 @@ def dying(raw):
         os.kill(os.getpid(), signal.SIGKILL)  # a crash in the middle of a shard
     return real(raw)
 sh.prepare_image_bytes = dying
-from pipeline.runner import run_pipeline
+from stages.runner import run_pipeline
 run_pipeline(load_config(None, sys.argv[3:]), until="shard")
 """
 
@@ -142,7 +142,7 @@ def test_kill_during_shard_then_rerun_equals_uninterrupted(make_config, tmp_path
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "x", "23"] + overrides, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -signal.SIGKILL
-    from pipeline.runner import plan
+    from stages.runner import plan
 
     (p,) = [p for p in plan(killed) if p.name == "shard"]
     assert p.state == "partial"

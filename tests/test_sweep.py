@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from srcflow.cli import app
 from stages import Stage
 from storage_schemas import SchemaError
 from storage_schemas.sweep import read_runs, read_summary

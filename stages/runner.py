@@ -133,18 +133,17 @@ def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] |
 
 TRAINING_BATCHES = {"fit_decoder": "fit_decoder.batch_size", "fit_src": "src.batch_size",
                     "train_flow": "train.batch_size"}  # images (rows) per step, from the train rows
-BATCH_KEYS = {**TRAINING_BATCHES, "encode": "encode.batch_size", "compress": "compress.batch_size",
-              "sample": "sample.batch_size", "reference": "evaluate.batch_size",
-              "evaluate": "evaluate.batch_size"}
 
 
 def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
     """Before any work, for the stages about to run: a training batch larger than the training rows, or a planned
-    peak memory (pipeline.plan's estimate) above this machine's, is a one-line error naming the batch key; the
+    peak memory (stages.plan's estimate) above this machine's, is a one-line error naming the batch key; the
     node is never driven out of memory."""
     if not todo:
         return
-    from pipeline.plan import capacity_plan, dataset_counts, human_bytes
+    from pipeline.progress import human_bytes
+    from stages.plan import capacity_plan
+    from stages.plan.dataset import dataset_counts
 
     names = {p.name for p in todo}
     data = dataset_counts(cfg)
@@ -165,7 +164,7 @@ def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
         for what, needed, have in (("host", need * s["processes"], host),
                                    ("GPU", s["memory"]["device_bytes"], device)):
             if have is not None and needed > have:
-                key = BATCH_KEYS.get(name, name)
+                key = s["batch_key"]
                 raise ValueError(f"{key}: {name} would need ~"
                                  f"{human_bytes(needed)} of {what} memory ({s['memory']['basis']}), more than this "
                                  f"machine's {human_bytes(have)}; lower {key} or the model size (or set "

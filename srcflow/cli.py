@@ -97,7 +97,7 @@ def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     selected stage is done, nothing starts: each is reported done (--prefect runs the flow anyway)."""
     cfg = _load(config, set_)
     logging.getLogger("srcflow").setLevel(cfg.runtime.log_level)  # Prefect attaches its handlers (EXTRA_LOGGERS)
-    from pipeline.runner import last_needed, plan, preflight, select_stages
+    from stages.runner import last_needed, plan, preflight, select_stages
 
     with one_line_errors():  # fail fast, before Prefect starts
         selected = select_stages(plan(cfg, last_needed(stage, until)), stage, until)
@@ -268,7 +268,7 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     """Per stage: state (done, damaged, partial, stale, missing), fingerprint, path and size. Runs nothing and
     writes nothing: it works on a read-only store."""
     from pipeline.artifacts import ArtifactStore, dir_bytes
-    from pipeline.runner import plan
+    from stages.runner import plan
     from storage_schemas.success import read_manifest
 
     cfg = _load(config, set_)
@@ -314,7 +314,7 @@ def verify(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     import time
 
     from pipeline.artifacts import ArtifactStore
-    from pipeline.runner import check_stage_names, plan
+    from stages.runner import check_stage_names, plan
     from storage_schemas.success import write_damage
 
     cfg = _load(config, set_)
@@ -360,18 +360,10 @@ def headline(metrics: dict) -> str:
     return ""
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manifest, a .zarr store, or a stage output")):
     """Summarise a shard set, a Parquet manifest or a Zarr store."""
-    from pipeline.inspect import summarize
+    from srcflow.inspect import summarize
 
     with one_line_errors():
         print(json.dumps(summarize(path), indent=2, default=str))
@@ -381,7 +373,8 @@ def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manif
 def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
     """Per stage: bytes written, files per directory, measured device-hours, peak memory. Runs nothing."""
-    from pipeline.plan import capacity_plan, print_plan
+    from stages.plan import capacity_plan
+    from srcflow.tables import print_plan
 
     cfg = _load(config, set_)
     with one_line_errors():

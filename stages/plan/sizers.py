@@ -1,0 +1,240 @@
+"""Per stage: what it writes, how much work it is, and its peak memory per process (estimates, with their basis)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.config import Config
+from pipeline.models.configured import build, encoder_geometry
+from stages.plan.dataset import IMAGENET_CLASSES, Dataset
+from stages.plan.layouts import (COMMIT_OVERHEAD, TAR_SAMPLE_OVERHEAD, Output, commit_records, row_arrays,
+                                 sharded_array, tar_set)
+
+# A worker process with python, torch, timm and zarr imported (ru_maxrss measured on the CPU box).
+BASE_RSS = 800 * 2**20
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    state: str  # done | partial | stale | missing (runner.plan), or unknown
+    work: int
+    unit: str
+    processes: int
+    outputs: list[Output]
+    memory: dict  # per process, estimates: host_bytes, device_bytes, basis
+    hours: dict | None  # device-hours for `work` on one measured device: hours, device, rate, unit, source
+    hours_note: str = ""
+    timed_in: dict[str, int] | None = None  # the work in the units a measured rate may use (default: work)
+    written_bytes: int | None = None  # what a done stage holds on disk (its _SUCCESS.json)
+    batch_key: str = ""  # the config key that sizes the memory: a refusal names it
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.bytes for o in self.outputs)
+
+
+
+def geometry(cfg: Config) -> tuple[int, int]:
+    """(tokens, channels) of the encoder's output."""
+    grid, channels = encoder_geometry(cfg)
+    return grid * grid, channels
+
+
+def layers_of(cfg: Config) -> list[int]:
+    f = cfg.flow
+    layers = [f.layers_per_block] * f.num_blocks
+    if f.deep_layers is not None:
+        layers[-1] = f.deep_layers
+    return layers
+
+
+def param_count(model: str, cfg: Config) -> int:
+    """Exact parameter count of a configured model, built on the meta device (no memory, no weights)."""
+    return sum(p.numel() for p in build(model, cfg, IMAGENET_CLASSES).parameters())
+
+
+# --- per stage: outputs, work, memory -----------------------------------------------------------
+
+
+def plan_shard(cfg: Config, data: Dataset) -> StagePlan:
+    per_tar = cfg.shard.samples_per_shard
+    tars = {"train": data.train, "val": data.val}
+    if data.tar_files is not None:
+        out = Output("shards/*.tar", sum(data.tar_files.values()), len(data.tar_files), len(data.tar_files), True,
+                     "read from the done shard stage's _SUCCESS.json")
+    else:
+        sized = [tar_set(n, data.mean_jpeg, per_tar) for n in tars.values() if n]
+        files = sum(f for _, f in sized)
+        out = Output("shards/*.tar", sum(b for b, _ in sized), files, files, False,
+                     f"{data.mean_jpeg / 1e3:.1f} KB mean JPEG ({data.source}) + {TAR_SAMPLE_OVERHEAD} B tar "
+                     f"headers per sample")
+    n = data.train + data.val
+    manifest = Output("manifest.parquet", n * 120, 1, 1, False, "~120 B per image (sha256, paths)")
+    return StagePlan("shard", "", n, "images", cfg.shard.workers, [out, manifest],
+                     {"host_bytes": BASE_RSS + 4 * int(data.mean_jpeg), "device_bytes": 0,
+                      "basis": "one image at a time per worker"}, None, batch_key="shard.workers")
+
+
+def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
+    e = cfg.encode
+    tokens, channels = geometry(cfg)
+    views = len(e.views)
+    images = data.encoded_train(e.subset_per_class) + data.val
+    rows = images * views
+    feat_bytes, shards = sharded_array(rows, tokens * channels * 2, e.rows_per_shard, e.rows_per_chunk)
+    commit = (2 * tokens * channels * 8 + COMMIT_OVERHEAD  # float64 sum and sumsq per shard
+              + commit_records("features.zarr", "features", feat_bytes // max(shards, 1), shards))
+    outputs = [
+        Output("features.zarr/features", feat_bytes, shards, shards, True,
+               f"{rows:,} rows x {tokens} x {channels} x 2 B, uncompressed, {e.rows_per_shard}-row shards "
+               f"(c/<i>/0/0) of {e.rows_per_chunk}-row chunks + index"),
+        row_arrays(rows, e.rows_per_shard),
+        Output("features.zarr/stats_{mean,var}", 2 * tokens * channels * 8, 2, 1, False, "float64, zstd"),
+        Output("commits/*.npz", shards * commit, shards, shards, False,
+               "float64 sum + sumsq per shard and its files' records (np.savez)"),
+    ]
+    params = param_count("encoder", cfg)
+    batch = e.batch_size
+    seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
+    images_per_job = math.ceil(e.rows_per_shard / views)
+    shard_values = e.rows_per_shard * tokens * channels
+    on_cpu = cfg.runtime.device == "cpu"
+    # each of the encode.jobs_per_worker jobs in flight holds, per stored value of its shard: the float16
+    # features (2 B) and their float64 copy and square for the statistics (16 B), on the job's device; on
+    # the host, the features handed to Zarr (2 B, a view on CPU) and Zarr's shard assembly (~4 B); plus
+    # its JPEGs and crops, all decoded up front
+    host_job = (shard_values * (4 + (18 if on_cpu else 2))
+                + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3))
+    host = BASE_RSS + e.jobs_per_worker * host_job + (4 * params if on_cpu else 0)
+    device = (6 * params + batch * seq * width * 2 * 12  # fp32 weights + bf16 copies, ~12 live activations
+              + e.jobs_per_worker * shard_values * 18)
+    return StagePlan("encode", "", rows, "rows", cfg.runtime.workers, outputs,
+                     {"host_bytes": int(host), "device_bytes": int(device),
+                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {e.jobs_per_worker} jobs in flight, "
+                               f"each: a shard's features, float64 statistics temporaries, JPEGs and crops"}, None,
+                     batch_key="encode.batch_size")
+
+
+def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:
+    d = cfg.fit_decoder
+    tokens, _ = geometry(cfg)
+    params = param_count("decoder", cfg)
+    # augment resize_random_crop: the frozen encoder runs every step (fp32 weights; no-grad activations are freed)
+    extra = 4 * param_count("encoder", cfg) if d.augment == "resize_random_crop" else 0
+    return _training("fit_decoder", cfg, d.steps, params, d.batch_size, tokens + 1, cfg.decoder.hidden_size,
+                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", extra_device=extra)
+
+
+def plan_fit_src(cfg: Config, data: Dataset) -> StagePlan:
+    s = cfg.src
+    tokens, _ = geometry(cfg)
+    extra = 4 * param_count("decoder", cfg) if s.pixel_loss_weight > 0 else 0  # the frozen RAE decoder
+    # encoder and decoder branches of `depth` blocks each, at width `hidden`
+    return _training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden, 2 * s.depth,
+                     "src.safetensors", "src.batch_size", extra_device=extra)
+
+
+def plan_compress(cfg: Config, data: Dataset) -> StagePlan:
+    """codes.zarr has the feature store's rows and Zarr shards (stages/compress.py)."""
+    e, s = cfg.encode, cfg.src
+    tokens, channels = geometry(cfg)
+    subset = None if cfg.compress.source == "images" else e.subset_per_class  # from: images codes every image
+    rows = (data.encoded_train(subset) + data.val) * len(e.views)
+    code_bytes, shards = sharded_array(rows, tokens * s.dim * 4, e.rows_per_shard, e.rows_per_chunk)
+    commit = (2 * s.dim * 8 + COMMIT_OVERHEAD  # float64 sum and sumsq per code channel
+              + commit_records("codes.zarr", "codes", code_bytes // max(shards, 1), shards))
+    outputs = [
+        Output("codes.zarr/codes", code_bytes, shards, shards, True,
+               f"{rows:,} rows x {tokens} x {s.dim} x 4 B (float32), uncompressed, {e.rows_per_shard}-row shards "
+               f"of {e.rows_per_chunk}-row chunks + index"),
+        row_arrays(rows, e.rows_per_shard),
+        Output("commits/*.npz", shards * commit, shards, shards, False,
+               "float64 sum + sumsq per shard and its files' records (np.savez)"),
+    ]
+    batch = cfg.compress.batch_size
+    params = param_count("src", cfg)
+    host = BASE_RSS + e.rows_per_shard * tokens * (channels * 2 + s.dim * 4)  # a shard of features and its codes
+    device = 4 * params + batch * tokens * (channels * 2 + max(s.hidden, channels) * 4 * 4)
+    return StagePlan("compress", "", rows, "rows", cfg.runtime.workers, outputs,
+                     {"host_bytes": int(host), "device_bytes": int(device),
+                      "basis": f"{params / 1e6:.1f}M-param SRC, batch {batch}, one shard in memory"}, None,
+                     batch_key="compress.batch_size")
+
+
+def plan_train_flow(cfg: Config, data: Dataset) -> StagePlan:
+    f, t = cfg.flow, cfg.train
+    tokens, _ = geometry(cfg)
+    layers = layers_of(cfg)
+    return _training("train_flow", cfg, t.steps, param_count("flow", cfg), t.batch_size, tokens + 1, f.width,
+                     sum(layers), "flow.safetensors", "train.batch_size")
+
+
+def plan_sample(cfg: Config, data: Dataset) -> StagePlan:
+    s, f = cfg.sample, cfg.flow
+    tokens, _ = geometry(cfg)
+    per_scale = data.classes * s.per_class
+    r = cfg.data.resolution
+    scales = len(s.cfg_scale)
+    outputs = [Output("samples-*.npz", scales * per_scale * r * r * 3, scales, scales, False,
+                      f"{per_scale:,} uint8 {r}x{r}x3 images (arr_0) per cfg_scale value, one .npz each")]
+    batch = s.batch_size
+    flow, dec, src = param_count("flow", cfg), param_count("decoder", cfg), param_count("src", cfg)
+    # KV cache of the widest block, both CFG branches, fp32: layers x (k, v) x 2B x T x width
+    cache = max(layers_of(cfg)) * 2 * 2 * batch * (tokens + 1) * f.width * 4
+    decode = batch * (tokens + 1) * cfg.decoder.hidden_size * 2 * 12
+    device = 4 * (flow + dec + src) + cache + decode
+    return StagePlan("sample", "", scales * per_scale, "samples", cfg.runtime.workers, outputs,
+                     {"host_bytes": int(BASE_RSS + 2 * batch * r * r * 3), "device_bytes": int(device),
+                      "basis": f"{flow / 1e6:.0f}M flow + {dec / 1e6:.0f}M RAE decoder + KV cache at batch {batch} "
+                               f"x 2 CFG branches"}, None, batch_key="sample.batch_size")
+
+
+INCEPTION_PARAMS = 27_000_000  # the FID Inception-v3 (pool3 2048)
+
+
+def plan_reference(cfg: Config, data: Dataset) -> StagePlan:
+    images = 0 if cfg.reference.kind == "adm_npz" else (cfg.reference.max_images or data.train)
+    stats = Output("reference stats", (2048 + 2048 ** 2 + 2023 + 2023 ** 2) * 8, 1, 1, False,
+                   "Inception pool3 mu + sigma and the sFID spatial mu_s + sigma_s (float64)")
+    return _inception("reference", cfg, images, [stats])
+
+
+def plan_evaluate(cfg: Config, data: Dataset) -> StagePlan:
+    images = len(cfg.sample.cfg_scale) * data.classes * cfg.sample.per_class
+    plan = _inception("evaluate", cfg, images, [Output("metrics", 0, 1, 1, False, "small JSON")])
+    flow = param_count("flow", cfg)  # the Bayes-rule pass holds the flow beside the Inception
+    plan.memory["device_bytes"] += 4 * flow
+    plan.memory["basis"] += f" + the {flow / 1e6:.0f}M flow (fp32) for the Bayes-rule pass"
+    return plan
+
+
+def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> StagePlan:
+    batch = cfg.evaluate.batch_size
+    device = 4 * INCEPTION_PARAMS + batch * 3 * 299 * 299 * 4 * 12
+    return StagePlan(name, "", images, "images", 1, outputs,
+                     {"host_bytes": int(BASE_RSS + batch * cfg.data.resolution**2 * 3 * 2), "device_bytes": int(device),
+                      "basis": f"Inception-v3 at 299 px, batch {batch}"}, None, batch_key="evaluate.batch_size")
+
+
+def _training(name: str, cfg: Config, steps: int, params: int, batch: int, seq: int, width: int, layers: int,
+              weights: str, batch_key: str, extra_device: int = 0) -> StagePlan:
+    """Checkpoints and per-process memory of an AdamW + EMA training stage under DDP (runtime.nproc)."""
+    local = math.ceil(batch / max(cfg.runtime.nproc, 1))
+    # fp32 weights, grads, AdamW m and v, EMA: 20 B/param; activations of a transformer layer without
+    # recomputation, 16-bit, flash attention: ~34 x seq x batch x width B (Korthikanti et al. 2022).
+    device = 20 * params + 34 * seq * local * width * layers + extra_device
+    outputs = [Output(weights, 4 * params, 1, 1, False, "EMA weights, fp32 safetensors"),
+               Output("checkpoints/ckpt-*.pt", 2 * 16 * params, 2, 2, False,
+                      "2 kept checkpoints: model, EMA, AdamW m + v (fp32)")]
+    return StagePlan(name, "", steps, "steps", cfg.runtime.nproc, outputs,
+                     {"host_bytes": int(BASE_RSS + 4 * params), "device_bytes": int(device),
+                      "basis": f"{params / 1e6:.1f}M params, {local} per process x {seq} tokens x {layers} layers "
+                               f"of width {width}"}, None, timed_in={"samples": steps * batch}, batch_key=batch_key)
+
+
+SIZERS = {"shard": plan_shard, "encode": plan_encode, "fit_decoder": plan_fit_decoder, "fit_src": plan_fit_src,
+          "compress": plan_compress, "train_flow": plan_train_flow, "sample": plan_sample,
+          "reference": plan_reference, "evaluate": plan_evaluate}
+
