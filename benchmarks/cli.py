@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").absolute()))
-    subprocess.run(SRCFLOW + ["run", "--config", args.config], check=True, capture_output=True)  # all done now
+    subprocess.run([*SRCFLOW, "run", "--config", args.config], check=True, capture_output=True)  # all done now
     config = ["--config", args.config]
     result = {
         "benchmark": "cli",

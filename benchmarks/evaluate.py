@@ -5,7 +5,8 @@
 
 - `images_per_s`: torch-fidelity's Inception (float64 inside, as the stages run it; pool features,
   logits and the sFID spatial features from one pass) on uint8 images at `--resolution`, batch
-  `--batch-size`, the stages' own batch loop (stages.reference.pool_features), after one warm-up batch. Both stages are this loop, so the figure serves `reference` and `evaluate`.
+  `--batch-size`, the stages' own batch loop (stages.reference.pool_features), after one warm-up batch.
+  Both stages are this loop, so the figure serves `reference` and `evaluate`.
 - `metrics_seconds`: fidelity.metrics_from_features of `--samples` random pool features against a
   reference of `--reference` (FID's 2048 x 2048 and sFID's 2023 x 2023 eigenproblems, IS, KID,
   precision/recall with k = 3).

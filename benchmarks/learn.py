@@ -49,7 +49,7 @@ def main() -> None:
 
     from stages.runner import run_pipeline
 
-    cfg = load_config(args.config, args.overrides + ["runtime.progress=false"])
+    cfg = load_config(args.config, [*args.overrides, "runtime.progress=false"])
     started = time.perf_counter()
     manifests = run_pipeline(cfg, until=args.until)
     pipeline_s = time.perf_counter() - started

@@ -40,13 +40,14 @@ class Section(BaseModel):
 
 
 class StorageConfig(Section):
-    root: str = operational("data/artifacts", "artifact store root; relative paths are taken from the working directory")
+    root: str = operational("data/artifacts", "artifact store root; relative paths are taken from the working "
+                                              "directory")
 
 
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = operational("auto")
-    workers: int = operational(1, "parallel worker processes for shard/encode/compress/sample (Dask LocalCluster when > 1)",
-                               ge=1)
+    workers: int = operational(1, "parallel worker processes for shard/encode/compress/sample "
+                                  "(Dask LocalCluster when > 1)", ge=1)
     dask_address: str | None = operational(None, "an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     nproc: int = operational(1, "torchrun processes per node for training stages", ge=1)
     progress: Literal["auto"] | bool = operational("auto", "progress bars: auto (on a terminal), true or false")
@@ -113,7 +114,8 @@ class EncodeConfig(Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the encoder forward's arithmetic: fp32 (TF32 matmuls on CUDA), as RAE encodes; bf16 "
                             "autocast is faster but ~0.4% off per token (benchmarks/encode.py measures it)")
-    dtype: Literal["float16", "bfloat16"] = Field("float16", description="the stored features' dtype (after the forward)")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="the stored features' dtype (after the "
+                                                                         "forward)")
     stats: Literal["computed", "file"] = "computed"
     stats_file: str | None = None
     rows_per_shard: int = Field(256, gt=0, description="rows per Zarr shard: the unit of a writer and of resume")
@@ -150,27 +152,32 @@ class FitDecoderConfig(Section):
     batch_size: int = Field(512, gt=0, description="RAE yaml training.global_batch_size")
     lr: float = Field(2e-4, gt=0, description="peak lr (RAE yaml training.optimizer.lr / scheduler.base_lr)")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "cosine", description="cosine: linear warmup from 0 over warmup_steps, then cosine decay to final_lr at `steps` "
-                              "(RAE yaml training.scheduler: type cosine, warmup_from_zero); constant: lr throughout")
+        "cosine", description="cosine: linear warmup from 0 over warmup_steps, then cosine decay to final_lr at "
+                              "`steps` (RAE yaml training.scheduler: type cosine, warmup_from_zero); constant: lr "
+                              "throughout")
     warmup_steps: int | None = Field(None, ge=0, description="null = steps // 16 (RAE yaml training.scheduler."
                                      "warmup_epochs 1 of training.epochs 16)")
     final_lr: float = Field(2e-5, ge=0, description="the cosine's floor, reached at `steps` (RAE yaml "
                                                    "training.scheduler.final_lr, at base_lr 2e-4)")
     weight_decay: float = Field(0.0, description="RAE yaml training.optimizer.weight_decay")
-    noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per sample "
-                                                    "(RAE yaml stage_1.params.noise_tau)")
+    noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per "
+                                                    "sample (RAE yaml stage_1.params.noise_tau)")
     ema_decay: float = Field(0.9978, description="RAE yaml training.ema_decay")
     augment: Literal["none", "resize_random_crop"] = Field(
         "none", description="none: the stored features and their ADM center crops; resize_random_crop: RAE's "
                             "Resize(1.5 x data.resolution, bicubic) + RandomCrop(data.resolution) (src/train_stage1.py "
-                            "stage1_transform), a fresh crop per step encoded by the frozen encoder at encode.precision")
-    lpips_weights: str | None = Field(None, description="local LPIPS weights: adds an LPIPS term (needs the lpips package)")
+                            "stage1_transform), a fresh crop per step encoded by the frozen encoder at "
+                            "encode.precision")
+    lpips_weights: str | None = Field(None, description="local LPIPS weights: adds an LPIPS term (needs the lpips "
+                                                        "package)")
     lpips_weight: float = 1.0
-    report_images: int | None = Field(1000, gt=0, description="held-out val images (view 0) for psnr_val / l1_val and the grid; None = all")
+    report_images: int | None = Field(1000, gt=0, description="held-out val images (view 0) for psnr_val / l1_val and "
+                                                              "the grid; None = all")
     seed: int = 0
     ckpt_every: int = operational(1000)
     loader_threads: int = operational(8, "threads decoding JPEGs and reading feature rows for the next batches")
-    memory_mb: int = operational(1024, "hold the train pairs in memory when they fit (small sets); else stream per batch")
+    memory_mb: int = operational(1024, "hold the train pairs in memory when they fit (small sets); else stream per "
+                                       "batch")
     eval_batch_size: int = operational(64)
 
 
@@ -184,7 +191,8 @@ class SRCConfig(Section):
     hidden: int = 1024
     depth: int = 2
     heads: int = Field(4, gt=0, description="attention heads of the transformer arch")
-    noise_sigma: float = Field(0.2, ge=0, description="constant code noise the SRC decoder trains under (and the report's noisy rows)")
+    noise_sigma: float = Field(0.2, ge=0, description="constant code noise the SRC decoder trains under (and the "
+                                                      "report's noisy rows)")
     steps: int = 5000
     batch_size: int = Field(256, gt=0, description="images per training step (all their tokens)")
     lr: float = Field(1e-4, gt=0)
@@ -192,7 +200,8 @@ class SRCConfig(Section):
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     cosine_weight: float = 1.0
-    pixel_loss_weight: float = Field(0.0, ge=0, description="MSE of RAE_dec(SRC(f)) vs RAE_dec(f) through the frozen decoder")
+    pixel_loss_weight: float = Field(0.0, ge=0, description="MSE of RAE_dec(SRC(f)) vs RAE_dec(f) through the frozen "
+                                                            "decoder")
     ema_decay: float = 0.999
     seed: int = 0
     report_images: int = Field(256, gt=0, description="held-out val images (view 0) in the reconstruction report")
@@ -238,7 +247,8 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, description="max global gradient norm; null = no clipping")
     ema_decay: float = 0.9999
     shuffle_window: int = Field(16384, gt=0, description="images per shuffle window: the data order permutes "
-                                "chunk-aligned blocks, then images inside each window (>= the split: a uniform shuffle)")
+                                "chunk-aligned blocks, then images inside each window (>= the split: a uniform "
+                                "shuffle)")
     seed: int = 0
     ckpt_every: int = operational(5000)
     log_every: int = operational(100, "steps between train NLL / bits-per-dim lines in the log and metrics.jsonl")
@@ -284,7 +294,8 @@ class ReferenceConfig(Section):
     max_images: int | None = Field(None, gt=1, description="kind train: at most this many train images, class-balanced "
                                                            "(round-robin over classes in shard order); None = all")
     pr_images: int = Field(10000, ge=4, description="kind train: images whose pool features are kept for KID and "
-                                                    "precision/recall, the first of the class-balanced order (ADM: 10k)")
+                                                    "precision/recall, the first of the class-balanced order (ADM: "
+                                                    "10k)")
     loader_threads: int = operational(4, "threads reading and decoding train shards ahead of the Inception")
 
 
@@ -330,7 +341,8 @@ class Config(Section):
                              f"encode.rows_per_shard={e.rows_per_shard}")
         d = self.fit_decoder
         if d.final_lr > d.lr:
-            raise ValueError(f"fit_decoder.final_lr={d.final_lr} exceeds fit_decoder.lr={d.lr}: the cosine decays to it")
+            raise ValueError(f"fit_decoder.final_lr={d.final_lr} exceeds fit_decoder.lr={d.lr}: "
+                             "the cosine decays to it")
         if d.warmup_steps is not None and d.warmup_steps > d.steps:
             raise ValueError(f"fit_decoder.warmup_steps={d.warmup_steps} exceeds fit_decoder.steps={d.steps}")
         channels = self.encoder.arch.embed_dim or 768  # DINOv2-B

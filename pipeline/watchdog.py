@@ -22,6 +22,7 @@ users, and those started by another daemon (a container of `docker run`), are no
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -89,10 +90,8 @@ def leftovers(recorded: list[psutil.Process], run_id: str) -> list[psutil.Proces
     found: dict[int, psutil.Process] = {}
     for p in [p for p in recorded if _alive(p)] + marked(run_id):
         found[p.pid] = p
-        try:
+        with contextlib.suppress(psutil.Error):
             found.update((c.pid, c) for c in p.children(recursive=True))
-        except psutil.Error:
-            pass
     found.pop(os.getpid(), None)
     return [p for p in found.values() if _alive(p)]
 
@@ -123,19 +122,15 @@ def marked(run_id: str) -> list[psutil.Process]:
 def stop(processes: list[psutil.Process]) -> None:
     """SIGTERM, up to GRACE_S seconds, then SIGKILL for the survivors."""
     for p in processes:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.terminate()  # psutil refuses a pid that was reused
-        except psutil.Error:
-            pass
     deadline = time.monotonic() + GRACE_S
     while time.monotonic() < deadline and any(_alive(p) for p in processes):
         time.sleep(0.05)
     for p in processes:
         if _alive(p):
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
 
 
 def _alive(p: psutil.Process) -> bool:

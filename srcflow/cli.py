@@ -8,14 +8,16 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.progress import human_bytes
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="SRC-Flow pipeline: shard -> encode -> (fit_decoder) -> fit_src -> compress -> train_flow -> sample -> evaluate")
+                  help="SRC-Flow pipeline: shard -> encode -> (fit_decoder) -> fit_src -> compress -> train_flow -> "
+                       "sample -> evaluate")
 console = Console(stderr=True)
 
 DEFAULT_CONFIG = "configs/smoke.yaml"
@@ -88,11 +90,12 @@ def _load(config: str, overrides: list[str] | None):
 
 
 @app.command()
-def run(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-        stage: Optional[list[str]] = typer.Option(None, "--stage", help="run only this stage (repeatable)"),
-        until: Optional[str] = typer.Option(None, "--until", help="run every stage up to this one"),
-        force: Optional[list[str]] = typer.Option(None, "--force", help="rebuild this stage even if done (repeatable)"),
-        use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even when every stage is done")):
+def run(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+        stage: list[str] | None = typer.Option(None, "--stage", help="run only this stage (repeatable)"),
+        until: str | None = typer.Option(None, "--until", help="run every stage up to this one"),
+        force: list[str] | None = typer.Option(None, "--force", help="rebuild this stage even if done (repeatable)"),
+        use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even when every stage is "
+                                                                  "done")):
     """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set). When every
     selected stage is done, nothing starts: each is reported done (--prefect runs the flow anyway)."""
     cfg = _load(config, set_)
@@ -138,13 +141,13 @@ def prefect_api():
 
 
 @app.command()
-def sweep(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-          grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY=V1,V2[,...]; K1,K2=V1,V2 ties keys that "
+def sweep(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+          grid: list[str] | None = typer.Option(None, "--grid", help="KEY=V1,V2[,...]; K1,K2=V1,V2 ties keys that "
                                                    "move together; repeatable: the points are the Cartesian product"),
           seeds: int = typer.Option(1, "--seeds", help="every point runs for seeds 0..N-1"),
           seed_keys: str = typer.Option("train.seed,sample.seed", "--seed-keys",
                                         help="the config keys a point's seed is applied to (comma-separated)"),
-          until: Optional[str] = typer.Option(None, "--until", help="run every point up to this stage"),
+          until: str | None = typer.Option(None, "--until", help="run every point up to this stage"),
           parallel: int = typer.Option(1, "--parallel", help="points at once, each in its own process, through the "
                                                              "Prefect flow"),
           use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even with --parallel 1 or "
@@ -212,11 +215,11 @@ def print_sweep(summary, sw) -> None:
 
 
 @app.command()
-def compare(outputs: Optional[list[Path]] = typer.Argument(None, help="two stage output directories (instead of "
+def compare(outputs: list[Path] | None = typer.Argument(None, help="two stage output directories (instead of "
                                                                       "--a/--b)"),
-            config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-            a: Optional[str] = typer.Option(None, "--a", help='side a: overrides on --config/--set, "k=v k2=v2"'),
-            b: Optional[str] = typer.Option(None, "--b", help='side b: overrides on --config/--set, "k=v k2=v2"'),
+            config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+            a: str | None = typer.Option(None, "--a", help='side a: overrides on --config/--set, "k=v k2=v2"'),
+            b: str | None = typer.Option(None, "--b", help='side b: overrides on --config/--set, "k=v k2=v2"'),
             as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON")):
     """Two configs (--a/--b) or two stage outputs side by side: the semantic fields that differ, the stages they
     share (the same fingerprint: one output), and their headline metrics where done. Runs nothing."""
@@ -263,7 +266,7 @@ def compare(outputs: Optional[list[Path]] = typer.Argument(None, help="two stage
 
 
 @app.command()
-def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+def status(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
            as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
     """Per stage: state (done, damaged, partial, stale, missing), fingerprint, path and size. Runs nothing and
     writes nothing: it works on a read-only store."""
@@ -305,8 +308,8 @@ def status(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
-def verify(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-           stage: Optional[list[str]] = typer.Option(None, "--stage", help="verify only this stage (repeatable)"),
+def verify(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+           stage: list[str] | None = typer.Option(None, "--stage", help="verify only this stage (repeatable)"),
            deep: bool = typer.Option(False, "--deep", help="also compare every file's CRC-32C (reads every byte)")):
     """Check every complete output against its `_SUCCESS.json`: each listed file exists with its size (and, --deep,
     its checksum). Prints the first bad file of each damaged output; exit 1 if any. A deep check records what it
@@ -361,7 +364,8 @@ def headline(metrics: dict) -> str:
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manifest, a .zarr store, or a stage output")):
+def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manifest, a .zarr store, or a stage "
+                                                  "output")):
     """Summarise a shard set, a Parquet manifest or a Zarr store."""
     from srcflow.inspect import summarize
 
@@ -370,11 +374,11 @@ def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manif
 
 
 @app.command("plan")
-def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+def plan_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
              as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
     """Per stage: bytes written, files per directory, measured device-hours, peak memory. Runs nothing."""
-    from stages.plan import capacity_plan
     from srcflow.tables import print_plan
+    from stages.plan import capacity_plan
 
     cfg = _load(config, set_)
     with one_line_errors():
@@ -387,10 +391,10 @@ def plan_cmd(config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 @app.command()
 def score(paths: list[Path] = typer.Argument(..., help="image files or folders (searched recursively)"),
-          config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+          config: str = ConfigOpt, set_: list[str] | None = SetOpt,
           as_json: bool = typer.Option(False, "--json", help="print {rows, summary} as JSON"),
-          csv_file: Optional[Path] = typer.Option(None, "--csv", help="also write the rows to this CSV file"),
-          max_images: Optional[int] = typer.Option(None, "--max-images", help="score at most this many images"),
+          csv_file: Path | None = typer.Option(None, "--csv", help="also write the rows to this CSV file"),
+          max_images: int | None = typer.Option(None, "--max-images", help="score at most this many images"),
           noise_samples: int = typer.Option(0, "--noise-samples",
                                             help="average log p over this many draws c + sigma * eps (0: clean c)")):
     """The flow's exact log-density of each image's code: the Bayes-rule class, its posterior and bits/dim of the
@@ -434,7 +438,7 @@ ClassOpt = typer.Option(None, "--class", help="the class y (a label or a synset)
 @app.command()
 def invert(images: list[Path] = typer.Argument(..., help="image files"),
            out: Path = typer.Option(..., "--out", help="folder for the z files and the grid"),
-           config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, class_: Optional[str] = ClassOpt,
+           config: str = ConfigOpt, set_: list[str] | None = SetOpt, class_: str | None = ClassOpt,
            as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """image -> code c -> z = f(c | y) -> c' = f^-1(z | y) -> pixels: writes each z (.npz with its class) and
     invert-grid.png (original | RAE reconstruction | SRC reconstruction | flow round trip); reports max |c - c'| and
@@ -460,7 +464,7 @@ def interpolate(image_a: Path = typer.Argument(..., help="the first image"),
                 image_b: Path = typer.Argument(..., help="the second image"),
                 out: Path = typer.Option(..., "--out", help="folder for the frames and the grid"),
                 steps: int = typer.Option(8, "--steps", help="frames, end points included"),
-                config: str = ConfigOpt, set_: Optional[list[str]] = SetOpt, class_: Optional[str] = ClassOpt,
+                config: str = ConfigOpt, set_: list[str] | None = SetOpt, class_: str | None = ClassOpt,
                 as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """Invert both images under one class (--class, else image A's Bayes-rule class), slerp between their latents,
     and write the decoded frames and interpolation.png."""

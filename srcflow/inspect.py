@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage_schemas.success import FILENAME as SUCCESS, read_manifest
+from storage_schemas.success import FILENAME as SUCCESS
+from storage_schemas.success import read_manifest
 
 
 def summarize(path: Path) -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pipeline.artifacts import check_once, file_sha256, input_digest, local_cache_dir
 from pipeline.config import Config
-from pipeline.models.configured import decoder_arch, encoder_arch
 from pipeline.data.imagenet import SourceImage, detect_layout, listing_digest, scan_split
+from pipeline.models.configured import decoder_arch, encoder_arch
 from storage_schemas.evaluation import check_adm_reference, check_inception_file
 from storage_schemas.success import write_atomic
 

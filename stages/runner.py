@@ -59,7 +59,8 @@ def check_stage_names(names: list[str], option: str = "--stage/--until") -> None
             raise ValueError(f"{option}: unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
-def select_stages(planned: list[PlannedStage], only: list[str] | None = None, until: str | None = None) -> list[PlannedStage]:
+def select_stages(planned: list[PlannedStage], only: list[str] | None = None,
+                  until: str | None = None) -> list[PlannedStage]:
     """`only`: exactly these stages (their upstream must be done); `until`: everything up to it."""
     names = [p.name for p in planned]
     check_stage_names((only or []) + ([until] if until else []))

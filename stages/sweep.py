@@ -32,8 +32,8 @@ from pydantic import BaseModel
 from pipeline.artifacts import ArtifactStore, fingerprint, now
 from pipeline.config import Config, ConfigError, load_config, semantic_values
 from pipeline.progress import progress, set_mode
-from stages.runner import PlannedStage, check_stage_names, last_needed, plan, preflight, run_stage, select_stages
 from stages import STAGE_NAMES
+from stages.runner import PlannedStage, check_stage_names, last_needed, plan, preflight, run_stage, select_stages
 from storage_schemas.success import read_manifest
 from storage_schemas.sweep import (
     SUMMARY,
@@ -121,7 +121,7 @@ def parse_grid(text: str) -> Grid:
         raise ValueError(f"--grid {text!r}: an empty key or value; write KEY=V1,V2")
     values = tuple(parse_value(t) for t in texts)
     seen = set()
-    for t, v in zip(texts, values):
+    for t, v in zip(texts, values, strict=True):
         if (canonical := json.dumps(jsonable(v), sort_keys=True)) in seen:
             raise ValueError(f"--grid {keys_text}: the value {t} is listed twice")
         seen.add(canonical)
@@ -240,8 +240,8 @@ def expand(config: str, sets: Iterable[str] = (), grids: Iterable[str] = (), see
     sweep = Sweep(fingerprint("sweep", CODE_VERSION, definition, {}, {}), str(config), sets, parsed, seeds, seed_keys,
                   until, base)
     for combo in itertools.product(*[range(len(g.values)) for g in parsed]):
-        choice = {g.name: g.texts[i] for g, i in zip(parsed, combo)}
-        overrides = {k: jsonable(g.values[i]) for g, i in zip(parsed, combo) for k in g.keys}
+        choice = {g.name: g.texts[i] for g, i in zip(parsed, combo, strict=True)}
+        overrides = {k: jsonable(g.values[i]) for g, i in zip(parsed, combo, strict=True) for k in g.keys}
         for seed in range(seeds):
             pt = Point(len(sweep.points), choice, overrides, seed, seed_keys, base, [])
             try:
@@ -434,9 +434,9 @@ def headline_metrics(stage: str, metrics: dict) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for key, value in metrics.items():
         per_cfg = CFG_KEY.match(key)
-        if key in HEADLINE.get(stage, ()) or (stage == "evaluate" and per_cfg and per_cfg["name"] in PER_CFG):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"{stage}.{key}"] = float(value) if math.isfinite(value) else None
+        headline = key in HEADLINE.get(stage, ()) or (stage == "evaluate" and per_cfg and per_cfg["name"] in PER_CFG)
+        if headline and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{stage}.{key}"] = float(value) if math.isfinite(value) else None
     return out
 
 
@@ -546,7 +546,7 @@ def render_plot(spec: PlotSpec, summary: SweepSummary, grids: list[Grid], standi
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, values in lines.items():
-        x, y, err = zip(*sorted(values))
+        x, y, err = zip(*sorted(values), strict=True)
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label or None)
     if all(isinstance(v, int) for v in spec.grid.values):
         ax.set_xticks(sorted(spec.grid.values))

@@ -1,7 +1,8 @@
 """Trained models in the store: `<name>.safetensors` (EMA weights) beside `<name>.json` (how to rebuild it).
 
     fit_decoder/<fp>/decoder.{safetensors,json}  json: arch (RAEDecoder kwargs), steps, pixels
-    fit_src/<fp>/src.{safetensors,json}          json: kind, arch, dim, noise_sigma, model (SRC kwargs), features_fingerprint
+    fit_src/<fp>/src.{safetensors,json}          json: kind, arch, dim, noise_sigma, model (SRC kwargs),
+                                                       features_fingerprint
     train_flow/<fp>/flow.{safetensors,json}      json: arch (TARFlow kwargs), noise_sigma, views, codes_fingerprint,
                                                        code_stats
 Each json carries `schema_version`; `read_model_info` refuses another version or missing keys.

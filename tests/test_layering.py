@@ -41,7 +41,7 @@ def module_files() -> list[tuple[Path, str]]:
     for layer in LAYERS:
         for path in sorted((REPO / layer).rglob("*.py")):
             parts = path.relative_to(REPO).with_suffix("").parts
-            package = ".".join(parts[:-1] if parts[-1] != "__init__" else parts[:-1])
+            package = ".".join(parts[:-1])  # a package's __init__ is in the package itself
             files.append((path, package or layer))
     return files
 

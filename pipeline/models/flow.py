@@ -302,7 +302,7 @@ class FlowBlock(nn.Module):
             caches = [[KVCache(shape, _compute_dtype(self.proj_in.weight), x.device, static=cache != "dynamic")
                        for _ in self.layers] for _ in branches]
         if caches and self.cond == "prefix":
-            for yb, cb in zip(branches, caches):
+            for yb, cb in zip(branches, caches, strict=True):
                 self.prefill(yb, cb)
 
         def run(u, yb, cb, offset, graphs):
@@ -319,7 +319,7 @@ class FlowBlock(nn.Module):
                 return self.predict(u, y)
             if len(branches) == 1:
                 return run(u, y, caches[0], offset, graphs[0])
-            out = [run(*args, offset, g) for *args, g in zip(u.chunk(2), branches, caches, graphs)]
+            out = [run(*args, offset, g) for *args, g in zip(u.chunk(2), branches, caches, graphs, strict=True)]
             return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
         return x, z, net
@@ -359,7 +359,7 @@ class FlowBlock(nn.Module):
         elif uncached_prefix:  # STARFlow: label token prepended in causal attention
             h = torch.cat([self.label_embedding(y)[:, None], h], 1)
         slot = offset + (self.cond == "prefix")
-        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
+        for layer, cache in zip(self.layers, caches or [None] * len(self.layers), strict=True):
             if self.checkpointing and cache is None and torch.is_grad_enabled():  # recomputed in backward
                 h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
             else:
@@ -374,7 +374,7 @@ class FlowBlock(nn.Module):
     def prefill(self, y, caches):
         """Prefix conditioning with a KV cache: the label token's keys and values into slot 0 of every layer."""
         h = self.label_embedding(y)[:, None]
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, caches, strict=True):
             h = layer(h, cache, 0)
 
     def label_embedding(self, y):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 # WebDataset's TarWriter (tarfile, PAX format, float mtime): every member is a PAX header (512 B)
 # and its record (512 B), the ustar header (512 B) and the data padded to 512 B. A sample has three
 # members (.jpg, .cls and .json, both < 512 B); the archive ends with 2 x 512 B of zeros and is

@@ -8,8 +8,15 @@ from dataclasses import dataclass
 from pipeline.config import Config
 from pipeline.models.configured import build, encoder_geometry
 from stages.plan.dataset import IMAGENET_CLASSES, Dataset
-from stages.plan.layouts import (COMMIT_OVERHEAD, TAR_SAMPLE_OVERHEAD, Output, commit_records, row_arrays,
-                                 sharded_array, tar_set)
+from stages.plan.layouts import (
+    COMMIT_OVERHEAD,
+    TAR_SAMPLE_OVERHEAD,
+    Output,
+    commit_records,
+    row_arrays,
+    sharded_array,
+    tar_set,
+)
 
 # A worker process with python, torch, timm and zarr imported (ru_maxrss measured on the CPU box).
 BASE_RSS = 800 * 2**20
