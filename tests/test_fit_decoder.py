@@ -21,11 +21,12 @@ from pipeline.artifacts import file_sha256
 from pipeline.config import config_dict
 from pipeline.data.features import read_features
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.images import psnr
+from pipeline.metrics.reconstruction import psnr
 from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
 from pipeline.runner import plan, run_pipeline
 from stages import fit_decoder
-from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, step_seed, unit_pixels
+from pipeline.training import TrainingStopped, step_seed
+from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, unit_pixels
 from stages.inputs import decoder_arch
 from tests.conftest import REPO
 
@@ -300,7 +301,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
         real(self, model)
 
     monkeypatch.setattr(EMA, "update", update)
-    with pytest.raises(InterruptedError, match="stopped by signal 15 at step 6/12"):
+    with pytest.raises(TrainingStopped, match="fit_decoder: stopped by signal 15 at step 6/12"):
         run_pipeline(cfg, until="fit_decoder")
     monkeypatch.undo()
     assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000006.pt"]

@@ -19,10 +19,12 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import load_config
-from pipeline.data.codes import CodeBatches, TrainCodes, WindowShuffle
+from pipeline.data.batches import WindowShuffle
+from pipeline.data.codes import TrainCodes, code_batches
 from pipeline.data.zarr_store import create_row_store, write_rows, write_small_array
 from stages import train_flow
-from stages.train_flow import TrainingStopped, load_flow
+from pipeline.training import TrainingStopped
+from stages.train_flow import load_flow
 from storage_schemas import SchemaError
 from storage_schemas.zarr_layouts import CODES
 from tests.conftest import REPO, SMOKE
@@ -122,13 +124,13 @@ def test_streamed_windows_give_the_same_batches_as_codes_held_in_memory(compress
         return WindowShuffle(TRAIN, 8, seed=1, block=memory.block, window=6)
 
     views_seen = set()
-    with CodeBatches(memory, schedule(), 1, 0, 9) as a, CodeBatches(streamed, schedule(), 1, 0, 9, prefetch=2) as b:
-        for (step_a, codes_a, labels_a), (step_b, codes_b, labels_b) in zip(a, b, strict=True):
-            assert step_a == step_b and torch.equal(codes_a, codes_b) and torch.equal(labels_a, labels_b)
-            images = schedule().indices(step_a)
-            rows = [int(np.flatnonzero((memory.memory == c.numpy()).all((1, 2)))[0]) for c in codes_a]
-            assert [r // VIEWS for r in rows] == images.tolist()  # the scheduled images, one view each
-            views_seen |= {r % VIEWS for r in rows}
+    a, b = code_batches(memory, schedule(), 1, range(9)), code_batches(streamed, schedule(), 1, range(9), prefetch=2)
+    for step, (codes_a, labels_a), (codes_b, labels_b) in zip(range(9), a, b, strict=True):
+        assert torch.equal(codes_a, codes_b) and torch.equal(labels_a, labels_b)
+        images = schedule().indices(step)
+        rows = [int(np.flatnonzero((memory.memory == c.numpy()).all((1, 2)))[0]) for c in codes_a]
+        assert [r // VIEWS for r in rows] == images.tolist()  # the scheduled images, one view each
+        views_seen |= {r % VIEWS for r in rows}
     assert views_seen == {0, 1}
 
 
@@ -175,7 +177,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_the_same_trajectory(c
         return real(seed, step, *args)
 
     monkeypatch.setattr(train_flow, "step_noise", noise)
-    with pytest.raises(TrainingStopped, match="step 7/12"):
+    with pytest.raises(TrainingStopped, match="train_flow: stopped by a signal at step 7/12"):
         train(compress, tmp_path)
     assert (tmp_path / "checkpoints" / "ckpt-00000007.pt").is_file()
     monkeypatch.setattr(train_flow, "step_noise", real)
@@ -204,7 +206,7 @@ def test_compiled_and_checkpointed_training_follow_the_eager_trajectory(compress
         return real(seed, step, *args)
 
     monkeypatch.setattr(train_flow, "step_noise", noise)
-    with pytest.raises(TrainingStopped, match="step 7/12"):
+    with pytest.raises(TrainingStopped, match="train_flow: stopped by a signal at step 7/12"):
         train(compress, tmp_path / "compiled", "train.compile=true")
     monkeypatch.setattr(train_flow, "step_noise", real)
     train(compress, tmp_path / "compiled", "train.compile=true")
