@@ -7,7 +7,7 @@
         curves.write_loss_png()                                        # once training is done
 
 `tensorboard --logdir <storage.root>` shows every run of every stage. A resumed run opens a new event file
-with purge_step = its step, so TensorBoard drops what a killed run logged after its last checkpoint.
+with purge_step = its step + 1, so TensorBoard drops what a killed run logged after its last checkpoint.
 loss.png is drawn from the event files themselves (every run of the output), so it needs no loss history
 in the checkpoints. Only rank 0 writes; elsewhere every call is a no-op.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -32,10 +33,12 @@ class Curves:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when training
 
-            self.writer = SummaryWriter(str(self.out_dir / DIRECTORY), purge_step=step or None)
+            wait_for_a_later_second(self.out_dir / DIRECTORY)
+            # a resumed run: TensorBoard drops the points a killed run logged after the checkpoint of `step`
+            self.writer = SummaryWriter(str(self.out_dir / DIRECTORY), purge_step=step + 1 if step else None)
         self.last_step, self.last_time = step, time.perf_counter()
 
-    def __enter__(self) -> Curves:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,6 +81,16 @@ class Curves:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def wait_for_a_later_second(directory: Path) -> None:
+    """TensorBoard reads a directory's event files in name order, and a name starts with the second the file was
+    opened (events.out.tfevents.<seconds>.<host>...): a resumed run's file must not share the second of an
+    earlier one, or its purge could land before the points it should drop (a resume that quick: tests)."""
+    seconds = [int(p.name.split(".")[3]) for p in directory.glob("events.out.tfevents.*")
+               if p.name.split(".")[3].isdigit()]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
 
 
 def read_scalars(directory: Path, tag: str) -> tuple[list[int], list[float]]:

@@ -140,7 +140,7 @@ def read_crops(tar: Path, keys: list[str], resolution: int, pool: ThreadPoolExec
     missing = [k for k in keys if k not in jpegs]
     if missing:
         raise ValueError(f"shard {tar} lacks {len(missing)} images its manifest lists (e.g. {missing[0]})")
-    crop = lambda k: decode_crop(jpegs[k], resolution)  # noqa: E731
+    crop = lambda k: decode_crop(jpegs[k], resolution)
     return np.stack(list(pool.map(crop, keys)) if pool is not None else [crop(k) for k in keys])
 
 

@@ -17,7 +17,6 @@ import numpy as np
 from pipeline.data.read_ahead import read_ahead
 
 
-
 class BatchSchedule:
     """Which samples each rank trains on at each global step: a pure function of (seed, step).
 
