@@ -25,6 +25,7 @@ from pipeline.training import (
     Checkpointer,
     CheckpointError,
     StopSignal,
+    TrainingStopped,
     load_checkpoint,
     load_safetensors,
     optimizer_step,
@@ -556,3 +557,10 @@ def test_read_ahead_stops_its_thread_when_the_consumer_stops_early():
     time.sleep(0.1)
     assert len(started) == n <= 3 + 1 + 2  # consumed, at most one in flight, `depth` ahead: nothing since
 
+
+
+def test_the_three_training_stages_stop_with_the_one_exception_the_sweep_recognizes():
+    from stages import fit_decoder, fit_src, sweep, train_flow
+
+    assert fit_decoder.TrainingStopped is fit_src.TrainingStopped is train_flow.TrainingStopped is TrainingStopped
+    assert sweep.stopped(TrainingStopped("fit_decoder: stopped by signal 15 at step 6/12"))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
@@ -48,6 +49,7 @@ class BatchSchedule:
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.local_batch_size = batch_size // world_size
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # a reader's threads (batches, windows) share the schedule
 
     @property
     def steps_per_epoch(self) -> float:
@@ -60,11 +62,12 @@ class BatchSchedule:
         return step * self.batch_size // self.n
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # batches only ever touch the current and the next epoch
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
-        return self._perms[epoch]
+        with self._lock:
+            if epoch not in self._perms:
+                if len(self._perms) >= 2:  # batches only ever touch the current and the next epoch
+                    del self._perms[min(self._perms)]
+                self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+            return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:
         """This rank's sample indices (int64, local_batch_size of them) for global step `step`."""
@@ -97,19 +100,20 @@ class WindowShuffle(BatchSchedule):
         self.block, self.window = block, max(block, window // block * block)  # whole blocks per window
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                del self._perms[min(self._perms)]
-            rng = np.random.default_rng((self.seed, epoch))
-            # whole blocks in random order; the short last block (n % block images) stays last, so that
-            # every window is made of whole blocks
-            starts = np.arange(0, self.n - self.block + 1, self.block)[rng.permutation(self.n // self.block)]
-            order = np.concatenate([(starts[:, None] + np.arange(self.block)).reshape(-1),
-                                    np.arange(self.n - self.n % self.block, self.n)])
-            for w in range(0, self.n, self.window):
-                order[w:w + self.window] = order[w:w + self.window][rng.permutation(len(order[w:w + self.window]))]
-            self._perms[epoch] = order
-        return self._perms[epoch]
+        with self._lock:
+            if epoch not in self._perms:
+                if len(self._perms) >= 2:
+                    del self._perms[min(self._perms)]
+                rng = np.random.default_rng((self.seed, epoch))
+                # whole blocks in random order; the short last block (n % block images) stays last, so that
+                # every window is made of whole blocks
+                starts = np.arange(0, self.n - self.block + 1, self.block)[rng.permutation(self.n // self.block)]
+                order = np.concatenate([(starts[:, None] + np.arange(self.block)).reshape(-1),
+                                        np.arange(self.n - self.n % self.block, self.n)])
+                for w in range(0, self.n, self.window):
+                    order[w:w + self.window] = order[w:w + self.window][rng.permutation(len(order[w:w + self.window]))]
+                self._perms[epoch] = order
+            return self._perms[epoch]
 
     def positions(self, step: int) -> np.ndarray:
         """This rank's stream positions (epoch * n + offset) at `step`."""
