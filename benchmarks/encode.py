@@ -475,7 +475,7 @@ def forward_rate(cfg, encoder, images: int, precision: str) -> float:
     images in full batches (one shape: a compiled encoder is never recompiled)."""
     import torch
 
-    from pipeline.training import inference_precision
+    from pipeline.device import inference_precision
 
     device = torch.device(cfg.runtime.device)
     batch = cfg.encode.batch_size
@@ -498,7 +498,7 @@ def precision_comparison(cfg, encoder, images: int) -> dict:
     """encode.precision fp32 vs bf16: the forward's images/s at each, and bf16's error on one batch of features."""
     import torch
 
-    from pipeline.training import inference_precision
+    from pipeline.device import inference_precision
 
     rates = {p: round(forward_rate(cfg, encoder, images, p), 2) for p in ("fp32", "bf16")}
     x = encoder_input(cfg, seed=1)

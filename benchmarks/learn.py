@@ -113,7 +113,7 @@ def real_images(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
 def reconstructions(cfg: Config, manifests: dict) -> tuple[np.ndarray, np.ndarray]:
     """Val codes (view 0) + flow.noise_sigma * eps (seed 0), decoded as the sample stage decodes a sample."""
     from pipeline.data.codes import open_codes, read_rows, split_rows
-    from pipeline.training import resolve_device
+    from pipeline.device import resolve_device
     from stages.sample import Models, decode, load_models
 
     device = resolve_device(cfg.runtime.device)

@@ -32,8 +32,9 @@ import time
 import torch
 
 from pipeline.config import load_config
+from pipeline.device import autocast
 from pipeline.models.flow import TARFlow
-from pipeline.training import EMA, adamw, autocast
+from pipeline.training import EMA, adamw
 
 # dense bf16 peak TFLOP/s (no sparsity) by device name, first match wins (NVIDIA data sheets)
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),

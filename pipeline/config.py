@@ -171,6 +171,8 @@ class FitDecoderConfig(Section):
     lpips_weights: str | None = Field(None, description="local LPIPS weights: adds an LPIPS term (needs the lpips "
                                                         "package)")
     lpips_weight: float = 1.0
+    grad_clip: float | None = added(None, "max global gradient norm; null = no clipping (RAE yaml "
+                                          "training.clip_grad 0.0)")
     report_images: int | None = Field(1000, gt=0, description="held-out val images (view 0) for psnr_val / l1_val and "
                                                               "the grid; None = all")
     seed: int = 0
@@ -179,6 +181,8 @@ class FitDecoderConfig(Section):
     memory_mb: int = operational(1024, "hold the train pairs in memory when they fit (small sets); else stream per "
                                        "batch")
     eval_batch_size: int = operational(64)
+    log_every: int = operational(100, "steps between training-curve points (TensorBoard, <output>/tensorboard)", gt=0)
+    image_every: int = operational(1000, "steps between reconstruction grids in TensorBoard", gt=0)
 
 
 # --- the compressor ----------------------------------------------------------------------------
@@ -207,7 +211,9 @@ class SRCConfig(Section):
     report_images: int = Field(256, gt=0, description="held-out val images (view 0) in the reconstruction report")
     ckpt_every: int = operational(500)
     eval_batch_size: int = operational(64, "images per batch in the reconstruction report")
-    log_every: int = operational(100, "training steps between loss log lines")
+    log_every: int = operational(100, "training steps between loss log lines and training-curve points", gt=0)
+    image_every: int = operational(1000, "steps between reconstruction grids in TensorBoard (loads the RAE "
+                                         "decoder at the first)", gt=0)
 
 
 class CompressConfig(Section):
@@ -251,7 +257,8 @@ class TrainConfig(Section):
                                 "shuffle)")
     seed: int = 0
     ckpt_every: int = operational(5000)
-    log_every: int = operational(100, "steps between train NLL / bits-per-dim lines in the log and metrics.jsonl")
+    log_every: int = operational(100, "steps between train NLL / bits-per-dim lines in the log, metrics.jsonl "
+                                      "and TensorBoard", gt=0)
     in_memory_limit_gb: float = operational(4.0, "hold the train codes in memory (per process) when they are "
                                             "at most this big, else stream shuffle windows from codes.zarr")
     prefetch: int = operational(4, "batches assembled ahead of the training step")

@@ -55,10 +55,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def init_process_group(device: torch.device) -> None:
     """Join the torchrun job (RANK / WORLD_SIZE / MASTER_ADDR from its environment): NCCL for a GPU, gloo
     for the CPU. No-op outside torchrun."""

@@ -9,7 +9,13 @@ from PIL import Image
 
 
 def save_grid(images: np.ndarray, path: str | Path, ncol: int = 8, pad: int = 2) -> Path:
-    """uint8 (N, H, W, 3) -> one PNG, row-major, `ncol` images per row, white padding."""
+    """uint8 (N, H, W, 3) -> one PNG of grid_image(images, ncol, pad)."""
+    Image.fromarray(grid_image(images, ncol, pad)).save(path)
+    return Path(path)
+
+
+def grid_image(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one uint8 image, row-major, `ncol` images per row, white padding."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"save_grid wants uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
@@ -20,11 +26,4 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: int = 8, pad: int = 2)
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    Image.fromarray(grid).save(path)
-    return Path(path)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between uint8 image batches (255 peak), averaged over the batch in MSE."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return grid

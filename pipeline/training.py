@@ -2,22 +2,24 @@
 
 Each stage writes its own readable loop; this module only holds the pieces that loop calls:
 
-    device = resolve_device(cfg.runtime.device)
+    device = resolve_device(cfg.runtime.device)                              # pipeline/device.py
     seed_all(cfg.seed + rank)
     model, ema = ..., EMA(model, decay)
     optimizer = torch.optim.AdamW(...); scheduler = warmup_cosine(optimizer, warmup, steps)
-    batches = BatchSchedule(n, batch_size, seed, rank, world_size)
+    batches = BatchSchedule(n, batch_size, seed, rank, world_size)         # pipeline/data/batches.py
     checkpoints = Checkpointer(run_dir / "checkpoints", every=cfg.ckpt_every)
     step, extra = checkpoints.restore(model, ema, optimizer, scheduler)     # 0, {} on a fresh run
     with StopSignal() as stop:
         while step < steps:
             idx = batches.indices(step)                                     # the data position is `step`
+            noise = torch.Generator(device).manual_seed(step_seed(seed, step))  # draws of step: (seed, step)
             with autocast(device): loss = ...
-            ...; optimizer.step(); scheduler.step(); ema.update(model); step += 1
+            loss.backward(); grad_norm = optimizer_step(optimizer, model.parameters(), grad_clip)
+            scheduler.step(); ema.update(model); step += 1
             stopping = stop.agreed(device)                                  # same answer on every rank
             if checkpoints.due(step) or stopping:
                 checkpoints.save(step, model, ema, optimizer, scheduler, extra={...})
-            if stopping: break
+            if stopping: raise TrainingStopped(...)                         # the output stays partial
     save_safetensors(ema.module, out / "ema.safetensors", metadata={...})
 
 Resume contract: a checkpoint holds model, EMA, optimizer, scheduler, every rank's RNG state and
@@ -37,7 +39,7 @@ import re
 import signal
 import sys
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.distributed import rank, world_size
 from storage_schemas.success import temp_name
 
 
@@ -54,48 +57,12 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file is missing, unreadable or does not fit the model. One-line message."""
 
 
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT during training: a checkpoint was written, the output stays partial; run again to resume."""
+
+
 # ----------------------------------------------------------------------------------------------
-# Device and precision.
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a config names: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:<i>".
-    Under torchrun (LOCAL_RANK set) a bare "cuda" or "auto" means this process's GPU, cuda:LOCAL_RANK."""
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {name!r}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False "
-                         f"(no GPU visible or a CPU-only torch build); use device=cpu or auto")
-    if name.startswith("cuda:"):
-        return torch.device(name)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-
-
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA (no loss scaling needed), a no-op context on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def inference_precision(device: torch.device | str, precision: str):
-    """The arithmetic of a frozen model's forward (encode.precision), on any device:
-      fp32: float32 with TF32 matmuls and convolutions on CUDA, as RAE runs its encoder (src/train.py,
-            src/sample.py: torch.backends.cuda.matmul.allow_tf32 = True; train_stage1.py --precision fp32).
-            Process-wide, like RAE's: jobs in threads share it, and nothing else here wants strict fp32;
-      bf16: bf16 autocast (CUDA and CPU), ~0.4% relative error per DINOv2-B token against fp32."""
-    device = torch.device(device)
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return nullcontext()
+# Optimizer and model wrappers.
 
 
 def adamw(params, device: torch.device | str, **kwargs) -> torch.optim.AdamW:
@@ -104,10 +71,19 @@ def adamw(params, device: torch.device | str, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=torch.device(device).type == "cuda", **kwargs)
 
 
-def compile_enabled(setting: str | bool, device: torch.device | str) -> bool:
-    """A `compile: auto | true | false` key: auto compiles on CUDA only (inductor on the CPU needs a C++
-    compiler and minutes of compile time for seconds of training)."""
-    return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+def optimizer_step(optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter],
+                   grad_clip: float | None) -> torch.Tensor:
+    """One optimizer step once loss.backward() is done: clip the global gradient norm to grad_clip (None or
+    0: no clipping), step, zero the gradients (set to None). Returns the gradient norm before clipping, a
+    tensor on the gradients' device (no device sync until it is read)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -122,14 +98,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,79 +156,22 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 
 # ----------------------------------------------------------------------------------------------
-# Data position.
-
-
-class BatchSchedule:
-    """Which samples each rank trains on at each global step: a pure function of (seed, step).
-
-    Every epoch is a fresh permutation of range(n), np.random.default_rng((seed, epoch)).permutation(n).
-    The global batch of `batch_size` samples at step s is cut from the stream of epochs:
-      drop_last=True:  epoch = s // (n // batch_size); the batch is that epoch's permutation
-                       [k * batch_size, (k + 1) * batch_size), k = s % (n // batch_size); the last
-                       n % batch_size samples of each epoch are skipped;
-      drop_last=False: the permutations are concatenated and the batch is the stream positions
-                       [s * batch_size, (s + 1) * batch_size), so epoch = position // n and a batch
-                       may straddle two epochs; nothing is skipped.
-    Either way every batch is full and each index appears at most once per epoch. Rank r of W takes
-    the contiguous slice [r * b, (r + 1) * b) of the global batch, b = batch_size / W, so W processes
-    together see exactly the samples one process sees at the same global batch size.
-
-    This is the run's data position: resuming at step s needs nothing but s (no sampler or loader
-    state in the checkpoint), and changing the world size keeps the global data order.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
-        if batch_size % world_size:
-            raise ValueError(f"global batch_size {batch_size} is not divisible by world_size {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if n < 1 or (drop_last and n < batch_size):
-            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} with drop_last={drop_last}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.local_batch_size = batch_size // world_size
-        self._perms: dict[int, np.ndarray] = {}
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.n // self.batch_size if self.drop_last else self.n / self.batch_size
-
-    def epoch(self, step: int) -> int:
-        """The epoch step's global batch starts in."""
-        if self.drop_last:
-            return step // (self.n // self.batch_size)
-        return step * self.batch_size // self.n
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # batches only ever touch the current and the next epoch
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> np.ndarray:
-        """This rank's sample indices (int64, local_batch_size of them) for global step `step`."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        b = self.local_batch_size
-        if self.drop_last:
-            per_epoch = self.n // self.batch_size
-            start = (step % per_epoch) * self.batch_size + self.rank * b
-            return self.permutation(step // per_epoch)[start:start + b].astype(np.int64)
-        start = step * self.batch_size + self.rank * b  # stream position of this rank's first sample
-        parts, position, end = [], start, start + b
-        while position < end:
-            epoch, offset = divmod(position, self.n)
-            take = min(end - position, self.n - offset)
-            parts.append(self.permutation(epoch)[offset:offset + take])
-            position += take
-        return np.concatenate(parts).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------------------------
 # Random state.
+
+
+def step_seed(seed: int, step: int, stream: int = 0, bits: int = 63) -> int:
+    """The seed of one random draw at `step`: a pure function of (seed, step, stream) through numpy's
+    SeedSequence, so a resumed run needs no RNG state. `stream` tells a step's draws apart (train_flow: 0
+    noise, 2 label drop, 3 evaluation noise per row); SeedSequence reads a trailing 0 as absent, so stream 0
+    is also the seed of (seed, step) alone (fit_decoder's noise, fit_src's code noise, sample's noise).
+    bits=63: the first 64-bit word >> 1, a non-negative int64; bits=32: the first 32-bit word, the draw
+    fit_src's code noise has always used (its stored SRC weights were trained with it)."""
+    entropy = np.random.SeedSequence([seed, step, stream])
+    if bits == 63:
+        return int(entropy.generate_state(1, np.uint64)[0] >> 1)
+    if bits == 32:
+        return int(entropy.generate_state(1, np.uint32)[0])
+    raise ValueError(f"step_seed bits must be 63 or 32, got {bits}")
 
 
 def seed_all(seed: int) -> None:
@@ -374,13 +285,13 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
              scheduler=None, extra: dict | None = None) -> Path:
         _check_plain(extra or {}, "extra")
-        rngs = [None] * _world_size()
-        if _world_size() > 1:
+        rngs = [None] * world_size()
+        if world_size() > 1:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs[0] = rng_state()
         path = self.directory / f"ckpt-{step:08d}.pt"
-        if _rank() == 0:
+        if rank() == 0:
             save_checkpoint(path, step=step, model=unwrap(model).state_dict(),
                             ema=ema.state_dict() if ema is not None else None,
                             optimizer=optimizer.state_dict(),
@@ -407,8 +318,8 @@ class Checkpointer:
                 scheduler.load_state_dict(state["scheduler"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: does not fit this run ({str(e).strip().splitlines()[0]})") from e
-        if len(state["rng"]) == _world_size():
-            set_rng_state(state["rng"][_rank()])
+        if len(state["rng"]) == world_size():
+            set_rng_state(state["rng"][rank()])
         return state["step"], state["extra"]
 
 
@@ -462,7 +373,7 @@ class StopSignal:
         """`requested` on any rank (an all-reduce when a process group is up), so that all ranks stop,
         and enter save()'s collective, at the same step. Call it at the same point on every rank.
         `device` must suit the backend (the rank's GPU for NCCL)."""
-        if _world_size() == 1:
+        if world_size() == 1:
             return self.requested
         flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -23,8 +23,10 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipeline.artifacts import StageOutput
 from pipeline.config import Config
 from stages import inputs
+from storage_schemas.success import Manifest
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Stage:
     external: Callable[[Config], dict[str, str]] = field(default=lambda cfg: {})
     enabled: Callable[[Config], bool] = field(default=lambda cfg: True)
 
-    def run(self, cfg: Config, upstream: dict, out) -> dict:
+    def run(self, cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         return importlib.import_module(f"stages.{self.name}").run(cfg, upstream, out)
 
 

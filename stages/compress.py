@@ -27,8 +27,8 @@ from pipeline.config import Config
 from pipeline.data.features import load_normalizer, open_features, widen
 from pipeline.data.shards import manifest_rows
 from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.device import resolve_device
 from pipeline.parallel import map_jobs
-from pipeline.training import resolve_device
 from stages.encode import VIEWS, EncodeJob, encode_rows, encoder_spec, make_job, reduce_statistics
 from stages.fit_src import load_src
 from storage_schemas.zarr_layouts import CODES, SPLIT_IDS

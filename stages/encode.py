@@ -27,8 +27,8 @@ from pipeline.config import Config
 from pipeline.data.decode import decode_crop_with, nvjpeg_crops
 from pipeline.data.shards import iter_jpegs, manifest_rows
 from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.device import inference_precision, resolve_device
 from pipeline.parallel import map_jobs
-from pipeline.training import inference_precision, resolve_device
 from stages.inputs import encoder_weights_digest
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.artifacts import ArtifactStore, StageOutput
 from pipeline.config import Config
+from pipeline.device import resolve_device
 from pipeline.images import save_grid
 from pipeline.metrics.fidelity import (
     FEATURES,
@@ -38,7 +39,6 @@ from pipeline.metrics.fidelity import (
     metrics_from_features,
 )
 from pipeline.progress import progress
-from pipeline.training import resolve_device
 from stages.likelihood import flow_classifier
 from stages.reference import (
     REFERENCE_FILE,

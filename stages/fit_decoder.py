@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import tarfile
-from collections import deque
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -36,21 +34,25 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.curves import Curves
+from pipeline.data.batches import BatchSchedule
 from pipeline.data.features import open_features, read_features
+from pipeline.data.read_ahead import read_ahead
 from pipeline.data.shards import decode_crop, decode_random_crop
-from pipeline.images import save_grid
+from pipeline.device import autocast, inference_precision, resolve_device
+from pipeline.images import grid_image, save_grid
+from pipeline.metrics.reconstruction import mean_image_sse, psnr_from_mse
 from pipeline.progress import progress
 from pipeline.training import (
     EMA,
-    BatchSchedule,
     Checkpointer,
     StopSignal,
-    autocast,
-    inference_precision,
+    TrainingStopped,
     load_safetensors,
-    resolve_device,
+    optimizer_step,
     save_safetensors,
     seed_all,
+    step_seed,
     warmup_cosine,
 )
 from stages.encode import encoder_spec, load_encoder
@@ -92,7 +94,7 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     seed_all(fd.seed)
     model = build_rae_decoder(None, seed=fd.seed, **arch).to(device).train()
     ema = EMA(model, fd.ema_decay)
-    # RAE yaml training.optimizer: AdamW betas [0.9, 0.95]; training.clip_grad 0.0: no clipping
+    # RAE yaml training.optimizer: AdamW betas [0.9, 0.95]; training.clip_grad 0.0: no clipping (grad_clip None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=fd.lr, betas=(0.9, 0.95), weight_decay=fd.weight_decay)
     scheduler = lr_schedule(optimizer, fd)
     batches = BatchSchedule(len(train), fd.batch_size, fd.seed)
@@ -102,13 +104,16 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     noise = torch.Generator(device)
     if step:
         log.info("fit_decoder: resuming at step %d/%d from %s", step, fd.steps, checkpoints.latest())
+    grid_rows = held_out_rows(group, attrs, GRID_COLUMNS)  # the images of the training-curve grids
+    shown = pairs(grid_rows) if len(grid_rows) else None
 
     if augment:  # the batch of step s: RAE crops, the features computed in the loop
         load = lambda s: (None, pairs.random_crops(train.start + batches.indices(s), (fd.seed, s, 1)))
     else:  # the batch of step s: stored features and their crops
         load = lambda s: pairs(train.start + batches.indices(s))
     with StopSignal() as stop, progress("fit_decoder", fd.steps, "steps") as bar, \
-            closing(prefetched(load, range(step, fd.steps))) as stream:
+            Curves(out.path, step, images_per_step=fd.batch_size) as curves, \
+            closing(read_ahead(load, range(step, fd.steps), PREFETCH)) as stream:
         bar.advance(step)
         for features, crops in stream:
             pixels = torch.from_numpy(crops).to(device)
@@ -121,21 +126,26 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
             l1 = (recon - target).abs().mean()  # RAE: (recon - images).abs().mean(), images in [0, 1]
             # RAE: LPIPS on [-1, 1] (images * 2 - 1), weight gan.loss.perceptual_weight 1.0 from lpips_start 0
             loss = l1 if lpips is None else l1 + fd.lpips_weight * lpips(recon * 2 - 1, target * 2 - 1).mean()
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            grad_norm = optimizer_step(optimizer, model.parameters(), fd.grad_clip)
             scheduler.step()
             ema.update(model)
             step += 1
             losses.append(l1.item())
             bar.advance()
+            if step % fd.log_every == 0 or step == fd.steps:
+                curves.scalars(step, loss=loss.item(), l1=l1.item(), lr=scheduler.get_last_lr()[0],
+                               grad_norm=grad_norm.item())
+            if step % fd.image_every == 0 and shown is not None:
+                curves.image("reconstructions", step, reconstruction_grid(ema.module, *shown, device))
             if checkpoints.due(step) or step == fd.steps or stop.agreed(device):
                 checkpoints.save(step, model, ema, optimizer, scheduler, extra={"l1": losses})
                 out.report_progress(step, fd.steps, "steps")
                 log.info("fit_decoder: step %d/%d, train L1 %.4f", step, fd.steps, np.mean(losses[-fd.ckpt_every:]))
                 if stop.requested:
-                    raise InterruptedError(f"fit_decoder: stopped by signal {stop.signum} at step {step}/{fd.steps}; "
-                                           f"checkpoint saved in {checkpoints.directory}, run again to resume")
+                    raise TrainingStopped(f"fit_decoder: stopped by signal {stop.signum} at step {step}/{fd.steps}; "
+                                          f"checkpoint saved in {checkpoints.directory}, run again to resume")
+        curves.write_loss_png("fit_decoder: L1 (+ LPIPS) on [0, 1] pixels")
 
     metrics, originals, recons = report(ema.module, pairs, held_out_rows(group, attrs, fd.report_images), cfg, device)
     pairs.close()
@@ -158,11 +168,6 @@ def noise_augment(features: torch.Tensor, tau: float, generator: torch.Generator
     s = tau * torch.rand(features.shape[0], generator=generator, device=features.device)
     eps = torch.randn(features.shape, generator=generator, device=features.device)
     return features + s.view(-1, 1, 1) * eps, s
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The seed of a step's noise: a pure function of (seed, step), so resume needs no RNG state."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, fd) -> torch.optim.lr_scheduler.LambdaLR:
@@ -313,17 +318,6 @@ def jpeg_members(tar_path: str) -> list[tuple[str, int, int]]:
                 if m.isfile() and m.name.rsplit("/", 1)[-1].split(".", 1)[-1] == "jpg"]
 
 
-def prefetched(load: Callable[[int], tuple], steps: range, depth: int = PREFETCH) -> Iterator[tuple]:
-    """load(s) for s in steps, in order, computed `depth` steps ahead in a background thread."""
-    with ThreadPoolExecutor(1) as pool:
-        pending = deque(pool.submit(load, s) for s in steps[:depth])
-        for s in steps:
-            batch = pending.popleft().result()
-            if s + depth < steps.stop:
-                pending.append(pool.submit(load, s + depth))
-            yield batch
-
-
 # --- the report on held-out images ---------------------------------------------------------------
 
 
@@ -366,15 +360,19 @@ def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: to
             recons += list(pixels[shown])
             bar.advance(len(crops))
     values = len(rows) * r * r * 3
-    baseline_sse = (total_sq - np.square(total) / len(rows)).sum()  # sum of squared deviations from the mean image
     return {"psnr_val": psnr_from_mse(sse / values), "l1_val": l1 / values,
-            "psnr_val_mean_image": psnr_from_mse(baseline_sse / values), "report_images": len(rows)}, \
-        np.stack(originals), np.stack(recons)
+            "psnr_val_mean_image": psnr_from_mse(mean_image_sse(total, total_sq, len(rows)) / values),
+            "report_images": len(rows)}, np.stack(originals), np.stack(recons)
 
 
-def psnr_from_mse(mse: float) -> float:
-    """pipeline.images.psnr's formula (255 peak) on an MSE accumulated over many batches."""
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+@torch.no_grad()
+def reconstruction_grid(decoder, features: torch.Tensor, crops: np.ndarray, device: torch.device) -> np.ndarray:
+    """The training-curve grid: the images (top) and the decoder's reconstructions of their clean features."""
+    from pipeline.models.rae import to_uint8_pixels
+
+    with autocast(device):
+        recon = to_uint8_pixels(decoder(features.to(device)).float()).cpu().numpy()
+    return grid_image(np.concatenate([crops, recon]), ncol=len(crops))
 
 
 # --- what other stages use -------------------------------------------------------------------------

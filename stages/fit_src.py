@@ -18,11 +18,13 @@ The SRC works on normalized features; the RAE decoder takes stored-scale ones (n
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +33,19 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
-from pipeline.data.codes import WindowShuffle
+from pipeline.curves import Curves
 from pipeline.data.features import (
     FeatureNormalizer,
+    TrainFeatures,
     load_normalizer,
     open_features,
     read_features,
     widen,
 )
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.images import save_grid
+from pipeline.device import autocast, resolve_device
+from pipeline.images import grid_image, save_grid
+from pipeline.metrics.reconstruction import psnr_from_mse, sse
 from pipeline.models.configured import src_arch
 from pipeline.models.src import (
     SRC,
@@ -54,11 +59,12 @@ from pipeline.training import (
     EMA,
     Checkpointer,
     StopSignal,
-    autocast,
+    TrainingStopped,
     load_safetensors,
-    resolve_device,
+    optimizer_step,
     save_safetensors,
     seed_all,
+    step_seed,
     warmup_cosine,
 )
 from stages.fit_decoder import load_decoder
@@ -71,10 +77,6 @@ GRID_IMAGES = 8
 WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 rows, 6.4 GB of fp16 features)
 
 log = logging.getLogger("srcflow")
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM / SIGINT during training: a checkpoint was written, the output stays partial."""
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
@@ -95,8 +97,9 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         save_src(src, cfg, upstream, out.path)
     else:
         decoder = load_decoder(cfg, upstream, device) if cfg.src.pixel_loss_weight > 0 else None
-        with TrainFeatures(group, train, normalizer, cfg.src.batch_size, cfg.src.seed) as data:
-            src = train_src(cfg, pca, data, decoder, normalizer, device, out)
+        data = TrainFeatures(group, train, normalizer, cfg.src.batch_size, cfg.src.seed, WINDOW_BATCHES)
+        grid_decoder = functools.cache(lambda: decoder if decoder is not None else load_decoder(cfg, upstream, device))
+        src = train_src(cfg, pca, data, decoder, normalizer, device, out, grid_decoder)
         save_src(src, cfg, upstream, out.path)
     shutil.rmtree(out.path / "checkpoints", ignore_errors=True)  # the weights are written: done with them
 
@@ -175,56 +178,8 @@ def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
 # --- the learned SRC (SRC-FLOW.md "Learned SRC", "Constant-noise regularization") -----------------
 
 
-class TrainFeatures:
-    """The normalized train rows [start, stop) batch by batch, in WindowShuffle order (a BatchSchedule,
-    pipeline.data.codes): each epoch permutes blocks of one Zarr inner chunk of rows and shuffles the rows
-    inside windows of WINDOW_BATCHES batches. A window is read with contiguous reads and held in the stored
-    dtype while a thread reads the next one, so memory is two windows, independent of N."""
-
-    def __init__(self, group, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int, seed: int):
-        self.features, self.start, self.normalizer = group["features"], rows[0], normalizer
-        self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, block=self.features.chunks[0],
-                                      window=WINDOW_BATCHES * batch_size)
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="features-window")
-        self.windows: dict[tuple[int, int], Future] = {}
-
-    def __enter__(self) -> TrainFeatures:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.reader.shutdown(wait=True, cancel_futures=True)
-
-    def batch(self, step: int) -> torch.Tensor:
-        """Normalized features (batch_size, T, C) float32 of global step `step`. Call from one thread."""
-        s = self.schedule
-        rows = s.indices(step)
-        epoch, offset = np.divmod(s.positions(step), s.n)
-        window = offset // s.window
-        out = np.empty((len(rows), *self.features.shape[1:]), self.features.dtype)
-        for key in dict.fromkeys(zip(epoch.tolist(), window.tolist())):
-            held, values = self.window(key).result()
-            mine = np.flatnonzero((epoch == key[0]) & (window == key[1]))
-            out[mine] = values[np.searchsorted(held, rows[mine])]
-        wanted = s.windows(step) + s.windows(step + 1)  # keep these, start reading the next one now
-        self.windows = {k: f for k, f in self.windows.items() if k in wanted}
-        for key in wanted:
-            self.window(key)
-        return self.normalizer(torch.from_numpy(widen(out)))
-
-    def window(self, key: tuple[int, int]) -> Future:
-        if key not in self.windows:
-            self.windows[key] = self.reader.submit(self.read_window, key)
-        return self.windows[key]
-
-    def read_window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted rows, their stored features), one read per run of consecutive rows."""
-        rows = self.schedule.window_images(key)
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
-        return rows, np.concatenate([self.features[self.start + r[0]:self.start + r[-1] + 1] for r in runs])
-
-
 def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normalizer: FeatureNormalizer,
-              device: torch.device, out: StageOutput) -> SRC:
+              device: torch.device, out: StageOutput, grid_decoder: Callable) -> SRC:
     """The training loop; returns the EMA model. The data order and the code noise are pure functions of
     (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one."""
     s = cfg.src
@@ -238,24 +193,19 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
     if step:
         log.info("fit_src: resumed at step %d from %s", step, checkpoints.latest())
 
-    with StopSignal() as stop, ThreadPoolExecutor(1, thread_name_prefix="features-batch") as loader, \
-            progress("fit_src", s.steps - step, "steps") as meter:
-        upcoming = loader.submit(data.batch, step) if step < s.steps else None
-        while step < s.steps:
-            z = upcoming.result().to(device, non_blocking=True)
-            if step + 1 < s.steps:  # assemble the next batch while this one trains
-                upcoming = loader.submit(data.batch, step + 1)
+    with StopSignal() as stop, progress("fit_src", s.steps - step, "steps") as meter, \
+            Curves(out.path, step, images_per_step=s.batch_size) as curves, \
+            closing(data.batches(range(step, s.steps))) as batches:  # the next batch assembled while one trains
+        for z in batches:
+            z = z.to(device, non_blocking=True)
             with autocast(device):
                 _, z_hat = model(z, s.noise_sigma, noise_generator(s.seed, step, device))
                 loss, parts = src_loss(z, z_hat, s.cosine_weight)
                 if decoder is not None:
                     parts["pixel"] = pixel_loss(decoder, normalizer, z, z_hat)
                     loss = loss + s.pixel_loss_weight * parts["pixel"]
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
+            grad_norm = optimizer_step(optimizer, model.parameters(), s.grad_clip)
             scheduler.step()
             ema.update(model)
             step += 1
@@ -264,11 +214,17 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
                 log.info("fit_src: step %d/%d loss %.4f %s", step, s.steps, loss.item(),
                          " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()))
                 out.report_progress(step, s.steps, "steps")
+                curves.scalars(step, loss=loss.item(), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
+                               **{k: v.item() for k, v in parts.items()})
+            if step % s.image_every == 0:
+                curves.image("reconstructions", step, reconstruction_grid(ema.module, grid_decoder(), normalizer,
+                                                                           z[:GRID_IMAGES]))
             if checkpoints.due(step) or stop.agreed(device):
                 path = checkpoints.save(step, model, ema, optimizer, scheduler)
                 if stop.requested:
                     raise TrainingStopped(f"fit_src: stopped by signal {stop.signum} at step {step}/{s.steps}; "
                                           f"checkpoint {path} written, run again to resume")
+        curves.write_loss_png("fit_src: feature loss")
     return calibrate_code_statistics(ema.module, data, device)
 
 
@@ -281,10 +237,11 @@ def calibrate_code_statistics(model: SRC, data: TrainFeatures, device: torch.dev
         return model
     count, total, total_sq = 0, 0.0, 0.0
     rows = min(data.schedule.n, data.schedule.window)
-    for step in range(-(-rows // data.schedule.batch_size)):
-        raw = model.encode(data.batch(step).to(device)) * model.code_scale + model.code_mean  # eval: (raw - m) / s
-        raw = raw.double().reshape(-1, raw.shape[-1])
-        count, total, total_sq = count + raw.shape[0], total + raw.sum(0), total_sq + raw.square().sum(0)
+    with closing(data.batches(range(-(-rows // data.schedule.batch_size)))) as batches:
+        for z in batches:
+            raw = model.encode(z.to(device)) * model.code_scale + model.code_mean  # eval: (raw - m) / s
+            raw = raw.double().reshape(-1, raw.shape[-1])
+            count, total, total_sq = count + raw.shape[0], total + raw.sum(0), total_sq + raw.square().sum(0)
     mean = total / count
     var = (total_sq / count - mean.square()).clamp(min=0)
     model.code_mean.copy_(mean)
@@ -294,7 +251,14 @@ def calibrate_code_statistics(model: SRC, data: TrainFeatures, device: torch.dev
 
 def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The code noise eps of step `step`: its own generator, so resuming needs nothing but the step."""
-    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, bits=32))
+
+
+@torch.no_grad()
+def reconstruction_grid(model: SRC, decoder, normalizer: FeatureNormalizer, z: torch.Tensor) -> np.ndarray:
+    """The training-curve grid: RAE_dec(z) (top) and RAE_dec(SRC_dec(SRC_enc(z))) of a few train rows."""
+    return grid_image(np.concatenate([decode_pixels(decoder, normalizer, z),
+                                      decode_pixels(decoder, normalizer, model(z)[1])]), ncol=len(z))
 
 
 def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
@@ -420,12 +384,3 @@ def resize_like(images: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
-
-
-def sse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.square(a.astype(np.float64) - b.astype(np.float64)).sum())
-
-
-def psnr_from_mse(mse: float) -> float:
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-

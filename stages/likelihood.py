@@ -29,11 +29,13 @@ import torch
 from pipeline.config import Config
 from pipeline.data.imagenet import IMAGE_EXTENSIONS, RejectedImage, prepare_image_bytes
 from pipeline.data.shards import decode_crop
-from pipeline.images import psnr, save_grid
+from pipeline.device import autocast, resolve_device
+from pipeline.images import save_grid
+from pipeline.metrics.reconstruction import psnr
 from pipeline.models.flow import class_posterior, slerp
-from pipeline.training import autocast, resolve_device
+from pipeline.training import step_seed as seed_of
 from stages import STAGE_NAMES
-from stages.train_flow import flow_info, load_flow, seed_of
+from stages.train_flow import flow_info, load_flow
 from storage_schemas.success import Manifest
 
 NOISE_STREAM = 5  # seed_of(train.seed, s, NOISE_STREAM): score's noise draw s

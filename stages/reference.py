@@ -22,8 +22,9 @@ import io
 import json
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.data.read_ahead import read_ahead
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.device import resolve_device
 from pipeline.metrics.fidelity import (
     FEATURES,
     OFFICIAL_WEIGHTS_SHA256_PREFIX,
@@ -43,7 +46,6 @@ from pipeline.metrics.fidelity import (
     save_reference,
 )
 from pipeline.progress import progress
-from pipeline.training import resolve_device
 from storage_schemas.success import write_atomic
 
 REFERENCE_FILE = "reference.npz"
@@ -95,14 +97,16 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
     resolution, batch_size = cfg.data.resolution, cfg.evaluate.batch_size
     threads = max(1, cfg.reference.loader_threads)
 
-    def read(shard: str) -> np.ndarray:
-        return read_crops(shard_dir / "shards" / shard, [rows[i]["key"] for i in by_shard[shard]], resolution)
+    def read(shard: str) -> tuple[str, np.ndarray]:
+        return shard, read_crops(shard_dir / "shards" / shard, [rows[i]["key"] for i in by_shard[shard]], resolution,
+                                 pool)
 
     saved = time.monotonic()
-    with progress("reference", len(chosen), "img") as meter, ThreadPoolExecutor(threads) as pool:
+    with progress("reference", len(chosen), "img") as meter, ThreadPoolExecutor(threads) as pool, \
+            closing(read_ahead(read, todo, depth=2)) as shards:
         meter.advance(acc.count)
-        # up to `threads` shards are read and decoded ahead of the Inception, consumed in shard order
-        for shard, crops in prefetch(pool, read, todo, depth=threads):
+        # the next shards are read ahead of the Inception, their JPEGs decoded in `threads` threads
+        for shard, crops in shards:
             keep = np.array([i in keep_pr for i in by_shard[shard]])
             for start in range(0, len(crops), batch_size):
                 features = pool_features(extractor, crops[start:start + batch_size], device)
@@ -129,26 +133,15 @@ def class_balanced_order(rows: list[dict]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: (rank[i], rows[i]["label"], i))
 
 
-def prefetch(pool: ThreadPoolExecutor, fn, items: list, depth: int):
-    """(item, fn(item)) in order, with up to `depth` items read ahead in `pool`."""
-    pending: deque = deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) > depth:
-            first, future = pending.popleft()
-            yield first, future.result()
-    while pending:
-        first, future = pending.popleft()
-        yield first, future.result()
-
-
-def read_crops(tar: Path, keys: list[str], resolution: int) -> np.ndarray:
-    """(len(keys), R, R, 3) uint8 ADM center crops of one shard's images, in the order of `keys`."""
+def read_crops(tar: Path, keys: list[str], resolution: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """(len(keys), R, R, 3) uint8 ADM center crops of one shard's images, in the order of `keys`, decoded in
+    `pool`'s threads when given."""
     jpegs = dict(iter_jpegs([str(tar)], set(keys)))
     missing = [k for k in keys if k not in jpegs]
     if missing:
         raise ValueError(f"shard {tar} lacks {len(missing)} images its manifest lists (e.g. {missing[0]})")
-    return np.stack([decode_crop(jpegs[k], resolution) for k in keys])
+    crop = lambda k: decode_crop(jpegs[k], resolution)
+    return np.stack(list(pool.map(crop, keys)) if pool is not None else [crop(k) for k in keys])
 
 
 def pool_features(extractor, images: np.ndarray, device) -> dict[str, np.ndarray]:

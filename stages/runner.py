@@ -176,7 +176,7 @@ def machine_memory(device: str) -> tuple[int, int | None]:
     """(host RAM, memory of one GPU or None when the stages run on the CPU) in bytes."""
     import psutil
 
-    from pipeline.training import resolve_device
+    from pipeline.device import resolve_device
 
     resolved = resolve_device(device)
     gpu = None

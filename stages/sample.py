@@ -41,10 +41,11 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config
+from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
 from pipeline.parallel import map_jobs
-from pipeline.training import autocast, resolve_device
-from stages.train_flow import flow_info, load_flow, seed_of
+from pipeline.training import step_seed as seed_of
+from stages.train_flow import flow_info, load_flow
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
 from storage_schemas.success import temp_name, write_atomic
 

@@ -59,7 +59,7 @@ HEADLINE = {"fit_decoder": ("psnr_val",),
 PER_CFG = ("fid", "sfid", "is", "kid", "precision", "recall")
 CFG_KEY = re.compile(r"^(?P<name>[a-z]+)_cfg(?P<w>.+)$")
 # a stage stopped by SIGTERM / SIGINT (it checkpointed): the whole sweep stops, and resumes when run again
-STOPS = ("stages.fit_src.TrainingStopped", "stages.train_flow.TrainingStopped", "pipeline.distributed.LaunchStopped")
+STOPS = ("pipeline.training.TrainingStopped", "pipeline.distributed.LaunchStopped")
 
 
 # --- the definition -------------------------------------------------------------------------------

@@ -33,22 +33,18 @@ import math
 import os
 import shutil
 import time
+from contextlib import closing
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline import distributed
 from pipeline.artifacts import StageOutput
 from pipeline.config import Config, config_dict, validate_config
-from pipeline.data.codes import (
-    CodeBatches,
-    TrainCodes,
-    WindowShuffle,
-    open_codes,
-    read_rows,
-    split_rows,
-)
+from pipeline.curves import Curves
+from pipeline.data.batches import WindowShuffle
+from pipeline.data.codes import TrainCodes, code_batches, open_codes, read_rows, split_rows
+from pipeline.device import autocast, compile_enabled, resolve_device
 from pipeline.models.configured import flow_arch
 from pipeline.models.flow import TARFlow, bits_per_dim
 from pipeline.progress import progress
@@ -57,13 +53,13 @@ from pipeline.training import (
     EMA,
     Checkpointer,
     StopSignal,
+    TrainingStopped,
     adamw,
-    autocast,
-    compile_enabled,
     load_safetensors,
-    resolve_device,
+    optimizer_step,
     save_safetensors,
     seed_all,
+    step_seed,
     warmup_cosine,
 )
 from storage_schemas.model_files import model_info, read_model_info
@@ -73,10 +69,6 @@ WEIGHTS, INFO, METRICS, SUMMARY = "flow.safetensors", "flow.json", "metrics.json
 WORKER = "stages.train_flow:train_worker"
 
 log = logging.getLogger("srcflow")
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM / SIGINT during training: a checkpoint was written, the output stays partial."""
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
@@ -166,21 +158,23 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
              "batch %d", data.n, data.views, "in memory" if data.in_memory else "streamed", data.tokens,
              data.channels, sum(p.numel() for p in flow.parameters()) / 1e6, world, t.batch_size)
 
+    data_wait = 0.0  # seconds the step waited for its batch
     with StopSignal() as stop, \
-            CodeBatches(data, schedule, t.seed, step, t.steps, prefetch=t.prefetch,
-                        pin_memory=device.type == "cuda") as batches, \
+            closing(code_batches(data, schedule, t.seed, range(step, t.steps), prefetch=t.prefetch,
+                                 pin_memory=device.type == "cuda")) as batches, \
+            Curves(out_dir, step, images_per_step=t.batch_size, enabled=rank == 0) as curves, \
             progress("train_flow", t.steps - step, "steps") as meter:
-        for _, codes_batch, labels in batches:
+        while step < t.steps:
+            waited = time.perf_counter()
+            codes_batch, labels = next(batches)
+            data_wait += time.perf_counter() - waited
             x = codes_batch.to(device, non_blocking=True)
             x = x + f.noise_sigma * step_noise(t.seed, step, (t.batch_size, *x.shape[1:]), device)[local]
             y = step_labels(flow, labels, t.seed, step, t.batch_size, local).to(device, non_blocking=True)
             with autocast(device):
                 loss = loss_fn(x, y)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(flow.parameters(), t.grad_clip)
-            optimizer.step()
+            grad_norm = optimizer_step(optimizer, flow.parameters(), t.grad_clip)
             scheduler.step()
             ema.update(flow)
             step += 1
@@ -191,9 +185,11 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
                 elapsed = time.perf_counter() - started
                 record = {"step": step, "nll": nll, "bits_per_dim": bits_per_dim(nll),
                           "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - first_step) / elapsed,
-                          "data_wait_fraction": batches.wait_s / elapsed}
+                          "data_wait_fraction": data_wait / elapsed}
                 if rank == 0:
                     metrics.append(record)
+                curves.scalars(step, loss=nll, bits_per_dim=record["bits_per_dim"], lr=record["lr"],
+                               grad_norm=grad_norm.item())
                 if out is not None:
                     log_record(record, t.steps)
                     out.report_progress(step, t.steps, "steps")
@@ -205,6 +201,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
                 if stopping:
                     raise TrainingStopped(f"train_flow: stopped by a signal at step {step}/{t.steps}; "
                                           f"checkpoint {path} written, run again to resume")
+        curves.write_loss_png("train_flow: NLL per dimension (nats)")
     elapsed = time.perf_counter() - started
 
     if rank == 0:
@@ -212,7 +209,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
         summary = {"steps": t.steps, "world_size": world, "train_nll": last.get("nll"),
                    "train_bits_per_dim": last.get("bits_per_dim"),
                    "train_seconds": round(elapsed, 3), "steps_per_s": (step - first_step) / max(elapsed, 1e-9),
-                   "data_wait_fraction": batches.wait_s / max(elapsed, 1e-9),
+                   "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                    "params_m": sum(p.numel() for p in flow.parameters()) / 1e6,
                    "train_images": data.n, "views": data.views, "codes_streamed": not data.in_memory}
         write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
@@ -220,14 +217,11 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
     distributed.barrier()
 
 
-def seed_of(*parts: int) -> int:
-    """One 64-bit seed from integers (numpy SeedSequence): e.g. (train.seed, step, stream)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def step_noise(seed: int, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """eps of the global batch at `step` (each rank keeps its slice): a pure function of (seed, step)."""
-    g = torch.Generator(device=device).manual_seed(seed_of(seed, step, 0))
+    g = torch.Generator(device=device).manual_seed(step_seed(seed, step, 0))
     return torch.randn(shape, generator=g, device=device)
 
 
@@ -236,7 +230,7 @@ def step_labels(flow: TARFlow, labels: torch.Tensor, seed: int, step: int, globa
     """Label dropout drawn for the global batch at `step` (model.drop_labels), this rank's slice kept."""
     full = torch.zeros(global_batch, dtype=labels.dtype)
     full[local] = labels
-    return flow.drop_labels(full, generator=torch.Generator().manual_seed(seed_of(seed, step, 2)))[local]
+    return flow.drop_labels(full, generator=torch.Generator().manual_seed(step_seed(seed, step, 2)))[local]
 
 
 # --- metrics file and its relay ---------------------------------------------------------------------
@@ -321,7 +315,7 @@ def load_flow(source, device: torch.device | str = "cpu") -> TARFlow:
 
 def row_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Fixed evaluation noise: row r's eps is seeded by (seed, r), whatever the batch (CPU)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed, r, 3)))
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(step_seed(seed, r, 3)))
                         for r in range(start, stop)])
 
 

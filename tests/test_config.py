@@ -101,6 +101,16 @@ def test_the_sampler_keys_keep_stored_sample_fingerprints_at_their_defaults():
     assert not {"compile", "activation_checkpointing"} & set(semantic_values(compiled.train))
 
 
+def test_fit_decoder_grad_clip_and_the_curve_keys_keep_stored_fingerprints_at_their_defaults():
+    """fit_decoder.grad_clip was added (null: no clipping, as RAE trains) after decoder outputs were stored; the
+    training-curve intervals are operational."""
+    default = semantic_values(load_config(SMOKE).fit_decoder)
+    assert "grad_clip" not in default and "log_every" not in default and "image_every" not in default
+    curves = ["fit_decoder.log_every=7", "fit_decoder.image_every=7", "src.image_every=7", "train.log_every=7"]
+    assert semantic_values(load_config(SMOKE, curves).fit_decoder) == default
+    assert semantic_values(load_config(SMOKE, ["fit_decoder.grad_clip=1.0"]).fit_decoder)["grad_clip"] == 1.0
+
+
 @pytest.mark.parametrize("override, key", [
     ("src.dim=100000", "src.dim"), ("data.resolution=0", "data.resolution"), ("train.lr=-1", "train.lr"),
     ("flow.heads=5", "flow.heads"), ("flow.width=0", "flow.width"), ("runtime.workers=0", "runtime.workers"),
@@ -108,7 +118,7 @@ def test_the_sampler_keys_keep_stored_sample_fingerprints_at_their_defaults():
     ("src.lr=0", "src.lr"), ("runtime.nproc=0", "runtime.nproc"), ("encode.precision=fp16", "encode.precision"),
     ("sample.solver=newton", "sample.solver"), ("sample.jacobi_chunk=0", "sample.jacobi_chunk"),
     ("sample.jacobi_tol=-1", "sample.jacobi_tol"), ("train.compile=maybe", "train.compile"),
-    ("encode.decode=turbo", "encode.decode"),
+    ("encode.decode=turbo", "encode.decode"), ("fit_decoder.image_every=0", "fit_decoder.image_every"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

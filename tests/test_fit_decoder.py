@@ -16,17 +16,19 @@ import torch
 import yaml
 import zarr
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.artifacts import file_sha256
 from pipeline.config import config_dict
 from pipeline.data.features import read_features
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from pipeline.images import psnr
+from pipeline.metrics.reconstruction import psnr
 from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
-from stages.runner import plan, run_pipeline
-from stages import fit_decoder
-from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, step_seed, unit_pixels
 from pipeline.models.configured import decoder_arch
+from pipeline.training import TrainingStopped, step_seed
+from stages import fit_decoder
+from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, unit_pixels
+from stages.runner import plan, run_pipeline
 from tests.conftest import REPO
 
 # the test set is 32 px: 8x8 tokens x patch 4 decode to 32 px
@@ -34,7 +36,8 @@ EXTRA = ("runtime.device=cpu", "decoder.patch_size=4", "fit_decoder.report_image
 TRAIN = ("fit_decoder.steps=100", "fit_decoder.batch_size=16", "fit_decoder.lr=2e-3", "fit_decoder.ckpt_every=1000")
 # a very small decoder and run for the resume tests: 12 steps, checkpoints every 4
 RESUME = ("decoder.hidden_size=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64",
-          "fit_decoder.steps=12", "fit_decoder.batch_size=8", "fit_decoder.ckpt_every=4")
+          "fit_decoder.steps=12", "fit_decoder.batch_size=8", "fit_decoder.ckpt_every=4", "fit_decoder.log_every=4",
+          "fit_decoder.image_every=4")
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +303,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
         real(self, model)
 
     monkeypatch.setattr(EMA, "update", update)
-    with pytest.raises(InterruptedError, match="stopped by signal 15 at step 6/12"):
+    with pytest.raises(TrainingStopped, match="fit_decoder: stopped by signal 15 at step 6/12"):
         run_pipeline(cfg, until="fit_decoder")
     monkeypatch.undo()
     assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000006.pt"]
@@ -320,6 +323,16 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
     got = safetensors.torch.load_file(str(resumed.dir / fit_decoder.WEIGHTS))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # bit-identical EMA weights
     assert resumed.metrics == reference.metrics
+    # training curves: TensorBoard scalars and grids from the three runs, loss.png, all listed in _SUCCESS.json
+    events = EventAccumulator(str(resumed.dir / "tensorboard")).Reload()
+    assert {"train/loss", "train/l1", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
+    assert "train/reconstructions" in events.Tags()["images"]
+    steps = [p.step for p in events.Scalars("train/loss")]  # step 8's point died with the killed run, or not
+    assert steps[0] == 4 and steps[-1] == 12 and set(steps) <= {4, 8, 12} and len(set(steps)) == len(steps)
+    listed = {f.path for f in resumed.files}
+    assert "loss.png" in listed and any(f.startswith("tensorboard/events.out.tfevents.") for f in listed)
+    (p,) = [p for p in plan(cfg) if p.name == "fit_decoder"]
+    assert p.state == "done"
 
 
 # --- a released decoder instead ----------------------------------------------------------------------

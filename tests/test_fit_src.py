@@ -8,12 +8,14 @@ import signal
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.config import load_config
 from pipeline.data.features import load_normalizer, read_features
+from pipeline.training import TrainingStopped
 from stages.runner import plan, run_pipeline
 from stages import fit_src
-from stages.fit_src import TrainingStopped, load_pca, load_src
+from stages.fit_src import load_pca, load_src
 from tests.conftest import SMOKE
 
 # The test dataset (4 classes x 12 train + 4 val, 32 px, two views: 96 train rows, 32 val rows) through
@@ -198,7 +200,7 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     assert p.state == "partial" and sorted(f.name for f in (p.path / "checkpoints").iterdir()) == ["ckpt-00000005.pt"]
 
     monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(None, 9))
-    with pytest.raises(TrainingStopped, match="stopped by signal 15 at step 10/12"):
+    with pytest.raises(TrainingStopped, match="fit_src: stopped by signal 15 at step 10/12"):
         run_pipeline(cfg, until="fit_src")
     assert (p.path / "checkpoints" / "ckpt-00000010.pt").is_file()
 
@@ -207,6 +209,11 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     a = (resumed.dir / "src.safetensors").read_bytes()
     assert a == (reference.dir / "src.safetensors").read_bytes()
     assert resumed.metrics["src/feature_mse"] == reference.metrics["src/feature_mse"]
+    assert (resumed.dir / "loss.png").is_file() and "loss.png" in {f.path for f in resumed.files}
+    events = EventAccumulator(str(resumed.dir / "tensorboard")).Reload()
+    assert {"train/loss", "train/mse", "train/cosine", "train/lr", "train/grad_norm",
+            "train/images_per_s"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("train/loss")[-1].step == 12
 
 
 def test_a_missing_src_is_a_one_line_error(tmp_path):

@@ -16,13 +16,17 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import load_config
-from pipeline.data.codes import CodeBatches, TrainCodes, WindowShuffle
+from pipeline.curves import read_scalars
+from pipeline.data.batches import WindowShuffle
+from pipeline.data.codes import TrainCodes, code_batches
 from pipeline.data.zarr_store import create_row_store, write_rows, write_small_array
+from pipeline.training import TrainingStopped
 from stages import train_flow
-from stages.train_flow import TrainingStopped, load_flow
+from stages.train_flow import load_flow
 from storage_schemas import SchemaError
 from storage_schemas.zarr_layouts import CODES
 from tests.conftest import REPO, SMOKE
@@ -122,13 +126,13 @@ def test_streamed_windows_give_the_same_batches_as_codes_held_in_memory(compress
         return WindowShuffle(TRAIN, 8, seed=1, block=memory.block, window=6)
 
     views_seen = set()
-    with CodeBatches(memory, schedule(), 1, 0, 9) as a, CodeBatches(streamed, schedule(), 1, 0, 9, prefetch=2) as b:
-        for (step_a, codes_a, labels_a), (step_b, codes_b, labels_b) in zip(a, b, strict=True):
-            assert step_a == step_b and torch.equal(codes_a, codes_b) and torch.equal(labels_a, labels_b)
-            images = schedule().indices(step_a)
-            rows = [int(np.flatnonzero((memory.memory == c.numpy()).all((1, 2)))[0]) for c in codes_a]
-            assert [r // VIEWS for r in rows] == images.tolist()  # the scheduled images, one view each
-            views_seen |= {r % VIEWS for r in rows}
+    a, b = code_batches(memory, schedule(), 1, range(9)), code_batches(streamed, schedule(), 1, range(9), prefetch=2)
+    for step, (codes_a, labels_a), (codes_b, labels_b) in zip(range(9), a, b, strict=True):
+        assert torch.equal(codes_a, codes_b) and torch.equal(labels_a, labels_b)
+        images = schedule().indices(step)
+        rows = [int(np.flatnonzero((memory.memory == c.numpy()).all((1, 2)))[0]) for c in codes_a]
+        assert [r // VIEWS for r in rows] == images.tolist()  # the scheduled images, one view each
+        views_seen |= {r % VIEWS for r in rows}
     assert views_seen == {0, 1}
 
 
@@ -157,6 +161,18 @@ def test_training_writes_the_ema_flow_its_metrics_and_a_loadable_model(straight)
         metrics["train_nll"] / np.log(2))
 
 
+def test_training_curves_are_tensorboard_scalars_and_a_loss_png(straight):
+    _, out = straight
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/bits_per_dim", "train/lr", "train/grad_norm", "train/images_per_s"} <= tags
+    assert [p.step for p in events.Scalars("train/loss")] == list(range(1, 13))  # train.log_every=1
+    nll = [v for _, v in trajectory(out)]
+    np.testing.assert_allclose([p.value for p in events.Scalars("train/loss")], nll, rtol=1e-6)
+    assert all(p.value > 0 for p in events.Scalars("train/grad_norm") + events.Scalars("train/images_per_s"))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_held_out_bits_per_dim_beat_the_gaussian_baseline_after_training(compress, tmp_path):
     metrics = train(compress, tmp_path, "train.steps=60", "train.log_every=20", "train.ckpt_every=100",
                     "train.warmup_steps=5", "train.ema_decay=0.8")
@@ -175,15 +191,20 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_the_same_trajectory(c
         return real(seed, step, *args)
 
     monkeypatch.setattr(train_flow, "step_noise", noise)
-    with pytest.raises(TrainingStopped, match="step 7/12"):
+    with pytest.raises(TrainingStopped, match="train_flow: stopped by a signal at step 7/12"):
         train(compress, tmp_path)
     assert (tmp_path / "checkpoints" / "ckpt-00000007.pt").is_file()
+    assert not (tmp_path / "loss.png").exists()  # written once training is done
     monkeypatch.setattr(train_flow, "step_noise", real)
     train(compress, tmp_path)
     _, reference = straight
     assert trajectory(tmp_path) == trajectory(reference)
     a, b = weights(tmp_path), weights(reference)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run appends a second event file; TensorBoard shows every step once, as the straight run
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    steps, losses = read_scalars(tmp_path / "tensorboard", "train/loss")
+    assert steps == list(range(1, 13)) and losses == read_scalars(reference / "tensorboard", "train/loss")[1]
 
 
 def test_compiled_and_checkpointed_training_follow_the_eager_trajectory(compress, straight, tmp_path, monkeypatch):
@@ -204,7 +225,7 @@ def test_compiled_and_checkpointed_training_follow_the_eager_trajectory(compress
         return real(seed, step, *args)
 
     monkeypatch.setattr(train_flow, "step_noise", noise)
-    with pytest.raises(TrainingStopped, match="step 7/12"):
+    with pytest.raises(TrainingStopped, match="train_flow: stopped by a signal at step 7/12"):
         train(compress, tmp_path / "compiled", "train.compile=true")
     monkeypatch.setattr(train_flow, "step_noise", real)
     train(compress, tmp_path / "compiled", "train.compile=true")
@@ -229,6 +250,7 @@ import torch
 torch.set_num_threads(1)
 from pipeline.artifacts import StageOutput
 from pipeline.config import load_config
+from pipeline.curves import read_scalars
 from stages import train_flow
 real = train_flow.step_noise
 def noise(seed, step, *args):

@@ -6,6 +6,8 @@ import os
 import random
 import re
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,25 +16,27 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline import training
+from pipeline import device, training
+from pipeline.data.batches import BatchSchedule
+from pipeline.data.read_ahead import read_ahead
+from pipeline.device import autocast, resolve_device
 from pipeline.training import (
     EMA,
-    BatchSchedule,
     Checkpointer,
     CheckpointError,
     StopSignal,
-    autocast,
+    TrainingStopped,
     load_checkpoint,
     load_safetensors,
-    resolve_device,
+    optimizer_step,
     rng_state,
     save_checkpoint,
     save_safetensors,
     seed_all,
     set_rng_state,
+    step_seed,
     warmup_cosine,
 )
-
 
 
 class TinyNet(nn.Module):
@@ -105,8 +109,8 @@ def test_ema_update_is_one_multi_tensor_lerp_equal_to_a_lerp_per_tensor(monkeypa
 def test_adamw_is_fused_on_cuda_only_and_compile_auto_means_cuda():
     params = [nn.Parameter(torch.zeros(2))]
     assert not training.adamw(params, "cpu", lr=1e-3).defaults["fused"]
-    assert training.compile_enabled("auto", "cuda") and not training.compile_enabled("auto", "cpu")
-    assert training.compile_enabled(True, "cpu") and not training.compile_enabled(False, "cuda")
+    assert device.compile_enabled("auto", "cuda") and not device.compile_enabled("auto", "cpu")
+    assert device.compile_enabled(True, "cpu") and not device.compile_enabled(False, "cuda")
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -475,3 +479,88 @@ def test_resolve_device_and_autocast_on_cpu(monkeypatch):
         resolve_device("gpu")
     with autocast("cpu"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+# --- step seeds, the optimizer step, read-ahead ------------------------------------------------------
+
+
+def test_step_seed_is_stable_and_keeps_each_stages_former_seeds():
+    # the values the stages drew before step_seed was shared: their stored outputs depend on them
+    assert step_seed(0, 5) == int(np.random.SeedSequence([0, 5]).generate_state(1, np.uint64)[0] >> 1)  # fit_decoder
+    assert step_seed(3, 7, 2) == int(np.random.SeedSequence([3, 7, 2]).generate_state(2, np.uint64)[0] >> 1)  # flow
+    assert step_seed(1, 9, bits=32) == int(np.random.SeedSequence([1, 9]).generate_state(1)[0])  # fit_src
+    assert step_seed(0, 5) == 6102389744414414618 and step_seed(0, 5, bits=32) == 161328693
+    seeds = {step_seed(s, t, k) for s in range(3) for t in range(3) for k in range(3)}
+    assert len(seeds) == 27 and all(0 <= v < 2**63 for v in seeds)
+    with pytest.raises(ValueError, match="bits must be 63 or 32"):
+        step_seed(0, 0, bits=16)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.0, 0.05])
+def test_optimizer_step_clips_steps_zeroes_and_returns_the_norm_before_clipping(grad_clip):
+    torch.manual_seed(0)
+    model, reference = nn.Linear(4, 3), nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference))
+    x = torch.randn(8, 4)
+    for m in (model, reference):
+        m(x).square().mean().backward()
+    norm = optimizer_step(opt, model.parameters(), grad_clip)
+    want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), grad_clip)
+    ref_opt.step()
+    assert norm.item() == pytest.approx(want.item(), rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_read_ahead_yields_in_order_and_computes_at_most_depth_ahead():
+    started = []
+
+    def load(i):
+        started.append(i)
+        return i * i
+
+    stream = read_ahead(load, range(10), depth=3)
+    assert next(stream) == 0
+    time.sleep(0.2)  # the thread has all the time it wants: it stops 3 results ahead of the consumer
+    assert started == [0, 1, 2, 3]
+    assert list(stream) == [i * i for i in range(1, 10)]
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        next(read_ahead(load, range(3), depth=0))
+
+
+def test_read_ahead_raises_the_loaders_exception_at_its_item():
+    def load(i):
+        if i == 2:
+            raise KeyError(f"row {i}")
+        return i
+
+    got = []
+    with pytest.raises(KeyError, match="row 2"):
+        for value in read_ahead(load, range(5), depth=2):
+            got.append(value)  # noqa: PERF402  the values before the exception
+    assert got == [0, 1]
+
+
+def test_read_ahead_stops_its_thread_when_the_consumer_stops_early():
+    started = []
+    before = {t.ident for t in threading.enumerate()}
+    stream = read_ahead(lambda i: started.append(i) or i, itertools.count(), depth=2)
+    for value in stream:
+        if value == 3:
+            break
+    stream.close()  # what a `with closing(...)` or the end of a for loop's generator does
+    assert {t.ident for t in threading.enumerate()} == before  # the thread has ended
+    n = len(started)
+    time.sleep(0.1)
+    assert len(started) == n <= 3 + 1 + 2  # consumed, at most one in flight, `depth` ahead: nothing since
+
+
+
+def test_the_three_training_stages_stop_with_the_one_exception_the_sweep_recognizes():
+    from stages import fit_decoder, fit_src, sweep, train_flow
+
+    assert fit_decoder.TrainingStopped is fit_src.TrainingStopped is train_flow.TrainingStopped is TrainingStopped
+    assert sweep.stopped(TrainingStopped("fit_decoder: stopped by signal 15 at step 6/12"))

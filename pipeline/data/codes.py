@@ -7,30 +7,29 @@ storage_schemas/zarr_layouts.py). The data order is a pure function of (seed, st
                     short last block stays last), cut the block sequence into windows of `window`
                     images, permute the images inside every window. A window is read as whole
                     chunks; a window as large as the split is a uniform shuffle. Global batch s =
-                    stream positions [s B, (s+1) B) (BatchSchedule, drop_last=False); rank r takes
-                    its slice. Memory when streamed: two windows (the current and the next) of all
+                    stream positions [s B, (s+1) B) (pipeline/data/batches.py, drop_last=False); rank
+                    r takes its slice. Memory when streamed: two windows (the current and the next) of all
                     views, window x views x T x d x 4 bytes each, per process.
     view            per image per step, uniform over the stored views, drawn for the global batch
                     from (seed, step) (so W ranks see what one process sees)
 
-    CodeBatches     a background thread: (step, codes, labels) for steps [start, stop), reading
-                    whole windows ahead of use (a second thread) or indexing the split held in memory
+    code_batches    (codes, labels) for a range of steps, assembled ahead on a thread (read_ahead), from
+                    whole windows read one ahead on a second thread, or indexing the split held in memory
                     when it is small (`in_memory_limit_gb`); both give the same batches.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
-from pipeline.training import BatchSchedule
+from pipeline.data.batches import WindowShuffle, step_windows
+from pipeline.data.read_ahead import read_ahead
 from storage_schemas.zarr_layouts import CODES
 
 
@@ -82,48 +81,6 @@ class TrainCodes:
         return out
 
 
-class WindowShuffle(BatchSchedule):
-    """BatchSchedule (drop_last=False) whose epoch permutation is chunk-aligned windows, shuffled inside
-    (see the module docstring); window w of an epoch is its permutation[w * window:(w + 1) * window]."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, *,
-                 block: int = 1, window: int = 16384):
-        super().__init__(n, batch_size, seed, rank, world_size, drop_last=False)
-        if block < 1 or window < 1:
-            raise ValueError(f"block and window must be >= 1, got block={block}, window={window}")
-        self.block, self.window = block, max(block, window // block * block)  # whole blocks per window
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                del self._perms[min(self._perms)]
-            rng = np.random.default_rng((self.seed, epoch))
-            # whole blocks in random order; the short last block (n % block images) stays last, so that
-            # every window is made of whole blocks
-            starts = np.arange(0, self.n - self.block + 1, self.block)[rng.permutation(self.n // self.block)]
-            order = np.concatenate([(starts[:, None] + np.arange(self.block)).reshape(-1),
-                                    np.arange(self.n - self.n % self.block, self.n)])
-            for w in range(0, self.n, self.window):
-                order[w:w + self.window] = order[w:w + self.window][rng.permutation(len(order[w:w + self.window]))]
-            self._perms[epoch] = order
-        return self._perms[epoch]
-
-    def positions(self, step: int) -> np.ndarray:
-        """This rank's stream positions (epoch * n + offset) at `step`."""
-        b = self.local_batch_size
-        start = step * self.batch_size + self.rank * b
-        return np.arange(start, start + b, dtype=np.int64)
-
-    def windows(self, step: int) -> list[tuple[int, int]]:
-        """(epoch, window) pairs that step's global batch reads, in stream order."""
-        epoch, offset = np.divmod(np.arange(step * self.batch_size, (step + 1) * self.batch_size), self.n)
-        return list(dict.fromkeys(zip(epoch.tolist(), (offset // self.window).tolist())))
-
-    def window_images(self, key: tuple[int, int]) -> np.ndarray:
-        epoch, w = key
-        return np.sort(self.permutation(epoch)[w * self.window:(w + 1) * self.window])
-
-
 def view_choice(seed: int, step: int, global_batch: int, views: int) -> np.ndarray:
     """The view of each image of the global batch at `step` (zeros when only one view is stored)."""
     if views == 1:
@@ -131,100 +88,42 @@ def view_choice(seed: int, step: int, global_batch: int, views: int) -> np.ndarr
     return np.random.default_rng((seed, step, 1)).integers(0, views, global_batch)
 
 
-class CodeBatches:
-    """`with CodeBatches(data, schedule, seed, start, stop) as batches: for step, codes, labels in batches`
+def code_batches(data: TrainCodes, schedule: WindowShuffle, seed: int, steps: range, *, prefetch: int = 4,
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's batches (codes (b, T, d) float32, labels (b,) int64) for `steps`, `prefetch` of them
+    assembled ahead on a thread; streamed, the windows they come from are read one ahead on another
+    (batches.step_windows). Held in memory or streamed, the batches are the same."""
+    windows = None if data.memory is not None else step_windows(schedule, steps,
+                                                                 lambda key: read_window(data, schedule, key))
+    batches = read_ahead(lambda step: code_batch(data, schedule, seed, step, windows, pin_memory), steps, prefetch)
+    with closing(windows) if windows is not None else nullcontext(), closing(batches):  # batches' thread first
+        yield from batches
 
-    A producer thread assembles this rank's batches (codes (b, T, d) float32, labels (b,) int64) into a
-    queue of `prefetch`; without the split in memory, a second thread reads the next window while the
-    current one is consumed. `wait_s` adds up the time the consumer waited for a batch.
-    """
 
-    def __init__(self, data: TrainCodes, schedule: WindowShuffle, seed: int, start: int, stop: int, *,
-                 prefetch: int = 4, pin_memory: bool = False):
-        self.data, self.schedule, self.seed = data, schedule, seed
-        self.start, self.stop, self.pin = start, stop, pin_memory
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self.stopping = threading.Event()
-        self.wait_s = 0.0
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="codes-window")
-        self.windows: dict[tuple[int, int], Future] = {}
-        self.thread = threading.Thread(target=self._produce, name="codes-batches", daemon=True)
+def code_batch(data: TrainCodes, schedule: WindowShuffle, seed: int, step: int, windows: Iterator[dict] | None,
+               pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's batch at `step`: indexed from the split in memory, or cut from the next item of
+    `windows` (the step's windows, taken in step order)."""
+    s = schedule
+    images = s.indices(step)
+    views = view_choice(seed, step, s.batch_size, data.views)[s.rank * s.local_batch_size:(s.rank + 1) * s.local_batch_size]
+    if windows is None:
+        codes = data.memory[images * data.views + views]
+    else:
+        held = next(windows)
+        codes = np.empty((len(images), data.tokens, data.channels), np.float32)
+        epoch, offset = np.divmod(s.positions(step), s.n)
+        for key in dict.fromkeys(zip(epoch.tolist(), (offset // s.window).tolist())):
+            window_images, values = held[key]
+            mine = np.flatnonzero((epoch == key[0]) & (offset // s.window == key[1]))
+            codes[mine] = values[np.searchsorted(window_images, images[mine]), views[mine]]
+    codes_t, labels_t = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(data.labels[images])
+    if pin_memory:
+        codes_t, labels_t = codes_t.pin_memory(), labels_t.pin_memory()
+    return codes_t, labels_t
 
-    def __enter__(self) -> CodeBatches:
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        while self.thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                self.queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self.reader.shutdown(wait=True, cancel_futures=True)
-
-    def __iter__(self):
-        for _ in range(self.start, self.stop):
-            t = time.perf_counter()
-            item = self.queue.get()
-            self.wait_s += time.perf_counter() - t
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    def batch(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """This rank's batch at `step`, computed directly (what the producer thread queues)."""
-        s = self.schedule
-        images = s.indices(step)
-        views = view_choice(self.seed, step, s.batch_size, self.data.views)
-        views = views[s.rank * s.local_batch_size:(s.rank + 1) * s.local_batch_size]
-        if self.data.memory is not None:
-            rows = images * self.data.views + views
-            codes = self.data.memory[rows]
-        else:
-            codes = np.empty((len(images), self.data.tokens, self.data.channels), np.float32)
-            epoch, offset = np.divmod(s.positions(step), s.n)
-            for key in dict.fromkeys(zip(epoch.tolist(), (offset // s.window).tolist())):
-                window_images, values = self._window(key)
-                mine = np.flatnonzero((epoch == key[0]) & (offset // s.window == key[1]))
-                where = np.searchsorted(window_images, images[mine])
-                codes[mine] = values[where, views[mine]]
-            self._read_ahead(step)
-        codes_t, labels_t = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(self.data.labels[images])
-        if self.pin:
-            codes_t, labels_t = codes_t.pin_memory(), labels_t.pin_memory()
-        return step, codes_t, labels_t
-
-    def _window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        if key not in self.windows:
-            self.windows[key] = self.reader.submit(self._read_window, key)
-        return self.windows[key].result()
-
-    def _read_window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        images = self.schedule.window_images(key)
-        return images, self.data.read_images(images)
-
-    def _read_ahead(self, step: int) -> None:
-        """Keep the windows of this step and the next; start reading the next one now."""
-        wanted = self.schedule.windows(step) + self.schedule.windows(step + 1)
-        for key in list(self.windows):
-            if key not in wanted:
-                del self.windows[key]
-        for key in wanted:
-            if key not in self.windows:
-                self.windows[key] = self.reader.submit(self._read_window, key)
-
-    def _produce(self) -> None:
-        try:
-            for step in range(self.start, self.stop):
-                if self.stopping.is_set():
-                    return
-                item = self.batch(step)
-                while not self.stopping.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except Exception as e:  # surfaced to the consumer
-            self.queue.put(e)
+def read_window(data: TrainCodes, schedule: WindowShuffle, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted images, all their views) of one shuffle window."""
+    images = schedule.window_images(key)
+    return images, data.read_images(images)

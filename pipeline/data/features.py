@@ -2,16 +2,21 @@
 
 z = (f - mean) / sqrt(var + 1e-5) per position, with either the statistics computed by `encode`
 (exact, over the train rows) or RAE's released ones (`encode.stats: file`; mean may be None).
+TrainFeatures streams the train rows in shuffle windows for fit_src's training loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
+from pipeline.data.batches import WindowShuffle, step_windows
+from pipeline.data.read_ahead import read_ahead
 from storage_schemas.zarr_layouts import FEATURES
 
 EPS = 1e-5
@@ -71,3 +76,42 @@ def widen(values: np.ndarray) -> np.ndarray:
     if values.dtype == np.uint16:
         return (values.astype(np.uint32) << 16).view(np.float32)
     return values.astype(np.float32)
+
+
+class TrainFeatures:
+    """The normalized train rows [start, stop) batch by batch, in WindowShuffle order (pipeline/data/batches.py):
+    each epoch permutes blocks of one Zarr inner chunk of rows and shuffles the rows inside windows of
+    `window_batches` batches. A window is read with contiguous reads and held in the stored dtype while a
+    thread reads the next one, so memory is two windows, independent of N."""
+
+    def __init__(self, group: zarr.Group, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int,
+                 seed: int, window_batches: int):
+        self.features, self.start, self.normalizer = group["features"], rows[0], normalizer
+        self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, block=self.features.chunks[0],
+                                      window=window_batches * batch_size)
+
+    def batches(self, steps: range) -> Iterator[torch.Tensor]:
+        """Normalized features (batch_size, T, C) float32 of each step, the next batch assembled on a thread."""
+        windows = step_windows(self.schedule, steps, self.read_window)
+        batches = read_ahead(lambda step: self.batch(step, next(windows)), steps, depth=1)
+        with closing(windows), closing(batches):  # batches' thread first: it is the one reading `windows`
+            yield from batches
+
+    def batch(self, step: int, held: dict) -> torch.Tensor:
+        """The batch of `step` cut from its windows `held` ({(epoch, window): (sorted rows, features)})."""
+        s = self.schedule
+        rows = s.indices(step)
+        epoch, offset = np.divmod(s.positions(step), s.n)
+        window = offset // s.window
+        out = np.empty((len(rows), *self.features.shape[1:]), self.features.dtype)
+        for key in dict.fromkeys(zip(epoch.tolist(), window.tolist())):
+            window_rows, values = held[key]
+            mine = np.flatnonzero((epoch == key[0]) & (window == key[1]))
+            out[mine] = values[np.searchsorted(window_rows, rows[mine])]
+        return self.normalizer(torch.from_numpy(widen(out)))
+
+    def read_window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted rows, their stored features), one read per run of consecutive rows."""
+        rows = self.schedule.window_images(key)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        return rows, np.concatenate([self.features[self.start + r[0]:self.start + r[-1] + 1] for r in runs])
