@@ -18,6 +18,8 @@ LAYERS = ("storage_schemas", "pipeline", "stages", "flows", "srcflow")
 MODELS_MAY_NOT_IMPORT = ("zarr", "prefect", "prefect_dask", "dask", "webdataset", "torch.distributed",
                          "pipeline.artifacts", "pipeline.data", "pipeline.training", "pipeline.distributed",
                          "pipeline.parallel")
+# data readers and metrics sit under the training and store code that uses them
+DATA_MAY_NOT_IMPORT = ("prefect", "pipeline.training", "pipeline.distributed", "pipeline.parallel", "pipeline.artifacts")
 
 
 def imports_of(path: Path, package: str) -> list[tuple[int, str]]:
@@ -60,13 +62,19 @@ def test_no_import_points_up():
     assert [a for path, package in files for a in arrows_in(path, package)] == []
 
 
+def forbidden_imports(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{path.relative_to(REPO)}:{line} imports {module}"
+            for path, package in module_files() if package.startswith(packages)
+            for line, module in imports_of(path, package)
+            if any(module == m or module.startswith(m + ".") for m in forbidden)]
+
+
 def test_the_models_know_nothing_of_storage_orchestration_or_process_groups():
-    bad = []
-    for path, package in module_files():
-        if package.startswith("pipeline.models"):
-            bad += [f"{path.relative_to(REPO)}:{line} imports {module}" for line, module in imports_of(path, package)
-                    if any(module == m or module.startswith(m + ".") for m in MODELS_MAY_NOT_IMPORT)]
-    assert bad == []
+    assert forbidden_imports(("pipeline.models",), MODELS_MAY_NOT_IMPORT) == []
+
+
+def test_data_readers_and_metrics_import_no_training_or_store_code():
+    assert forbidden_imports(("pipeline.data", "pipeline.metrics"), DATA_MAY_NOT_IMPORT) == []
 
 
 @pytest.mark.parametrize("source, where, expected", [
