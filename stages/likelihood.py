@@ -118,14 +118,14 @@ def open_chain(cfg: Config, config_path: str, decoder: bool = False) -> Chain:
     from pipeline.data.features import load_normalizer
     from stages.compress import cached_src
     from stages.encode import encoder_spec, load_encoder
-    from stages.sample import Models, load_models
+    from stages.sample import ModelSources, load_models
     from storage_schemas.shards import MANIFEST_SCHEMA, read_table
 
     manifests = done_manifests(cfg, config_path)
     device = resolve_device(cfg.runtime.device)
     if decoder:
         upstream = {k: manifests[k] for k in ("train_flow", "fit_src", "encode", "fit_decoder") if k in manifests}
-        flow, src, normalizer, rae_decoder = load_models(Models(cfg, upstream, str(device)))
+        flow, src, normalizer, rae_decoder = load_models(ModelSources(cfg, upstream, str(device)))
     else:
         flow, src = load_flow(manifests["train_flow"], device), cached_src(str(manifests["fit_src"].dir), str(device))
         normalizer = load_normalizer(manifests["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
