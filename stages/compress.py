@@ -28,10 +28,25 @@ from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.data.features import load_normalizer, open_features, widen
 from pipeline.data.shards import manifest_rows
-from pipeline.data.zarr_store import ShardRange, consolidate, fill_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import (
+    ShardRange,
+    consolidate,
+    fill_row_store,
+    shard_ranges,
+    write_rows,
+    write_small_array,
+)
 from pipeline.training import resolve_device
-from stages.encode import (VIEWS, EncoderRun, ShardImages, encode_rows, encoder_run, encoder_spec, reduce_statistics,
-                           shard_images)
+from stages.encode import (
+    VIEWS,
+    EncoderRun,
+    ShardImages,
+    encode_rows,
+    encoder_run,
+    encoder_spec,
+    reduce_statistics,
+    shard_images,
+)
 from stages.fit_src import load_src
 from storage_schemas.success import Manifest
 from storage_schemas.zarr_layouts import CODES, SPLIT_IDS
@@ -143,6 +158,7 @@ def cached_src(src_dir: str, device: str):
 
 def cached_normalizer(features: str, stats: str, stats_file: str | None):
     """load_normalizer once per process; a rebuilt feature store (new statistics) is reloaded."""
-    files = [Path(features) / "zarr.json"] if stats == "computed" else [stats_file]  # rewritten when it completes
+    released = [stats_file] if stats_file else []  # none: load_normalizer says what is missing
+    files = [Path(features) / "zarr.json"] if stats == "computed" else released  # rewritten when the store completes
     return per_process("normalizer", (features, stats, stats_file),
                        lambda: load_normalizer(Path(features), stats, stats_file), files)

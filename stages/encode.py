@@ -28,7 +28,14 @@ from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.data.decode import decode_crop_with, nvjpeg_crops
 from pipeline.data.shards import iter_jpegs, manifest_rows
-from pipeline.data.zarr_store import ShardRange, consolidate, fill_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import (
+    ShardRange,
+    consolidate,
+    fill_row_store,
+    shard_ranges,
+    write_rows,
+    write_small_array,
+)
 from pipeline.training import inference_precision, resolve_device
 from stages.inputs import encoder_weights_digest
 from storage_schemas.success import Manifest
@@ -106,7 +113,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
         compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)  # compiled before any job
     store, commits = out.path / "features.zarr", Commits(out.path / "commits")
     n_train = sum(r["split"] == "train" for r in images) * len(views)
-    setup = encoder_run(cfg, spec, device)
+    encoding = encoder_run(cfg, spec, device)
     started = time.perf_counter()
     results = fill_row_store(
         store, commits, FEATURES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
@@ -122,7 +129,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
                "splits": {"train": [0, n_train], "val": [n_train, n_rows]},
                "grid_size": encoder.grid_size, "source_fingerprint": upstream["shard"].fingerprint,
                "stats_count": 0},
-        job=lambda r: EncodeJob(shard_images(r, images, views, shard_dir), setup, str(store), str(commits.dir)),
+        job=lambda r: EncodeJob(shard_images(r, images, views, shard_dir), encoding, str(store), str(commits.dir)),
         write_shard=encode_shard, runtime=cfg.runtime, device=device, threads=cfg.encode.jobs_per_worker,
         desc="encode", report_progress=out.report_progress)
     wall = time.perf_counter() - started
@@ -266,7 +273,8 @@ def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float
     cuda = device.type == "cuda"
     compiled = encoder.compile and cuda
     model = load_encoder(encoder.spec, encoder.device)
-    forward = compiled_encoder(encoder.spec, encoder.device, encoder.precision, encoder.batch_size) if compiled else model
+    forward = (compiled_encoder(encoder.spec, encoder.device, encoder.precision, encoder.batch_size) if compiled
+               else model)
     n_views = len(rows.views)
     with timed(seconds, "read"):
         keys = {k for k, *_ in rows.images}
@@ -277,7 +285,8 @@ def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float
                                 f"(e.g. {sorted(missing)[0]}); the shard set is damaged, rerun `shard` with --force")
     if encoder.decode != "nvjpeg":  # crops made ahead by the worker's decode threads, in the job's order
         crop = decode_crop_with(encoder.decode)
-        crops = decode_pool(encoder.decode_threads).map(lambda item: crop(jpegs[item[0]], encoder.resolution), rows.images)
+        crops = decode_pool(encoder.decode_threads).map(lambda item: crop(jpegs[item[0]], encoder.resolution),
+                                                        rows.images)
     # rows of this shard, as offsets into the images this job holds
     lo = rows.shard.start - rows.first_image * n_views
     hi = lo + rows.shard.stop - rows.shard.start

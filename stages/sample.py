@@ -160,7 +160,7 @@ def load_models(sources: ModelSources) -> tuple:
     output is rebuilt: its manifest is rewritten last)."""
     up = sources.upstream
     files = [m.dir / SUCCESS for m in up.values()]
-    if sources.cfg.encode.stats != "computed":
+    if sources.cfg.encode.stats != "computed" and sources.cfg.encode.stats_file:
         files.append(sources.cfg.encode.stats_file)
     key = (sources.device, *(str(m.dir) for m in up.values()))
     return per_process("sample models", key, lambda: build_models(sources), files)
