@@ -44,7 +44,7 @@ One run, side by side on the same machine (shared and noisy: compare figures of 
 
 The images are 80 distinct photo-like 500x375 JPEGs (16 classes), repeated under new names (hard links) to
 each set's size. The top-level `stage`, `rows_per_s` and model fields make the result usable by `srcflow plan`.
-`--simulate-device R` replaces the encoder's forward by a wait of batch / R seconds, one job at a
+`--simulate-device R` builds the stage's encoder with a forward that is a wait of batch / R seconds, one job at a
 time and without the GIL (as a GPU's kernels run), returning zeros: it measures, on a machine without a GPU, how much of
 the real data path (tar read, decode, crop, write, commit) hides behind a device of R images/s.
 Its figures are labelled `"simulated_device"` and say nothing about any encoder's speed.
@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,8 @@ def run(args, tmp: Path) -> dict:
     cfg = bench_config(args, tmp / "store", timed, decode=paths[0])
     shard = shard_set(cfg)
 
-    encoder = bench_encoder(args, cfg)
+    build_encoder = encoder_factory(args, cfg)
+    encoder = bench_encoder(args, cfg, build_encoder)
     images = shard.metrics["samples"]
     photos = [path.read_bytes() for path in sorted(generated.rglob("*.JPEG"))][:args.decode_images]
     decode = {} if args.throughput_only else {"decode": decode_comparison(args, photos)}
@@ -176,7 +178,8 @@ def run(args, tmp: Path) -> dict:
         from stages.encode import compiled_encoder, encoder_spec
 
         begin = time.perf_counter()
-        model = compiled_encoder(encoder_spec(cfg), cfg.runtime.device, cfg.encode.precision, cfg.encode.batch_size)
+        model = compiled_encoder(encoder_spec(cfg, build_encoder), cfg.runtime.device, cfg.encode.precision,
+                                 cfg.encode.batch_size)
         rate = forward_rate(cfg, model, images, cfg.encode.precision)
         compiled = {"compile_s": round(time.perf_counter() - begin, 1), "compiled_images_per_s": round(rate, 2),
                     "compiled_mfu": mfu(rate)}
@@ -184,7 +187,7 @@ def run(args, tmp: Path) -> dict:
     for path in paths:
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.encode.decode = path
-        seconds, metrics = timed_encode(run_cfg, shard, tmp / f"encode-{path}")
+        seconds, metrics = timed_encode(run_cfg, shard, tmp / f"encode-{path}", build_encoder)
         by_decode[path] = {"encode_images_per_s": round(images / seconds, 2),
                            "jobs_images_per_s": round(metrics["rows_per_s"] / len(cfg.encode.views), 2),
                            "job_seconds": metrics["job_seconds"],
@@ -199,7 +202,7 @@ def run(args, tmp: Path) -> dict:
     if not args.throughput_only:
         serial = cfg.model_copy(deep=True)
         serial.encode.jobs_per_worker, serial.runtime.workers = 1, 1
-        serial_seconds, _ = timed_encode(serial, shard, tmp / "encode-serial")
+        serial_seconds, _ = timed_encode(serial, shard, tmp / "encode-serial", build_encoder)
     forward_second = forward_rate(cfg, encoder, images, cfg.encode.precision)
     forward = (forward_first + forward_second) / 2
     for entry in by_decode.values():
@@ -415,7 +418,7 @@ def shard_set(cfg):
     return run_pipeline(cfg, until="shard")["shard"]
 
 
-def timed_encode(cfg, shard, out_dir: Path) -> tuple[float, dict]:
+def timed_encode(cfg, shard, out_dir: Path, build_encoder) -> tuple[float, dict]:
     """Seconds of the real encode stage function, from the shard set to a validated feature store, and
     the stage's metrics."""
     import torch
@@ -425,38 +428,59 @@ def timed_encode(cfg, shard, out_dir: Path) -> tuple[float, dict]:
 
     out_dir.mkdir(parents=True)
     start = time.perf_counter()
-    metrics = encode.run(cfg, {"shard": shard}, StageOutput("encode", "benchmark", out_dir))
+    metrics = encode.run(cfg, {"shard": shard}, StageOutput("encode", "benchmark", out_dir),
+                         build_encoder=build_encoder)
     if cfg.runtime.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, metrics
 
 
-def bench_encoder(args, cfg):
-    """The stage's encoder, built once and reused by the stage (cached), its forward replaced by a
-    simulated device's wait when --simulate-device is given."""
+def encoder_factory(args, cfg):
+    """What the stage builds its encoder with: the RAE encoder, or with --simulate-device its stand-in."""
+    from stages.encode import rae_encoder
+
+    return SimulatedDevice(args.simulate_device, len(cfg.encode.views)) if args.simulate_device else rae_encoder
+
+
+def bench_encoder(args, cfg, build_encoder):
+    """The stage's encoder, built once per process and reused by the stage (the same spec and factory)."""
     from stages.encode import encoder_spec, load_encoder
 
-    encoder = load_encoder(encoder_spec(cfg), cfg.runtime.device)
-    if args.simulate_device:
-        simulate_device(encoder, args.simulate_device, len(cfg.encode.views))
-    return encoder
+    return load_encoder(encoder_spec(cfg, build_encoder), cfg.runtime.device)
 
 
-def simulate_device(encoder, images_per_s: float, views: int) -> None:
-    """The cached encoder's forward becomes the wait of a device of `images_per_s` (both views): one at a
-    time, as one device runs the jobs' kernels, and without the GIL, as kernels run beside Python."""
-    import threading
+@dataclass(frozen=True)
+class SimulatedDevice:
+    """An encoder factory for the stage: the RAE encoder whose forward is the wait of a device of `images_per_s`
+    (both views). Frozen and module-level: it pickles, and equal factories share one encoder per process."""
 
-    import torch
+    images_per_s: float
+    views: int
 
-    device = threading.Lock()
+    def __call__(self, spec, device: str):
+        from stages.encode import rae_encoder
 
-    def forward(x):
-        with device:
-            time.sleep(len(x) / (images_per_s * views))
-        return torch.zeros(len(x), encoder.num_tokens, encoder.channels, device=x.device)
+        return SimulatedEncoder(rae_encoder(spec, device), self.images_per_s * self.views)
 
-    encoder.forward = forward
+
+class SimulatedEncoder:
+    """The encoder's shape (vit, tokens, channels, parameters) and a forward that waits batch / rate seconds and
+    returns zeros: one batch at a time, as one device runs the jobs' kernels, and without the GIL, as kernels
+    run beside Python."""
+
+    def __init__(self, encoder, rows_per_s: float):
+        import threading
+
+        self.vit, self.parameters = encoder.vit, encoder.parameters
+        self.num_tokens, self.channels, self.grid_size = encoder.num_tokens, encoder.channels, encoder.grid_size
+        self.rows_per_s, self.device = rows_per_s, threading.Lock()
+
+    def __call__(self, x):
+        import torch
+
+        with self.device:
+            time.sleep(len(x) / self.rows_per_s)
+        return torch.zeros(len(x), self.num_tokens, self.channels, device=x.device)
 
 
 def encoder_input(cfg, seed: int = 0):
@@ -680,8 +704,9 @@ def rss_child(args, shard_dir: Path, work: Path) -> dict:
 
     shard = read_manifest(shard_dir)
     cfg = bench_config(args, work / "store", work / "unused")
-    bench_encoder(args, cfg)
-    timed_encode(cfg, shard, work / "encode")
+    build_encoder = encoder_factory(args, cfg)
+    bench_encoder(args, cfg, build_encoder)
+    timed_encode(cfg, shard, work / "encode", build_encoder)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if cfg.runtime.device == "cuda" else None
     return {"images": shard.metrics["samples"], "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": None if gpu is None else round(gpu, 1)}

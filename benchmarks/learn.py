@@ -114,7 +114,7 @@ def reconstructions(cfg: Config, manifests: dict) -> tuple[np.ndarray, np.ndarra
     """Val codes (view 0) + flow.noise_sigma * eps (seed 0), decoded as the sample stage decodes a sample."""
     from pipeline.data.codes import open_codes, read_rows, split_rows
     from pipeline.device import resolve_device
-    from stages.sample import Models, decode, load_models
+    from stages.sample import ModelSources, decode, load_models
 
     device = resolve_device(cfg.runtime.device)
     group, attrs = open_codes(manifests["compress"].dir / "codes.zarr")
@@ -124,7 +124,7 @@ def reconstructions(cfg: Config, manifests: dict) -> tuple[np.ndarray, np.ndarra
     codes, labels = torch.from_numpy(codes[::views]), labels[::views]
     noise = torch.randn(codes.shape, generator=torch.Generator().manual_seed(0))
     upstream = {k: manifests[k] for k in ("train_flow", "fit_src", "encode", "fit_decoder") if k in manifests}
-    _, src, normalizer, decoder = load_models(Models(cfg, upstream, str(device)))
+    _, src, normalizer, decoder = load_models(ModelSources(cfg, upstream, str(device)))
     with torch.no_grad():
         pixels, _ = decode((codes + cfg.flow.noise_sigma * noise).to(device), src, normalizer, decoder, device)
     return pixels, labels

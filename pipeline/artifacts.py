@@ -79,11 +79,8 @@ def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
     try:
         digest = cached.read_text().strip()
     except OSError:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        digest = h.hexdigest()
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(cached, digest)

@@ -83,5 +83,16 @@ def completed(futures: dict, in_completion_order: Callable, meter, size: Callabl
         yield result
 
 
+def gpu_worker_env(device: str, workers: int, dask_address: str | None) -> list[dict[str, str]] | None:
+    """Local workers on a CUDA device: worker i sees GPU i mod (the GPUs here) alone. None in-process, on the CPU
+    or on an existing cluster (its workers keep their own environment)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if str(device).startswith("cuda") else 0
+    if not gpus or workers <= 1 or dask_address:
+        return None
+    return [{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(workers)]
+
+
 def cpu_workers(requested: int) -> int:
     return max(1, min(requested, os.cpu_count() or 1))

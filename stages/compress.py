@@ -15,6 +15,7 @@ features path's for the same images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,32 @@ import torch
 import zarr
 
 from pipeline.artifacts import Commits, StageOutput
+from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.data.features import load_normalizer, open_features, widen
 from pipeline.data.shards import manifest_rows
-from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import (
+    ShardRange,
+    consolidate,
+    fill_row_store,
+    shard_ranges,
+    write_rows,
+    write_small_array,
+)
 from pipeline.device import resolve_device
-from pipeline.parallel import map_jobs
-from stages.encode import VIEWS, EncodeJob, encode_rows, encoder_spec, make_job, reduce_statistics
+from stages.encode import (
+    VIEWS,
+    EncoderRun,
+    ShardImages,
+    encode_rows,
+    encoder_run,
+    encoder_spec,
+    reduce_statistics,
+    shard_images,
+)
 from stages.fit_src import load_src
+from storage_schemas.success import Manifest
 from storage_schemas.zarr_layouts import CODES, SPLIT_IDS
-
 
 
 @dataclass(frozen=True)
@@ -46,43 +63,37 @@ class CompressJob:
     device: str
     store: str
     commits: str
-    images: EncodeJob | None = None  # from: images, the encode job of these rows
+    images: ShardImages | None = None  # from: images, the images of these rows
+    encoder: EncoderRun | None = None  # from: images, the encoder run over them
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     features = upstream["encode"].dir / "features.zarr"
     _, feature_attrs = open_features(features)
     device = str(resolve_device(cfg.runtime.device))
     src = cached_src(str(upstream["fit_src"].dir), device)  # a bad SRC fails here, before any work
     tokens = feature_attrs["grid_size"] ** 2
-    n_rows, splits, encode_jobs = row_layout(cfg, upstream, feature_attrs, device)
+    n_rows, splits, images_of = row_layout(cfg, upstream, feature_attrs)
+    encoder = encoder_run(cfg, encoder_spec(cfg), device) if images_of else None
     store, commits = out.path / "codes.zarr", Commits(out.path / "commits")
-    if not commits.any():
-        create_row_store(store, CODES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
-                         rows_per_chunk=cfg.encode.rows_per_chunk,
-                         row_shapes={"codes": ((tokens, src.config["dim"]), "float32")},
-                         attrs={"features_fingerprint": upstream["encode"].fingerprint,
-                                "src_fingerprint": upstream["fit_src"].fingerprint,
-                                "src_kind": upstream["fit_src"].metrics.get("kind"), "src_arch": src.arch,
-                                "src_noise_sigma": upstream["fit_src"].metrics.get("noise_sigma"),
-                                "source": cfg.compress.source, "views": feature_attrs["views"], "splits": splits,
-                                "grid_size": feature_attrs["grid_size"],
-                                "normalization": "codes = SRC.encode(per-position normalized features), no "
-                                                 "noise; code_mean/code_std: per channel over the train rows"})
-    ranges = shard_ranges(n_rows, cfg.encode.rows_per_shard)
-    jobs = [CompressJob(r, str(upstream["fit_src"].dir), str(features), cfg.encode.stats, cfg.encode.stats_file,
-                        cfg.compress.batch_size, device, str(store), str(commits.dir),
-                        encode_jobs[r.index] if encode_jobs else None)
-            for r in ranges if not commits.done(r.index)]
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
-    worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
-                  if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
-    for _ in map_jobs(compress_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
-                      worker_env=worker_env, desc="compress", unit="rows",
-                      weights=lambda j: j.shard.stop - j.shard.start):
-        out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
+    fill_row_store(
+        store, commits, CODES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
+        rows_per_chunk=cfg.encode.rows_per_chunk, row_shapes={"codes": ((tokens, src.config["dim"]), "float32")},
+        attrs={"features_fingerprint": upstream["encode"].fingerprint,
+               "src_fingerprint": upstream["fit_src"].fingerprint,
+               "src_kind": upstream["fit_src"].metrics.get("kind"), "src_arch": src.arch,
+               "src_noise_sigma": upstream["fit_src"].metrics.get("noise_sigma"),
+               "source": cfg.compress.source, "views": feature_attrs["views"], "splits": splits,
+               "grid_size": feature_attrs["grid_size"],
+               "normalization": "codes = SRC.encode(per-position normalized features), no "
+                                "noise; code_mean/code_std: per channel over the train rows"},
+        job=lambda r: CompressJob(r, str(upstream["fit_src"].dir), str(features), cfg.encode.stats,
+                                  cfg.encode.stats_file, cfg.compress.batch_size, device, str(store), str(commits.dir),
+                                  images_of(r) if images_of else None, encoder),
+        write_shard=compress_shard, runtime=cfg.runtime, device=device, desc="compress",
+        report_progress=out.report_progress)
 
-    count, mean, var = reduce_statistics(commits, ranges, stage="compress")
+    count, mean, var = reduce_statistics(commits, shard_ranges(n_rows, cfg.encode.rows_per_shard), stage="compress")
     std = np.sqrt(var)
     write_small_array(store, "code_mean", mean, ("code_channel",))
     write_small_array(store, "code_std", std, ("code_channel",))
@@ -94,9 +105,9 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
             "code_std_max": float(std.max())}
 
 
-def row_layout(cfg: Config, upstream: dict, feature_attrs: dict, device: str,
-               ) -> tuple[int, dict, dict[int, EncodeJob] | None]:
-    """(rows, split row ranges, the encode job of each shard for from: images). from: features copies the
+def row_layout(cfg: Config, upstream: dict[str, Manifest], feature_attrs: dict,
+               ) -> tuple[int, dict, Callable[[ShardRange], ShardImages] | None]:
+    """(rows, split row ranges, for from: images the images of each shard's rows). from: features copies the
     feature store's rows; from: images has one row per (image, view) of the whole shard set, in encode's order."""
     if cfg.compress.source == "features":
         splits = dict(feature_attrs["splits"])
@@ -105,16 +116,11 @@ def row_layout(cfg: Config, upstream: dict, feature_attrs: dict, device: str,
     images = manifest_rows(shard_dir, ("train", "val"))
     views = tuple(VIEWS[v] for v in cfg.encode.views)
     n_rows, n_train = len(images) * len(views), sum(r["split"] == "train" for r in images) * len(views)
-    spec = encoder_spec(cfg)
-    # encode_rows only computes rows: the job's store / commits paths are never used
-    jobs = {r.index: make_job(r, images, views, spec, cfg, device, shard_dir, Path(), Commits(Path()))
-            for r in shard_ranges(n_rows, cfg.encode.rows_per_shard)}
-    return n_rows, {"train": [0, n_train], "val": [n_train, n_rows]}, jobs
+    return (n_rows, {"train": [0, n_train], "val": [n_train, n_rows]},
+            lambda r: shard_images(r, images, views, shard_dir))
 
 
 # --- one job, run in a worker process ----------------------------------------------------------
-
-_NORMALIZERS: dict = {}  # per process, like encode's encoders
 
 
 def compress_shard(job: CompressJob) -> int:
@@ -123,12 +129,10 @@ def compress_shard(job: CompressJob) -> int:
         group = zarr.open_group(job.features, mode="r")
         arrays = {name: group[name][start:stop] for name in ("features", "labels", "keys", "view", "split")}
     else:
-        arrays, _ = encode_rows(job.images)  # stored-dtype features, as encode would have written them
+        arrays, _ = encode_rows(job.images, job.encoder)  # stored-dtype features, as encode would have written them
     src = cached_src(job.src_dir, job.device)
-    key = (job.features, job.stats, job.stats_file)
-    if key not in _NORMALIZERS:
-        _NORMALIZERS[key] = load_normalizer(Path(job.features), job.stats, job.stats_file)
-    codes = encode_codes(src, _NORMALIZERS[key], arrays.pop("features"), job.batch_size, job.device)
+    normalizer = cached_normalizer(job.features, job.stats, job.stats_file)
+    codes = encode_codes(src, normalizer, arrays.pop("features"), job.batch_size, job.device)
     files = write_rows(Path(job.store), start, {"codes": codes, **arrays})
     train = codes[arrays["split"] == SPLIT_IDS["train"]].astype(np.float64)
     Commits(Path(job.commits)).write(job.shard.index, files, count=np.array(train.shape[0] * train.shape[1]),
@@ -146,12 +150,15 @@ def encode_codes(src, normalizer, features: np.ndarray, batch_size: int, device:
     return out
 
 
-_SRCS: dict = {}
-
-
 def cached_src(src_dir: str, device: str):
-    """load_src once per process (keyed by the weights file's mtime, so a forced refit is reloaded)."""
-    key = (src_dir, (Path(src_dir) / "src.safetensors").stat().st_mtime_ns, device)
-    if key not in _SRCS:
-        _SRCS[key] = load_src(src_dir, device)
-    return _SRCS[key]
+    """load_src once per process; a forced refit (a new weights file) is reloaded."""
+    return per_process("src", (src_dir, device), lambda: load_src(src_dir, device),
+                       [Path(src_dir) / "src.safetensors"])
+
+
+def cached_normalizer(features: str, stats: str, stats_file: str | None):
+    """load_normalizer once per process; a rebuilt feature store (new statistics) is reloaded."""
+    released = [stats_file] if stats_file else []  # none: load_normalizer says what is missing
+    files = [Path(features) / "zarr.json"] if stats == "computed" else released  # rewritten when the store completes
+    return per_process("normalizer", (features, stats, stats_file),
+                       lambda: load_normalizer(Path(features), stats, stats_file), files)

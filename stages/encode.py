@@ -11,66 +11,100 @@ order at the end into the exact per-position mean and variance (order-independen
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.artifacts import Commits, StageOutput
+from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.data.decode import decode_crop_with, nvjpeg_crops
 from pipeline.data.shards import iter_jpegs, manifest_rows
-from pipeline.data.zarr_store import ShardRange, consolidate, create_row_store, shard_ranges, write_rows, write_small_array
+from pipeline.data.zarr_store import (
+    ShardRange,
+    consolidate,
+    fill_row_store,
+    shard_ranges,
+    write_rows,
+    write_small_array,
+)
 from pipeline.device import inference_precision, resolve_device
-from pipeline.parallel import map_jobs
 from stages.inputs import encoder_weights_digest
+from storage_schemas.success import Manifest
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
 
 VIEWS = {"plain": 0, "flip": 1}
 
 
+def rae_encoder(spec: EncoderSpec, device: str):
+    """The stage's encoder: the frozen RAE encoder of `spec` on `device` (benchmarks/encode.py passes a stand-in)."""
+    from pipeline.models.rae import build_rae_encoder
+
+    return build_rae_encoder(spec.weights, model_name=spec.name, input_size=spec.input_size, arch=dict(spec.arch),
+                             seed=spec.seed).to(device)
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Everything a worker process needs to build the same frozen encoder."""
+    """Everything a worker process needs to build the same frozen encoder: `build(spec, device)` builds it (a
+    module-level function or a frozen dataclass, so that it pickles and two equal specs share one encoder)."""
 
     name: str
     weights: str
     input_size: int
     arch: tuple[tuple[str, int], ...]
     seed: int
+    build: Callable[[EncoderSpec, str], Any] = rae_encoder
 
 
 @dataclass(frozen=True)
-class EncodeJob:
+class ShardImages:
+    """The images of one shard's rows, image-major (image i's views are rows i * V .. i * V + V - 1)."""
+
     shard: ShardRange
     images: tuple[tuple[str, int, str, str], ...]  # (key, label, split, tar path) of the images in these rows
-    first_image: int
+    first_image: int  # the index of images[0] among all the images
     views: tuple[int, ...]
-    encoder: EncoderSpec
+
+
+@dataclass(frozen=True)
+class EncoderRun:
+    """How a worker runs the frozen encoder over images (the encode section, resolved to one device)."""
+
+    spec: EncoderSpec
     resolution: int
     precision: str  # encode.precision: the forward's arithmetic
     dtype: str  # encode.dtype: the stored features'
     batch_size: int
     decode_threads: int
     device: str
-    store: str
-    commits: str
     decode: str = "pil"  # encode.decode: pil | tensor | nvjpeg
     compile: bool = False  # encode.compile, on CUDA: the compiled encoder, every batch padded to batch_size
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+@dataclass(frozen=True)
+class EncodeJob:
+    rows: ShardImages
+    encoder: EncoderRun
+    store: str
+    commits: str
+
+
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
+        build_encoder: Callable[[EncoderSpec, str], Any] = rae_encoder) -> dict:
     shard_dir = upstream["shard"].dir
     images = manifest_rows(shard_dir, ("train", "val"), cfg.encode.subset_per_class)
     views = tuple(VIEWS[v] for v in cfg.encode.views)
     n_rows = len(images) * len(views)
-    spec = encoder_spec(cfg)
+    spec = encoder_spec(cfg, build_encoder)
     device = str(resolve_device(cfg.runtime.device))
     check_decode_device(cfg.encode.decode, device)
     encoder = load_encoder(spec, device)  # a bad weights file fails here, before any work
@@ -79,35 +113,31 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)  # compiled before any job
     store, commits = out.path / "features.zarr", Commits(out.path / "commits")
     n_train = sum(r["split"] == "train" for r in images) * len(views)
-    if not commits.any():
-        create_row_store(store, FEATURES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
-                         rows_per_chunk=cfg.encode.rows_per_chunk,
-                         row_shapes={"features": ((encoder.num_tokens, encoder.channels), storage_dtype(cfg.encode.dtype))},
-                         attrs={"encoder": spec.name, "weights_sha256": encoder_weights_digest(cfg),
-                                "resolution": cfg.data.resolution, "input_size": spec.input_size,
-                                "crop": "adm_center_crop_arr, bicubic resize to input_size (no antialias)",
-                                "decode": cfg.encode.decode,
-                                "normalization": "final LayerNorm without affine; per-position stats_mean/stats_var "
-                                                 "stored beside, NOT applied",
-                                "precision": cfg.encode.precision, "logical_dtype": cfg.encode.dtype, "views": list(cfg.encode.views),
-                                "splits": {"train": [0, n_train], "val": [n_train, n_rows]},
-                                "grid_size": encoder.grid_size, "source_fingerprint": upstream["shard"].fingerprint,
-                                "stats_count": 0})
-    ranges = shard_ranges(n_rows, cfg.encode.rows_per_shard)
-    jobs = [make_job(r, images, views, spec, cfg, device, shard_dir, store, commits) for r in ranges
-            if not commits.done(r.index)]
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
-    worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
-                  if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
-    started, job_seconds = time.perf_counter(), Counter()
-    for result in map_jobs(encode_shard, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
-                           worker_env=worker_env, threads=cfg.encode.jobs_per_worker, desc="encode", unit="rows",
-                           weights=lambda j: j.shard.stop - j.shard.start):
-        job_seconds.update(result)  # adds up each job's rows, phase seconds (and CPU-decoded images)
-        out.report_progress(sum(commits.done(r.index) for r in ranges), len(ranges), "shards")
+    encoding = encoder_run(cfg, spec, device)
+    started = time.perf_counter()
+    results = fill_row_store(
+        store, commits, FEATURES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
+        rows_per_chunk=cfg.encode.rows_per_chunk,
+        row_shapes={"features": ((encoder.num_tokens, encoder.channels), storage_dtype(cfg.encode.dtype))},
+        attrs={"encoder": spec.name, "weights_sha256": encoder_weights_digest(cfg),
+               "resolution": cfg.data.resolution, "input_size": spec.input_size,
+               "crop": "adm_center_crop_arr, bicubic resize to input_size (no antialias)",
+               "decode": cfg.encode.decode,
+               "normalization": "final LayerNorm without affine; per-position stats_mean/stats_var "
+                                "stored beside, NOT applied",
+               "precision": cfg.encode.precision, "logical_dtype": cfg.encode.dtype, "views": list(cfg.encode.views),
+               "splits": {"train": [0, n_train], "val": [n_train, n_rows]},
+               "grid_size": encoder.grid_size, "source_fingerprint": upstream["shard"].fingerprint,
+               "stats_count": 0},
+        job=lambda r: EncodeJob(shard_images(r, images, views, shard_dir), encoding, str(store), str(commits.dir)),
+        write_shard=encode_shard, runtime=cfg.runtime, device=device, threads=cfg.encode.jobs_per_worker,
+        desc="encode", report_progress=out.report_progress)
     wall = time.perf_counter() - started
+    job_seconds = Counter()
+    for result in results:
+        job_seconds.update(result)  # adds up each job's rows, phase seconds (and CPU-decoded images)
 
-    count, mean, var = reduce_statistics(commits, ranges)
+    count, mean, var = reduce_statistics(commits, shard_ranges(n_rows, cfg.encode.rows_per_shard))
     grid = encoder.grid_size
     to_chw = lambda a: a.T.reshape(encoder.channels, grid, grid)  # noqa: E731  (T, C) -> (C, H, W)
     write_small_array(store, "stats_mean", to_chw(mean), ("channel", "y", "x"))
@@ -129,9 +159,9 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
             "job_seconds": {k: round(v, 3) for k, v in job_seconds.items()}}
 
 
-def encoder_spec(cfg: Config) -> EncoderSpec:
+def encoder_spec(cfg: Config, build: Callable[[EncoderSpec, str], Any] = rae_encoder) -> EncoderSpec:
     arch = tuple(sorted((k, v) for k, v in cfg.encoder.arch.model_dump().items() if v is not None))
-    return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed)
+    return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed, build)
 
 
 def check_decode_device(decode: str, device: str) -> None:
@@ -145,15 +175,18 @@ def storage_dtype(dtype: str) -> str:
     return "uint16" if dtype == "bfloat16" else "float16"
 
 
-def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: EncoderSpec, cfg: Config, device: str,
-             shard_dir: Path, store: Path, commits: Commits) -> EncodeJob:
+def shard_images(r: ShardRange, images: list[dict], views: tuple[int, ...], shard_dir: Path) -> ShardImages:
+    """The images of shard `r`'s rows (manifest rows `images`, their tars under shard_dir/shards)."""
     first, last = r.start // len(views), (r.stop - 1) // len(views)
     mine = tuple((im["key"], im["label"], im["split"], str(shard_dir / "shards" / im["shard"]))
                  for im in images[first:last + 1])
+    return ShardImages(r, mine, first, views)
+
+
+def encoder_run(cfg: Config, spec: EncoderSpec, device: str) -> EncoderRun:
     decode_threads = cfg.encode.decode_threads or max(2, (os.cpu_count() or 2) // max(1, cfg.runtime.workers))
-    return EncodeJob(r, mine, first, views, spec, cfg.data.resolution, cfg.encode.precision, cfg.encode.dtype,
-                     cfg.encode.batch_size, decode_threads, device, str(store), str(commits.dir),
-                     decode=cfg.encode.decode, compile=cfg.encode.compile)
+    return EncoderRun(spec, cfg.data.resolution, cfg.encode.precision, cfg.encode.dtype, cfg.encode.batch_size,
+                      decode_threads, device, decode=cfg.encode.decode, compile=cfg.encode.compile)
 
 
 # --- one job, run in a worker thread -----------------------------------------------------------
@@ -161,25 +194,21 @@ def make_job(r: ShardRange, images: list[dict], views: tuple[int, ...], spec: En
 # its JPEG decodes or its Zarr write, another job's forward passes keep the device busy. Each job has
 # its own CUDA stream, so its copies overlap the other jobs' kernels.
 
-_ENCODERS: dict = {}  # per process: built once, shared by every job the process runs
-_COMPILED: dict = {}  # per process: (spec, device, precision, batch) -> the compiled encoder, warmed up
-_COMPILE_LOCK = threading.Lock()
-_DECODE_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: JPEG decodes and crops without the GIL
-_LOCK = threading.Lock()
-
-
 def load_encoder(spec: EncoderSpec, device: str):
-    from pipeline.models.rae import build_rae_encoder
-
+    """The process's encoder of `spec` on `device`, built once and shared by every job the process runs."""
     device = str(resolve_device(device))  # "cuda" and "cuda:0" are one encoder
-    with _LOCK:
-        if (spec, device) not in _ENCODERS:
-            encoder = build_rae_encoder(spec.weights, model_name=spec.name, input_size=spec.input_size,
-                                        arch=dict(spec.arch), seed=spec.seed).to(device)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)  # jobs read the weights from their own streams
-            _ENCODERS[(spec, device)] = encoder
-        return _ENCODERS[(spec, device)]
+
+    def build():
+        encoder = spec.build(spec, device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # jobs read the weights from their own streams
+        return encoder
+
+    return per_process("encoder", (spec, device), build, weights_files(spec))
+
+
+def weights_files(spec: EncoderSpec) -> list[str]:
+    return [] if spec.weights == "random" else [spec.weights]
 
 
 def compiled_encoder(spec: EncoderSpec, device: str, precision: str, batch_size: int):
@@ -188,37 +217,39 @@ def compiled_encoder(spec: EncoderSpec, device: str, precision: str, batch_size:
     from pipeline.models.rae import to_encoder_input
 
     encoder = load_encoder(spec, device)
-    key = (spec, str(resolve_device(device)), precision, batch_size)
-    with _COMPILE_LOCK:
-        if key not in _COMPILED:
-            compiled = torch.compile(encoder, dynamic=False)
-            pixels = torch.zeros((batch_size, 8, 8, 3), dtype=torch.uint8, device=device)
-            with torch.inference_mode(), inference_precision(pixels.device, precision):
-                compiled(to_encoder_input(pixels, spec.input_size))
-            if pixels.device.type == "cuda":
-                torch.cuda.synchronize(pixels.device)
-            _COMPILED[key] = compiled
-        return _COMPILED[key]
+
+    def build():
+        compiled = torch.compile(encoder, dynamic=False)
+        pixels = torch.zeros((batch_size, 8, 8, 3), dtype=torch.uint8, device=device)
+        with torch.inference_mode(), inference_precision(pixels.device, precision):
+            compiled(to_encoder_input(pixels, spec.input_size))
+        if pixels.device.type == "cuda":
+            torch.cuda.synchronize(pixels.device)
+        return compiled
+
+    return per_process("compiled encoder", (spec, str(resolve_device(device)), precision, batch_size), build,
+                       weights_files(spec))
 
 
 def decode_pool(threads: int) -> ThreadPoolExecutor:
-    with _LOCK:
-        if threads not in _DECODE_POOLS:
-            _DECODE_POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
-        return _DECODE_POOLS[threads]
+    """The process's JPEG decode threads (decodes and crops run without the GIL)."""
+    return per_process("decode pool", threads, lambda: ThreadPoolExecutor(max_workers=threads,
+                                                                          thread_name_prefix="decode"))
 
 
 def encode_shard(job: EncodeJob) -> dict[str, float]:
     """Encode, write and commit one shard. Returns its rows, the seconds of each phase of this job and (nvjpeg)
     how many of its images were decoded on the CPU."""
     seconds: dict[str, float] = {}
-    arrays, (count, total, total_sq) = encode_rows(job, seconds)
+    arrays, (count, total, total_sq) = encode_rows(job.rows, job.encoder, seconds)
     with timed(seconds, "write"):
-        files = write_rows(Path(job.store), job.shard.start, arrays)
+        files = write_rows(Path(job.store), job.rows.shard.start, arrays)
     with timed(seconds, "commit"):
-        Commits(Path(job.commits)).write(job.shard.index, files, count=np.array(count), sum=total, sumsq=total_sq)
+        Commits(Path(job.commits)).write(job.rows.shard.index, files, count=np.array(count), sum=total,
+                                         sumsq=total_sq)
     fallbacks = seconds.pop("decode_fallbacks", 0)  # nvjpeg: images it was not given or refused
-    return {"rows": len(arrays["labels"]), **({"decode_fallbacks": fallbacks} if job.decode == "nvjpeg" else {}),
+    return {"rows": len(arrays["labels"]),
+            **({"decode_fallbacks": fallbacks} if job.encoder.decode == "nvjpeg" else {}),
             **seconds}
 
 
@@ -231,62 +262,64 @@ def timed(seconds: dict[str, float], phase: str):
         seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def encode_rows(job: EncodeJob, seconds: dict[str, float] | None = None,
+def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float] | None = None,
                 ) -> tuple[dict[str, np.ndarray], tuple[int, np.ndarray, np.ndarray]]:
-    """The job's rows, computed and not written: features in the storage dtype, labels, split, keys, view;
+    """The shard's rows, computed and not written: features in the storage dtype, labels, split, keys, view;
     and the float64 (count, sum, sum of squares) of its train rows. Also the image path of
     `compress.from: images`, so both paths see the same stored-precision features."""
     seconds = {} if seconds is None else seconds
-    check_decode_device(job.decode, job.device)  # compress.from: images comes here too
-    device = torch.device(job.device)
+    check_decode_device(encoder.decode, encoder.device)  # compress.from: images comes here too
+    device = torch.device(encoder.device)
     cuda = device.type == "cuda"
-    compiled = job.compile and cuda
-    encoder = load_encoder(job.encoder, job.device)
-    forward = compiled_encoder(job.encoder, job.device, job.precision, job.batch_size) if compiled else encoder
-    n_views = len(job.views)
+    compiled = encoder.compile and cuda
+    model = load_encoder(encoder.spec, encoder.device)
+    forward = (compiled_encoder(encoder.spec, encoder.device, encoder.precision, encoder.batch_size) if compiled
+               else model)
+    n_views = len(rows.views)
     with timed(seconds, "read"):
-        keys = {k for k, *_ in job.images}
-        jpegs = dict(iter_jpegs(sorted({tar for *_, tar in job.images}), keys))
+        keys = {k for k, *_ in rows.images}
+        jpegs = dict(iter_jpegs(sorted({tar for *_, tar in rows.images}), keys))
     missing = keys - jpegs.keys()
     if missing:
         raise FileNotFoundError(f"encode: {len(missing)} images of the manifest are not in their shards "
                                 f"(e.g. {sorted(missing)[0]}); the shard set is damaged, rerun `shard` with --force")
-    if job.decode != "nvjpeg":  # crops made ahead by the worker's decode threads, in the job's order
-        crop = decode_crop_with(job.decode)
-        crops = decode_pool(job.decode_threads).map(lambda item: crop(jpegs[item[0]], job.resolution), job.images)
+    if encoder.decode != "nvjpeg":  # crops made ahead by the worker's decode threads, in the job's order
+        crop = decode_crop_with(encoder.decode)
+        crops = decode_pool(encoder.decode_threads).map(lambda item: crop(jpegs[item[0]], encoder.resolution),
+                                                        rows.images)
     # rows of this shard, as offsets into the images this job holds
-    lo = job.shard.start - job.first_image * n_views
-    hi = lo + job.shard.stop - job.shard.start
-    labels = np.repeat([lab for _, lab, _, _ in job.images], n_views).astype(np.int32)[lo:hi]
-    splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in job.images], n_views).astype(np.uint8)[lo:hi]
+    lo = rows.shard.start - rows.first_image * n_views
+    hi = lo + rows.shard.stop - rows.shard.start
+    labels = np.repeat([lab for _, lab, _, _ in rows.images], n_views).astype(np.int32)[lo:hi]
+    splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in rows.images], n_views).astype(np.uint8)[lo:hi]
     with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else nullcontext():
-        features = torch.empty((len(job.images) * n_views, encoder.num_tokens, encoder.channels),
-                               dtype=torch.bfloat16 if job.dtype == "bfloat16" else torch.float16, device=device)
-        for b0 in range(0, len(job.images), job.batch_size):
-            n = min(job.batch_size, len(job.images) - b0)
+        features = torch.empty((len(rows.images) * n_views, model.num_tokens, model.channels),
+                               dtype=torch.bfloat16 if encoder.dtype == "bfloat16" else torch.float16, device=device)
+        for b0 in range(0, len(rows.images), encoder.batch_size):
+            n = min(encoder.batch_size, len(rows.images) - b0)
             with timed(seconds, "decode_wait"):
-                if job.decode == "nvjpeg":  # decoded and cropped on the device, on this job's stream
-                    pixels, on_cpu = nvjpeg_crops([jpegs[k] for k, *_ in job.images[b0:b0 + n]], job.resolution,
+                if encoder.decode == "nvjpeg":  # decoded and cropped on the device, on this job's stream
+                    pixels, on_cpu = nvjpeg_crops([jpegs[k] for k, *_ in rows.images[b0:b0 + n]], encoder.resolution,
                                                   device)
                     seconds["decode_fallbacks"] = seconds.get("decode_fallbacks", 0) + len(on_cpu)
                 else:
                     batch = torch.from_numpy(np.stack([next(crops) for _ in range(n)]))
             with timed(seconds, "forward"):
-                if job.decode != "nvjpeg":
+                if encoder.decode != "nvjpeg":
                     pixels = batch.pin_memory().to(device, non_blocking=True) if cuda else batch
-                for v_index, view in enumerate(job.views):
-                    rows = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
-                    features[rows] = encode_pixels(forward, pixels, job.encoder.input_size, job.precision,
-                                                   job.dtype, flip=view == 1,
-                                                   pad_to=job.batch_size if compiled else None)
+                for v_index, view in enumerate(rows.views):
+                    at = slice(b0 * n_views + v_index, (b0 + n) * n_views, n_views)
+                    features[at] = encode_pixels(forward, pixels, encoder.spec.input_size, encoder.precision,
+                                                   encoder.dtype, flip=view == 1,
+                                                   pad_to=encoder.batch_size if compiled else None)
         with timed(seconds, "forward"):  # the job's device work ends with these copies to the host
             mine = features[lo:hi]
             sums = train_sums(mine[torch.from_numpy(splits == SPLIT_IDS["train"]).to(device)])
             stored = stored_array(mine)
     return {
         "features": stored, "labels": labels, "split": splits,
-        "keys": np.repeat([k for k, *_ in job.images], n_views)[lo:hi],
-        "view": np.tile(np.array(job.views, dtype=np.uint8), len(job.images))[lo:hi],
+        "keys": np.repeat([k for k, *_ in rows.images], n_views)[lo:hi],
+        "view": np.tile(np.array(rows.views, dtype=np.uint8), len(rows.images))[lo:hi],
     }, sums
 
 

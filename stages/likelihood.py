@@ -33,12 +33,12 @@ from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
 from pipeline.metrics.reconstruction import psnr
 from pipeline.models.flow import class_posterior, slerp
-from pipeline.training import step_seed as seed_of
+from pipeline.training import step_seed
 from stages import STAGE_NAMES
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.success import Manifest
 
-NOISE_STREAM = 5  # seed_of(train.seed, s, NOISE_STREAM): score's noise draw s
+NOISE_STREAM = 5  # step_seed(train.seed, s, NOISE_STREAM): score's noise draw s
 NEEDED = ("shard", "encode", "fit_decoder", "fit_src", "train_flow")  # fit_decoder only when enabled
 BAYES_NOTE = ("the flow as a Bayes-rule classifier (uniform prior over the classes) on clean val codes: a property "
               "of the model, not a published metric of the paper")
@@ -120,14 +120,14 @@ def open_chain(cfg: Config, config_path: str, decoder: bool = False) -> Chain:
     from pipeline.data.features import load_normalizer
     from stages.compress import cached_src
     from stages.encode import encoder_spec, load_encoder
-    from stages.sample import Models, load_models
+    from stages.sample import ModelSources, load_models
     from storage_schemas.shards import MANIFEST_SCHEMA, read_table
 
     manifests = done_manifests(cfg, config_path)
     device = resolve_device(cfg.runtime.device)
     if decoder:
         upstream = {k: manifests[k] for k in ("train_flow", "fit_src", "encode", "fit_decoder") if k in manifests}
-        flow, src, normalizer, rae_decoder = load_models(Models(cfg, upstream, str(device)))
+        flow, src, normalizer, rae_decoder = load_models(ModelSources(cfg, upstream, str(device)))
     else:
         flow, src = load_flow(manifests["train_flow"], device), cached_src(str(manifests["fit_src"].dir), str(device))
         normalizer = load_normalizer(manifests["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
@@ -196,7 +196,7 @@ def image_codes(chain: Chain, crops: np.ndarray) -> np.ndarray:
 
 def score_noise(seed: int, samples: int, shape: tuple[int, ...]) -> torch.Tensor:
     """eps_s (samples, 1, T, d), s seeded by (seed, s): the same draws for every image."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed, s, NOISE_STREAM)))
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(step_seed(seed, s, NOISE_STREAM)))
                         for s in range(samples)])[:, None]
 
 

@@ -59,8 +59,6 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     weights = cfg.evaluate.inception_weights
     weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
     path = out.path / REFERENCE_FILE
-    for leftover in out.path.glob("*.tmp.npz"):  # save_reference's temp file of a killed run
-        leftover.unlink()
     if not path.is_file():
         device = resolve_device(cfg.runtime.device)
         if cfg.reference.kind == "adm_npz":

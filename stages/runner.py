@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +111,10 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
         started = now()
         try:
             metrics = p.stage.run(cfg, upstream, out)
-        except OSError as e:  # e.g. a full disk: a write names no file, so name the output being written
-            if e.filename is not None or e.errno is None:
+        except OSError as e:  # e.g. a full disk: name the stage, and the file (or the output) being written
+            if e.errno is None or (e.filename is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT)):
                 raise
-            raise OSError(e.errno, f"{p.name}: {e.strerror} (writing into {out.path})") from e
+            raise OSError(e.errno, f"{p.name}: {e.strerror} (writing {e.filename or f'into {out.path}'})") from e
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {})
     if built is not None:

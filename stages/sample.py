@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shutil
 import time
 import zipfile
@@ -40,33 +39,35 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import StageOutput
+from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
-from pipeline.parallel import map_jobs
-from pipeline.training import step_seed as seed_of
+from pipeline.parallel import gpu_worker_env, map_jobs
+from pipeline.training import step_seed
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
-from storage_schemas.success import temp_name, write_atomic
+from storage_schemas.success import FILENAME as SUCCESS
+from storage_schemas.success import Manifest, write_atomic
 
-LABEL_STREAM = 1  # seed_of(sample.seed, LABEL_STREAM): the label order's own stream, apart from the noise
+LABEL_STREAM = 1  # step_seed(sample.seed, LABEL_STREAM): the label order's own stream, apart from the noise
 CHUNKS = "chunks"
 
 log = logging.getLogger("srcflow")
 
 
 @dataclass(frozen=True)
-class Models:
-    """Where a worker process finds everything it decodes with (picklable)."""
+class ModelSources:
+    """Where a worker process loads the models it samples and decodes with, and onto which device (picklable)."""
 
     cfg: Config  # decoder architecture and encode.stats
-    upstream: dict  # stage -> Manifest: train_flow, fit_src, encode, fit_decoder (when enabled)
+    upstream: dict[str, Manifest]  # train_flow, fit_src, encode, fit_decoder (when enabled)
     device: str
 
 
 @dataclass(frozen=True)
 class SampleJob:
-    models: Models
+    sources: ModelSources
     cfg_scale: float
     chunk: int
     start: int
@@ -74,28 +75,26 @@ class SampleJob:
     path: str  # the chunk file this job commits
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     s = cfg.sample
     num_classes = flow_info(upstream["train_flow"])["arch"]["num_classes"]
     total = num_classes * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
-    models = Models(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
-    if s.cuda_graph and not models.device.startswith("cuda"):
+    sources = ModelSources(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
+    if s.cuda_graph and not sources.device.startswith("cuda"):
         raise ValueError(f"sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to "
-                         f"{models.device}")
-    load_models(models)  # a missing or mismatched model fails here, before any work
+                         f"{sources.device}")
+    load_models(sources)  # a missing or mismatched model fails here, before any work
     chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
-    jobs = [SampleJob(models, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
+    jobs = [SampleJob(sources, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
             if not chunk_path(out.path, w, k).is_file()]
     log.info("sample: %d classes x %d per class at cfg scales %s (%s, anneal %s, denoise %s, solver %s): %d of %d "
              "chunks to do", num_classes, s.per_class, scales, s.cfg_mode, s.cfg_anneal, s.denoise, s.solver,
              len(jobs), len(todo) * len(chunks))
 
     started, done = time.perf_counter(), len(scales) * total - sum(j.stop - j.start for j in jobs)
-    gpus = torch.cuda.device_count() if models.device.startswith("cuda") else 0
-    worker_env = ([{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(cfg.runtime.workers)]
-                  if gpus and cfg.runtime.workers > 1 and not cfg.runtime.dask_address else None)
+    worker_env = gpu_worker_env(sources.device, cfg.runtime.workers, cfg.runtime.dask_address)
     for n in map_jobs(sample_chunk, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
                       worker_env=worker_env, desc="sample", unit="samples", weights=lambda j: j.stop - j.start):
         done += n
@@ -140,7 +139,7 @@ def class_labels(num_classes: int, per_class: int, seed: int) -> np.ndarray:
     ADM's evaluator scores IS over contiguous 5,000-sample splits without shuffling: a class-sorted
     file would give each split 100 classes (IS 22 instead of 66 on a simulated 50k). RAE's sampler
     shuffles its label pool the same way."""
-    rng = np.random.default_rng(seed_of(seed, LABEL_STREAM))
+    rng = np.random.default_rng(step_seed(seed, LABEL_STREAM))
     return rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64), per_class))
 
 
@@ -151,41 +150,43 @@ def labels_of(start: int, stop: int, num_classes: int, per_class: int, seed: int
 
 def sample_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
     """z_i for samples [start, stop), each seeded by (seed, i) on the CPU: any sharding gives the same z_i."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed, i)))
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(step_seed(seed, i)))
                         for i in range(start, stop)])
 
 
 # --- one job, run in a worker process ----------------------------------------------------------
 
-_MODELS: dict = {}  # per process: the flow, SRC, normalizer and RAE decoder, loaded once
+def load_models(sources: ModelSources) -> tuple:
+    """(flow, src, normalizer, decoder) on sources.device, loaded once per process (again when an upstream
+    output is rebuilt: its manifest is rewritten last)."""
+    up = sources.upstream
+    files = [m.dir / SUCCESS for m in up.values()]
+    if sources.cfg.encode.stats != "computed" and sources.cfg.encode.stats_file:
+        files.append(sources.cfg.encode.stats_file)
+    key = (sources.device, *(str(m.dir) for m in up.values()))
+    return per_process("sample models", key, lambda: build_models(sources), files)
 
 
-def load_models(models: Models) -> tuple:
-    """(flow, src, normalizer, decoder) on models.device, cached per process."""
+def build_models(sources: ModelSources) -> tuple:
     from pipeline.data.features import load_normalizer
     from stages.fit_decoder import load_decoder
     from stages.fit_src import load_src
 
-    up = models.upstream
-    key = (models.device, *(str(m.dir) for m in up.values()))
-    if key not in _MODELS:
-        cfg, device = models.cfg, models.device
-        flow = load_flow(up["train_flow"], device)
-        src = load_src(up["fit_src"], device)
-        if src.config["dim"] != flow.blocks[0].proj_in.in_features:
-            raise ValueError(f"sample: the flow models {flow.blocks[0].proj_in.in_features}-channel codes but the "
-                             f"SRC of {up['fit_src'].dir} makes {src.config['dim']}-channel ones")
-        normalizer = load_normalizer(up["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
-        _MODELS.clear()
-        _MODELS[key] = (flow, src, normalizer, load_decoder(cfg, up, device))
-    return _MODELS[key]
+    cfg, device, up = sources.cfg, sources.device, sources.upstream
+    flow = load_flow(up["train_flow"], device)
+    src = load_src(up["fit_src"], device)
+    if src.config["dim"] != flow.blocks[0].proj_in.in_features:
+        raise ValueError(f"sample: the flow models {flow.blocks[0].proj_in.in_features}-channel codes but the "
+                         f"SRC of {up['fit_src'].dir} makes {src.config['dim']}-channel ones")
+    normalizer = load_normalizer(up["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
+    return flow, src, normalizer, load_decoder(cfg, up, device)
 
 
 def sample_chunk(job: SampleJob) -> int:
-    s = job.models.cfg.sample
-    device = torch.device(job.models.device)
-    flow, src, normalizer, decoder = load_models(job.models)
-    info = flow_info(job.models.upstream["train_flow"])
+    s = job.sources.cfg.sample
+    device = torch.device(job.sources.device)
+    flow, src, normalizer, decoder = load_models(job.sources)
+    info = flow_info(job.sources.upstream["train_flow"])
     sigma, labels = info["noise_sigma"], labels_of(job.start, job.stop, info["arch"]["num_classes"], s.per_class, s.seed)
     tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
     images, nonfinite = [], []
@@ -260,16 +261,16 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: i
     """Stream the chunk files into samples-cfg{w}.npz (uncompressed: readers can memory-map arr_0) and the
     grid, then delete the chunks. Holds one chunk in memory, never the whole sample set."""
     path = samples_path(out_dir, cfg_scale)
-    tmp = temp_name(path)
     labels = class_labels(num_classes, s.per_class, s.seed)
     total, nonfinite = len(labels), np.zeros(len(labels), bool)
     # the grid: one row per class, its first samples in file order
     grid_picks = [int(i) for c in range(min(s.grid_classes, num_classes))
                   for i in np.flatnonzero(labels == c)[:s.grid_per_class]]
     grid: dict[int, np.ndarray] = {}
-    written = 0
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(f) -> None:
+        written = 0
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as fh:
                 for k, chunk in enumerate(chunks):
                     with np.load(chunk) as part:
@@ -285,7 +286,7 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: i
                             np.lib.format.write_array_header_1_0(fh, header)
                         fh.write(np.ascontiguousarray(images).tobytes())
                         nonfinite[start:start + len(images)] = part["nonfinite"]
-                        grid |= {i: images[i - start] for i in grid_picks if start <= i < start + len(images)}
+                        grid.update({i: images[i - start] for i in grid_picks if start <= i < start + len(images)})
                         written += len(images)
             if written != total:
                 raise ValueError(f"sample: the chunks of cfg {cfg_scale} hold {written} samples, expected {total}")
@@ -294,11 +295,9 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: i
                                  ("schema_version", np.int64(SAMPLES_SCHEMA_VERSION))):
                 with zf.open(f"{name}.npy", "w") as fh:
                     np.lib.format.write_array(fh, np.asarray(values))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        # the grid before the samples file is renamed into place: a resume skips a scale whose file exists
         save_grid(np.stack([grid[i] for i in grid_picks]), out_dir / f"grid-cfg{cfg_scale}.png",
                   ncol=min(s.grid_per_class, s.per_class))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write)
     shutil.rmtree(out_dir / CHUNKS / f"cfg{cfg_scale}", ignore_errors=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from storage_schemas.shards import (
     SCHEMA_VERSION,
     shard_name,
 )
-from storage_schemas.success import temp_name, write_atomic
+from storage_schemas.success import Manifest, write_atomic
 
 
 
@@ -46,7 +45,7 @@ class ShardJob:
     out_dir: str
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     listing = source_listing(cfg)
     jobs, duplicates = plan_jobs(cfg, listing, out.path)
     parts, commits = out.path / "parts", Commits(out.path / "commits")
@@ -112,27 +111,30 @@ def write_shard(job: ShardJob) -> int:
     out = Path(job.out_dir)
     name = shard_name(job.split, job.index)
     rows, rejected = [], []
-    tmp = temp_name(out / "shards" / name)
-    with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0.0) as tar:
-        for im in job.images:
-            try:
-                raw = (Path(job.data_root) / im.rel_path).read_bytes()
-                data, info = prepare_image_bytes(raw)
-            except RejectedImage as e:
-                rejected.append((im, e.reason))
-                continue
-            except OSError as e:
-                rejected.append((im, f"unreadable: {e.strerror or e}"))
-                continue
-            key = sample_key(im)
-            meta = {"synset": im.synset, "source_path": im.rel_path, **info}
-            tar.write({"__key__": key, "jpg": data, "cls": str(im.label).encode(),
-                       "json": json.dumps(meta, sort_keys=True).encode()})
-            rows.append({"key": key, "split": im.split, "synset": im.synset, "label": im.label,
-                         "source_path": im.rel_path, "shard": name, "width": info["width"], "height": info["height"],
-                         "orig_format": info["orig_format"], "orig_mode": info["orig_mode"],
-                         "converted": info["converted"], "sha256": hashlib.sha256(data).hexdigest()})
-    os.replace(tmp, out / "shards" / name)
+
+    def write_tar(f) -> None:
+        with wds.TarWriter(f, mtime=0.0) as tar:
+            for im in job.images:
+                try:
+                    raw = (Path(job.data_root) / im.rel_path).read_bytes()
+                    data, info = prepare_image_bytes(raw)
+                except RejectedImage as e:
+                    rejected.append((im, e.reason))
+                    continue
+                except OSError as e:
+                    rejected.append((im, f"unreadable: {e.strerror or e}"))
+                    continue
+                key = sample_key(im)
+                meta = {"synset": im.synset, "source_path": im.rel_path, **info}
+                tar.write({"__key__": key, "jpg": data, "cls": str(im.label).encode(),
+                           "json": json.dumps(meta, sort_keys=True).encode()})
+                rows.append({"key": key, "split": im.split, "synset": im.synset, "label": im.label,
+                             "source_path": im.rel_path, "shard": name, "width": info["width"],
+                             "height": info["height"], "orig_format": info["orig_format"],
+                             "orig_mode": info["orig_mode"], "converted": info["converted"],
+                             "sha256": hashlib.sha256(data).hexdigest()})
+
+    write_atomic(out / "shards" / name, write_tar, fsync=False)  # the commit marker below is fsynced
     files = [out / "shards" / name, out / "parts" / part_name(job, "rejected"), out / "parts" / part_name(job, "manifest")]
     _write_part(files[1], rejected_table(rejected))
     _write_part(files[2], pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
@@ -78,20 +79,29 @@ def temp_owner(path: Path) -> int | None:
     return int(pid) if sep and path.name.startswith(".") and pid.isdigit() else None
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Temp file in the same directory + fsync + rename: readers see all or nothing. An OSError (a full disk)
-    names the file."""
+def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], fsync: bool = True) -> None:
+    """The one file writer: a `temp_name` in the same directory, fsynced (unless `fsync=False`: files a commit
+    marker covers, as Zarr's own writes), renamed into place: readers see the old file or the whole new one.
+    `data` is the bytes, or a function that writes them to the open file (np.savez, a tar or zip stream).
+    A writer that fails leaves no temp file behind; an OSError (a full disk) names the file."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:

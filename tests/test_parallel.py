@@ -74,23 +74,58 @@ def test_rows_round_trip_with_inner_chunks_or_one_chunk_per_shard(tmp_path, rows
     assert arr.chunks == (rows_per_chunk, 3, 4)
 
 
-def test_jobs_in_threads_share_one_encoder_built_once(monkeypatch):
-    from pipeline.models import rae
+def test_jobs_in_threads_share_one_encoder_built_once():
     from stages import encode
 
-    built, real = [], rae.build_rae_encoder
+    built = []
 
-    def build(*args, **kwargs):
+    def build(spec, device):  # the encoder factory a benchmark passes in: here a slow one that counts
         built.append(1)
-        time.sleep(0.05)  # a slow build: the other threads arrive while it runs
-        return real(*args, **kwargs)
+        time.sleep(0.05)  # the other threads arrive while it runs
+        return encode.rae_encoder(spec, device)
 
-    monkeypatch.setattr(rae, "build_rae_encoder", build)
-    monkeypatch.setattr(encode, "_ENCODERS", {})
     spec = encode.EncoderSpec("vit_base_patch14_reg4_dinov2", "random", 28, (("depth", 1), ("embed_dim", 16),
-                              ("num_heads", 2), ("patch_size", 7)), 0)
+                              ("num_heads", 2), ("patch_size", 7)), 0, build)
     encoders = list(map_jobs(lambda _: encode.load_encoder(spec, "cpu"), range(4), threads=4))
     assert len(built) == 1 and all(e is encoders[0] for e in encoders)
+
+
+class Killed(BaseException):
+    """A crash that nothing in the stage catches."""
+
+
+def test_a_resumed_fill_runs_only_the_uncommitted_shards_and_counts_progress_without_rereading(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.artifacts import Commits
+    from pipeline.data.zarr_store import fill_row_store
+
+    store, commits = tmp_path / "f.zarr", Commits(tmp_path / "commits")
+    values = np.random.default_rng(0).standard_normal((40, 3, 4)).astype(np.float16)
+    ran, progress = [], []
+
+    def write_shard(r, die_at=None):
+        if r.index == die_at:
+            raise Killed
+        ran.append(r.index)
+        files = write_rows(store, r.start, {"features": values[r.start:r.stop],
+                                            "labels": np.arange(r.start, r.stop, dtype=np.int32)})
+        commits.write(r.index, files)
+        return r.stop - r.start
+
+    def fill(write):
+        return fill_row_store(store, commits, FEATURES, 40, rows_per_shard=8, rows_per_chunk=4,
+                              row_shapes={"features": ((3, 4), "float16")}, attrs={}, job=lambda r: r,
+                              write_shard=write, runtime=SimpleNamespace(workers=1, dask_address=None), device="cpu",
+                              desc="test", report_progress=lambda *a: progress.append(a))
+
+    with pytest.raises(Killed):
+        fill(lambda r: write_shard(r, die_at=3))
+    assert ran == [0, 1, 2]
+    ran.clear(), progress.clear()
+    assert fill(write_shard) == [8, 8]  # the store is kept, not created again
+    assert ran == [3, 4] and progress == [(4, 5, "shards"), (5, 5, "shards")]
+    assert np.array_equal(zarr.open_group(str(store), mode="r")["features"][...], values)
 
 
 @pytest.mark.parametrize("n_rows, rows_per_chunk", [(40, 4), (38, 4), (38, 16), (3, 4)],

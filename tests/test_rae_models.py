@@ -20,7 +20,6 @@ from pipeline.models.rae import (
     build_rae_decoder,
     build_rae_encoder,
     center_crop_arr,
-    file_sha256,
     load_rae_decoder_state,
     sincos_pos_embed_2d,
     to_encoder_input,
@@ -252,9 +251,11 @@ def test_encoder_wrong_checkpoint_names_missing_keys(tmp_path):
 def test_file_sha256_matches_hashlib(tmp_path):
     import hashlib
 
+    from pipeline.artifacts import file_sha256
+
     data = np.random.default_rng(0).bytes(3_000_001)
     (tmp_path / "f.bin").write_bytes(data)
-    assert file_sha256(str(tmp_path / "f.bin"), chunk_size=1 << 16) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(tmp_path / "f.bin", cache_dir=tmp_path / "digests") == hashlib.sha256(data).hexdigest()
 
 
 # --- decoder ---------------------------------------------------------------------------------------

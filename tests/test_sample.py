@@ -150,7 +150,7 @@ def test_cfg_zero_equals_conditional_sampling_at_the_stage_level(chain, tmp_path
     assert np.array_equal(tarflow, starflow)
     # the conditional flow by hand: same per-sample noise, no guidance, SRC -> de-normalization -> RAE decoder
     cfg, manifests = chain
-    flow, src, normalizer, decoder = load_models(sample.Models(cfg, {k: manifests[k] for k in (
+    flow, src, normalizer, decoder = load_models(sample.ModelSources(cfg, {k: manifests[k] for k in (
         "encode", "fit_src", "compress", "train_flow", "fit_decoder")}, "cpu"))
     n = CLASSES * PER_CLASS
     with torch.no_grad():

@@ -10,16 +10,22 @@ run's; a damaged shard file costs only its shard.
 
 from __future__ import annotations
 
-import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.artifacts import Commits
+from pipeline.parallel import gpu_worker_env, map_jobs
+from storage_schemas.success import write_atomic
 from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout
+
+Job = TypeVar("Job")
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,32 @@ class ShardRange:
 
 def shard_ranges(n_rows: int, rows_per_shard: int) -> list[ShardRange]:
     return [ShardRange(k, s, min(s + rows_per_shard, n_rows)) for k, s in enumerate(range(0, n_rows, rows_per_shard))]
+
+
+def fill_row_store(store: Path, commits: Commits, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int,
+                   rows_per_chunk: int, row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict,
+                   job: Callable[[ShardRange], Job], write_shard: Callable[[Job], Any], runtime, device: str,
+                   threads: int = 1, desc: str, report_progress: Callable[[int, int, str], None]) -> list[Any]:
+    """Fill a row store shard by shard: create it (unless a resumed run committed shards already), then run
+    `write_shard(job(r))` for every shard range r without a commit marker (`write_shard` writes the rows and
+    then the marker), over `runtime.workers` processes (one GPU each, round robin) and `threads` jobs per
+    worker. Returns the results of the jobs run now, in completion order; the caller reduces the commits and
+    validates the store."""
+    if not commits.any():
+        create_row_store(store, layout, n_rows, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk,
+                         row_shapes=row_shapes, attrs=attrs)
+    ranges = shard_ranges(n_rows, rows_per_shard)
+    todo = [r for r in ranges if not commits.done(r.index)]
+    jobs = [job(r) for r in todo]
+    rows = {id(j): r.stop - r.start for j, r in zip(jobs, todo, strict=True)}  # the progress bar's unit
+    done, results = len(ranges) - len(todo), []
+    for result in map_jobs(write_shard, jobs, workers=runtime.workers, dask_address=runtime.dask_address,
+                           worker_env=gpu_worker_env(device, runtime.workers, runtime.dask_address),
+                           threads=threads, desc=desc, unit="rows", weights=lambda j: rows[id(j)]):
+        done += 1  # a job commits its shard before it returns: counted here, not re-read from disk every job
+        report_progress(done, len(ranges), "shards")
+        results.append(result)
+    return results
 
 
 def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int, rows_per_chunk: int,
@@ -135,19 +167,9 @@ def shard_file_parts(arr, rows: np.ndarray) -> list[memoryview | bytes]:
 
 
 def write_file(path: Path, parts: list[memoryview | bytes]) -> None:
-    """`parts` into `path` through a temp file renamed into place (readers see the old file or the new one), not
-    fsynced (as Zarr's own writes). An OSError names the file."""
-    from storage_schemas.success import temp_name
-
+    """`parts` into `path` atomically, not fsynced (as Zarr's own writes: the shard's commit marker is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(parts)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    write_atomic(path, lambda f: f.writelines(parts), fsync=False)
 
 
 def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:

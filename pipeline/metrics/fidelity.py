@@ -23,10 +23,8 @@ reference batch, or stored as a versioned .npz. The Inception weights are always
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -42,8 +40,10 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
+from pipeline.artifacts import file_sha256
 from storage_schemas.evaluation import ADM_KEYS, check_adm_reference, check_inception_file
 from storage_schemas.samples import open_npz_array
+from storage_schemas.success import write_atomic
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FIDELITY_FEATURES = ("2048", "logits_unbiased")  # torch-fidelity's pool_3 (FID, KID, P/R), logits without bias (IS)
@@ -241,14 +241,6 @@ def reference_from_features(features_2048, weights_sha256: str, meta: dict | Non
                       mu_s=spatial_stats["mu"], sigma_s=spatial_stats["sigma"])
 
 
-def reference_from_images(images, weights_path, device="cpu", batch_size: int = 64, meta: dict | None = None,
-                          verbose: bool = False) -> dict:
-    """Reference statistics and pool features of (N, H, W, 3) uint8 images (array or Dataset)."""
-    weights_sha256 = check_inception_weights(weights_path)
-    features = inception_features(images, weights_path, device, batch_size, verbose)
-    return reference_from_features(features["2048"], weights_sha256, meta, spatial=features[SPATIAL])
-
-
 def import_adm_reference_npz(path, weights_path, device="cpu", batch_size: int = 64, verbose: bool = False,
                              resolution: int | None = None) -> dict:
     """ADM's reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) -> a reference.
@@ -271,7 +263,7 @@ def import_adm_reference_npz(path, weights_path, device="cpu", batch_size: int =
                          f"(ADM's mixed_6/conv spatial features)")
     images = open_npz_array(path, "arr_0")  # memory-mapped when stored: 10k images at 512 px are 7.9 GB
     features = inception_features(images, weights_path, device, batch_size, verbose)["2048"]
-    meta = {"source": "adm-npz", "file": path.name, "file_sha256": _sha256(path), "num_images": len(images),
+    meta = {"source": "adm-npz", "file": path.name, "file_sha256": file_sha256(path), "num_images": len(images),
             "resolution": batch_resolution, "mu_sigma_from": "ADM TensorFlow Inception pool_3 and mixed_6/conv",
             "inception_weights_sha256": weights_sha256}
     return _reference(mu, sigma, features, meta, mu_s=mu_s, sigma_s=sigma_s)
@@ -288,9 +280,7 @@ def save_reference(path, mu, sigma, pr_features=None, meta: dict | None = None, 
         if ref[name] is not None:
             arrays[name] = ref[name]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to names without it
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))  # to the file object: savez would rename a temp name
     return path
 
 
@@ -343,7 +333,7 @@ def _reference(mu, sigma, pr_features, meta, mu_s=None, sigma_s=None) -> dict:
 def check_inception_weights(path) -> str:
     """The sha256 of the local Inception weights file; a one-line error when it is missing."""
     check_inception_file(path)
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def check_inception_state(path) -> None:
@@ -408,15 +398,6 @@ def make_standin_inception_weights(path, seed: int = 0) -> str:
     torch.save(state, buffer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-    return _sha256(path)
+    write_atomic(path, buffer.getvalue())
+    return file_sha256(path)
 
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -16,7 +16,6 @@ Reference code checked (public RAE release, github bytetriper/RAE, commit 0fbcd5
 Plain torch + timm + PIL + safetensors: no storage, orchestration or config objects in here.
 """
 
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -376,14 +375,6 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint files.
-
-
-def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
