@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--rows-per-chunk", type=int, default=16)
     parser.add_argument("--jobs-per-worker", type=int, default=2, help="encode.jobs_per_worker of the timed run")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encode.precision of the timed run")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encode.precision of the timed "
+                                                                                      "run")
     parser.add_argument("--workers", type=int, default=1, help="runtime.workers of the timed run (Dask when > 1)")
     parser.add_argument("--decode", default=None,
                         help="encode.decode paths of the timed stage, comma-separated, the first one's figures on top "
@@ -217,7 +218,7 @@ def run(args, tmp: Path) -> dict:
     return {
         # a simulated device is no measurement of the stage: `srcflow plan` must not size runs from it
         "benchmark": "encode", "stage": "encode-simulated" if args.simulate_device else "encode",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": args.device, "device_name": device_name(args.device), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "arch": args.arch, "encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size,
@@ -688,7 +689,8 @@ def measure_rss(args, shard_dir: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.encode", "--rss-child", str(shard_dir), str(work),
            "--arch", args.arch, "--device", args.device, "--batch", str(args.batch),
            "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_chunk),
-           "--jobs-per-worker", str(args.jobs_per_worker), "--workers", str(args.workers), "--precision", args.precision,
+           "--jobs-per-worker", str(args.jobs_per_worker), "--workers", str(args.workers),
+           "--precision", args.precision,
            "--decode", ",".join(args.decode), *(["--compile"] if args.compile else []),
            *(["--simulate-device", str(args.simulate_device)] if args.simulate_device else [])]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)

@@ -25,9 +25,9 @@ import os
 import shutil
 import socket
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,10 @@ REBUILD = ".rebuild"  # suffix of a forced rebuild's directory, `.<fp16>.rebuild
 log = logging.getLogger("srcflow")
 
 
-def fingerprint(stage: str, code_version: str, semantic: dict, upstream: dict[str, str], external: dict[str, str]) -> str:
-    payload = {"stage": stage, "code_version": code_version, "semantic": semantic, "upstream": upstream, "external": external}
+def fingerprint(stage: str, code_version: str, semantic: dict, upstream: dict[str, str],
+                external: dict[str, str]) -> str:
+    payload = {"stage": stage, "code_version": code_version, "semantic": semantic, "upstream": upstream,
+               "external": external}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -200,7 +202,9 @@ class Commits:
     def records(self, k: int) -> list[OutputFile]:
         """The files marker k commits; ValueError/OSError when the marker is unreadable."""
         with np.load(self.path(k)) as z:
-            return [OutputFile.model_validate(r) for r in json.loads(z[self.FILES].item())] if self.FILES in z.files else []
+            if self.FILES not in z.files:
+                return []
+            return [OutputFile.model_validate(r) for r in json.loads(z[self.FILES].item())]
 
     def indices(self) -> list[int]:
         return sorted(int(p.stem) for p in self.dir.glob("*.npz") if p.stem.isdigit()) if self.dir.is_dir() else []
@@ -260,8 +264,8 @@ class ArtifactStore:
         if not (d / SUCCESS).exists():
             if d.is_dir():
                 return Health("partial")
-            others = [p for p in (self.root / stage).glob("*") if p.is_dir() and not p.name.startswith(".") and p != d] \
-                if (self.root / stage).is_dir() else []
+            siblings = (self.root / stage).glob("*") if (self.root / stage).is_dir() else []
+            others = [p for p in siblings if p.is_dir() and not p.name.startswith(".") and p != d]
             return Health("stale" if others else "missing")
         try:
             m = read_manifest(d)
@@ -419,15 +423,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def dir_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with suppress(OSError):
                 total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
     return total

@@ -18,6 +18,7 @@ storage root must be shared; rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -151,10 +152,8 @@ def launch(entry: str, payload: dict, nproc: int, workdir: Path, *, torchrun_arg
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while proc.poll() is None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=poll_s)
-            except subprocess.TimeoutExpired:
-                pass
             if on_poll is not None:
                 on_poll()
     finally:

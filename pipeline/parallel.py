@@ -23,7 +23,7 @@ def dask_client(workers: int, address: str | None, worker_env: list[dict[str, st
 
     `worker_env` gives each local worker its own environment (e.g. CUDA_VISIBLE_DEVICES=i).
     """
-    from distributed import Client, LocalCluster, Nanny, SpecCluster, Scheduler
+    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
     if address:
         with Client(address) as client:

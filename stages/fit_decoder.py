@@ -42,6 +42,7 @@ from pipeline.data.shards import decode_crop, decode_random_crop
 from pipeline.device import autocast, inference_precision, resolve_device
 from pipeline.images import grid_image, save_grid
 from pipeline.metrics.reconstruction import mean_image_sse, psnr_from_mse
+from pipeline.models.configured import decoder_arch, encoder_geometry
 from pipeline.progress import progress
 from pipeline.training import (
     EMA,
@@ -56,7 +57,6 @@ from pipeline.training import (
     warmup_cosine,
 )
 from stages.encode import encoder_spec, load_encoder
-from pipeline.models.configured import decoder_arch, encoder_geometry
 from storage_schemas.model_files import model_info
 from storage_schemas.success import write_atomic
 
@@ -107,10 +107,11 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
     grid_rows = held_out_rows(group, attrs, GRID_COLUMNS)  # the images of the training-curve grids
     shown = pairs(grid_rows) if len(grid_rows) else None
 
-    if augment:  # the batch of step s: RAE crops, the features computed in the loop
-        load = lambda s: (None, pairs.random_crops(train.start + batches.indices(s), (fd.seed, s, 1)))
-    else:  # the batch of step s: stored features and their crops
-        load = lambda s: pairs(train.start + batches.indices(s))
+    def load(s: int):
+        """The batch of step s: RAE crops (the features are computed in the loop), or stored features and crops."""
+        rows = train.start + batches.indices(s)
+        return (None, pairs.random_crops(rows, (fd.seed, s, 1))) if augment else pairs(rows)
+
     with StopSignal() as stop, progress("fit_decoder", fd.steps, "steps") as bar, \
             Curves(out.path, step, images_per_step=fd.batch_size) as curves, \
             closing(read_ahead(load, range(step, fd.steps), PREFETCH)) as stream:
@@ -218,8 +219,8 @@ def load_lpips(path: str | None, device: torch.device):
     missing = [k for k in missing if not k.startswith("scaling_layer.")]  # constants, not always saved
     if missing or unexpected:
         raise ValueError(f"fit_decoder.lpips_weights: {path} does not fit lpips.LPIPS(net='vgg'): {len(missing)} "
-                         f"keys missing, {len(unexpected)} unexpected (e.g. {(missing + unexpected)[:2]}); it must hold "
-                         f"the VGG16 backbone and the linear layers")
+                         f"keys missing, {len(unexpected)} unexpected (e.g. {(missing + unexpected)[:2]}); it must "
+                         f"hold the VGG16 backbone and the linear layers")
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -261,10 +262,11 @@ class PairSource:
         contiguous = len(rows) > 0 and rows[order[-1]] - rows[order[0]] == len(rows) - 1
         selection = slice(int(rows[order[0]]), int(rows[order[-1]]) + 1) if contiguous else rows[order]
         features = self.pool.submit(read_features, self.group, selection)
-        jpegs = list(dict.fromkeys(zip(self.tar[rows], self.offset[rows], self.size[rows])))  # both views: one decode
-        decoded = dict(zip(jpegs, self.pool.map(self.crop, jpegs)))
+        located = list(zip(self.tar[rows], self.offset[rows], self.size[rows], strict=True))
+        jpegs = list(dict.fromkeys(located))  # both views of an image: one decode
+        decoded = dict(zip(jpegs, self.pool.map(self.crop, jpegs), strict=True))
         crops = np.stack([decoded[j][:, ::-1] if v == 1 else decoded[j]  # view 1 was encoded from the mirrored image
-                          for j, v in zip(zip(self.tar[rows], self.offset[rows], self.size[rows]), self.view[rows])])
+                          for j, v in zip(located, self.view[rows], strict=True)])
         return features.result()[torch.from_numpy(np.argsort(order))], crops
 
     def random_crops(self, rows: np.ndarray, seed) -> np.ndarray:
@@ -273,10 +275,10 @@ class PairSource:
         step's crops are a function of (seed, step) and resume needs no RNG state."""
         rows = np.asarray(rows)
         positions = np.random.default_rng(seed).random((len(rows), 2))
-        jpegs = zip(self.tar[rows], self.offset[rows], self.size[rows])
+        jpegs = zip(self.tar[rows], self.offset[rows], self.size[rows], strict=True)
         crops = self.pool.map(lambda job: decode_random_crop(self.jpeg(job[0]), self.resolution, job[1]),
-                              zip(jpegs, positions))
-        return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, self.view[rows])])
+                              zip(jpegs, positions, strict=True))
+        return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, self.view[rows], strict=True)])
 
     def crop(self, jpeg: tuple[int, int, int]) -> np.ndarray:
         return decode_crop(self.jpeg(jpeg), self.resolution)
@@ -307,7 +309,8 @@ def jpeg_locations(keys, tars: list[str], pool: ThreadPoolExecutor) -> tuple[np.
                 tar[row], offset[row], size[row] = where[str(key)]
             except KeyError:
                 raise FileNotFoundError(f"fit_decoder: image {key!r} of features.zarr is not in the shard tars; the "
-                                        f"shard set does not match the store, rerun `shard` and `encode` with --force") from None
+                                        f"shard set does not match the store, rerun `shard` and `encode` with "
+                                        f"--force") from None
     return tar, offset, size
 
 
@@ -332,8 +335,8 @@ def held_out_rows(group, attrs: dict, limit: int | None) -> np.ndarray:
 def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: torch.device,
            ) -> tuple[dict, np.ndarray, np.ndarray]:
     """The decoder on clean (un-noised) held-out features against the image crops: PSNR (uint8 pixels, MSE
-    over the whole set), L1 ([0, 1] pixels, as the training loss), and the PSNR of the trivial baseline that predicts the
-    held-out set's own mean image. Also GRID_COLUMNS images spread over the set and their reconstructions."""
+    over the whole set), L1 ([0, 1] pixels, as the training loss), and the PSNR of the trivial baseline that predicts
+    the held-out set's own mean image. Also GRID_COLUMNS images spread over the set and their reconstructions."""
     from pipeline.models.rae import to_uint8_pixels, to_unit_pixels
 
     if len(rows) == 0:
@@ -343,7 +346,8 @@ def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: to
     sse = l1 = 0.0
     total, total_sq = np.zeros((r, r, 3)), np.zeros((r, r, 3))
     originals, recons = [], []
-    grid = set(np.linspace(0, len(rows) - 1, min(GRID_COLUMNS, len(rows))).round().astype(int).tolist())  # val is class-ordered
+    # spread over the set: val is class-ordered
+    grid = set(np.linspace(0, len(rows) - 1, min(GRID_COLUMNS, len(rows))).round().astype(int).tolist())
     with progress("fit_decoder report", len(rows), "img") as bar:
         for b0 in range(0, len(rows), cfg.fit_decoder.eval_batch_size):
             features, crops = pairs(rows[b0:b0 + cfg.fit_decoder.eval_batch_size])

@@ -368,7 +368,7 @@ def load_images(shard_dir: Path, keys: np.ndarray, views: np.ndarray, resolution
     wanted = set(keys.tolist())
     jpegs = dict(iter_jpegs(sorted({tar_of[k] for k in wanted}), wanted))
     crops = [decode_crop(jpegs[k], resolution) for k in keys]
-    return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, views)])
+    return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, views, strict=True)])
 
 
 def decode_pixels(decoder, normalizer: FeatureNormalizer, z: torch.Tensor) -> np.ndarray:

@@ -138,7 +138,9 @@ def read_crops(tar: Path, keys: list[str], resolution: int, pool: ThreadPoolExec
     missing = [k for k in keys if k not in jpegs]
     if missing:
         raise ValueError(f"shard {tar} lacks {len(missing)} images its manifest lists (e.g. {missing[0]})")
-    crop = lambda k: decode_crop(jpegs[k], resolution)
+    def crop(k: str) -> np.ndarray:
+        return decode_crop(jpegs[k], resolution)
+
     return np.stack(list(pool.map(crop, keys)) if pool is not None else [crop(k) for k in keys])
 
 
@@ -197,7 +199,8 @@ class Accumulator:
         if not path.is_file():
             return cls()
         with np.load(path, allow_pickle=False) as z:
-            sums = {name: (z[f"total_{name}"], z[f"outer_{name}"]) for name in cls.MOMENTS if f"total_{name}" in z.files}
+            sums = {name: (z[f"total_{name}"], z[f"outer_{name}"])
+                    for name in cls.MOMENTS if f"total_{name}" in z.files}
             return cls(z["count"], sums, z["pr_features"], json.loads(str(z["shards"])))
 
 

@@ -187,7 +187,8 @@ def sample_chunk(job: SampleJob) -> int:
     device = torch.device(job.sources.device)
     flow, src, normalizer, decoder = load_models(job.sources)
     info = flow_info(job.sources.upstream["train_flow"])
-    sigma, labels = info["noise_sigma"], labels_of(job.start, job.stop, info["arch"]["num_classes"], s.per_class, s.seed)
+    sigma = info["noise_sigma"]
+    labels = labels_of(job.start, job.stop, info["arch"]["num_classes"], s.per_class, s.seed)
     tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
     images, nonfinite = [], []
     for a in range(job.start, job.stop, s.batch_size):

@@ -34,7 +34,6 @@ from storage_schemas.shards import (
 from storage_schemas.success import Manifest, write_atomic
 
 
-
 @dataclass(frozen=True)
 class ShardJob:
     split: str
@@ -135,7 +134,8 @@ def write_shard(job: ShardJob) -> int:
                              "sha256": hashlib.sha256(data).hexdigest()})
 
     write_atomic(out / "shards" / name, write_tar, fsync=False)  # the commit marker below is fsynced
-    files = [out / "shards" / name, out / "parts" / part_name(job, "rejected"), out / "parts" / part_name(job, "manifest")]
+    files = [out / "shards" / name, out / "parts" / part_name(job, "rejected"),
+             out / "parts" / part_name(job, "manifest")]
     _write_part(files[1], rejected_table(rejected))
     _write_part(files[2], pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
     Commits(out / "commits").write(job.commit, files)

@@ -98,8 +98,8 @@ def metrics_from_features(features: dict, reference: dict, weights_sha256: str, 
         if reference["mu_s"].shape != (spatial.shape[1],):
             raise ValueError(f"reference mu_s has shape {reference['mu_s'].shape}, samples have "
                              f"{spatial.shape[1]}-d spatial features")
-        sfid = fid_statistics_to_metric(fid_statistics(spatial), {"mu": reference["mu_s"],
-                                                                  "sigma": reference["sigma_s"]}, verbose)[KEY_METRIC_FID]
+        spatial_reference = {"mu": reference["mu_s"], "sigma": reference["sigma_s"]}
+        sfid = fid_statistics_to_metric(fid_statistics(spatial), spatial_reference, verbose)[KEY_METRIC_FID]
 
     # IS: exp E_x KL(p(y|x) || p(y)), mean/std over splits (Salimans et al. 2016).
     splits = min(ISC_SPLITS, n)
@@ -350,7 +350,8 @@ def check_inception_state(path) -> None:
     with torch.device("meta"):
         model = _standin_inception()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    tensors = state.items() if isinstance(state, dict) else []
+    got = {k: tuple(v.shape) for k, v in tensors if isinstance(v, torch.Tensor)}
     if got != expected:
         missing = [k for k in expected if k not in got]
         bad = [k for k in expected if k in got and got[k] != expected[k]]

@@ -255,7 +255,7 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     for pos in (cols.reshape(-1), rows.reshape(-1)):
         out = np.einsum("m,d->md", pos, omega)
         halves += [np.sin(out), np.cos(out)]
-    emb = np.concatenate([np.zeros([1, dim])] + [np.concatenate(halves, axis=1)], axis=0)
+    emb = np.concatenate([np.zeros([1, dim]), np.concatenate(halves, axis=1)], axis=0)
     return torch.from_numpy(emb).float()
 
 
@@ -317,7 +317,7 @@ class RAEDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, T, C = tokens.shape
-        if T != self.num_tokens or C != self.in_channels:
+        if self.num_tokens != T or self.in_channels != C:
             raise ValueError(f"expected tokens (B, {self.num_tokens}, {self.in_channels}), got {tuple(tokens.shape)}")
         x = self.decoder_embed(tokens)
         x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], dim=1) + self.decoder_pos_embed
@@ -386,7 +386,7 @@ def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> 
         if str(path).endswith(".safetensors") and meta:
             with safetensors.safe_open(path, framework="pt") as f:
                 obj = {}
-                for name in f.keys():
+                for name in f:
                     part = f.get_slice(name)
                     obj[name] = torch.empty(part.get_shape(), dtype=_SAFETENSORS_DTYPES[part.get_dtype()],
                                             device="meta")
