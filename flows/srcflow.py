@@ -7,8 +7,12 @@ output is missing or partial is (re)run with `refresh_cache`, so a deleted artif
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -102,5 +106,28 @@ def publish_evaluation(out_dir: Path) -> None:
     evaluations = read_metrics(out_dir / "metrics.json")["evaluations"]
     create_table_artifact(key="srcflow-metrics", table=metrics_table(evaluations),
                           description="FID / IS / KID / precision / recall per CFG scale")
-    create_markdown_artifact(key="srcflow-report", markdown=(out_dir / "report.md").read_text(),
-                             description=f"evaluation report ({out_dir})")
+    publish_report("srcflow-report", out_dir / "report.md", f"evaluation report ({out_dir})")
+
+
+def publish_report(key: str, report: Path, description: str) -> None:
+    """A markdown report on disk as a Prefect markdown artifact, with the images it links embedded."""
+    create_markdown_artifact(key=key, markdown=inline_images(report.read_text(), report.parent),
+                             description=description)
+
+
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](target)
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """Each `![alt](path)` relative to `folder` becomes a base64 data URI. The Prefect UI cannot reach the files
+    (a relative link resolves against the UI's own address), and its markdown renderer keeps `data:image/` sources
+    (Prefect 3.9 ui-v2: urlTransform and rehype-sanitize allow them for img src). The report on disk keeps its
+    relative links, which are right there."""
+    def embed(link: re.Match) -> str:
+        alt, target = link.groups()
+        if urlparse(target).scheme:  # already a URL (http:, data:, ...)
+            return link.group(0)
+        mime = mimetypes.guess_type(target)[0] or "application/octet-stream"
+        return f"![{alt}](data:{mime};base64,{base64.b64encode((folder / target).read_bytes()).decode()})"
+
+    return IMAGE_LINK.sub(embed, markdown)

@@ -4,6 +4,7 @@ One end-to-end run of the smoke chain, then a second run in which every stage sh
 Every process started here is stopped by its id.
 """
 
+import base64
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.srcflow import inline_images
 from tests.conftest import REPO
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -49,6 +51,23 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout} s")
+
+
+def test_inline_images_embeds_every_relative_image_and_leaves_urls(tmp_path):
+    """What both published reports (evaluate's report.md, a sweep's summary.md with plots/...) go through."""
+    grid, plot = b"\x89PNG grid", b"\x89PNG plot"
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "grid-cfg1.0.png").write_bytes(grid)
+    (tmp_path / "plots" / "fid-vs-src.dim.png").write_bytes(plot)
+    table = "# report\n\n| a | b |\n|---|---|\n\n"
+    markdown = (table + "![samples, cfg 1.0](grid-cfg1.0.png)\n![plots/fid-vs-src.dim.png](plots/fid-vs-src.dim.png)\n"
+                "![logo](https://example.org/logo.png)\n")
+    data = lambda b: "data:image/png;base64," + base64.b64encode(b).decode()  # noqa: E731
+    assert inline_images(markdown, tmp_path) == (
+        table + f"![samples, cfg 1.0]({data(grid)})\n![plots/fid-vs-src.dim.png]({data(plot)})\n"
+        "![logo](https://example.org/logo.png)\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        inline_images("![x](missing.png)", tmp_path)
 
 
 STATES = """
