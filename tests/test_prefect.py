@@ -1,7 +1,8 @@
 """The real Prefect path: server on 127.0.0.1, process work pool, deployment, worker, `deployment run --watch`.
 
-One end-to-end run of the smoke chain, then a second run in which every stage shows as Cached.
-Every process started here is stopped by its id.
+One end-to-end run of the smoke chain, then a second run in which every stage shows as Cached; before it, the pull
+steps of prefect.yaml on a fresh `git clone` (the deployment names no path of the deploying checkout), and the
+images of the published reports. Every process started here is stopped by its id.
 """
 
 import base64
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.srcflow import inline_images
 from tests.conftest import REPO
@@ -70,6 +72,54 @@ def test_inline_images_embeds_every_relative_image_and_leaves_urls(tmp_path):
         inline_images("![x](missing.png)", tmp_path)
 
 
+PULL = """
+import asyncio, inspect, json, os, sys
+from prefect.deployments.steps.core import run_steps
+from prefect.flows import load_flow_from_entrypoint
+steps, entrypoint = json.loads(sys.argv[1]), sys.argv[2]
+os.chdir(asyncio.run(run_steps(steps))["directory"])  # as Prefect's load_flow_from_flow_run does with it
+flow = load_flow_from_entrypoint(entrypoint)
+import pipeline.runner
+print(json.dumps({"directory": os.getcwd(), "flow": flow.name, "flow_file": inspect.getfile(flow.fn),
+                  "pipeline": pipeline.runner.__file__}))
+"""
+
+
+def git_clone(dest: Path) -> Path:
+    if not (REPO / ".git").exists():
+        pytest.skip("the repository is not a git checkout")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True, timeout=120)
+    return dest
+
+
+def run_pull_steps(steps: list, entrypoint: str, cwd: Path, **env: str) -> dict:
+    """The pull steps and the entrypoint's import in a fresh process in `cwd`, as a worker's flow run does them,
+    with nothing of this checkout on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SRCFLOW_HOME")} | env
+    r = subprocess.run([sys.executable, "-c", PULL, json.dumps(steps), entrypoint], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_deployments_run_from_srcflow_home_or_a_git_clone_not_the_deploying_checkout(tmp_path):
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    clone = git_clone(tmp_path / "srcflow-clone")
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    assert "$PWD" not in (REPO / "prefect.yaml").read_text()
+    for d in spec["deployments"]:
+        got = run_pull_steps(d.get("pull", spec["pull"]), d["entrypoint"], elsewhere, SRCFLOW_HOME=str(clone))
+        assert Path(got["directory"]) == clone and got["flow"] == "srcflow", d["name"]
+        assert Path(got["flow_file"]) == clone / d["entrypoint"].split(":")[0]
+        assert Path(got["pipeline"]).is_relative_to(clone)  # the clone's code, not an installed copy
+    # the git alternative: a fresh clone per flow run, in the run's own directory
+    got = run_pull_steps(spec["definitions"]["pull"]["git-clone"], "flows/srcflow.py:srcflow", elsewhere,
+                         SRCFLOW_GIT_URL=str(clone))
+    fresh = Path(got["directory"])
+    assert fresh.parent == elsewhere and (fresh / ".git").is_dir() and Path(got["pipeline"]).is_relative_to(fresh)
+
+
 STATES = """
 import asyncio, json, sys
 from prefect.client.orchestration import get_client
@@ -84,6 +134,17 @@ asyncio.run(main())
 """
 
 
+PULL_STEPS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as c:
+        print(json.dumps((await c.read_deployment_by_name("srcflow/srcflow-full")).pull_steps))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.prefect
 @pytest.mark.timeout(900)
 def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, tiny_root):
     port = free_port()
@@ -104,7 +165,12 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--all")
         assert r.returncode == 0, r.stdout + r.stderr
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"], env=env, cwd=REPO,
+        q = subprocess.run([sys.executable, "-c", PULL_STEPS], env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(q.stdout) == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": "{{ $SRCFLOW_HOME }}"}}], q.stderr  # stored as written: resolved on the worker
+        # the worker, elsewhere, finds the code through SRCFLOW_HOME
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"],
+                                  env=env | {"SRCFLOW_HOME": str(REPO)}, cwd=tmp_path,
                                   start_new_session=True, stdout=open(tmp_path / "worker.log", "w"),
                                   stderr=subprocess.STDOUT)
         overrides = [f"storage.root={tmp_path / 'artifacts'}", f"data.root={tiny_root}", "data.generate_tiny=null",
