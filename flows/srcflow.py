@@ -8,12 +8,14 @@ output is missing or partial is (re)run with `refresh_cache`, so a deleted artif
 from __future__ import annotations
 
 import base64
+import io
 import mimetypes
 import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
 
+from PIL import Image
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect_dask import DaskTaskRunner
@@ -116,6 +118,11 @@ def publish_report(key: str, report: Path, description: str) -> None:
 
 
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](target)
+# An image file up to this size is embedded as it is (a sweep's plots, small grids). A larger one, as a JPEG
+# preview at most PREVIEW_SIDE px on its long side: a 256-px evaluation grid is ~3.4 MB of PNG, a 512-px one ~10 MB,
+# and one per CFG scale would make a report artifact of tens of MB in the server's database.
+EMBED_AS_IS_BYTES = 1 << 20
+PREVIEW_SIDE = 2048
 
 
 def inline_images(markdown: str, folder: Path) -> str:
@@ -127,7 +134,17 @@ def inline_images(markdown: str, folder: Path) -> str:
         alt, target = link.groups()
         if urlparse(target).scheme:  # already a URL (http:, data:, ...)
             return link.group(0)
-        mime = mimetypes.guess_type(target)[0] or "application/octet-stream"
-        return f"![{alt}](data:{mime};base64,{base64.b64encode((folder / target).read_bytes()).decode()})"
+        return f"![{alt}]({data_uri(folder / target)})"
 
     return IMAGE_LINK.sub(embed, markdown)
+
+
+def data_uri(path: Path) -> str:
+    data, mime = path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if len(data) > EMBED_AS_IS_BYTES:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        data, mime = buffer.getvalue(), "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -8,6 +8,7 @@ images of the published reports. Every process started here is stopped by its id
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,6 +71,23 @@ def test_inline_images_embeds_every_relative_image_and_leaves_urls(tmp_path):
         "![logo](https://example.org/logo.png)\n")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         inline_images("![x](missing.png)", tmp_path)
+
+
+def test_a_large_image_is_embedded_as_a_bounded_jpeg_preview(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.srcflow import EMBED_AS_IS_BYTES, PREVIEW_SIDE
+
+    noise = np.random.default_rng(0).integers(0, 256, (600, 3000, 3), dtype=np.uint8)  # ~5 MB of PNG
+    Image.fromarray(noise).save(tmp_path / "grid-cfg1.0.png")
+    assert (tmp_path / "grid-cfg1.0.png").stat().st_size > EMBED_AS_IS_BYTES
+    (src,) = re.findall(r"\]\((data:[^)]+)\)", inline_images("![grid](grid-cfg1.0.png)", tmp_path))
+    assert src.startswith("data:image/jpeg;base64,")
+    preview = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert preview.size == (PREVIEW_SIDE, round(PREVIEW_SIDE * 600 / 3000)) and preview.format == "JPEG"
 
 
 PULL = """
