@@ -202,7 +202,10 @@ def test_the_report_published_to_prefect_embeds_every_grid_and_the_file_keeps_re
     out = evaluated.manifests["evaluate"].dir
     prefect_flow.publish_evaluation(out)
     on_disk, markdown = (out / "report.md").read_text(), published["srcflow-report"]
-    images = lambda text: re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)  # noqa: E731
+
+    def images(text: str) -> list[str]:
+        return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
     assert images(on_disk) == ["grid-cfg0.0.png", "grid-cfg1.0.png"]  # relative to report.md: right locally
     embedded = images(markdown)
     assert all(src.startswith("data:image/png;base64,") for src in embedded)  # renders without the files

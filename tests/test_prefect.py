@@ -65,7 +65,10 @@ def test_inline_images_embeds_every_relative_image_and_leaves_urls(tmp_path):
     table = "# report\n\n| a | b |\n|---|---|\n\n"
     markdown = (table + "![samples, cfg 1.0](grid-cfg1.0.png)\n![plots/fid-vs-src.dim.png](plots/fid-vs-src.dim.png)\n"
                 "![logo](https://example.org/logo.png)\n")
-    data = lambda b: "data:image/png;base64," + base64.b64encode(b).decode()  # noqa: E731
+
+    def data(png: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(png).decode()
+
     assert inline_images(markdown, tmp_path) == (
         table + f"![samples, cfg 1.0]({data(grid)})\n![plots/fid-vs-src.dim.png]({data(plot)})\n"
         "![logo](https://example.org/logo.png)\n")
@@ -94,12 +97,15 @@ PULL = """
 import asyncio, inspect, json, os, sys
 from prefect.deployments.steps.core import run_steps
 from prefect.flows import load_flow_from_entrypoint
-steps, entrypoint = json.loads(sys.argv[1]), sys.argv[2]
-os.chdir(asyncio.run(run_steps(steps))["directory"])  # as Prefect's load_flow_from_flow_run does with it
-flow = load_flow_from_entrypoint(entrypoint)
-import pipeline.runner
-print(json.dumps({"directory": os.getcwd(), "flow": flow.name, "flow_file": inspect.getfile(flow.fn),
-                  "pipeline": pipeline.runner.__file__}))
+start, out = os.getcwd(), []
+for steps, entrypoint in json.loads(sys.argv[1]):
+    os.chdir(start)
+    os.chdir(asyncio.run(run_steps(steps))["directory"])  # as Prefect's load_flow_from_flow_run does with it
+    flow = load_flow_from_entrypoint(entrypoint)
+    import pipeline.runner
+    out.append({"directory": os.getcwd(), "flow": flow.name, "flow_file": inspect.getfile(flow.fn),
+                "pipeline": pipeline.runner.__file__})
+print(json.dumps(out))
 """
 
 
@@ -110,11 +116,11 @@ def git_clone(dest: Path) -> Path:
     return dest
 
 
-def run_pull_steps(steps: list, entrypoint: str, cwd: Path, **env: str) -> dict:
-    """The pull steps and the entrypoint's import in a fresh process in `cwd`, as a worker's flow run does them,
-    with nothing of this checkout on the path."""
+def run_pull_steps(jobs: list[tuple[list, str]], cwd: Path, **env: str) -> list[dict]:
+    """Each (pull steps, entrypoint): the steps, then the entrypoint's import, in a fresh process started in `cwd`,
+    as a worker's flow run does them, with nothing of this checkout on the path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SRCFLOW_HOME")} | env
-    r = subprocess.run([sys.executable, "-c", PULL, json.dumps(steps), entrypoint], cwd=cwd, env=env,
+    r = subprocess.run([sys.executable, "-c", PULL, json.dumps(jobs)], cwd=cwd, env=env, check=False,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.splitlines()[-1])
@@ -126,16 +132,18 @@ def test_deployments_run_from_srcflow_home_or_a_git_clone_not_the_deploying_chec
     elsewhere = tmp_path / "worker-cwd"
     elsewhere.mkdir()
     assert "$PWD" not in (REPO / "prefect.yaml").read_text()
-    for d in spec["deployments"]:
-        got = run_pull_steps(d.get("pull", spec["pull"]), d["entrypoint"], elsewhere, SRCFLOW_HOME=str(clone))
-        assert Path(got["directory"]) == clone and got["flow"] == "srcflow", d["name"]
-        assert Path(got["flow_file"]) == clone / d["entrypoint"].split(":")[0]
-        assert Path(got["pipeline"]).is_relative_to(clone)  # the clone's code, not an installed copy
+    deployments = spec["deployments"]
+    got = run_pull_steps([(d.get("pull", spec["pull"]), d["entrypoint"]) for d in deployments], elsewhere,
+                         SRCFLOW_HOME=str(clone))
+    for d, run in zip(deployments, got, strict=True):
+        assert Path(run["directory"]) == clone and run["flow"] == "srcflow", d["name"]
+        assert Path(run["flow_file"]) == clone / d["entrypoint"].split(":")[0]
+        assert Path(run["pipeline"]).is_relative_to(clone)  # the clone's code, not an installed copy
     # the git alternative: a fresh clone per flow run, in the run's own directory
-    got = run_pull_steps(spec["definitions"]["pull"]["git-clone"], "flows/srcflow.py:srcflow", elsewhere,
-                         SRCFLOW_GIT_URL=str(clone))
-    fresh = Path(got["directory"])
-    assert fresh.parent == elsewhere and (fresh / ".git").is_dir() and Path(got["pipeline"]).is_relative_to(fresh)
+    (run,) = run_pull_steps([(spec["definitions"]["pull"]["git-clone"], "flows/srcflow.py:srcflow")], elsewhere,
+                            SRCFLOW_GIT_URL=str(clone))
+    fresh = Path(run["directory"])
+    assert fresh.parent == elsewhere and (fresh / ".git").is_dir() and Path(run["pipeline"]).is_relative_to(fresh)
 
 
 STATES = """
@@ -183,7 +191,8 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--all")
         assert r.returncode == 0, r.stdout + r.stderr
-        q = subprocess.run([sys.executable, "-c", PULL_STEPS], env=env, capture_output=True, text=True, timeout=120)
+        q = subprocess.run([sys.executable, "-c", PULL_STEPS], env=env, check=False, capture_output=True, text=True,
+                           timeout=120)
         assert json.loads(q.stdout) == [{"prefect.deployments.steps.set_working_directory": {
             "directory": "{{ $SRCFLOW_HOME }}"}}], q.stderr  # stored as written: resolved on the worker
         # the worker, elsewhere, finds the code through SRCFLOW_HOME
