@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := srcflow
 
-.PHONY: .venv lock demo test bench clean
+.PHONY: .venv demo test bench clean
 
 .venv: $(VENV)/.installed
 
@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(BIN)/uv
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+.PHONY: lock
 lock: | $(BIN)/uv
 	$(BIN)/uv lock
 

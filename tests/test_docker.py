@@ -348,8 +348,8 @@ def test_uv_lock_is_current_with_pyproject_and_pins_torch_like_it():
 
     project = _pyproject()["project"]
     declared = {key(r.name, r.extras, str(r.specifier), None) for r in map(Requirement, project["dependencies"])}
-    declared |= {key(r.name, r.extras, str(r.specifier), extra) for extra, deps in project["optional-dependencies"].items()
-                 for r in map(Requirement, deps)}
+    declared |= {key(r.name, r.extras, str(r.specifier), extra)
+                 for extra, deps in project["optional-dependencies"].items() for r in map(Requirement, deps)}
     locked = {key(d["name"], d.get("extras", []), d.get("specifier", ""),
                   d["marker"].split("'")[1] if "marker" in d else None)  # "extra == 'dev'"
               for d in _lock_root()["metadata"]["requires-dist"]}

@@ -72,7 +72,7 @@ def test_inline_images_embeds_every_relative_image_and_leaves_urls(tmp_path):
     assert inline_images(markdown, tmp_path) == (
         table + f"![samples, cfg 1.0]({data(grid)})\n![plots/fid-vs-src.dim.png]({data(plot)})\n"
         "![logo](https://example.org/logo.png)\n")
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         inline_images("![x](missing.png)", tmp_path)
 
 
@@ -102,9 +102,9 @@ for steps, entrypoint in json.loads(sys.argv[1]):
     os.chdir(start)
     os.chdir(asyncio.run(run_steps(steps))["directory"])  # as Prefect's load_flow_from_flow_run does with it
     flow = load_flow_from_entrypoint(entrypoint)
-    import pipeline.runner
+    import pipeline.config
     out.append({"directory": os.getcwd(), "flow": flow.name, "flow_file": inspect.getfile(flow.fn),
-                "pipeline": pipeline.runner.__file__})
+                "pipeline": pipeline.config.__file__})
 print(json.dumps(out))
 """
 
@@ -179,9 +179,10 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "srcflow", "PYTHONPATH": str(REPO)}
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=server_env, cwd=tmp_path, start_new_session=True,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    with open(tmp_path / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
+        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=server_env, cwd=tmp_path, start_new_session=True, stdout=log,
+                                  stderr=subprocess.STDOUT)
     worker = None
     try:
         wait_healthy(api, server)
@@ -196,10 +197,10 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         assert json.loads(q.stdout) == [{"prefect.deployments.steps.set_working_directory": {
             "directory": "{{ $SRCFLOW_HOME }}"}}], q.stderr  # stored as written: resolved on the worker
         # the worker, elsewhere, finds the code through SRCFLOW_HOME
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"],
-                                  env=env | {"SRCFLOW_HOME": str(REPO)}, cwd=tmp_path,
-                                  start_new_session=True, stdout=open(tmp_path / "worker.log", "w"),
-                                  stderr=subprocess.STDOUT)
+        with open(tmp_path / "worker.log", "w") as log:
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"],
+                                      env=env | {"SRCFLOW_HOME": str(REPO)}, cwd=tmp_path, start_new_session=True,
+                                      stdout=log, stderr=subprocess.STDOUT)
         overrides = [f"storage.root={tmp_path / 'artifacts'}", f"data.root={tiny_root}", "data.generate_tiny=null",
                      "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false",
                      f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}",
@@ -211,7 +212,8 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         states = []
         for _ in range(2):
             r = run("deployment", "run", "srcflow/srcflow-full", "--watch", *params)
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+            worker_log = (tmp_path / "worker.log").read_text()[-3000:]
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + worker_log
             q = subprocess.run([sys.executable, "-c", STATES], env=env, capture_output=True, text=True, timeout=120)
             assert q.returncode == 0, q.stderr
             states.append(json.loads(q.stdout))
