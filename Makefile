@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision pinned to what the local wheel cache holds (CUDA builds; they run on CPU too).
-TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
+# uv.lock is the one lock (docker/Dockerfile installs it too): uv resolves it (`make lock`), pip installs what it
+# pins with their hashes, so torch/torchvision (CUDA builds; they run on CPU too) come from this machine's local
+# wheel cache, which pip sees and uv does not. The same uv as docker/Dockerfile.
+UV_VERSION := 0.13.8
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -14,11 +16,20 @@ export PREFECT_LOGGING_EXTRA_LOGGERS := srcflow
 
 .venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[dev]" $(TORCH_PINS)
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+
+# --locked: a pyproject.toml that changed since uv.lock fails here, naming `uv lock` (run `make lock`)
+$(VENV)/.installed: pyproject.toml uv.lock | $(BIN)/uv
+	$(BIN)/uv export -q --locked --extra dev --no-emit-project -o $(VENV)/requirements.txt
+	$(BIN)/pip install -q --require-hashes -r $(VENV)/requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+.PHONY: lock
+lock: | $(BIN)/uv
+	$(BIN)/uv lock
 
 demo: .venv
 	$(BIN)/srcflow run --config configs/smoke.yaml

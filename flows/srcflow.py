@@ -7,9 +7,15 @@ output is missing or partial is (re)run with `refresh_cache`, so a deleted artif
 
 from __future__ import annotations
 
+import base64
+import io
+import mimetypes
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlparse
 
+from PIL import Image
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect_dask import DaskTaskRunner
@@ -102,5 +108,43 @@ def publish_evaluation(out_dir: Path) -> None:
     evaluations = read_metrics(out_dir / "metrics.json")["evaluations"]
     create_table_artifact(key="srcflow-metrics", table=metrics_table(evaluations),
                           description="FID / IS / KID / precision / recall per CFG scale")
-    create_markdown_artifact(key="srcflow-report", markdown=(out_dir / "report.md").read_text(),
-                             description=f"evaluation report ({out_dir})")
+    publish_report("srcflow-report", out_dir / "report.md", f"evaluation report ({out_dir})")
+
+
+def publish_report(key: str, report: Path, description: str) -> None:
+    """A markdown report on disk as a Prefect markdown artifact, with the images it links embedded."""
+    create_markdown_artifact(key=key, markdown=inline_images(report.read_text(), report.parent),
+                             description=description)
+
+
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](target)
+# An image file up to this size is embedded as it is (a sweep's plots, small grids). A larger one, as a JPEG
+# preview at most PREVIEW_SIDE px on its long side: a 256-px evaluation grid is ~3.4 MB of PNG, a 512-px one ~10 MB,
+# and one per CFG scale would make a report artifact of tens of MB in the server's database.
+EMBED_AS_IS_BYTES = 1 << 20
+PREVIEW_SIDE = 2048
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """Each `![alt](path)` relative to `folder` becomes a base64 data URI. The Prefect UI cannot reach the files
+    (a relative link resolves against the UI's own address), and its markdown renderer keeps `data:image/` sources
+    (Prefect 3.9 ui-v2: urlTransform and rehype-sanitize allow them for img src). The report on disk keeps its
+    relative links, which are right there."""
+    def embed(link: re.Match) -> str:
+        alt, target = link.groups()
+        if urlparse(target).scheme:  # already a URL (http:, data:, ...)
+            return link.group(0)
+        return f"![{alt}]({data_uri(folder / target)})"
+
+    return IMAGE_LINK.sub(embed, markdown)
+
+
+def data_uri(path: Path) -> str:
+    data, mime = path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if len(data) > EMBED_AS_IS_BYTES:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        data, mime = buffer.getvalue(), "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

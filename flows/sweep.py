@@ -12,7 +12,6 @@ PREFECT_API_URL, which `srcflow sweep` sets to a temporary server it starts when
 
 from __future__ import annotations
 
-import base64
 import logging
 import multiprocessing
 import os
@@ -20,11 +19,11 @@ import time
 from contextlib import nullcontext
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.srcflow import stage_task
+from flows.srcflow import publish_report, stage_task
 from pipeline.config import config_dict, validate_config
 from pipeline.progress import set_mode
 from stages import sweep as sweeps
@@ -163,10 +162,7 @@ def exception(state) -> BaseException | None:
 
 
 def publish(sweep: sweeps.Sweep, summary) -> None:
-    """The group table, and the report with its plots inline (data URIs), in the Prefect UI."""
+    """The group table, and the report (summary.md, its plots embedded), in the Prefect UI."""
     create_table_artifact(key="srcflow-sweep-groups", table=sweeps.group_table(summary, sweep.grids),
                           description=f"srcflow sweep {sweep.id[:16]}: mean ± std over seeds per group")
-    images = {name: "data:image/png;base64," + base64.b64encode((sweep.dir / name).read_bytes()).decode()
-              for name in summary.plots}
-    create_markdown_artifact(key="srcflow-sweep-report", description=f"srcflow sweep report ({sweep.dir})",
-                             markdown=sweeps.summary_markdown(summary, sweep.grids, sweeps.uses_standin(sweep), images))
+    publish_report("srcflow-sweep-report", sweep.dir / "summary.md", f"srcflow sweep report ({sweep.dir})")

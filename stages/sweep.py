@@ -613,10 +613,9 @@ def group_table(summary: SweepSummary, grids: list[Grid]) -> list[dict]:
             for g in summary.groups]
 
 
-def summary_markdown(summary: SweepSummary, grids: list[Grid], standin: bool,
-                     images: dict[str, str] | None = None) -> str:
-    """The report: definition, the groups (one column each: mean ± std over seeds), the points, the plots.
-    `images`: plot name -> what to link (default: the file, relative to the sweep directory)."""
+def summary_markdown(summary: SweepSummary, grids: list[Grid], standin: bool) -> str:
+    """The report: definition, the groups (one column each: mean ± std over seeds), the points, the plots (linked
+    relative to the sweep directory)."""
     grid = "; ".join(f"`{k}` = {', '.join(json.dumps(v) for v in values)}" for k, values in summary.grid.items())
     lines = [f"# srcflow sweep {summary.sweep[:16]}", "",
              f"Config `{summary.config}`" + (f", `--set {' '.join(summary.sets)}`" if summary.sets else "")
@@ -635,7 +634,7 @@ def summary_markdown(summary: SweepSummary, grids: list[Grid], standin: bool,
               for p in summary.points]
     if summary.plots:
         lines += ["", "## Plots", ""]
-        lines += [f"![{name}]({(images or {}).get(name, name)})" for name in summary.plots]
+        lines += [f"![{name}]({name})" for name in summary.plots]
     return "\n".join(lines) + "\n"
 
 

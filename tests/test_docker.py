@@ -2,7 +2,9 @@
 
 docker/compose.yaml: parses, paths exist, the API is published on 127.0.0.1 only, the worker
 gets a GPU, the server stores its state in PostgreSQL. docker/Dockerfile: pinned bases, a
-non-root user, torch pinned as in pyproject.toml, hadolint-clean (when hadolint is installed).
+non-root user, the dependencies of uv.lock (the Makefile's lock too, current with pyproject.toml)
+installed in a layer before the source, hadolint-clean (when hadolint is installed); .dockerignore
+keeps the local state out of the build context.
 docker/entrypoint.sh: executable, parses, and really waits for /health before exec'ing the
 worker (run against a throwaway HTTP server on 127.0.0.1 and a stand-in `prefect`).
 """
@@ -35,6 +37,7 @@ COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 ENV_EXAMPLE = DOCKER / ".env.example"
+LOCK = REPO / "uv.lock"
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
@@ -317,12 +320,60 @@ def test_dockerfile_runs_as_non_root():
     assert user not in ("root", "0", ""), f"final USER is {user!r}"
 
 
-def test_dockerfile_installs_torch_pinned_like_pyproject():
-    runs = " ".join(_expand(rest, _args_defaults()) for kw, rest in _instructions() if kw == "RUN")
+def test_dockerfile_installs_the_locked_dependencies_before_the_source():
+    steps = _instructions()
+    copies = [(i, _flags(rest)[1][:-1]) for i, (kw, rest) in enumerate(steps) if kw == "COPY" and "--from" not in rest]
+    syncs = [i for i, (kw, rest) in enumerate(steps) if kw == "RUN" and "uv sync --locked" in rest]
+    assert len(syncs) == 2, "two `uv sync --locked`: the dependencies, then the package"
+    deps, package = syncs
+    assert "--no-install-project" in steps[deps][1] and "--no-install-project" not in steps[package][1]
+    before = {src for i, srcs in copies if i < deps for src in srcs}
+    assert before == {"pyproject.toml", "uv.lock"}, f"copied before the dependencies: {sorted(before)}"
+    source = {src.rstrip("/") for i, srcs in copies if deps < i < package for src in srcs}
+    assert {"pipeline", "stages", "flows", "storage_schemas"} <= source
+
+
+def _lock_root() -> dict:
+    (root,) = [p for p in tomllib.loads(LOCK.read_text())["package"] if p["name"] == _pyproject()["project"]["name"]]
+    return root
+
+
+def test_uv_lock_is_current_with_pyproject_and_pins_torch_like_it():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+
+    def key(name, extras, specifier, extra):
+        return canonicalize_name(name), tuple(sorted(extras)), str(SpecifierSet(specifier)), extra
+
+    project = _pyproject()["project"]
+    declared = {key(r.name, r.extras, str(r.specifier), None) for r in map(Requirement, project["dependencies"])}
+    declared |= {key(r.name, r.extras, str(r.specifier), extra)
+                 for extra, deps in project["optional-dependencies"].items() for r in map(Requirement, deps)}
+    locked = {key(d["name"], d.get("extras", []), d.get("specifier", ""),
+                  d["marker"].split("'")[1] if "marker" in d else None)  # "extra == 'dev'"
+              for d in _lock_root()["metadata"]["requires-dist"]}
+    assert declared == locked, f"uv.lock is older than pyproject.toml (run `make lock`): {declared ^ locked}"
+    versions = {p["name"]: p["version"] for p in tomllib.loads(LOCK.read_text())["package"]}
     for name in ("torch", "torchvision"):
-        found = set(re.findall(rf"(?<![\w-]){name}==([0-9][^\s\"']*)", runs))
-        assert found == {_pin(name)}, f"{name}: Dockerfile installs {found or 'no pinned version'}"
+        assert versions[name] == _pin(name)
     assert _pin("torch") == "2.14.1"
+
+
+def test_the_image_and_the_makefile_use_the_same_uv():
+    (image,) = [_flags(rest)[0]["from"] for kw, rest in _instructions() if kw == "COPY" and "uv" in rest
+                and "from" in _flags(rest)[0]]
+    (pinned,) = re.findall(r"^UV_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert image == f"ghcr.io/astral-sh/uv:{pinned}"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context():
+    ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "data", ".prefect", "docker/.env"} <= ignored
+    copied = {src.rstrip("/") for kw, rest in _instructions() if kw == "COPY" and "from" not in _flags(rest)[0]
+              for src in _flags(rest)[1][:-1]}
+    assert not copied & ignored, "the Dockerfile copies something .dockerignore leaves out"
 
 
 def test_dockerfile_copies_what_pip_install_needs():

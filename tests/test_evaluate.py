@@ -10,8 +10,10 @@ and a colour-shifted copy (w=0.0). Inception costs ~0.1-0.5 s per image on CPU a
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -187,6 +189,29 @@ def test_stage_metrics_are_flat_per_cfg_scale_and_status_shows_the_fid(evaluated
     rows = evaluate.metrics_table(evaluated.report["evaluations"])
     assert [(r["sfid"], r["inception_weights"]) for r in rows] == [(e["sfid"], "stand-in")
                                                                   for e in evaluated.report["evaluations"]]
+
+
+def test_the_report_published_to_prefect_embeds_every_grid_and_the_file_keeps_relative_links(evaluated,
+                                                                                             monkeypatch):
+    import flows.srcflow as prefect_flow
+
+    published = {}
+    monkeypatch.setattr(prefect_flow, "create_table_artifact", lambda **kwargs: None)
+    monkeypatch.setattr(prefect_flow, "create_markdown_artifact",
+                        lambda key, markdown, description: published.update({key: markdown}))
+    out = evaluated.manifests["evaluate"].dir
+    prefect_flow.publish_evaluation(out)
+    on_disk, markdown = (out / "report.md").read_text(), published["srcflow-report"]
+
+    def images(text: str) -> list[str]:
+        return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
+    assert images(on_disk) == ["grid-cfg0.0.png", "grid-cfg1.0.png"]  # relative to report.md: right locally
+    embedded = images(markdown)
+    assert all(src.startswith("data:image/png;base64,") for src in embedded)  # renders without the files
+    assert [base64.b64decode(src.split(",", 1)[1]) for src in embedded] == [(out / n).read_bytes()
+                                                                           for n in images(on_disk)]
+    assert prefect_flow.IMAGE_LINK.sub("", markdown) == prefect_flow.IMAGE_LINK.sub("", on_disk)  # the rest as is
 
 
 def test_reference_is_reused_on_a_second_run(evaluated, monkeypatch):

@@ -1,11 +1,14 @@
 """The real Prefect path: server on 127.0.0.1, process work pool, deployment, worker, `deployment run --watch`.
 
-One end-to-end run of the smoke chain, then a second run in which every stage shows as Cached.
-Every process started here is stopped by its id.
+One end-to-end run of the smoke chain, then a second run in which every stage shows as Cached; before it, the pull
+steps of prefect.yaml on a fresh `git clone` (the deployment names no path of the deploying checkout), and the
+images of the published reports. Every process started here is stopped by its id.
 """
 
+import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
+from flows.srcflow import inline_images
 from tests.conftest import REPO
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -51,6 +56,96 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout} s")
 
 
+def test_inline_images_embeds_every_relative_image_and_leaves_urls(tmp_path):
+    """What both published reports (evaluate's report.md, a sweep's summary.md with plots/...) go through."""
+    grid, plot = b"\x89PNG grid", b"\x89PNG plot"
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "grid-cfg1.0.png").write_bytes(grid)
+    (tmp_path / "plots" / "fid-vs-src.dim.png").write_bytes(plot)
+    table = "# report\n\n| a | b |\n|---|---|\n\n"
+    markdown = (table + "![samples, cfg 1.0](grid-cfg1.0.png)\n![plots/fid-vs-src.dim.png](plots/fid-vs-src.dim.png)\n"
+                "![logo](https://example.org/logo.png)\n")
+
+    def data(png: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(png).decode()
+
+    assert inline_images(markdown, tmp_path) == (
+        table + f"![samples, cfg 1.0]({data(grid)})\n![plots/fid-vs-src.dim.png]({data(plot)})\n"
+        "![logo](https://example.org/logo.png)\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        inline_images("![x](missing.png)", tmp_path)
+
+
+def test_a_large_image_is_embedded_as_a_bounded_jpeg_preview(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.srcflow import EMBED_AS_IS_BYTES, PREVIEW_SIDE
+
+    noise = np.random.default_rng(0).integers(0, 256, (600, 3000, 3), dtype=np.uint8)  # ~5 MB of PNG
+    Image.fromarray(noise).save(tmp_path / "grid-cfg1.0.png")
+    assert (tmp_path / "grid-cfg1.0.png").stat().st_size > EMBED_AS_IS_BYTES
+    (src,) = re.findall(r"\]\((data:[^)]+)\)", inline_images("![grid](grid-cfg1.0.png)", tmp_path))
+    assert src.startswith("data:image/jpeg;base64,")
+    preview = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert preview.size == (PREVIEW_SIDE, round(PREVIEW_SIDE * 600 / 3000)) and preview.format == "JPEG"
+
+
+PULL = """
+import asyncio, inspect, json, os, sys
+from prefect.deployments.steps.core import run_steps
+from prefect.flows import load_flow_from_entrypoint
+start, out = os.getcwd(), []
+for steps, entrypoint in json.loads(sys.argv[1]):
+    os.chdir(start)
+    os.chdir(asyncio.run(run_steps(steps))["directory"])  # as Prefect's load_flow_from_flow_run does with it
+    flow = load_flow_from_entrypoint(entrypoint)
+    import pipeline.config
+    out.append({"directory": os.getcwd(), "flow": flow.name, "flow_file": inspect.getfile(flow.fn),
+                "pipeline": pipeline.config.__file__})
+print(json.dumps(out))
+"""
+
+
+def git_clone(dest: Path) -> Path:
+    if not (REPO / ".git").exists():
+        pytest.skip("the repository is not a git checkout")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True, timeout=120)
+    return dest
+
+
+def run_pull_steps(jobs: list[tuple[list, str]], cwd: Path, **env: str) -> list[dict]:
+    """Each (pull steps, entrypoint): the steps, then the entrypoint's import, in a fresh process started in `cwd`,
+    as a worker's flow run does them, with nothing of this checkout on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SRCFLOW_HOME")} | env
+    r = subprocess.run([sys.executable, "-c", PULL, json.dumps(jobs)], cwd=cwd, env=env, check=False,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_deployments_run_from_srcflow_home_or_a_git_clone_not_the_deploying_checkout(tmp_path):
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    clone = git_clone(tmp_path / "srcflow-clone")
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    assert "$PWD" not in (REPO / "prefect.yaml").read_text()
+    deployments = spec["deployments"]
+    got = run_pull_steps([(d.get("pull", spec["pull"]), d["entrypoint"]) for d in deployments], elsewhere,
+                         SRCFLOW_HOME=str(clone))
+    for d, run in zip(deployments, got, strict=True):
+        assert Path(run["directory"]) == clone and run["flow"] == "srcflow", d["name"]
+        assert Path(run["flow_file"]) == clone / d["entrypoint"].split(":")[0]
+        assert Path(run["pipeline"]).is_relative_to(clone)  # the clone's code, not an installed copy
+    # the git alternative: a fresh clone per flow run, in the run's own directory
+    (run,) = run_pull_steps([(spec["definitions"]["pull"]["git-clone"], "flows/srcflow.py:srcflow")], elsewhere,
+                            SRCFLOW_GIT_URL=str(clone))
+    fresh = Path(run["directory"])
+    assert fresh.parent == elsewhere and (fresh / ".git").is_dir() and Path(run["pipeline"]).is_relative_to(fresh)
+
+
 STATES = """
 import asyncio, json, sys
 from prefect.client.orchestration import get_client
@@ -65,6 +160,17 @@ asyncio.run(main())
 """
 
 
+PULL_STEPS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as c:
+        print(json.dumps((await c.read_deployment_by_name("srcflow/srcflow-full")).pull_steps))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.prefect
 @pytest.mark.timeout(900)
 def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, tiny_root):
     port = free_port()
@@ -73,9 +179,10 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "srcflow", "PYTHONPATH": str(REPO)}
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=server_env, cwd=tmp_path, start_new_session=True,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    with open(tmp_path / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
+        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=server_env, cwd=tmp_path, start_new_session=True, stdout=log,
+                                  stderr=subprocess.STDOUT)
     worker = None
     try:
         wait_healthy(api, server)
@@ -85,9 +192,15 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         assert r.returncode == 0, r.stdout + r.stderr
         r = run("--no-prompt", "deploy", "--all")
         assert r.returncode == 0, r.stdout + r.stderr
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"], env=env, cwd=REPO,
-                                  start_new_session=True, stdout=open(tmp_path / "worker.log", "w"),
-                                  stderr=subprocess.STDOUT)
+        q = subprocess.run([sys.executable, "-c", PULL_STEPS], env=env, check=False, capture_output=True, text=True,
+                           timeout=120)
+        assert json.loads(q.stdout) == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": "{{ $SRCFLOW_HOME }}"}}], q.stderr  # stored as written: resolved on the worker
+        # the worker, elsewhere, finds the code through SRCFLOW_HOME
+        with open(tmp_path / "worker.log", "w") as log:
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"],
+                                      env=env | {"SRCFLOW_HOME": str(REPO)}, cwd=tmp_path, start_new_session=True,
+                                      stdout=log, stderr=subprocess.STDOUT)
         overrides = [f"storage.root={tmp_path / 'artifacts'}", f"data.root={tiny_root}", "data.generate_tiny=null",
                      "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false",
                      f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}",
@@ -99,7 +212,8 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         states = []
         for _ in range(2):
             r = run("deployment", "run", "srcflow/srcflow-full", "--watch", *params)
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+            worker_log = (tmp_path / "worker.log").read_text()[-3000:]
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + worker_log
             q = subprocess.run([sys.executable, "-c", STATES], env=env, capture_output=True, text=True, timeout=120)
             assert q.returncode == 0, q.stderr
             states.append(json.loads(q.stdout))

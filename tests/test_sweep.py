@@ -299,7 +299,7 @@ def test_the_sweep_deployment_runs_points_in_parallel_on_a_real_server(tmp_path,
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_LOGGING_EXTRA_LOGGERS": "srcflow", "PYTHONPATH": str(REPO)}
+           "PREFECT_LOGGING_EXTRA_LOGGERS": "srcflow", "PYTHONPATH": str(REPO), "SRCFLOW_HOME": str(REPO)}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, cwd=tmp_path,
                               start_new_session=True, stdout=open(tmp_path / "server.log", "w"),
