@@ -386,7 +386,7 @@ def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> 
         if str(path).endswith(".safetensors") and meta:
             with safetensors.safe_open(path, framework="pt") as f:
                 obj = {}
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                     part = f.get_slice(name)
                     obj[name] = torch.empty(part.get_shape(), dtype=_SAFETENSORS_DTYPES[part.get_dtype()],
                                             device="meta")
