@@ -26,7 +26,6 @@ from pipeline.data.features import open_features
 from pipeline.runner import plan, run_pipeline
 from storage_schemas import SchemaError
 from tests.conftest import REPO
-from tests.test_fit_src import stores  # noqa: F401  (fixture: shard + encode built once, copied per root)
 
 cli = CliRunner()
 FIT = ("src.steps=4",)
@@ -62,10 +61,11 @@ def arrays(store: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def chain(stores, tmp_path):  # noqa: F811
-    """A fresh root holding shard, encode, fit_src and compress, and its config file."""
-    cfg = stores("faults", *FIT)
-    manifests = run_pipeline(cfg, until="compress")
+def chain(stores, tmp_path):
+    """A fresh root holding shard, encode, fit_src and compress (built once per session, copied), and its config
+    file."""
+    cfg = stores("faults", *FIT, until="compress")
+    manifests = run_pipeline(cfg, until="compress")  # nothing to build: reads the copy's manifests
     return cfg, manifests, write_config(cfg, tmp_path / "config.yaml")
 
 
@@ -254,7 +254,7 @@ def test_status_on_a_read_only_root(chain, tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path):  # noqa: F811
+def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path):
     cfg = stores("concurrent", *FIT, "train.steps=1500", "train.log_every=1", "train.ckpt_every=1000",
                  "flow.width=16", "flow.heads=2", "flow.num_blocks=1", "flow.layers_per_block=1")
     config = write_config(cfg, tmp_path / "config.yaml")
