@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := srcflow
 
-.PHONY: .venv demo test bench clean
+.PHONY: .venv demo test test-fast bench clean
 
 .venv: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ demo: .venv
 
 test: .venv
 	$(BIN)/python -m pytest -q
+
+test-fast: .venv
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 bench: .venv
 	$(BIN)/python benchmarks/encode.py

@@ -254,11 +254,12 @@ def test_status_on_a_read_only_root(chain, tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path):
+@pytest.mark.e2e
+def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path, prefect_home):
     cfg = stores("concurrent", *FIT, "train.steps=1500", "train.log_every=1", "train.ckpt_every=1000",
                  "flow.width=16", "flow.heads=2", "flow.num_blocks=1", "flow.layers_per_block=1")
     config = write_config(cfg, tmp_path / "config.yaml")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "SRCFLOW_CACHE_DIR": str(tmp_path / "c"),
            # two ephemeral servers start at once on a loaded 2-core machine: give them time
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}

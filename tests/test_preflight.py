@@ -263,8 +263,9 @@ app()
 """
 
 
-def test_a_stage_failing_inside_the_flow_is_one_line_per_run_without_tracebacks(tmp_path, tiny_root):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+@pytest.mark.e2e
+def test_a_stage_failing_inside_the_flow_is_one_line_per_run_without_tracebacks(tmp_path, tiny_root, prefect_home):
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("SRCFLOW_DEBUG", None)
     r = subprocess.run([sys.executable, "-c", FAILING_RUN, "run", "--config", str(SMOKE), "--until", "shard",
