@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := srcflow
 
-.PHONY: .venv demo test lint bench clean
+.PHONY: .venv demo test test-fast lint bench clean
 
 .venv: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ demo: .venv
 
 test: .venv
 	$(BIN)/python -m pytest -q
+
+test-fast: .venv
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 lint: .venv
 	$(BIN)/ruff check .

@@ -1,8 +1,14 @@
-"""Shared fixtures: a tiny generated ImageNet and smoke configs pointing into tmp dirs."""
+"""Shared fixtures: a tiny generated ImageNet, smoke configs pointing into tmp dirs, and stores built once per session
+and copied per use."""
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
 
+# The `stores` configs: the test dataset (4 classes x 12 train + 4 val, 32 px, two views: 96 train rows, 32 val rows)
+# through the smoke encoder (8 x 8 tokens of 64 channels), a tiny random RAE decoder with 32 px output, and a small
+# SRC so that every fit takes seconds.
+UPSTREAM = ("runtime.device=cpu", "encode.rows_per_shard=8", "encode.rows_per_chunk=4", "decoder.hidden_size=32",
+            "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64")
+SRC = ("src.dim=6", "src.hidden=32", "src.depth=1", "src.steps=12", "src.batch_size=16", "src.warmup_steps=3",
+       "src.report_images=8", "src.eval_batch_size=4", "src.ckpt_every=5", "src.log_every=5")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
@@ -22,6 +36,13 @@ def one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def seeded_random(request):
+    """Python's `random` seeded by the test's id: a test that draws a kill point draws the same one on every run,
+    so a failure reproduces."""
+    random.seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +82,65 @@ def make_config(tmp_path, tiny_root):
 def module_config(tmp_path_factory, tiny_root):
     """Like make_config, but one artifact store per test module, so tests can share upstream outputs."""
     return config_factory(tmp_path_factory.mktemp("artifacts"), tiny_root)
+
+
+@pytest.fixture(scope="session")
+def prebuilt(tmp_path_factory):
+    """prebuilt(cfg, until="encode") -> cfg, whose store now holds every output of cfg through `until`.
+
+    Each output is built once per session, in one shared store (outputs are found by fingerprint, so configs that
+    agree up to a stage share it), and copied into cfg.storage.root. A copy is plain files: a test may damage,
+    extend or move its store without touching the shared one or another test's copy.
+    """
+    from stages.runner import run_pipeline
+
+    shared = tmp_path_factory.mktemp("prebuilt") / "store"
+
+    def copy(cfg, until: str = "encode"):
+        in_shared = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(shared)})})
+        for manifest in run_pipeline(in_shared, until=until).values():
+            target = Path(cfg.storage.root) / manifest.dir.relative_to(shared)
+            if not target.exists():
+                shutil.copytree(manifest.dir, target)
+        return cfg
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def random_decoder(tmp_path_factory, tiny_root) -> Path:
+    """A random RAE decoder file (seed 1) of the `stores` decoder architecture."""
+    import torch
+
+    from pipeline.models.configured import decoder_arch
+    from pipeline.models.rae import build_rae_decoder
+
+    path = tmp_path_factory.mktemp("decoder") / "decoder.pt"
+    cfg = config_factory(tmp_path_factory.mktemp("unused"), tiny_root)(*UPSTREAM)
+    torch.save(build_rae_decoder(None, seed=1, **decoder_arch(cfg)).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stores(prebuilt, random_decoder, tiny_root, tmp_path_factory):
+    """`stores(name, *overrides, until="encode")` -> the UPSTREAM + SRC config (with `random_decoder`) in a fresh
+    root named after `name`, already holding every stage through `until` (see `prebuilt`)."""
+    def make(name: str, *overrides: str, until: str = "encode"):
+        storage = tmp_path_factory.mktemp(name) / "store"
+        cfg = config_factory(storage, tiny_root)(*UPSTREAM, f"decoder.weights={random_decoder}", *SRC, *overrides)
+        return prebuilt(cfg, until)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory) -> Path:
+    """One migrated Prefect database for the session's subprocess runs: each ephemeral server that a test starts
+    then skips the migrations (seconds each, and slower still when two servers start at once)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    subprocess.run([prefect, "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True,
+                   timeout=300)
+    return home

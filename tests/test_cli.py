@@ -6,7 +6,6 @@ import pytest
 from typer.testing import CliRunner
 
 from srcflow.cli import app
-from stages.runner import run_pipeline
 from tests.conftest import SMOKE
 
 runner = CliRunner()
@@ -14,10 +13,10 @@ ENCODE = ("encode.rows_per_shard=8", "encode.rows_per_chunk=4")
 
 
 @pytest.fixture(scope="module")
-def store(module_config, tiny_root):
-    """shard and encode done once; returns the --set arguments that point the CLI at them."""
-    cfg = module_config(*ENCODE)
-    run_pipeline(cfg, until="encode")
+def store(module_config, tiny_root, prebuilt):
+    """shard and encode done (built once per session, copied); returns the --set arguments that point the CLI at
+    them."""
+    cfg = prebuilt(module_config(*ENCODE))
     sets = [f"storage.root={cfg.storage.root}", f"data.root={tiny_root}", "data.generate_tiny=null",
             "data.resolution=32", "decoder.patch_size=4", "shard.samples_per_shard=16", *ENCODE,
             f"evaluate.inception_weights={tiny_root.parent / 'standin-inception.pth'}"]

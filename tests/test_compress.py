@@ -12,22 +12,18 @@ import pipeline.artifacts as zs
 import stages.compress as compress_stage
 from pipeline.config import apply_override, validate_config
 from pipeline.data.features import load_normalizer, read_features
-from stages.runner import plan, run_pipeline
 from stages.fit_src import load_src
+from stages.runner import plan, run_pipeline
 from storage_schemas.zarr_layouts import CODES
-from tests.test_fit_src import stores  # noqa: F401  (fixture: shard + encode built once, copied per root)
 
 FIT = ("src.steps=4",)  # a learned SRC whose residual branches are no longer zero, trained at sigma 0.2
 
-_DONE: dict = {}
 
-
-@pytest.fixture
-def compressed(stores):  # noqa: F811
-    if "cfg" not in _DONE:
-        cfg = stores("compress", *FIT)
-        _DONE.update(cfg=cfg, manifests=run_pipeline(cfg, until="compress"))
-    return _DONE["cfg"], _DONE["manifests"]
+@pytest.fixture(scope="module")
+def compressed(stores):
+    """(config, manifests) of one store through compress, shared by the module's tests."""
+    cfg = stores("compress", *FIT, until="compress")  # test_faults' chain: built once per session
+    return cfg, run_pipeline(cfg, until="compress")
 
 
 def _with(cfg, *overrides):
@@ -82,7 +78,7 @@ class Killed(BaseException):
     """A crash that nothing in the stage catches (stands in for SIGKILL)."""
 
 
-def test_kill_at_a_random_point_then_rerun_is_bit_identical(compressed, stores, monkeypatch):  # noqa: F811
+def test_kill_at_a_random_point_then_rerun_is_bit_identical(compressed, stores, monkeypatch):
     _, clean = compressed
     seed = random.randrange(1000)
     rng = random.Random(seed)
@@ -129,7 +125,7 @@ def test_images_and_features_paths_give_equal_codes(compressed):
     assert zarr.open_group(str(out["compress"].dir / "codes.zarr")).attrs["source"] == "images"
 
 
-def test_images_path_codes_every_image_when_only_a_subset_was_encoded(stores):  # noqa: F811
+def test_images_path_codes_every_image_when_only_a_subset_was_encoded(stores):
     cfg = stores("subset", "src.kind=pca", "encode.subset_per_class=6", "compress.from=images")
     m = run_pipeline(cfg, until="compress")
     features = zarr.open_group(str(m["encode"].dir / "features.zarr"), mode="r")

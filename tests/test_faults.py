@@ -20,13 +20,12 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.artifacts import ArtifactStore
-from srcflow.cli import app
 from pipeline.config import config_dict, load_config
 from pipeline.data.features import open_features
+from srcflow.cli import app
 from stages.runner import plan, run_pipeline
 from storage_schemas import SchemaError
 from tests.conftest import REPO
-from tests.test_fit_src import stores  # noqa: F401  (fixture: shard + encode built once, copied per root)
 
 cli = CliRunner()
 FIT = ("src.steps=4",)
@@ -62,10 +61,11 @@ def arrays(store: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def chain(stores, tmp_path):  # noqa: F811
-    """A fresh root holding shard, encode, fit_src and compress, and its config file."""
-    cfg = stores("faults", *FIT)
-    manifests = run_pipeline(cfg, until="compress")
+def chain(stores, tmp_path):
+    """A fresh root holding shard, encode, fit_src and compress (built once per session, copied), and its config
+    file."""
+    cfg = stores("faults", *FIT, until="compress")
+    manifests = run_pipeline(cfg, until="compress")  # nothing to build: reads the copy's manifests
     return cfg, manifests, write_config(cfg, tmp_path / "config.yaml")
 
 
@@ -254,11 +254,12 @@ def test_status_on_a_read_only_root(chain, tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path):  # noqa: F811
+@pytest.mark.e2e
+def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path, prefect_home):
     cfg = stores("concurrent", *FIT, "train.steps=1500", "train.log_every=1", "train.ckpt_every=1000",
                  "flow.width=16", "flow.heads=2", "flow.num_blocks=1", "flow.layers_per_block=1")
     config = write_config(cfg, tmp_path / "config.yaml")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "SRCFLOW_CACHE_DIR": str(tmp_path / "c"),
            # two ephemeral servers start at once on a loaded 2-core machine: give them time
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}

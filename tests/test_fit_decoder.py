@@ -23,8 +23,8 @@ from pipeline.config import config_dict
 from pipeline.data.features import read_features
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.metrics.reconstruction import psnr
-from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
 from pipeline.models.configured import decoder_arch
+from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
 from pipeline.training import TrainingStopped, step_seed
 from stages import fit_decoder
 from stages.fit_decoder import encode_crops, load_decoder, lr_schedule, noise_augment, unit_pixels
@@ -136,7 +136,7 @@ def test_noise_augmentation_is_applied_every_training_step(trained):
     tau = cfg.fit_decoder.noise_tau
     assert all(t == tau for t, _, _ in calls)
     s = torch.cat([s for _, s, _ in calls])
-    assert 0 <= float(s.min()) and float(s.max()) <= tau
+    assert float(s.min()) >= 0 and float(s.max()) <= tau
     for _, s_batch, noise in calls[:3]:  # each sample's noise has standard deviation s
         std = noise.flatten(1).std(1)
         torch.testing.assert_close(std, s_batch, rtol=0.05, atol=1e-3)
@@ -145,7 +145,7 @@ def test_noise_augmentation_is_applied_every_training_step(trained):
 def test_noise_scale_is_uniform_per_sample_and_seeded_by_step():
     g = torch.Generator().manual_seed(step_seed(0, 5))
     _, s = noise_augment(torch.zeros(4000, 4, 4), 0.8, g)
-    assert s.shape == (4000,) and 0 <= float(s.min()) and float(s.max()) <= 0.8
+    assert s.shape == (4000,) and float(s.min()) >= 0 and float(s.max()) <= 0.8
     assert float(s.mean()) == pytest.approx(0.4, abs=0.02)  # tau * U(0, 1): mean tau / 2
     assert float(s.var()) == pytest.approx(0.8 ** 2 / 12, rel=0.1)  # variance tau^2 / 12
     features = torch.randn(100, 64, 64)

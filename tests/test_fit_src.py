@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 
 import numpy as np
@@ -10,68 +9,20 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.config import load_config
 from pipeline.data.features import load_normalizer, read_features
 from pipeline.training import TrainingStopped
-from stages.runner import plan, run_pipeline
 from stages import fit_src
 from stages.fit_src import load_pca, load_src
-from tests.conftest import SMOKE
-
-# The test dataset (4 classes x 12 train + 4 val, 32 px, two views: 96 train rows, 32 val rows) through
-# the smoke encoder (8 x 8 tokens of 64 channels), a tiny random RAE decoder with 32 px output, and a
-# small SRC so that every fit takes seconds.
-UPSTREAM = ("data.generate_tiny=null", "data.resolution=32", "runtime.progress=false", "runtime.device=cpu",
-            "shard.workers=1", "shard.samples_per_shard=16", "encode.rows_per_shard=8", "encode.rows_per_chunk=4",
-            "decoder.hidden_size=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64",
-            "decoder.patch_size=4")
-SRC = ("src.dim=6", "src.hidden=32", "src.depth=1", "src.steps=12", "src.batch_size=16", "src.warmup_steps=3",
-       "src.report_images=8", "src.eval_batch_size=4", "src.ckpt_every=5", "src.log_every=5")
-
-_BUILT: dict = {}
+from stages.runner import plan, run_pipeline
 
 
-@pytest.fixture
-def stores(tiny_root, tmp_path_factory):
-    """`stores(name, *overrides)` -> a config whose store already holds shard + encode (built once per
-    session, copied into a fresh root per name) and a random RAE decoder file."""
-    if "root" not in _BUILT:
-        base = tmp_path_factory.mktemp("src-upstream")
-        decoder = base / "decoder.pt"
-        cfg = _config(base / "store", tiny_root, decoder)
-        from pipeline.models.rae import build_rae_decoder
-        from pipeline.models.configured import decoder_arch
-
-        torch.save(build_rae_decoder(None, seed=1, **decoder_arch(cfg)).state_dict(), decoder)
-        run_pipeline(cfg, until="encode")
-        _BUILT.update(root=base / "store", decoder=decoder)
-
-    def make(name: str, *overrides: str):
-        root = tmp_path_factory.mktemp(name) / "store"
-        if not root.exists():
-            shutil.copytree(_BUILT["root"], root)
-        return _config(root, tiny_root, _BUILT["decoder"], *overrides)
-
-    return make
-
-
-def _config(root, tiny_root, decoder, *overrides):
-    return load_config(SMOKE, [f"storage.root={root}", f"data.root={tiny_root}", f"decoder.weights={decoder}",
-                               *UPSTREAM, *SRC, *overrides])
-
-
-_FITS: dict = {}
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def learned(stores):
     """One learned fit without code noise (150 steps), shared by the tests that only read it. Noise trades
     clean fidelity for noisy fidelity; at sigma 0 the learned SRC must beat the PCA (4-11% over seeds 0-2)."""
-    if "learned" not in _FITS:
-        cfg = stores("learned", "src.noise_sigma=0", "src.steps=150", "src.hidden=128", "src.depth=2", "src.lr=1e-3",
-                     "src.ema_decay=0.95", "src.report_images=16")
-        _FITS["learned"] = (cfg, run_pipeline(cfg, until="fit_src"))
-    return _FITS["learned"]
+    cfg = stores("learned", "src.noise_sigma=0", "src.steps=150", "src.hidden=128", "src.depth=2", "src.lr=1e-3",
+                 "src.ema_decay=0.95", "src.report_images=16")
+    return cfg, run_pipeline(cfg, until="fit_src")
 
 
 def _train_features(manifests):

@@ -14,12 +14,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from srcflow.cli import app
 from pipeline.config import config_dict
 from pipeline.data.codes import open_codes, read_rows, split_rows
 from pipeline.data.tiny_imagenet import make_tiny_imagenet
-from stages.runner import run_pipeline
+from srcflow.cli import app
 from stages import likelihood
+from stages.runner import run_pipeline
 from stages.train_flow import row_noise
 
 # The test dataset (4 classes x 12 train + 4 val, 32 px) through the smoke encoder, a PCA SRC and a small flow

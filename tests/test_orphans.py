@@ -122,12 +122,6 @@ def test_kill_9_of_the_parent_alone_stops_its_children_forked_children_and_daemo
             parent.wait()
 
 
-@pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory):
-    """One Prefect database for the module's runs: the second ephemeral server skips the migrations."""
-    return tmp_path_factory.mktemp("prefect")
-
-
 def srcflow_run(make_config, tmp_path, prefect_home, tag: str) -> subprocess.Popen:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(config_dict(make_config())))
@@ -148,6 +142,7 @@ def listening_port(p: psutil.Process) -> int | None:
     return ports[0] if ports else None
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_kill_9_of_srcflow_run_stops_its_prefect_server_and_frees_its_port(make_config, tmp_path, prefect_home):
     tag = uuid.uuid4().hex
@@ -180,6 +175,7 @@ def test_kill_9_of_srcflow_run_stops_its_prefect_server_and_frees_its_port(make_
             run.wait()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(500)
 def test_a_normal_run_returns_at_once_and_leaves_no_process_behind(make_config, tmp_path, prefect_home):
     tag = uuid.uuid4().hex

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from srcflow.cli import app
 from pipeline.config import load_config
+from srcflow.cli import app
 from stages.plan import capacity_plan
 from stages.plan.measured import device_hours, identity, load_measurements
 from stages.runner import run_pipeline

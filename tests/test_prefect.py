@@ -170,7 +170,7 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.prefect
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, tiny_root):
     port = free_port()

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 import stages.inputs
 from pipeline.artifacts import check_once
-from srcflow.cli import app, one_line_errors
 from pipeline.config import load_config
-from stages.runner import plan
 from pipeline.models.configured import decoder_arch, encoder_arch
+from srcflow.cli import app, one_line_errors
+from stages.runner import plan
 from storage_schemas.samples import open_samples
 from tests.conftest import REPO, SMOKE
 
@@ -198,14 +198,12 @@ def test_an_os_error_is_one_line_naming_the_file_and_debug_shows_the_traceback(m
 
     full = OSError(28, "No space left on device")
     full.filename = "/store/encode/x/features.zarr/c/0"
-    with pytest.raises(typer.Exit):
-        with one_line_errors():
-            raise full
+    with pytest.raises(typer.Exit), one_line_errors():
+        raise full
     assert "No space left on device: '/store/encode/x/features.zarr/c/0'" in capsys.readouterr().err
     monkeypatch.setenv("SRCFLOW_DEBUG", "1")
-    with pytest.raises(OSError):
-        with one_line_errors():
-            raise full
+    with pytest.raises(OSError), one_line_errors():
+        raise full
 
 
 def test_debug_shows_the_traceback_of_a_refusal(tmp_path, tiny_root, monkeypatch):
@@ -263,8 +261,9 @@ app()
 """
 
 
-def test_a_stage_failing_inside_the_flow_is_one_line_per_run_without_tracebacks(tmp_path, tiny_root):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+@pytest.mark.e2e
+def test_a_stage_failing_inside_the_flow_is_one_line_per_run_without_tracebacks(tmp_path, tiny_root, prefect_home):
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("SRCFLOW_DEBUG", None)
     r = subprocess.run([sys.executable, "-c", FAILING_RUN, "run", "--config", str(SMOKE), "--until", "shard",

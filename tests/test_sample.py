@@ -9,8 +9,8 @@ import torch
 
 from pipeline.artifacts import StageOutput
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
-from stages.runner import run_pipeline
 from stages import sample
+from stages.runner import run_pipeline
 from stages.sample import class_labels, labels_of, load_models, sample_noise
 
 # The test dataset (4 classes x 12 train + 4 val, 32 px) through the smoke encoder; a tiny RAE decoder

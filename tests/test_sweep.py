@@ -288,16 +288,16 @@ def test_the_summary_reader_refuses_another_version(evaluated, tmp_path):
         read_summary(copy)
 
 
-@pytest.mark.prefect
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_the_sweep_deployment_runs_points_in_parallel_on_a_real_server(tmp_path, tiny_root):
+def test_the_sweep_deployment_runs_points_in_parallel_on_a_real_server(tmp_path, tiny_root, prefect_home):
     """srcflow/srcflow-sweep with parallel=2: the shared stages as tasks (each once), the two points as tasks in a
     process pool, the group table and the report as artifacts."""
     from tests.test_prefect import PREFECT, free_port, stop, wait_healthy
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "srcflow", "PYTHONPATH": str(REPO), "SRCFLOW_HOME": str(REPO)}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -540,7 +540,7 @@ def test_read_ahead_raises_the_loaders_exception_at_its_item():
     got = []
     with pytest.raises(KeyError, match="row 2"):
         for value in read_ahead(load, range(5), depth=2):
-            got.append(value)  # noqa: PERF402  the values before the exception
+            got.append(value)
     assert got == [0, 1]
 
 
