@@ -55,7 +55,8 @@ PR_K = 3  # precision/recall neighbourhood, as ADM's evaluator
 SAMPLES_GLOB = "samples-cfg*.npz"
 GRID_CLASSES, GRID_PER_CLASS = 8, 4
 # metrics.json key -> the short name of the flattened stage metric (`fid_cfg1.0`)
-FLAT_NAMES = {"fid": "fid", "sfid": "sfid", "inception_score_mean": "is", "kid_mean": "kid", "precision": "precision", "recall": "recall"}
+FLAT_NAMES = {"fid": "fid", "sfid": "sfid", "inception_score_mean": "is", "kid_mean": "kid", "precision": "precision",
+              "recall": "recall"}
 
 
 def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
@@ -77,7 +78,8 @@ def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
         samples, labels, nonfinite = open_samples(path)
         check_resolution(samples, reference, path)
         extractor = extractor or load_inception(weights, device)
-        features = sample_features(extractor, samples, device, cfg.evaluate.batch_size, out, f"evaluate cfg {cfg_scale}")
+        features = sample_features(extractor, samples, device, cfg.evaluate.batch_size, out, f"evaluate cfg "
+                                                                                             f"{cfg_scale}")
         metrics = metrics_from_features(features, reference, weights_sha256, device, cfg.evaluate.kid_subset_size, PR_K)
         grid, ncol = grid_images(samples, labels)
         save_grid(grid, out.path / f"grid-cfg{cfg_scale}.png", ncol=ncol)
@@ -203,8 +205,9 @@ def stage_metrics(evaluations: list[dict], flow: dict, classifier: dict) -> dict
 
 def metrics_table(evaluations: list[dict]) -> list[dict]:
     """One row per CFG scale (the Prefect table artifact)."""
-    return [{"cfg_scale": e["cfg_scale"], "fid": e["fid"], "sfid": e["sfid"], "inception_score": e["inception_score_mean"],
-             "kid": e["kid_mean"], "precision": e["precision"], "recall": e["recall"], "samples": e["num_samples"],
+    return [{"cfg_scale": e["cfg_scale"], "fid": e["fid"], "sfid": e["sfid"],
+             "inception_score": e["inception_score_mean"], "kid": e["kid_mean"], "precision": e["precision"],
+             "recall": e["recall"], "samples": e["num_samples"],
              "reference": e["num_reference"], "inception_weights": e["inception_weights"]} for e in evaluations]
 
 

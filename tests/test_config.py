@@ -37,7 +37,7 @@ def test_unknown_section_in_yaml(tmp_path):
 
 
 def test_missing_config_file_names_the_path(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
 
 

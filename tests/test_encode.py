@@ -74,7 +74,7 @@ def test_tokens_are_layernormed_without_affine(encoded):
 
 
 def test_bfloat16_store_round_trips_exactly(make_config):
-    cfg, out = _encode(make_config, "encode.dtype=bfloat16", "encode.views=[plain]")
+    _cfg, out = _encode(make_config, "encode.dtype=bfloat16", "encode.views=[plain]")
     group = zarr.open_group(str(out.dir / "features.zarr"), mode="r")
     assert group["features"].dtype == np.uint16 and group.attrs["logical_dtype"] == "bfloat16"
     widened = torch.from_numpy(widen(group["features"][:4]))
@@ -133,7 +133,8 @@ def test_kill_at_a_random_point_then_rerun_is_bit_identical(make_config, tmp_pat
     killed = make_config(*SMALL, f"storage.root={tmp_path / 'killed'}")
     args = [str(SMOKE)]  # the smoke config file, then the same overrides make_config applied
     overrides = [f"storage.root={tmp_path / 'killed'}", f"data.root={killed.data.root}", "data.generate_tiny=null",
-                 "data.resolution=32", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16", *SMALL]
+                 "data.resolution=32", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16",
+                 *SMALL]
     script = KILL_SCRIPT.replace("load_config(None, sys.argv[2:])", "load_config(sys.argv[2], sys.argv[3:])")
     proc = subprocess.run([sys.executable, "-c", script, str(seed), *args, *overrides], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -193,7 +194,7 @@ def test_released_statistics_loader(tmp_path):
     expected = f / (var[0].reshape(64, 64).T + 1e-5).sqrt()
     torch.testing.assert_close(norm(f), expected)
     torch.testing.assert_close(norm.inverse(norm(f)), f)
-    with pytest.raises(FileNotFoundError, match="encode.stats_file: .*nope.pt does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"encode.stats_file: .*nope.pt does not exist"):
         load_released_stats(str(tmp_path / "nope.pt"))
 
 
@@ -236,7 +237,7 @@ def test_the_tensor_path_writes_the_pil_store_when_no_resize_is_needed_and_nvjpe
     a, b = _arrays(encoded.dir / "features.zarr"), _arrays(tensor.dir / "features.zarr")
     assert all(np.array_equal(a[name], b[name]) for name in a)
     assert zarr.open_group(str(tensor.dir / "features.zarr")).attrs["decode"] == "tensor"
-    with pytest.raises(ValueError, match="encode.decode: nvjpeg decodes on a CUDA device") as e:
+    with pytest.raises(ValueError, match=r"encode.decode: nvjpeg decodes on a CUDA device") as e:
         _encode(module_config, "encode.decode=nvjpeg", "runtime.device=cpu")
     assert "\n" not in str(e.value)
 

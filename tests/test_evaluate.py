@@ -42,7 +42,7 @@ CHAIN = ("runtime.device=cpu", "encode.rows_per_shard=16", "encode.rows_per_chun
          "decoder.depth=1", "decoder.num_heads=2", "decoder.intermediate_size=64", "fit_decoder.steps=2",
          "fit_decoder.batch_size=8", "fit_decoder.report_images=4", "src.kind=pca", "src.report_images=4",
          "flow.width=32", "flow.heads=2", "train.steps=20", "train.batch_size=16")
-BASE = CHAIN + ("reference.max_images=4", "reference.pr_images=4", "reference.loader_threads=1", "sample.per_class=1",
+BASE = (*CHAIN, "reference.max_images=4", "reference.pr_images=4", "reference.loader_threads=1", "sample.per_class=1",
         "sample.cfg_scale=[0.0, 1.0]", "evaluate.kid_subset_size=4", "evaluate.batch_size=4",
         "evaluate.make_standin=false")
 METRICS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "kid_mean", "kid_std", "precision", "recall")

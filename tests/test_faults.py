@@ -126,7 +126,7 @@ def test_a_corrupted_byte_is_found_by_verify_deep_only_and_then_repaired(chain):
 
 @pytest.mark.parametrize("content", ["garbage{", "{}", ""])
 def test_a_garbage_success_file_is_damaged_in_status_and_refused_by_run(chain, content):
-    cfg, m, config = chain
+    _cfg, m, config = chain
     success = m["fit_src"].dir / "_SUCCESS.json"
     success.write_text(content)
     row = states(config)["fit_src"]
@@ -235,7 +235,7 @@ def test_status_writes_nothing_into_the_store(chain, tmp_path):
 
 def test_status_on_a_read_only_root(chain, tmp_path):
     """A read-only bind mount (root ignores file modes); skipped where this sandbox cannot mount."""
-    cfg, m, config = chain
+    cfg, _m, config = chain
     mount = tmp_path / "ro"
     mount.mkdir()
     if subprocess.run(["mount", "--bind", "-o", "ro", cfg.storage.root, str(mount)], capture_output=True).returncode:
@@ -267,8 +267,8 @@ def test_two_concurrent_runs_build_each_stage_once(stores, tmp_path, prefect_hom
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
     procs = []
     try:
-        for i, log in enumerate(logs):
-            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"),
+        for _i, log in enumerate(logs):
+            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"),  # noqa: SIM115 (the child's log)
                                           stderr=subprocess.STDOUT, start_new_session=True))
         codes = [p.wait(timeout=600) for p in procs]
     finally:

@@ -187,7 +187,7 @@ def test_missing_weights_fail_with_one_line_naming_the_key_and_file(inception, t
 
 def test_reference_from_other_inception_weights_is_refused(inception):
     reference = reference_from_features(inception.features["2048"], "0" * 64)
-    with pytest.raises(ValueError, match="rebuild the reference with evaluate.inception_weights"):
+    with pytest.raises(ValueError, match=r"rebuild the reference with evaluate.inception_weights"):
         metrics_from_features(inception.features, reference, inception.sha)
 
 

@@ -78,7 +78,8 @@ def held_out(cfg, manifests):
     val = manifest_rows(manifests["shard"].dir, ("val",))
     jpegs = dict(iter_jpegs(sorted(str(manifests["shard"].dir / "shards" / r["shard"]) for r in val),
                             {r["key"] for r in val}))
-    crops = np.stack([decode_crop(jpegs[k], cfg.data.resolution) for k in group["keys"].get_orthogonal_selection((rows,))])
+    keys = group["keys"].get_orthogonal_selection((rows,))
+    crops = np.stack([decode_crop(jpegs[k], cfg.data.resolution) for k in keys])
     return read_features(group, rows), crops
 
 
@@ -325,7 +326,8 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
     assert resumed.metrics == reference.metrics
     # training curves: TensorBoard scalars and grids from the three runs, loss.png, all listed in _SUCCESS.json
     events = EventAccumulator(str(resumed.dir / "tensorboard")).Reload()
-    assert {"train/loss", "train/l1", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
+    scalars = {"train/loss", "train/l1", "train/lr", "train/grad_norm", "train/images_per_s"}
+    assert scalars <= set(events.Tags()["scalars"])
     assert "train/reconstructions" in events.Tags()["images"]
     steps = [p.step for p in events.Scalars("train/loss")]  # step 8's point died with the killed run, or not
     assert steps[0] == 4 and steps[-1] == 12 and set(steps) <= {4, 8, 12} and len(set(steps)) == len(steps)
@@ -368,12 +370,12 @@ def test_decoder_patch_that_misses_the_resolution_is_a_one_line_error(config):
 
 
 def test_lpips_weights_missing_or_lpips_unavailable(config, tmp_path):
-    with pytest.raises(FileNotFoundError, match="fit_decoder.lpips_weights: .*nope.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"fit_decoder.lpips_weights: .*nope.pth does not exist"):
         plan(config(f"fit_decoder.lpips_weights={tmp_path / 'nope.pth'}"))
     if importlib.util.find_spec("lpips") is not None:
         pytest.skip("the lpips package is installed here")
     (tmp_path / "vgg.pth").write_bytes(b"weights")
     cfg = config(*RESUME, f"fit_decoder.lpips_weights={tmp_path / 'vgg.pth'}")
     assert "lpips_weights" in {p.name: p for p in plan(cfg)}["fit_decoder"].external
-    with pytest.raises(RuntimeError, match="fit_decoder.lpips_weights: LPIPS is not available"):
+    with pytest.raises(RuntimeError, match=r"fit_decoder.lpips_weights: LPIPS is not available"):
         run_pipeline(cfg, until="fit_decoder")

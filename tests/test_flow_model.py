@@ -123,7 +123,7 @@ def test_guidance_changes_samples_and_is_deterministic():
 def test_cfg_rules_at_zero_scale_return_the_conditional_head():
     g = torch.Generator().manual_seed(0)
     mu_c, mu_u, a_c, a_u = torch.randn(4, 10, generator=g)
-    assert all(torch.equal(p, q) for p, q in zip(cfg_tarflow(mu_c, a_c, mu_u, a_u, 0.0), (mu_c, a_c)))
+    assert all(torch.equal(p, q) for p, q in zip(cfg_tarflow(mu_c, a_c, mu_u, a_u, 0.0), (mu_c, a_c), strict=True))
     mu, sig = cfg_starflow(mu_c, a_c.exp(), mu_u, a_u.exp(), 0.0)
     assert torch.allclose(mu, mu_c) and torch.allclose(sig, a_c.exp())
 
@@ -131,7 +131,10 @@ def test_cfg_rules_at_zero_scale_return_the_conditional_head():
 def test_starflow_cfg_is_the_gaussian_of_p_c_to_the_1_plus_w_over_p_u_to_the_w():
     w, grid = 1.5, torch.linspace(-6, 6, 2001, dtype=torch.float64)
     mu_c, sig_c, mu_u, sig_u = (torch.tensor(v, dtype=torch.float64) for v in (0.7, 0.5, -0.3, 0.8))
-    log_p = lambda m, s: -0.5 * ((grid - m) / s) ** 2 - s.log()
+
+    def log_p(m, s):
+        return -0.5 * ((grid - m) / s) ** 2 - s.log()
+
     mu, sig = cfg_starflow(mu_c, sig_c, mu_u, sig_u, w)
     diff = (1 + w) * log_p(mu_c, sig_c) - w * log_p(mu_u, sig_u) - log_p(mu, sig)
     assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-9)  # equal up to a constant
@@ -334,7 +337,7 @@ def test_the_static_step_is_one_graph_for_every_token_and_the_dynamic_one_is_not
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled = model.reverse(z, y, cfg_scale=1.5, cache="static")
             torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
-            with pytest.raises(Exception, match="[Rr]ecompil"):
+            with pytest.raises(Exception, match=r"[Rr]ecompil"):
                 model.reverse(z, y, cfg_scale=1.5, cache="dynamic")
     finally:
         torch._dynamo.reset()
@@ -399,7 +402,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (l0, g0), (l1, g1) = grads
-    assert torch.equal(l0, l1) and all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(g0, g1))
+    assert torch.equal(l0, l1) and all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(g0, g1, strict=True))
 
 
 def test_checkpointing_recomputes_the_layers_in_backward(monkeypatch):

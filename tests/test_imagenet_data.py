@@ -134,7 +134,6 @@ def test_both_layouts_give_identical_labels_for_the_same_images(folder_root, kag
     for split in ("train", "val"):
         folder, _ = scan_split(folder_root, split, "imagefolder")
         kaggle, _ = scan_split(kaggle_root, split, "kaggle")
-        by_name = lambda images: {Path(im.rel_path).name: (im.synset, im.label) for im in images}
         assert by_name(folder) == by_name(kaggle)
         assert len(folder) == SMALL["classes"] * (SMALL["per_class"] if split == "train"
                                                   else SMALL["val_per_class"])
@@ -377,7 +376,7 @@ def test_tiny_shapes_are_deterministic_and_recorded_as_their_kind(tmp_path):
     assert json.loads((tmp_path / "a/tiny_imagenet.json").read_text())["args"]["kind"] == "shapes"
     with pytest.raises(ValueError, match="already holds"):
         make_tiny_imagenet(tmp_path / "a", **{**args, "kind": "colours"})
-    with pytest.raises(ValueError, match="kind 'shapes' has 1..4 classes"):
+    with pytest.raises(ValueError, match=r"kind 'shapes' has 1..4 classes"):
         make_tiny_imagenet(tmp_path / "c", **{**args, "classes": 5})
     with pytest.raises(ValueError, match="kind='stripes'"):
         make_tiny_imagenet(tmp_path / "d", **{**args, "kind": "stripes"})
@@ -406,3 +405,7 @@ def test_tiny_shapes_classes_share_colour_size_and_position_statistics():
     def iou(a, b):
         return (a & b).sum() / (a | b).sum()
     assert iou(centred(0, 0), centred(3, 0)) < iou(centred(0, 0), centred(0, 1)) - 0.1
+
+
+def by_name(images) -> dict:
+    return {Path(im.rel_path).name: (im.synset, im.label) for im in images}

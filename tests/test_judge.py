@@ -11,7 +11,7 @@ def _toy(n: int, seed: int):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
     images = rng.integers(0, 60, (n, 16, 16, 3)).astype(np.uint8)
-    for img, y in zip(images, labels):
+    for img, y in zip(images, labels, strict=True):
         x0, y0 = rng.integers(0, 4) + 8 * y, rng.integers(0, 10)
         img[y0:y0 + 6, x0:x0 + 4] = rng.integers(150, 256, 3)
     return images, labels
@@ -30,6 +30,6 @@ def test_the_judge_is_deterministic_under_its_seed_and_resizes_any_input():
     images, labels = _toy(64, seed=0)
     a = train_judge(images, labels, steps=5, batch_size=16, width=4, size=16, seed=3)
     b = train_judge(images, labels, steps=5, batch_size=16, width=4, size=16, seed=3)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     big = images.repeat(2, axis=1).repeat(2, axis=2)  # 32 px: resized to the judge's 16
     assert predict(a, big).shape == (64,)

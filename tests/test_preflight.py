@@ -102,7 +102,7 @@ def test_a_fitting_decoder_is_checked_once_and_then_planned_without_torch(tmp_pa
 
     monkeypatch.setattr(rae, "build_rae_decoder", build)
     safetensors.torch.save_file(decoder_state(cfg, depth=1), path)  # other bytes: checked again, and refused
-    with pytest.raises(ValueError, match="decoder.weights: .* expected keys missing"):
+    with pytest.raises(ValueError, match=r"decoder.weights: .* expected keys missing"):
         plan(cfg)
 
 

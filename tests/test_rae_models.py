@@ -379,7 +379,8 @@ def test_decoder_loads_an_rae_stage1_training_checkpoint_of_the_whole_model(tmp_
     ema, model = rae_decoder_state(DEC, seed=4), rae_decoder_state(DEC, seed=5)
     encoder = {"encoder.model.embeddings.patch_embeddings.projection.weight": torch.zeros(8, 3, 14, 14),
                "encoder.model.layernorm.weight": torch.ones(8)}
-    torch.save({"model": {f"module.{k}": v for k, v in {**encoder, **{f"decoder.{k}": v for k, v in model.items()}}.items()},
+    wrapped = {**encoder, **{f"decoder.{k}": v for k, v in model.items()}}
+    torch.save({"model": {f"module.{k}": v for k, v in wrapped.items()},
                 "ema": {**encoder, **{f"decoder.{k}": v for k, v in ema.items()}},
                 "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
                               "param_groups": [{"lr": 1e-4, "params": [0]}]},

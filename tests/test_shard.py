@@ -51,7 +51,8 @@ def test_odd_files_are_converted_or_rejected_never_dropped(make_config, odd_root
     cfg = make_config(root=odd_root)
     out = run_pipeline(cfg, until="shard")["shard"]
     man = pq.read_table(out.dir / "manifest.parquet").to_pylist()
-    rej = {r["source_path"].split("/")[-1]: r["reason"] for r in pq.read_table(out.dir / "rejected.parquet").to_pylist()}
+    rejected = pq.read_table(out.dir / "rejected.parquet").to_pylist()
+    rej = {r["source_path"].split("/")[-1]: r["reason"] for r in rejected}
     by_key = {r["key"]: r for r in man}
     assert set(rej) == {"n01440764_trunc.JPEG", "n01440764_empty.JPEG", "n01440764_text.JPEG"}
     assert "empty" in rej["n01440764_empty.JPEG"] and "trunc" in rej["n01440764_trunc.JPEG"]
@@ -90,7 +91,8 @@ def test_labels_follow_sorted_train_synsets_in_both_splits_and_layouts(make_conf
     for layout in ("imagefolder", "kaggle"):
         root = tmp_path / layout
         make_tiny_imagenet(root, classes=3, per_class=4, val_per_class=2, size=32, layout=layout)
-        out = run_pipeline(make_config(f"storage.root={tmp_path / ('art-' + layout)}", root=root), until="shard")["shard"]
+        cfg = make_config(f"storage.root={tmp_path / ('art-' + layout)}", root=root)
+        out = run_pipeline(cfg, until="shard")["shard"]
         tables[layout] = pq.read_table(out.dir / "manifest.parquet").to_pylist()
     for rows in tables.values():
         synsets = sorted({r["synset"] for r in rows})
@@ -139,7 +141,7 @@ def test_kill_during_shard_then_rerun_equals_uninterrupted(make_config, tmp_path
     overrides = [f"{k}={v}" for k, v in (("storage.root", killed.storage.root), ("data.root", killed.data.root),
                  ("data.generate_tiny", "null"), ("shard.samples_per_shard", 5), ("shard.workers", 1),
                  ("runtime.progress", "false"))]
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "x", "23"] + overrides, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "x", "23", *overrides], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -signal.SIGKILL
     from stages.runner import plan

@@ -21,7 +21,8 @@ def correlated_features(b=64, seed=0):
     """(b, T, C) tokens with a spread-out spectrum and a non-zero mean."""
     g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(C, C, generator=g, dtype=torch.float64) * torch.logspace(0, -2, C, dtype=torch.float64)
-    x = torch.randn(b * T, C, generator=g, dtype=torch.float64) @ mixing.T + torch.linspace(-1, 1, C, dtype=torch.float64)
+    offset = torch.linspace(-1, 1, C, dtype=torch.float64)
+    x = torch.randn(b * T, C, generator=g, dtype=torch.float64) @ mixing.T + offset
     return x.reshape(b, T, C)
 
 
@@ -110,7 +111,7 @@ def test_mlp_src_beats_pca_at_the_same_dim_after_training():
     learned = SRC.from_pca(pca, dim=2, arch="mlp", hidden=64, depth=2, stats_momentum=0.1)
     optimizer = torch.optim.Adam(learned.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(3)
-    for step in range(150):
+    for _step in range(150):
         f = train[torch.randint(len(train), (32,), generator=g)]
         _, f_hat = learned(f)
         loss, _ = src_loss(f, f_hat, cosine_weight=0.1)

@@ -302,7 +302,7 @@ def test_the_sweep_deployment_runs_points_in_parallel_on_a_real_server(tmp_path,
            "PREFECT_LOGGING_EXTRA_LOGGERS": "srcflow", "PYTHONPATH": str(REPO), "SRCFLOW_HOME": str(REPO)}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, cwd=tmp_path,
-                              start_new_session=True, stdout=open(tmp_path / "server.log", "w"),
+                              start_new_session=True, stdout=open(tmp_path / "server.log", "w"),  # noqa: SIM115
                               stderr=subprocess.STDOUT)
 
     def run(*args):
@@ -316,7 +316,7 @@ def test_the_sweep_deployment_runs_points_in_parallel_on_a_real_server(tmp_path,
         r = run("--no-prompt", "deploy", "--name", "srcflow-sweep")
         assert r.returncode == 0, r.stdout + r.stderr
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "srcflow"], env=env, cwd=REPO,
-                                  start_new_session=True, stdout=open(tmp_path / "worker.log", "w"),
+                                  start_new_session=True, stdout=open(tmp_path / "worker.log", "w"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT)
         storage = tmp_path / "artifacts"
         r = run("deployment", "run", "srcflow/srcflow-sweep", "--watch",

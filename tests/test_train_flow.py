@@ -53,7 +53,8 @@ def make_codes(path: Path, rows_per_shard: int = 16, rows_per_chunk: int = 4) ->
     create_row_store(path, CODES, n, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk,
                      row_shapes={"codes": ((TOKENS, DIM), "float32")},
                      attrs={"features_fingerprint": "synthetic", "src_fingerprint": "synthetic",
-                            "views": ["plain", "flip"], "splits": {"train": [0, TRAIN * VIEWS], "val": [TRAIN * VIEWS, n]},
+                            "views": ["plain", "flip"],
+                            "splits": {"train": [0, TRAIN * VIEWS], "val": [TRAIN * VIEWS, n]},
                             "grid_size": 2})
     write_rows(path, 0, {"codes": codes, "labels": np.repeat(labels, VIEWS).astype(np.int32),
                          "keys": np.repeat([f"img{i}" for i in range(images)], VIEWS),
@@ -138,7 +139,7 @@ def test_streamed_windows_give_the_same_batches_as_codes_held_in_memory(compress
 
 def test_a_store_that_is_not_codes_is_refused_in_one_line(tmp_path):
     (tmp_path / "codes.zarr").mkdir()
-    with pytest.raises(SchemaError, match="codes.zarr: not a Zarr group"):
+    with pytest.raises(SchemaError, match=r"codes.zarr: not a Zarr group"):
         train(SimpleNamespace(dir=tmp_path, fingerprint="x"), tmp_path / "out")
 
 
@@ -260,7 +261,8 @@ def noise(seed, step, *args):
 train_flow.step_noise = noise
 codes, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_config(sys.argv[3], sys.argv[4:])
-train_flow.run(cfg, {"compress": SimpleNamespace(dir=codes, fingerprint="synthetic")}, StageOutput("train_flow", "t", out))
+compress = SimpleNamespace(dir=codes, fingerprint="synthetic")
+train_flow.run(cfg, {"compress": compress}, StageOutput("train_flow", "t", out))
 """
 
 

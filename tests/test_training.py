@@ -97,13 +97,13 @@ def test_ema_update_is_one_multi_tensor_lerp_equal_to_a_lerp_per_tensor(monkeypa
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ema.update(model)
-        for r, p in zip(reference, model.parameters()):
+        for r, p in zip(reference, model.parameters(), strict=True):
             if r.dtype == torch.float32:
                 r.lerp_(p.detach(), 0.1)
             else:  # bf16: averaged in fp32, rounded once
                 r.copy_(r.float().lerp_(p.detach().float(), 0.1))
     assert calls == [4, 4, 4]  # one call per update for the four fp32 tensors; the bf16 ones alone
-    assert all(torch.equal(e, r) for e, r in zip(ema.module.parameters(), reference))
+    assert all(torch.equal(e, r) for e, r in zip(ema.module.parameters(), reference, strict=True))
 
 
 def test_adamw_is_fused_on_cuda_only_and_compile_auto_means_cuda():
@@ -144,7 +144,7 @@ def test_a_compiled_flow_loss_gives_the_eager_loss_and_gradients(backend):
     torch._dynamo.reset()
     (eager, eager_grads), (compiled, compiled_grads) = results
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-    for a, b in zip(compiled_grads, eager_grads):
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -186,7 +186,7 @@ def test_batch_schedule_is_a_pure_function_of_seed_and_step(drop_last):
     b = BatchSchedule(103, 8, seed=7, drop_last=drop_last)
     forward = [a.indices(s) for s in range(40)]
     backward = [b.indices(s) for s in reversed(range(40))][::-1]  # any order of queries, same answer
-    assert all(np.array_equal(x, y) for x, y in zip(forward, backward))
+    assert all(np.array_equal(x, y) for x, y in zip(forward, backward, strict=True))
     assert not np.array_equal(BatchSchedule(103, 8, seed=8).indices(0), a.indices(0))
     assert forward[0].dtype == np.int64 and all(len(x) == 8 for x in forward)
 
@@ -286,9 +286,9 @@ def test_resume_after_checkpoint_is_bit_identical(tmp_path):
     torch.rand(100), np.random.rand(100), random.random()  # the new process's RNG is elsewhere
     model, ema, losses = train(tmp_path / "resumed", stop_at=20, init_seed=123)  # fresh objects, restored
     assert losses == straight_losses and len(losses) == 20
-    for a, b in zip(model.state_dict().values(), straight_model.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), straight_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(ema.state_dict().values(), straight_ema.state_dict().values()):
+    for a, b in zip(ema.state_dict().values(), straight_ema.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -297,7 +297,7 @@ def test_checkpointer_restore_without_a_checkpoint_starts_at_step_zero(tmp_path)
     before = [p.clone() for p in model.parameters()]
     step, extra = Checkpointer(tmp_path / "none", every=5).restore(model, None, None, None)
     assert (step, extra) == (0, {})
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_checkpoint_is_written_to_a_dot_tmp_file_then_renamed(tmp_path, monkeypatch):
@@ -375,7 +375,8 @@ def test_checkpointer_unwraps_ddp_and_restores_into_a_bare_model(tmp_path):
         assert state["model"].keys() == model.state_dict().keys() == state["ema"].keys()
         fresh = TinyNet()
         Checkpointer(tmp_path / "ckpt", every=1).restore(nn.parallel.DistributedDataParallel(fresh), None, None)
-        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+        pairs = zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
     finally:
         dist.destroy_process_group()
 
@@ -449,7 +450,7 @@ def test_safetensors_round_trip_keeps_weights_and_metadata(tmp_path):
     save_safetensors(model, tmp_path / "w.safetensors", metadata={"arch": "tiny", "step": "20"})
     fresh = TinyNet()
     assert load_safetensors(fresh, tmp_path / "w.safetensors") == {"arch": "tiny", "step": "20"}
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
     assert os.listdir(tmp_path) == ["w.safetensors"]
 
 
@@ -472,7 +473,7 @@ def test_resolve_device_and_autocast_on_cpu(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="requested but torch.cuda.is_available\\(\\) is False") as e:
+    with pytest.raises(ValueError, match=r"requested but torch.cuda.is_available\(\) is False") as e:
         resolve_device("cuda")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="device must be"):
@@ -512,7 +513,7 @@ def test_optimizer_step_clips_steps_zeroes_and_returns_the_norm_before_clipping(
     ref_opt.step()
     assert norm.item() == pytest.approx(want.item(), rel=1e-6)
     assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
 
 
 def test_read_ahead_yields_in_order_and_computes_at_most_depth_ahead():
