@@ -35,11 +35,12 @@ demo: .venv
 	$(BIN)/srcflow run --config configs/smoke.yaml
 	$(BIN)/srcflow status --config configs/smoke.yaml
 
+# -n auto: one pytest worker per core (pytest-xdist); the e2e tests mostly wait on servers and subprocesses
 test: .venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: .venv
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -n auto -m "not e2e"
 
 lint: .venv
 	$(BIN)/ruff check .
