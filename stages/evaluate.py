@@ -48,7 +48,7 @@ from stages.reference import (
 from storage_schemas.evaluation import SCHEMA_VERSION as METRICS_SCHEMA_VERSION
 from storage_schemas.evaluation import read_metrics
 from storage_schemas.samples import open_samples
-from storage_schemas.success import write_atomic
+from storage_schemas.success import Manifest, write_atomic
 
 METRICS_FILE = "metrics.json"  # layout: storage_schemas/evaluation.py
 PR_K = 3  # precision/recall neighbourhood, as ADM's evaluator
@@ -59,7 +59,7 @@ FLAT_NAMES = {"fid": "fid", "sfid": "sfid", "inception_score_mean": "is", "kid_m
               "recall": "recall"}
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     weights = cfg.evaluate.inception_weights
     weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
     reference = load_reference(upstream["reference"].dir / REFERENCE_FILE)

@@ -58,7 +58,7 @@ from pipeline.training import (
 )
 from stages.encode import encoder_spec, load_encoder
 from storage_schemas.model_files import model_info
-from storage_schemas.success import write_atomic
+from storage_schemas.success import Manifest, write_atomic
 
 WEIGHTS = "decoder.safetensors"
 ARCH = "decoder.json"
@@ -69,7 +69,7 @@ PREFETCH = 2  # batches loaded ahead of the step that trains
 log = logging.getLogger("srcflow")
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     from pipeline.models.rae import (  # imports timm: only when run
         build_rae_decoder,
         to_unit_pixels,
@@ -392,7 +392,7 @@ def check_resolution(cfg: Config) -> None:
                          f"{cfg.data.resolution / grid:g} would match)")
 
 
-def load_decoder(cfg: Config, upstream: dict, device: torch.device | str = "cpu"):
+def load_decoder(cfg: Config, upstream: dict[str, Manifest], device: torch.device | str = "cpu"):
     """The frozen RAE decoder: released weights, or the EMA weights fit_decoder trained."""
     from pipeline.models.rae import build_rae_decoder
 

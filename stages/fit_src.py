@@ -69,7 +69,7 @@ from pipeline.training import (
 )
 from stages.fit_decoder import load_decoder
 from storage_schemas.model_files import model_info, read_model_info
-from storage_schemas.success import write_atomic
+from storage_schemas.success import Manifest, write_atomic
 
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
@@ -79,7 +79,7 @@ WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 r
 log = logging.getLogger("srcflow")
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     store = upstream["encode"].dir / "features.zarr"
     group, attrs = open_features(store)
     normalizer = load_normalizer(store, cfg.encode.stats, cfg.encode.stats_file)
@@ -272,7 +272,7 @@ def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: t
 # --- saving and loading the SRC ----------------------------------------------------------------
 
 
-def save_src(src: SRC, cfg: Config, upstream: dict, out_dir: Path) -> None:
+def save_src(src: SRC, cfg: Config, upstream: dict[str, Manifest], out_dir: Path) -> None:
     info = model_info("src", kind=cfg.src.kind, arch=src.arch, dim=cfg.src.dim, noise_sigma=cfg.src.noise_sigma,
                       model=src.config, features_fingerprint=upstream["encode"].fingerprint)
     save_safetensors(src, out_dir / WEIGHTS, metadata={"src": info})
@@ -290,7 +290,7 @@ def load_src(source, device: torch.device | str = "cpu") -> SRC:
 # --- the reconstruction report (SRC-FLOW.md "Report reconstruction fidelity") -----------------------
 
 
-def reconstruction_report(cfg: Config, upstream: dict, group, attrs: dict, normalizer: FeatureNormalizer,
+def reconstruction_report(cfg: Config, upstream: dict[str, Manifest], group, attrs: dict, normalizer: FeatureNormalizer,
                           models: dict[str, SRC], device: torch.device, out_dir: Path) -> dict:
     """For each model (the SRC, and the PCA at the same d): feature MSE and per-token cosine of z vs
     SRC_dec(SRC_enc(z)), pixel PSNR of RAE_dec(SRC(z)) vs RAE_dec(z) and vs the image crop, clean and with

@@ -279,7 +279,7 @@ def summarize(rows: list[dict], noise_samples: int = 0) -> dict:
 # --- the flow as a classifier, in `evaluate` -------------------------------------------------------
 
 
-def flow_classifier(cfg: Config, upstream: dict, max_images: int | None) -> dict:
+def flow_classifier(cfg: Config, upstream: dict[str, Manifest], max_images: int | None) -> dict:
     """Bayes-rule accuracy and mean bits/dim of the flow on the clean val codes (the first view of each val image),
     at most `max_images` of them, class-balanced (round-robin over classes in store order)."""
     from pipeline.data.codes import open_codes, split_rows

@@ -46,7 +46,7 @@ from pipeline.metrics.fidelity import (
     save_reference,
 )
 from pipeline.progress import progress
-from storage_schemas.success import write_atomic
+from storage_schemas.success import Manifest, write_atomic
 
 REFERENCE_FILE = "reference.npz"
 ACCUMULATOR_FILE = "accumulator.npz"
@@ -55,7 +55,7 @@ CHECKPOINT_SECONDS = 120  # the running sums (a 2048 x 2048 float64) are saved a
 log = logging.getLogger("srcflow")
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     weights = cfg.evaluate.inception_weights
     weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
     path = out.path / REFERENCE_FILE

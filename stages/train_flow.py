@@ -63,7 +63,7 @@ from pipeline.training import (
     warmup_cosine,
 )
 from storage_schemas.model_files import model_info, read_model_info
-from storage_schemas.success import write_atomic
+from storage_schemas.success import Manifest, write_atomic
 
 WEIGHTS, INFO, METRICS, SUMMARY = "flow.safetensors", "flow.json", "metrics.jsonl", "train_summary.json"
 WORKER = "stages.train_flow:train_worker"
@@ -71,7 +71,7 @@ WORKER = "stages.train_flow:train_worker"
 log = logging.getLogger("srcflow")
 
 
-def run(cfg: Config, upstream: dict, out: StageOutput) -> dict:
+def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     codes = upstream["compress"].dir / "codes.zarr"
     open_codes(codes)  # a bad store fails here, before any process starts
     if not (out.path / WEIGHTS).is_file():  # else: a rerun after training finished (e.g. killed in the evaluation)
