@@ -259,6 +259,8 @@ class TrainConfig(Section):
     ckpt_every: int = operational(5000)
     log_every: int = operational(100, "steps between train NLL / bits-per-dim lines in the log, metrics.jsonl "
                                       "and TensorBoard", gt=0)
+    image_every: int = operational(1000, "steps between sample grids in TensorBoard (the EMA flow's samples, "
+                                         "decoded by the SRC and RAE decoders its codes came from)", gt=0)
     in_memory_limit_gb: float = operational(4.0, "hold the train codes in memory (per process) when they are "
                                             "at most this big, else stream shuffle windows from codes.zarr")
     prefetch: int = operational(4, "batches assembled ahead of the training step")

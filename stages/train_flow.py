@@ -36,15 +36,17 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.artifacts import StageOutput
+from pipeline.artifacts import ArtifactStore, StageOutput
 from pipeline.config import Config, config_dict, validate_config
 from pipeline.curves import Curves
 from pipeline.data.batches import WindowShuffle
 from pipeline.data.codes import TrainCodes, code_batches, open_codes, read_rows, split_rows
 from pipeline.device import autocast, compile_enabled, resolve_device
+from pipeline.images import grid_image
 from pipeline.models.configured import flow_arch
 from pipeline.models.flow import TARFlow, bits_per_dim
 from pipeline.progress import progress
@@ -67,6 +69,7 @@ from storage_schemas.success import Manifest, write_atomic
 
 WEIGHTS, INFO, METRICS, SUMMARY = "flow.safetensors", "flow.json", "metrics.jsonl", "train_summary.json"
 WORKER = "stages.train_flow:train_worker"
+GRID_IMAGES, GRID_STREAM = 8, 6  # the TensorBoard sample grid: images, and its noise's seed stream
 
 log = logging.getLogger("srcflow")
 
@@ -158,6 +161,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
              "batch %d", data.n, data.views, "in memory" if data.in_memory else "streamed", data.tokens,
              data.channels, sum(p.numel() for p in flow.parameters()) / 1e6, world, t.batch_size)
 
+    grid = sample_grid(cfg, codes_fingerprint, device, data) if rank == 0 else None
     data_wait = 0.0  # seconds the step waited for its batch
     with StopSignal() as stop, \
             closing(code_batches(data, schedule, t.seed, range(step, t.steps), prefetch=t.prefetch,
@@ -194,6 +198,8 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
                     log_record(record, t.steps)
                     out.report_progress(step, t.steps, "steps")
                 window_sum, window_steps = torch.zeros((), device=device), 0
+            if grid is not None and (step % t.image_every == 0 or step == t.steps):
+                curves.image("samples", step, grid(ema.module))
             stopping = stop.agreed(device)  # a signal on any rank stops every rank at this step
             if checkpoints.due(step) or stopping:
                 window = [distributed.all_reduce_mean(window_sum).item(), window_steps]
@@ -218,6 +224,39 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
 
 
 
+
+
+def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data: TrainCodes):
+    """flow -> a uint8 grid of GRID_IMAGES samples (one fixed noise, labels 0, 1, ...: the grids of every step
+    compare), decoded like `sample` does through the frozen SRC, feature normalizer and RAE decoder that the
+    codes came from. They are found through compress's own upstream, so train_flow's inputs stay compress alone:
+    the grids only show progress. None, with a warning, where one is not in this store (synthetic codes)."""
+    from pipeline.data.features import load_normalizer
+    from stages.fit_decoder import load_decoder
+    from stages.fit_src import load_src
+    from stages.sample import decode, token_step_threads
+
+    store = ArtifactStore(cfg.storage.root)
+    try:
+        found = {"compress": store.manifest("compress", codes_fingerprint)}
+        found |= {name: store.manifest(name, fp) for name, fp in found["compress"].upstream.items()}
+        found |= {name: store.manifest(name, fp) for name, fp in found["fit_src"].upstream.items()
+                  if name == "fit_decoder"}
+        src, decoder = load_src(found["fit_src"], device), load_decoder(cfg, found, device)
+        normalizer = load_normalizer(found["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("train_flow: no sample grids in TensorBoard (%s)", e)
+        return None
+    noise = torch.Generator().manual_seed(step_seed(cfg.train.seed, 0, GRID_STREAM))
+    z = torch.randn((GRID_IMAGES, data.tokens, data.channels), generator=noise).to(device)
+    y = (torch.arange(GRID_IMAGES) % data.num_classes).to(device)
+
+    def grid(flow: TARFlow) -> np.ndarray:
+        with torch.no_grad(), token_step_threads(device), autocast(device):
+            codes = flow.reverse(z, y)
+        return grid_image(decode(codes.float(), src, normalizer, decoder, device)[0], ncol=GRID_IMAGES)
+
+    return grid
 
 def step_noise(seed: int, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """eps of the global batch at `step` (each rank keeps its slice): a pure function of (seed, step)."""

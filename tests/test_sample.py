@@ -75,6 +75,31 @@ def test_samples_of_every_class_have_the_colour_of_that_class(chain):
         assert distances.argmin(1).tolist() == list(range(CLASSES)), (w, distances.round())
 
 
+
+def test_train_flows_tensorboard_grid_shows_samples_of_each_class_decoded_like_samples(chain):
+    """The sample grid train_flow logs (labels 0, 1, 2, 3, 0, ...) is decoded through the chain's SRC and RAE
+    decoder: each panel has the colour of its class, as the sample stage's images do."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stages.train_flow import GRID_IMAGES
+
+    cfg, manifests = chain
+    events = EventAccumulator(str(manifests["train_flow"].dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    last = events.Images("train/samples")[-1]
+    assert last.step == cfg.train.steps
+    grid = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert("RGB"))
+    r, pad = cfg.data.resolution, 2  # pipeline.images.grid_image's white padding
+    assert grid.shape == (r + 2 * pad, GRID_IMAGES * (r + pad) + pad, 3)
+    panels = np.stack([grid[pad:pad + r, pad + i * (r + pad):pad + i * (r + pad) + r] for i in range(GRID_IMAGES)])
+    labels = np.arange(GRID_IMAGES) % CLASSES
+    first = load(manifests["sample"].dir / "samples-cfg1.0.npz")
+    reference = mean_colours(first["arr_0"], first["labels"])
+    distances = ((panels.reshape(GRID_IMAGES, -1, 3).mean(1)[:, None] - reference[None]) ** 2).sum(-1)
+    assert distances.argmin(1).tolist() == labels.tolist(), distances.round()
+
 def test_held_out_bits_per_dim_beat_the_gaussian_baseline_after_smoke_training(chain):
     m = chain[1]["train_flow"].metrics
     assert m["val_bits_per_dim"] < m["val_gaussian_bits_per_dim"]
