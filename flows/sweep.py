@@ -1,7 +1,7 @@
 """The Prefect flow of `srcflow sweep` (deployment srcflow/srcflow-sweep): a parent flow over the sweep's points.
 
 Wiring only; the sweep is `stages/sweep.py`. The outputs two or more points share are built first, each once, as
-the stage tasks of flows/srcflow.py (cached on their fingerprint); then each point is one task that runs its
+the stage tasks of flows/full.py (cached on their fingerprint); then each point is one task that runs its
 remaining stages. With `parallel` > 1 the tasks run in a process pool of that many processes (Prefect's
 ProcessPoolTaskRunner): the stages seed and draw from process-global RNGs, so two points must never share a
 process, and a stage with `runtime.workers` > 1 can still start its own Dask cluster from a pool process (a Dask
@@ -23,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.srcflow import publish_report, stage_task
+from flows.full import publish_report, stage_task
 from pipeline.config import config_dict, validate_config
 from pipeline.progress import set_mode
 from stages import sweep as sweeps
@@ -63,7 +63,7 @@ def use_gpu() -> None:
 
 @task
 def build_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str]) -> dict:
-    """An output several points share (flows/srcflow.py's stage task, on this process's GPU)."""
+    """An output several points share (flows/full.py's stage task, on this process's GPU)."""
     use_gpu()
     set_mode(False)  # bars from several processes would overwrite each other: the stages log their throughput
     return stage_task.fn(stage, fingerprint, config, upstream)

@@ -111,7 +111,7 @@ def run(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
         print("nothing to run: every selected stage is done; Prefect was not started (--prefect runs the flow)")
         return
     start_prefect()
-    from flows.srcflow import srcflow
+    from flows.full import srcflow
 
     state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
                     return_state=True)

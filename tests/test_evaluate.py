@@ -193,7 +193,7 @@ def test_stage_metrics_are_flat_per_cfg_scale_and_status_shows_the_fid(evaluated
 
 def test_the_report_published_to_prefect_embeds_every_grid_and_the_file_keeps_relative_links(evaluated,
                                                                                              monkeypatch):
-    import flows.srcflow as prefect_flow
+    import flows.full as prefect_flow
 
     published = {}
     monkeypatch.setattr(prefect_flow, "create_table_artifact", lambda **kwargs: None)

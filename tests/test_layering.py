@@ -79,7 +79,7 @@ def test_data_and_metrics_import_no_training_code():
 
 @pytest.mark.parametrize("source, where, expected", [
     ("from stages.runner import plan\n", "pipeline/x.py", "imports stages.runner"),
-    ("def f():\n    import flows.srcflow\n", "stages/x.py", "imports flows.srcflow"),
+    ("def f():\n    import flows.full\n", "stages/x.py", "imports flows.full"),
     ("from ..cli import app\n", "flows/sub/x.py", None),  # flows.cli: not a layer above
     ("from srcflow.cli import app\n", "flows/x.py", "imports srcflow.cli"),
     ("from pipeline.config import Config\n", "stages/x.py", None),

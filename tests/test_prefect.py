@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.srcflow import inline_images
+from flows.full import inline_images
 from tests.conftest import REPO
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -82,7 +82,7 @@ def test_a_large_image_is_embedded_as_a_bounded_jpeg_preview(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from flows.srcflow import EMBED_AS_IS_BYTES, PREVIEW_SIDE
+    from flows.full import EMBED_AS_IS_BYTES, PREVIEW_SIDE
 
     noise = np.random.default_rng(0).integers(0, 256, (600, 3000, 3), dtype=np.uint8)  # ~5 MB of PNG
     Image.fromarray(noise).save(tmp_path / "grid-cfg1.0.png")
@@ -140,7 +140,7 @@ def test_deployments_run_from_srcflow_home_or_a_git_clone_not_the_deploying_chec
         assert Path(run["flow_file"]) == clone / d["entrypoint"].split(":")[0]
         assert Path(run["pipeline"]).is_relative_to(clone)  # the clone's code, not an installed copy
     # the git alternative: a fresh clone per flow run, in the run's own directory
-    (run,) = run_pull_steps([(spec["definitions"]["pull"]["git-clone"], "flows/srcflow.py:srcflow")], elsewhere,
+    (run,) = run_pull_steps([(spec["definitions"]["pull"]["git-clone"], "flows/full.py:srcflow")], elsewhere,
                             SRCFLOW_GIT_URL=str(clone))
     fresh = Path(run["directory"])
     assert fresh.parent == elsewhere and (fresh / ".git").is_dir() and Path(run["pipeline"]).is_relative_to(fresh)

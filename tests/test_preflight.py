@@ -223,7 +223,7 @@ def test_a_no_op_run_reports_every_stage_done_and_starts_no_prefect(tmp_path, ti
                 "reference.max_images=4", "reference.pr_images=4", "evaluate.kid_subset_size=4")
     cfg = load_config(SMOKE, [a for a in args if a != "--set"])
     run_pipeline(cfg, until="compress")
-    monkeypatch.setitem(sys.modules, "flows.srcflow", None)  # importing the flow (Prefect) would fail
+    monkeypatch.setitem(sys.modules, "flows.full", None)  # importing the flow (Prefect) would fail
     r = cli.invoke(app, ["run", "--config", str(SMOKE), *args, "--until", "compress"])
     assert r.exit_code == 0, r.output
     assert [line.split(":")[0] for line in r.output.splitlines()[:-1]] == ["shard", "encode", "fit_decoder", "fit_src",

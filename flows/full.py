@@ -3,6 +3,9 @@
 Only wiring lives here; what a stage does is in `stages/`, how it is planned and committed in
 `stages/runner.py`. A stage whose output is complete on disk shows as Cached; one whose
 output is missing or partial is (re)run with `refresh_cache`, so a deleted artifact is rebuilt.
+
+The file is not named srcflow.py: a deployment run loads its entrypoint file as the module of its stem
+(prefect.utilities.importtools.load_script_as_module), which would shadow the `srcflow` application package.
 """
 
 from __future__ import annotations
