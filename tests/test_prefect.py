@@ -235,3 +235,12 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         if worker is not None:
             stop(worker)  # the worker before the server
         stop(server)
+
+
+def test_no_deployment_entrypoint_file_shadows_a_package_of_the_repo():
+    """A flow run loads its entrypoint file as the module of its stem (prefect's load_script_as_module): a file
+    named like a package of the repo (`srcflow.py`, `pipeline.py`) would stand in for that package there."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    stems = {Path(d["entrypoint"].split(":")[0]).stem for d in spec["deployments"]}
+    packages = {p.parent.name for p in REPO.glob("*/__init__.py")}
+    assert stems and "srcflow" in packages and not stems & packages
