@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed import rank, world_size
-from storage_schemas.success import temp_name
+from storage_schemas.success import write_atomic
 
 
 class CheckpointError(ValueError):
@@ -215,31 +215,10 @@ def set_rng_state(state: dict) -> None:
 # Checkpoints.
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(temp_path) in path's directory, fsync, then os.replace: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)  # the artifact store deletes a dead writer's leftovers
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # make the rename itself durable; some filesystems refuse fsync on a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def save_checkpoint(path: str | os.PathLike, **state) -> None:
     """torch.save(state) atomically. Values must be tensors / plain containers / numbers / strings so
     that load_checkpoint (weights_only=True) can read them back."""
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    write_atomic(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -390,7 +369,8 @@ def save_safetensors(module: nn.Module, path: str | os.PathLike, metadata: dict[
     if bad:
         raise ValueError(f"safetensors metadata must map str -> str; not strings: {bad}")
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(module).state_dict().items()}
-    _atomic_write(Path(path), lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
+    # safetensors writes by file name: the temp file's, which write_atomic then fsyncs and renames
+    write_atomic(Path(path), lambda f: safetensors.torch.save_file(state, f.name, metadata=metadata))
 
 
 def load_safetensors(module: nn.Module, path: str | os.PathLike) -> dict[str, str]:

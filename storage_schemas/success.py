@@ -80,11 +80,14 @@ def temp_owner(path: Path) -> int | None:
 
 
 def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], fsync: bool = True) -> None:
-    """The one file writer: a `temp_name` in the same directory, fsynced (unless `fsync=False`: files a commit
-    marker covers, as Zarr's own writes), renamed into place: readers see the old file or the whole new one.
-    `data` is the bytes, or a function that writes them to the open file (np.savez, a tar or zip stream).
+    """The one file writer: a `temp_name` in the same directory (created if need be), fsynced and renamed into
+    place, then the directory fsynced so the rename survives a crash too (no fsyncs with `fsync=False`: files a
+    commit marker covers, as Zarr's own writes): readers see the old file or the whole new one.
+    `data` is the bytes, or a function that writes them to the open file (np.savez, a tar or zip stream,
+    torch.save; a library that writes by name gets the temp file's, `f.name`).
     A writer that fails leaves no temp file behind; an OSError (a full disk) names the file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -98,10 +101,26 @@ def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], f
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if e.errno is None:  # a library's own message, with no errno to name the file by: kept as it is
+            raise
         raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames into `directory` durable; some filesystems refuse fsync on a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:

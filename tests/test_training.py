@@ -319,8 +319,7 @@ def test_checkpoint_is_written_to_a_dot_tmp_file_then_renamed(tmp_path, monkeypa
 
 def test_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def broken_save(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(training.torch, "save", broken_save)
