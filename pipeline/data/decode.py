@@ -286,11 +286,11 @@ def nvjpeg_crops(jpegs: Sequence[bytes], resolution: int, device: torch.device |
         try:
             for i, image in zip(eligible, gpu_decode([jpegs[i] for i in eligible]), strict=True):
                 images[i] = image
-        except Exception:  # noqa: BLE001  (whatever nvjpeg raises) one refused image fails the batch: find it
+        except Exception:  # whatever nvjpeg raises: one refused image fails the batch, so find it
             for i in eligible:
                 try:
                     images[i] = gpu_decode([jpegs[i]])[0]
-                except Exception:  # noqa: BLE001
+                except Exception:
                     images[i] = None
     on_cpu = [i for i, image in enumerate(images) if image is None]
     for i in on_cpu:

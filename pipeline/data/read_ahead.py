@@ -42,7 +42,7 @@ def read_ahead(fn: Callable[[Any], Any], items: Iterable, depth: int) -> Iterato
                 if stop.is_set():
                     return
                 results.put(fn(item))
-        except BaseException as e:  # noqa: BLE001  surfaced in the consumer
+        except BaseException as e:  # surfaced in the consumer
             results.put(_Raised(e))
             return
         results.put(_DONE)

@@ -138,9 +138,12 @@ def raw_layout(arr) -> bool:
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         return False
     config = codecs[0]["configuration"]
-    as_list = lambda items: [i if isinstance(i, dict) else i.to_dict() for i in items]
+
+    def as_list(items) -> list[dict]:
+        return [i if isinstance(i, dict) else i.to_dict() for i in items]
+
     return (tuple(arr.shards[1:]) == tuple(arr.shape[1:]) and as_list(config["codecs"]) == plain
-            and as_list(config["index_codecs"]) == plain + [{"name": "crc32c"}]
+            and as_list(config["index_codecs"]) == [*plain, {"name": "crc32c"}]
             and config.get("index_location", "end") == "end")
 
 
