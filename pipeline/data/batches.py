@@ -62,12 +62,17 @@ class BatchSchedule:
         return step * self.batch_size // self.n
 
     def permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's order, computed once (batches only ever touch the current and the next epoch)."""
         with self._lock:
             if epoch not in self._perms:
-                if len(self._perms) >= 2:  # batches only ever touch the current and the next epoch
+                if len(self._perms) >= 2:
                     del self._perms[min(self._perms)]
-                self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+                self._perms[epoch] = self.order(np.random.default_rng((self.seed, epoch)))
             return self._perms[epoch]
+
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's permutation of range(n), drawn from the epoch's generator."""
+        return rng.permutation(self.n)
 
     def indices(self, step: int) -> np.ndarray:
         """This rank's sample indices (int64, local_batch_size of them) for global step `step`."""
@@ -99,21 +104,15 @@ class WindowShuffle(BatchSchedule):
             raise ValueError(f"block and window must be >= 1, got block={block}, window={window}")
         self.block, self.window = block, max(block, window // block * block)  # whole blocks per window
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if epoch not in self._perms:
-                if len(self._perms) >= 2:
-                    del self._perms[min(self._perms)]
-                rng = np.random.default_rng((self.seed, epoch))
-                # whole blocks in random order; the short last block (n % block images) stays last, so that
-                # every window is made of whole blocks
-                starts = np.arange(0, self.n - self.block + 1, self.block)[rng.permutation(self.n // self.block)]
-                order = np.concatenate([(starts[:, None] + np.arange(self.block)).reshape(-1),
-                                        np.arange(self.n - self.n % self.block, self.n)])
-                for w in range(0, self.n, self.window):
-                    order[w:w + self.window] = order[w:w + self.window][rng.permutation(len(order[w:w + self.window]))]
-                self._perms[epoch] = order
-            return self._perms[epoch]
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        # whole blocks in random order; the short last block (n % block images) stays last, so that every
+        # window is made of whole blocks
+        starts = np.arange(0, self.n - self.block + 1, self.block)[rng.permutation(self.n // self.block)]
+        order = np.concatenate([(starts[:, None] + np.arange(self.block)).reshape(-1),
+                                np.arange(self.n - self.n % self.block, self.n)])
+        for w in range(0, self.n, self.window):
+            order[w:w + self.window] = order[w:w + self.window][rng.permutation(len(order[w:w + self.window]))]
+        return order
 
     def positions(self, step: int) -> np.ndarray:
         """This rank's stream positions (epoch * n + offset) at `step`."""
@@ -124,7 +123,19 @@ class WindowShuffle(BatchSchedule):
     def windows(self, step: int) -> list[tuple[int, int]]:
         """(epoch, window) pairs that step's global batch reads, in stream order."""
         epoch, offset = np.divmod(np.arange(step * self.batch_size, (step + 1) * self.batch_size), self.n)
-        return list(dict.fromkeys(zip(epoch.tolist(), (offset // self.window).tolist())))
+        return list(dict.fromkeys(zip(epoch.tolist(), (offset // self.window).tolist(), strict=True)))
+
+    def window_parts(self, step: int, images: np.ndarray, held: dict,
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's batch at `step` (its `indices`, `images`), window by window: (the batch positions the
+        window fills, its values, their rows in those values), from `held` = {(epoch, window): (sorted images,
+        values)}."""
+        epoch, offset = np.divmod(self.positions(step), self.n)
+        window = offset // self.window
+        for key in dict.fromkeys(zip(epoch.tolist(), window.tolist(), strict=True)):
+            window_images, values = held[key]
+            mine = np.flatnonzero((epoch == key[0]) & (window == key[1]))
+            yield mine, values, np.searchsorted(window_images, images[mine])
 
     def window_images(self, key: tuple[int, int]) -> np.ndarray:
         epoch, w = key

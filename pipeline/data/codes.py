@@ -106,17 +106,14 @@ def code_batch(data: TrainCodes, schedule: WindowShuffle, seed: int, step: int, 
     `windows` (the step's windows, taken in step order)."""
     s = schedule
     images = s.indices(step)
-    views = view_choice(seed, step, s.batch_size, data.views)[s.rank * s.local_batch_size:(s.rank + 1) * s.local_batch_size]
+    local = slice(s.rank * s.local_batch_size, (s.rank + 1) * s.local_batch_size)
+    views = view_choice(seed, step, s.batch_size, data.views)[local]
     if windows is None:
         codes = data.memory[images * data.views + views]
     else:
-        held = next(windows)
         codes = np.empty((len(images), data.tokens, data.channels), np.float32)
-        epoch, offset = np.divmod(s.positions(step), s.n)
-        for key in dict.fromkeys(zip(epoch.tolist(), (offset // s.window).tolist())):
-            window_images, values = held[key]
-            mine = np.flatnonzero((epoch == key[0]) & (offset // s.window == key[1]))
-            codes[mine] = values[np.searchsorted(window_images, images[mine]), views[mine]]
+        for mine, values, where in s.window_parts(step, images, next(windows)):
+            codes[mine] = values[where, views[mine]]
     codes_t, labels_t = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(data.labels[images])
     if pin_memory:
         codes_t, labels_t = codes_t.pin_memory(), labels_t.pin_memory()

@@ -54,8 +54,12 @@ def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Te
                                 f"a torch file holding {{'mean': tensor or None, 'var': tensor}})")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "var" not in obj:
-        raise ValueError(f"encode.stats_file: {path} holds no 'var' entry (keys: {list(obj) if isinstance(obj, dict) else type(obj).__name__})")
-    squeeze = lambda t: None if t is None else torch.as_tensor(t).float().reshape(torch.as_tensor(t).shape[-3:])  # noqa: E731
+        held = list(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"encode.stats_file: {path} holds no 'var' entry (keys: {held})")
+
+    def squeeze(t):
+        return None if t is None else torch.as_tensor(t).float().reshape(torch.as_tensor(t).shape[-3:])
+
     return squeeze(obj.get("mean")), squeeze(obj["var"])
 
 
@@ -72,7 +76,8 @@ def read_features(group: zarr.Group, rows: slice | np.ndarray) -> torch.Tensor:
 
 
 def widen(values: np.ndarray) -> np.ndarray:
-    """Stored features -> float32, exactly: float16 casts; bf16 bits (stored as uint16) are the top half of a float32."""
+    """Stored features -> float32, exactly: float16 casts; bf16 bits (stored as uint16) are the top half of a
+    float32."""
     if values.dtype == np.uint16:
         return (values.astype(np.uint32) << 16).view(np.float32)
     return values.astype(np.float32)
@@ -99,15 +104,10 @@ class TrainFeatures:
 
     def batch(self, step: int, held: dict) -> torch.Tensor:
         """The batch of `step` cut from its windows `held` ({(epoch, window): (sorted rows, features)})."""
-        s = self.schedule
-        rows = s.indices(step)
-        epoch, offset = np.divmod(s.positions(step), s.n)
-        window = offset // s.window
+        rows = self.schedule.indices(step)
         out = np.empty((len(rows), *self.features.shape[1:]), self.features.dtype)
-        for key in dict.fromkeys(zip(epoch.tolist(), window.tolist())):
-            window_rows, values = held[key]
-            mine = np.flatnonzero((epoch == key[0]) & (window == key[1]))
-            out[mine] = values[np.searchsorted(window_rows, rows[mine])]
+        for mine, values, where in self.schedule.window_parts(step, rows, held):
+            out[mine] = values[where]
         return self.normalizer(torch.from_numpy(widen(out)))
 
     def read_window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
