@@ -168,18 +168,24 @@ def load_models(sources: ModelSources) -> tuple:
 
 
 def build_models(sources: ModelSources) -> tuple:
+    up = sources.upstream
+    flow = load_flow(up["train_flow"], sources.device)
+    src, normalizer, decoder = decoding_models(sources.cfg, up, sources.device)
+    if src.config["dim"] != flow.blocks[0].proj_in.in_features:
+        raise ValueError(f"sample: the flow models {flow.blocks[0].proj_in.in_features}-channel codes but the "
+                         f"SRC of {up['fit_src'].dir} makes {src.config['dim']}-channel ones")
+    return flow, src, normalizer, decoder
+
+
+def decoding_models(cfg: Config, upstream: dict[str, Manifest], device) -> tuple:
+    """(src, normalizer, decoder): what `decode` turns codes into pixels with, from fit_src, encode and
+    fit_decoder (or decoder.weights)."""
     from pipeline.data.features import load_normalizer
     from stages.fit_decoder import load_decoder
     from stages.fit_src import load_src
 
-    cfg, device, up = sources.cfg, sources.device, sources.upstream
-    flow = load_flow(up["train_flow"], device)
-    src = load_src(up["fit_src"], device)
-    if src.config["dim"] != flow.blocks[0].proj_in.in_features:
-        raise ValueError(f"sample: the flow models {flow.blocks[0].proj_in.in_features}-channel codes but the "
-                         f"SRC of {up['fit_src'].dir} makes {src.config['dim']}-channel ones")
-    normalizer = load_normalizer(up["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
-    return flow, src, normalizer, load_decoder(cfg, up, device)
+    normalizer = load_normalizer(upstream["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
+    return load_src(upstream["fit_src"], device), normalizer, load_decoder(cfg, upstream, device)
 
 
 def sample_chunk(job: SampleJob) -> int:

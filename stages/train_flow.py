@@ -231,10 +231,7 @@ def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data:
     compare), decoded like `sample` does through the frozen SRC, feature normalizer and RAE decoder that the
     codes came from. They are found through compress's own upstream, so train_flow's inputs stay compress alone:
     the grids only show progress. None, with a warning, where one is not in this store (synthetic codes)."""
-    from pipeline.data.features import load_normalizer
-    from stages.fit_decoder import load_decoder
-    from stages.fit_src import load_src
-    from stages.sample import decode, token_step_threads
+    from stages.sample import decode, decoding_models, token_step_threads
 
     store = ArtifactStore(cfg.storage.root)
     try:
@@ -242,8 +239,7 @@ def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data:
         found |= {name: store.manifest(name, fp) for name, fp in found["compress"].upstream.items()}
         found |= {name: store.manifest(name, fp) for name, fp in found["fit_src"].upstream.items()
                   if name == "fit_decoder"}
-        src, decoder = load_src(found["fit_src"], device), load_decoder(cfg, found, device)
-        normalizer = load_normalizer(found["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
+        src, normalizer, decoder = decoding_models(cfg, found, device)
     except (OSError, ValueError, KeyError) as e:
         log.warning("train_flow: no sample grids in TensorBoard (%s)", e)
         return None
