@@ -66,12 +66,13 @@ def main():
     parser.add_argument("--cfg-mode", default="starflow", choices=("tarflow", "starflow"))
     parser.add_argument("--jacobi-chunk", type=int, default=64)
     parser.add_argument("--jacobi-tol", type=float, default=1e-3)
-    parser.add_argument("--jacobi-max-iters", type=int, default=32)
+    parser.add_argument("--jacobi-max-iters", type=int, default=64)  # sample.jacobi_max_iters
     parser.add_argument("--samplers", default=None, help="comma-separated subset (default: all that apply)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--paper", action="store_true", help="also a paper-like model (CUDA only)")
     parser.add_argument("--sweep", default="128,512,1024", help="--paper: batch sizes for seconds_for_50k")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (sampling math stays fp32)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the network (sampling math and "
+                        "Jacobi's passes stay fp32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op CPU threads; default 1 on CPU (a token step is too small to split) "
                              "and torch's choice on CUDA")

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+IMAGENET_CLASSES = 1000
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming the full key path."""
@@ -279,14 +281,20 @@ class SampleConfig(Section):
     cfg_scale: list[float] = Field([1.0], min_length=1, description="one sample set (samples-cfg{w}.npz) per value")
     cfg_mode: Literal["tarflow", "starflow"] = "starflow"
     cfg_anneal: bool = Field(False, description="tarflow mode: ramp w linearly over each block's token steps")
-    denoise: Literal["none", "tweedie"] = Field("none", description="tweedie: x + sigma^2 grad log p(x | y), "
-                                                "sigma = flow.noise_sigma")
+    denoise: Literal["auto", "none", "tweedie"] = Field(
+        "auto", description="tweedie: x + sigma^2 grad log p(x | y), sigma = flow.noise_sigma; none: decode the noisy "
+                            "codes; auto: tweedie when the SRC decoder was trained on clean codes (PCA) and the flow "
+                            "on noisy ones, else none (a learned SRC decoder already decodes that noise)")
     seed: int = Field(0, description="sample i's noise is seeded by (seed, i): any sharding gives the same samples")
     solver: Literal["sequential", "jacobi"] = added("sequential", "the inverse of each flow block: one token per "
                                                     "step (exact), or block-wise Jacobi fixed-point iterations")
     jacobi_chunk: int = added(64, "jacobi: tokens solved together", gt=0)
     jacobi_tol: float = added(1e-3, "jacobi: stop a chunk when max_b ||x_new - x|| / ||x_new|| is below this", ge=0)
-    jacobi_max_iters: int = added(32, "jacobi: at most this many passes per chunk", gt=0)
+    jacobi_max_iters: int = added(64, "jacobi: at most this many passes per chunk; below jacobi_chunk, a chunk that "
+                                      "misses jacobi_tol leaves its last tokens unsolved (warned, counted)", gt=0)
+    pixel_rounding: Literal["truncate", "round"] = Field(
+        "truncate", description="decoder output in [0, 1] x 255 -> uint8: truncate, as RAE's and ADM's samplers "
+                                "write the samples FIDs are reported on, or round to the nearest level")
     batch_size: int = operational(125)
     chunk_size: int = operational(1000, "samples per job and per resume unit (a committed chunk file)")
     grid_per_class: int = operational(4, "samples of each class in grid-cfg{w}.png")
@@ -354,6 +362,12 @@ class Config(Section):
                              "the cosine decays to it")
         if d.warmup_steps is not None and d.warmup_steps > d.steps:
             raise ValueError(f"fit_decoder.warmup_steps={d.warmup_steps} exceeds fit_decoder.steps={d.steps}")
+        classes = self.data.classes
+        if self.reference.kind == "adm_npz" and classes is not None and (
+                len(classes) if isinstance(classes, list) else classes) < IMAGENET_CLASSES:
+            raise ValueError("reference.kind=adm_npz: ADM's reference batch holds all 1,000 ImageNet classes, but "
+                             "data.classes selects a subset; samples of the subset would be scored against all "
+                             "classes: use reference.kind=train (the subset's own train images)")
         channels = self.encoder.arch.embed_dim or 768  # DINOv2-B
         if self.src.dim > channels:
             raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "

@@ -6,7 +6,9 @@ Nothing here knows about training or data; every stage (training and inference) 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -34,21 +36,76 @@ def autocast(device: torch.device | str):
     return nullcontext()
 
 
-def inference_precision(device: torch.device | str, precision: str):
-    """The arithmetic of a frozen model's forward (encode.precision), on any device:
+@contextmanager
+def inference_precision(device: torch.device | str, precision: str) -> Iterator[None]:
+    """The arithmetic of a frozen encoder's forward (encode.precision), on any device, for the `with` block only:
       fp32: float32 with TF32 matmuls and convolutions on CUDA, as RAE runs its encoder (src/train.py,
-            src/sample.py: torch.backends.cuda.matmul.allow_tf32 = True; train_stage1.py --precision fp32).
-            Process-wide, like RAE's: jobs in threads share it, and nothing else here wants strict fp32;
+            src/sample.py: torch.backends.cuda.matmul.allow_tf32 = True; train_stage1.py --precision fp32). The
+            flags are process-wide, so they are set for the block and restored after it (tf32): what runs next in
+            the process (compress, likelihoods, the Bayes classifier) computes in strict fp32 whatever ran before;
       bf16: bf16 autocast (CUDA and CPU), ~0.4% relative error per DINOv2-B token against fp32."""
     device = torch.device(device)
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
     if precision != "fp32":
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return nullcontext()
+    with tf32() if device.type == "cuda" else nullcontext():
+        yield
+
+
+FRESH_PROCESS = {"cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": True}  # torch's defaults
+
+
+def precision_flags() -> dict[str, bool]:
+    """The process-wide TF32 flags, torch.backends' legacy ones (as RAE sets them; torch refuses a mix of these and
+    the newer fp32_precision API in one process)."""
+    return {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
+
+
+def set_precision_flags(flags: dict[str, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+
+
+class _SharedTF32:
+    """TF32 on while at least one holder is inside: encode's jobs run forwards in threads at once, so the flags are
+    set by the first to enter and restored by the last to leave (never turned off under another's forward)."""
+
+    def __init__(self):
+        self.lock, self.holders, self.saved = threading.Lock(), 0, None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.holders == 0:
+                self.saved = precision_flags()
+                set_precision_flags(dict.fromkeys(FRESH_PROCESS, True))
+            self.holders += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.holders -= 1
+                if self.holders == 0:
+                    set_precision_flags(self.saved)
+
+
+tf32 = _SharedTF32()
+
+
+@contextmanager
+def fresh_numerics() -> Iterator[None]:
+    """A stage's arithmetic as in a fresh process (torch's default TF32 flags), whatever ran before it in this one;
+    the caller's flags are restored afterwards. stages.runner runs every stage inside it."""
+    saved = precision_flags()
+    set_precision_flags(FRESH_PROCESS)
+    try:
+        yield
+    finally:
+        set_precision_flags(saved)
 
 
 def compile_enabled(setting: str | bool, device: torch.device | str) -> bool:

@@ -208,7 +208,7 @@ def print_sweep(summary, sw) -> None:
     table.add_column("metric")
     for g in summary.groups:
         table.add_column(f"{group_label(g.overrides, sw.grids)} (n={g.n})")
-    for m in dict.fromkeys(k for g in summary.groups for k in g.mean):
+    for m in dict.fromkeys(k for g in summary.groups for k in g.count):
         table.add_row(m, *[mean_std(g, m) for g in summary.groups])
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     print(f"summary: {sw.dir / 'summary.md'} ({len(summary.plots)} plots)")

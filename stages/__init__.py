@@ -54,23 +54,25 @@ STAGES: tuple[Stage, ...] = (
     Stage("fit_decoder", "2",  # 2: L1 on [0, 1] pixels, RAE's warmup + cosine to a floor
           sections=("decoder", "fit_decoder"),
           upstream=("shard", "encode"), external=inputs.lpips_inputs, enabled=inputs.decoder_enabled),
-    Stage("fit_src", "1",
+    Stage("fit_src", "2",  # 2: src.json decoder_noise_sigma (0 for PCA); strict fp32 after encode's TF32 forward
           sections=("src", "encode.stats"),
           upstream=("shard", "encode", "fit_decoder"),
           external=lambda cfg: {**inputs.decoder_inputs(cfg), **inputs.stats_inputs(cfg)}),
-    Stage("compress", "1",
+    Stage("compress", "2",  # 2: the SRC encode in strict fp32 on CUDA, never in the TF32 an encode left behind
           sections=("compress",),
           upstream=("shard", "encode", "fit_src")),
-    Stage("train_flow", "1",
+    Stage("train_flow", "2",  # 2: flow.json classes (the trained labels); held-out bits/dim in strict fp32
           sections=("flow", "train"),
           upstream=("compress",)),
-    Stage("sample", "2",  # 2: labels in a seeded order, arr_1 (samples schema 2)
+    Stage("sample", "3",  # 2: labels in a seeded order, arr_1 (samples schema 2); 3: the trained classes only,
+          # denoise auto, Jacobi passes in fp32, pixels truncated, the sampling record (samples schema 3)
           sections=("sample", "decoder"),
           upstream=("encode", "fit_src", "compress", "train_flow", "fit_decoder"), external=inputs.decoder_inputs),
     Stage("reference", "2",  # 2: mu_s/sigma_s (reference schema 2)
           sections=("reference", "data.resolution"),
           upstream=("shard",), external=inputs.reference_inputs),
-    Stage("evaluate", "3",  # 2: sfid (metrics.json schema 2); 3: the flow as a classifier (schema 3)
+    Stage("evaluate", "4",  # 2: sfid (metrics.json schema 2); 3: the flow as a classifier (schema 3);
+          # 4: how the samples were made (schema 4), the Bayes rule over the trained classes
           sections=("evaluate.kid_subset_size", "evaluate.bayes_max_images"),
           upstream=("compress", "train_flow", "sample", "reference"), external=inputs.evaluate_inputs),
 )

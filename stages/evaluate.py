@@ -7,7 +7,9 @@ ADM's spatial features from one pass) against the `reference` stage's statistics
 
 - `metrics.json` (storage_schemas/evaluation.py): one entry per CFG scale, every number labelled with the
   evaluator and its version, the Inception weights' sha256, `inception_weights: official|stand-in`,
-  the sample and reference counts, the CFG scale, and the flow's bits/dim from upstream manifests;
+  the sample and reference counts, the CFG scale, the flow's bits/dim from upstream manifests, and how the
+  samples were made (`sampling`: the samples file's record: CFG rule, annealing, solver and its statistics,
+  denoising, pixel rounding, the warnings raised while sampling), so two metric files compare without configs;
 - `grid-cfg{w}.png` (a few samples of the first classes) and `report.md` (the table and grids);
 - the flow as a Bayes-rule classifier on the clean val codes (stages/likelihood.py flow_classifier, at most
   `evaluate.bayes_max_images`): accuracy and mean bits/dim in metrics.json `flow_classifier`, the stage metrics
@@ -47,7 +49,7 @@ from stages.reference import (
 )
 from storage_schemas.evaluation import SCHEMA_VERSION as METRICS_SCHEMA_VERSION
 from storage_schemas.evaluation import read_metrics
-from storage_schemas.samples import open_samples
+from storage_schemas.samples import open_samples, read_sampling
 from storage_schemas.success import Manifest, write_atomic
 
 METRICS_FILE = "metrics.json"  # layout: storage_schemas/evaluation.py
@@ -65,6 +67,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     reference = load_reference(upstream["reference"].dir / REFERENCE_FILE)
     check_reference_weights(reference, weights_sha256)
     sample_sets = find_samples(upstream["sample"].dir, cfg.sample.cfg_scale)  # every file, before any Inception
+    made = {w: sampling_of(path) for w, path in sample_sets}
     flow = flow_metrics(cfg, upstream["sample"])
     classifier = flow_classifier(cfg, upstream, cfg.evaluate.bayes_max_images)  # needs no Inception
     reference_label = reference_summary(reference, upstream["reference"])
@@ -85,7 +88,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         save_grid(grid, out.path / f"grid-cfg{cfg_scale}.png", ncol=ncol)
         evaluations.append({"cfg_scale": cfg_scale, **metrics, "inception_weights": weights_label(weights_sha256),
                             "samples_file": path.name, **class_counts(labels), "nonfinite_samples": nonfinite,
-                            "reference": reference_label, "flow": flow})
+                            "reference": reference_label, "flow": flow, "sampling": made[cfg_scale]})
         write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256, classifier))  # scale done
 
     evaluations.sort(key=lambda e: e["cfg_scale"])
@@ -113,6 +116,14 @@ def find_samples(sample_dir: Path, cfg_scales: list[float]) -> list[tuple[float,
                                     f"(has: {', '.join(sorted(p.name for p in found.values())) or 'none'})")
         out.append((float(w), match[0]))
     return out
+
+
+def sampling_of(path: Path) -> dict:
+    """The samples file's record of how its samples were made; a one-line error where there is none."""
+    record = read_sampling(path)
+    if record is None:
+        raise ValueError(f"{path}: no `sampling` record of how the samples were made (stage sample writes one)")
+    return record
 
 
 def check_resolution(samples: np.ndarray, reference: dict, path: Path) -> None:
@@ -222,6 +233,7 @@ def report_markdown(evaluations: list[dict], classifier: dict) -> str:
     rows = metrics_table(evaluations)
     lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) if k == "cfg_scale" else _fmt(v) for k, v in r.items()) + " |" for r in rows]
+    lines += ["", "## How the samples were made", ""] + [sampling_line(e) for e in evaluations]
     if classifier.get("images"):
         c = classifier
         lines += ["", "## The flow as a classifier", "",
@@ -234,6 +246,19 @@ def report_markdown(evaluations: list[dict], classifier: dict) -> str:
                                                       "mean_bits_per_dim_uncond")) + " |"]
     lines += [""] + [f"![samples, cfg {e['cfg_scale']}](grid-cfg{e['cfg_scale']}.png)" for e in evaluations]
     return "\n".join(lines) + "\n"
+
+
+def sampling_line(entry: dict) -> str:
+    """One line of the report per CFG scale: the sampling record's settings and its warnings."""
+    m = entry["sampling"]
+    passes = "; ".join(f"block {b['block']}: " + (f"{b['token_steps']} token steps" if "token_steps" in b else
+                                                   f"{b['mean_passes_per_chunk']:.3g} passes per chunk (most "
+                                                   f"{b['max_passes_per_chunk']}, {b['capped_chunks']} capped)")
+                       for b in m["solver_stats"])
+    text = (f"- cfg {entry['cfg_scale']}: {m['cfg_rule']} CFG{' annealed' if m['cfg_anneal'] else ''}, "
+            f"{m['solver']} solver ({passes}), denoise {m['denoise']} ({m['denoise_setting']}), pixels "
+            f"{m['pixel_rounding']}")
+    return text + "".join(f"\n  - warning: {w}" for w in m["warnings"])
 
 
 def _fmt(v) -> str:

@@ -106,7 +106,14 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     report = reconstruction_report(cfg, upstream, group, attrs, normalizer, {"src": src, "pca": pca_src}, device,
                                    out.path)
     return {"kind": cfg.src.kind, "arch": src.arch, "dim": cfg.src.dim, "noise_sigma": cfg.src.noise_sigma,
-            "train_rows": train[1] - train[0], "pca_explained_variance_at_dim": explained, **report}
+            "decoder_noise_sigma": decoder_noise_sigma(cfg), "train_rows": train[1] - train[0],
+            "pca_explained_variance_at_dim": explained, **report}
+
+
+def decoder_noise_sigma(cfg: Config) -> float:
+    """The code noise the SRC decoder was trained under: src.noise_sigma for a learned SRC, 0 for PCA (closed form,
+    it never sees noise). `sample` decides its denoising from it (sample.denoise: auto)."""
+    return cfg.src.noise_sigma if cfg.src.kind == "learned" else 0.0
 
 
 # --- PCA (SRC-FLOW.md "Linear baseline": streaming covariance, closed form) ---------------------
@@ -274,7 +281,8 @@ def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: t
 
 def save_src(src: SRC, cfg: Config, upstream: dict[str, Manifest], out_dir: Path) -> None:
     info = model_info("src", kind=cfg.src.kind, arch=src.arch, dim=cfg.src.dim, noise_sigma=cfg.src.noise_sigma,
-                      model=src.config, features_fingerprint=upstream["encode"].fingerprint)
+                      decoder_noise_sigma=decoder_noise_sigma(cfg), model=src.config,
+                      features_fingerprint=upstream["encode"].fingerprint)
     save_safetensors(src, out_dir / WEIGHTS, metadata={"src": info})
     write_atomic(out_dir / INFO, info)
 

@@ -84,7 +84,7 @@ class Chain:
     normalizer: object
     encoder: object
     decoder: object | None
-    classes: np.ndarray  # the labels of the shard set, sorted: the classes a Bayes rule chooses among
+    classes: np.ndarray  # the labels the flow was trained on, sorted: the classes a Bayes rule chooses among
     synsets: dict[int, str]  # label -> synset (the shard manifest's)
     noise_sigma: float
 
@@ -102,15 +102,16 @@ class Chain:
         if value is None:
             return None
         by_synset = {s: k for k, s in self.synsets.items()}
-        if str(value) in by_synset:
+        if str(value) in by_synset and by_synset[str(value)] in self.classes:
             return by_synset[str(value)]
         try:
             label = int(value)
         except ValueError:
             label = None
-        if label is None or label not in self.synsets:
-            raise ValueError(f"--class {value}: not a class of this shard set (labels {int(self.classes[0])}.."
-                             f"{int(self.classes[-1])}, or a synset such as {self.synsets[int(self.classes[0])]})")
+        if label is None or label not in self.classes:
+            shown = ", ".join(str(int(c)) for c in self.classes[:8]) + (", ..." if len(self.classes) > 8 else "")
+            raise ValueError(f"--class {value}: not a class the flow was trained on (labels {shown}, or a synset "
+                             f"such as {self.synsets[int(self.classes[0])]})")
         return label
 
 
@@ -134,12 +135,14 @@ def open_chain(cfg: Config, config_path: str, decoder: bool = False) -> Chain:
         rae_decoder = None
     table = read_table(manifests["shard"].dir / "manifest.parquet", MANIFEST_SCHEMA).select(["synset", "label"])
     synsets = dict(sorted(zip(table["label"].to_pylist(), table["synset"].to_pylist(), strict=True)))
-    if max(synsets) >= flow.num_classes:
-        raise ValueError(f"{manifests['train_flow'].dir}: the flow knows {flow.num_classes} classes but the shard set "
-                         f"has label {max(synsets)}")
-    sigma = float(flow_info(manifests["train_flow"])["noise_sigma"])
+    info = flow_info(manifests["train_flow"])
+    classes = np.asarray(info["classes"], np.int64)
+    unknown = sorted(set(classes.tolist()) - set(synsets))
+    if unknown:
+        raise ValueError(f"{manifests['train_flow'].dir}: the flow was trained on labels {unknown[:5]} that the shard "
+                         f"set does not have")
     return Chain(cfg, manifests, device, flow, src, normalizer, load_encoder(encoder_spec(cfg), str(device)),
-                 rae_decoder, np.array(sorted(synsets)), synsets, sigma)
+                 rae_decoder, classes, synsets, float(info["noise_sigma"]))
 
 
 # --- images -> codes ------------------------------------------------------------------------------
@@ -280,8 +283,9 @@ def summarize(rows: list[dict], noise_samples: int = 0) -> dict:
 
 
 def flow_classifier(cfg: Config, upstream: dict[str, Manifest], max_images: int | None) -> dict:
-    """Bayes-rule accuracy and mean bits/dim of the flow on the clean val codes (the first view of each val image),
-    at most `max_images` of them, class-balanced (round-robin over classes in store order)."""
+    """Bayes-rule accuracy and mean bits/dim of the flow on the clean val codes (the first view of each val image)
+    of the classes it was trained on (flow.json `classes`, the choices of the Bayes rule), at most `max_images` of
+    them, class-balanced (round-robin over classes in store order)."""
     from pipeline.data.codes import open_codes, split_rows
     from stages.reference import class_balanced_order
 
@@ -289,12 +293,13 @@ def flow_classifier(cfg: Config, upstream: dict[str, Manifest], max_images: int 
     start, stop = split_rows(attrs, "val")
     views = len(attrs["views"])
     labels = group["labels"][start:stop:views].astype(np.int64)
-    picks = np.sort(np.array(class_balanced_order([{"label": int(v)} for v in labels])[:max_images], np.int64))
+    classes = np.asarray(flow_info(upstream["train_flow"])["classes"], np.int64)
+    trained = np.flatnonzero(np.isin(labels, classes))
+    picks = np.sort(trained[class_balanced_order([{"label": int(v)} for v in labels[trained]])[:max_images]])
     if not len(picks):
         return {"images": 0, "note": BAYES_NOTE}
     device = resolve_device(cfg.runtime.device)
     flow = load_flow(upstream["train_flow"], device)
-    classes = np.unique(group["labels"][...])
     batch = max(1, cfg.train.eval_batch_size // len(classes))
     correct, figures = 0, {k: [] for k in ("posterior", "bits_per_dim", "bits_per_dim_marginal", "bits_per_dim_uncond")}
     for b0 in range(0, len(picks), batch):
@@ -315,7 +320,8 @@ def flow_classifier(cfg: Config, upstream: dict[str, Manifest], max_images: int 
 def _decode(chain: Chain, codes: torch.Tensor) -> np.ndarray:
     from stages.sample import decode
 
-    pixels, _ = decode(codes.to(chain.device), chain.src, chain.normalizer, chain.decoder, chain.device)
+    pixels, _ = decode(codes.to(chain.device), chain.src, chain.normalizer, chain.decoder, chain.device,
+                       chain.cfg.sample.pixel_rounding)
     return pixels
 
 
@@ -326,7 +332,7 @@ def _rae_reconstruction(chain: Chain, features: np.ndarray) -> np.ndarray:
 
     with torch.no_grad(), autocast(chain.device):
         out = chain.decoder(torch.from_numpy(widen(features)).to(chain.device))
-    return to_uint8_pixels(out.float()).cpu().numpy()
+    return to_uint8_pixels(out.float(), chain.cfg.sample.pixel_rounding).cpu().numpy()
 
 
 def _classes_for(chain: Chain, codes: torch.Tensor, given: int | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -109,8 +109,11 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
         out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
         log.info("%s: running -> %s", p.name, out.path)
         started = now()
+        from pipeline.device import fresh_numerics  # imports torch: only when a stage runs
+
         try:
-            metrics = p.stage.run(cfg, upstream, out)
+            with fresh_numerics():  # the stage computes as in a fresh process, whatever ran before it in this one
+                metrics = p.stage.run(cfg, upstream, out)
         except OSError as e:  # e.g. a full disk: name the stage, and the file (or the output) being written
             if e.errno is None or (e.filename is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT)):
                 raise

@@ -1,36 +1,47 @@
 """Stage `sample`: class-balanced samples of the trained flow, decoded to pixels (SRC-FLOW.md, "The chain").
 
-    labels   every class sample.per_class times, in the order of a permutation seeded by sample.seed
-             alone (class_labels): sample i's class is a pure function of (seed, num_classes, per_class, i),
-             so chunks, workers and resumes agree, and the file is not class-sorted (ADM's IS splits)
+    labels   every class the flow was trained on (flow.json `classes`: under a data.classes subset the labels keep
+             their ImageNet numbers, and the flow's other class embeddings were never trained) sample.per_class
+             times, in the order of a permutation seeded by sample.seed alone (class_labels): sample i's class is
+             a pure function of (seed, classes, per_class, i), so chunks, workers and resumes agree, and the file
+             is not class-sorted (ADM's IS splits)
     z_i      a standard normal (T, d) seeded by (sample.seed, i): the same whatever the chunking,
              the workers or a resume; the same z_i at every CFG scale
     codes    flow.reverse(z, y) with CFG w (sample.cfg_mode tarflow|starflow, sample.cfg_anneal), both CFG
              branches as one doubled batch, each block inverted by sample.solver: sequential (token by
              token, a KV cache) or jacobi (chunks of sample.jacobi_chunk tokens iterated to
-             sample.jacobi_tol, at most sample.jacobi_max_iters passes); sample.cuda_graph: static caches,
-             each step a replayed CUDA graph; optionally one Tweedie step x + sigma^2 grad log p(x | y)
-             (sample.denoise: tweedie, sigma = flow.noise_sigma, conditional score, fp32)
+             sample.jacobi_tol in fp32 passes, at most sample.jacobi_max_iters passes); sample.cuda_graph: static
+             caches, each step a replayed CUDA graph; optionally one Tweedie step x + sigma^2 grad log p(x | y)
+             (sample.denoise: tweedie, sigma = flow.noise_sigma, conditional score, fp32; auto: tweedie when the SRC
+             decoder was trained on clean codes (PCA) and the flow on noisy ones, from src.json decoder_noise_sigma)
     pixels   SRC.decode(codes) (codes as compress stored them: the SRC's own encode output) ->
              per-position feature de-normalization (normalizer.inverse, the statistics the SRC was
-             fit under) -> frozen RAE decoder -> uint8 (to_uint8_pixels)
+             fit under) -> frozen RAE decoder -> uint8 (to_uint8_pixels, sample.pixel_rounding: truncate as RAE and
+             ADM write their samples, or round)
+    record   how the samples were made (sampling_record: the CFG rule, annealing, the solver and its passes per
+             block, the denoising, the pixel rounding, the warnings raised while sampling), in each samples file
+             (`sampling`) and in the stage metrics; `evaluate` copies it into metrics.json
 
 Work is cut into chunks of sample.chunk_size samples per CFG scale; each chunk is a job
 (pipeline.parallel.map_jobs, Dask when runtime.workers > 1) that writes `chunks/cfg{w}/{k:06d}.npz`
 atomically, its commit: a killed run redoes only the missing chunks. Then, per scale, the chunks are
 streamed into the ADM-format `samples-cfg{w}.npz` (storage_schemas/samples.py: `arr_0` uint8 N x H x W x 3,
-`arr_1` int64 labels with the alias `labels`, and `nonfinite` bool: samples whose code or pixels were
-NaN / inf, written as black images and counted in the metrics, never resampled) and `grid-cfg{w}.png`
+`arr_1` int64 labels with the alias `labels`, `nonfinite` bool: samples whose code or pixels were
+NaN / inf, written as black images and counted in the metrics, never resampled; `sampling`: the record) and
+`grid-cfg{w}.png`
 (the first grid_per_class samples of each of the first grid_classes classes, one class per row).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import time
+import warnings
 import zipfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +57,9 @@ from pipeline.images import save_grid
 from pipeline.parallel import gpu_worker_env, map_jobs
 from pipeline.training import step_seed
 from stages.train_flow import flow_info, load_flow
+from storage_schemas.model_files import read_model_info
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
+from storage_schemas.samples import read_sampling
 from storage_schemas.success import FILENAME as SUCCESS
 from storage_schemas.success import Manifest, write_atomic
 
@@ -73,24 +86,28 @@ class SampleJob:
     start: int
     stop: int
     path: str  # the chunk file this job commits
+    denoise: str  # sample.denoise resolved: none | tweedie
 
 
 def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     s = cfg.sample
-    num_classes = flow_info(upstream["train_flow"])["arch"]["num_classes"]
-    total = num_classes * s.per_class
+    classes = np.asarray(flow_info(upstream["train_flow"])["classes"], np.int64)
+    total = len(classes) * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
     sources = ModelSources(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
     if s.cuda_graph and not sources.device.startswith("cuda"):
         raise ValueError(f"sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to "
                          f"{sources.device}")
     load_models(sources)  # a missing or mismatched model fails here, before any work
+    record = sampling_record(cfg, upstream, sources.device)
+    for warning in record["warnings"]:
+        log.warning("sample: %s", warning)
     chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
-    jobs = [SampleJob(sources, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
-            if not chunk_path(out.path, w, k).is_file()]
+    jobs = [SampleJob(sources, w, k, a, b, str(chunk_path(out.path, w, k)), record["denoise"]) for w in todo
+            for k, a, b in chunks if not chunk_path(out.path, w, k).is_file()]
     log.info("sample: %d classes x %d per class at cfg scales %s (%s, anneal %s, denoise %s, solver %s): %d of %d "
-             "chunks to do", num_classes, s.per_class, scales, s.cfg_mode, s.cfg_anneal, s.denoise, s.solver,
+             "chunks to do", len(classes), s.per_class, scales, s.cfg_mode, s.cfg_anneal, record["denoise"], s.solver,
              len(jobs), len(todo) * len(chunks))
 
     started, done = time.perf_counter(), len(scales) * total - sum(j.stop - j.start for j in jobs)
@@ -101,23 +118,21 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         out.report_progress(done, len(scales) * total, "samples")
     seconds = time.perf_counter() - started
 
-    metrics = {"num_samples": total, "num_classes": num_classes, "per_class": s.per_class, "cfg_scales": scales,
-               "cfg_mode": s.cfg_mode, "denoise": s.denoise, "solver": s.solver}
-    src_sigma = upstream["fit_src"].metrics.get("noise_sigma") or 0.0
-    if s.denoise == "tweedie" and src_sigma > 0:
-        # the SRC decoder already learned to decode codes at this noise level: denoising first removes it twice
-        metrics["denoise_warning"] = (f"sample.denoise=tweedie on an SRC decoder trained under src.noise_sigma="
-                                      f"{src_sigma}: the noise is removed twice")
-        log.warning("sample: %s", metrics["denoise_warning"])
+    metrics = {"num_samples": total, "num_classes": len(classes), "per_class": s.per_class, "cfg_scales": scales,
+               "cfg_mode": s.cfg_mode, "denoise": record["denoise"], "solver": s.solver,
+               "sampling": {k: v for k, v in record.items() if k != "warnings"}, "warnings": []}
     for w in scales:
         if w in todo:
-            assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], num_classes, s)
+            assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], classes, s, record)
         with np.load(samples_path(out.path, w)) as npz:
             nonfinite = int(npz["nonfinite"].sum())
+        made = read_sampling(samples_path(out.path, w))
         metrics[f"nonfinite_cfg{w}"] = nonfinite
-        if nonfinite:
-            log.warning("sample: %d of %d samples at cfg %s are NaN / inf (black images, flagged in `nonfinite`)",
-                        nonfinite, total, w)
+        metrics[f"solver_stats_cfg{w}"] = made["solver_stats"]
+        metrics["warnings"] += [m for m in made["warnings"] if m not in metrics["warnings"]]
+        for warning in made["warnings"]:
+            if warning not in record["warnings"]:
+                log.warning("sample: cfg %s: %s", w, warning)
     shutil.rmtree(out.path / CHUNKS, ignore_errors=True)  # every scale is in its samples file now
     if jobs:
         generated = sum(j.stop - j.start for j in jobs)
@@ -133,19 +148,63 @@ def samples_path(out_dir: Path, cfg_scale: float) -> Path:
     return out_dir / f"samples-cfg{cfg_scale}.npz"
 
 
-def class_labels(num_classes: int, per_class: int, seed: int) -> np.ndarray:
-    """The labels of all samples: each class per_class times, in a permutation seeded by `seed` only.
+def class_labels(classes: Iterable[int], per_class: int, seed: int) -> np.ndarray:
+    """The labels of all samples: each of `classes` (the flow's trained labels) per_class times, in a permutation
+    seeded by `seed` only.
 
     ADM's evaluator scores IS over contiguous 5,000-sample splits without shuffling: a class-sorted
     file would give each split 100 classes (IS 22 instead of 66 on a simulated 50k). RAE's sampler
     shuffles its label pool the same way."""
     rng = np.random.default_rng(step_seed(seed, LABEL_STREAM))
-    return rng.permutation(np.repeat(np.arange(num_classes, dtype=np.int64), per_class))
+    return rng.permutation(np.repeat(np.asarray(list(classes), dtype=np.int64), per_class))
 
 
-def labels_of(start: int, stop: int, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+def labels_of(start: int, stop: int, classes: Iterable[int], per_class: int, seed: int) -> np.ndarray:
     """The labels of samples [start, stop): a slice of class_labels, whatever the chunking."""
-    return class_labels(num_classes, per_class, seed)[start:stop]
+    return class_labels(classes, per_class, seed)[start:stop]
+
+
+# --- how the samples are made ------------------------------------------------------------------------
+
+
+def sampling_record(cfg: Config, upstream: dict[str, Manifest], device: str) -> dict:
+    """How this stage makes its samples, and the warnings known before it starts: the CFG rule, the solver, the
+    network's arithmetic, the denoising (sample.denoise resolved against the noise the SRC decoder was trained under,
+    src.json decoder_noise_sigma) and the pixel rounding. Each samples file adds its solver statistics and the
+    warnings raised while sampling (assemble)."""
+    s = cfg.sample
+    flow = flow_info(upstream["train_flow"])
+    decoder_sigma = float(read_model_info(upstream["fit_src"].dir, "src")["decoder_noise_sigma"])
+    denoise, notes = resolve_denoise(s.denoise, decoder_sigma, float(flow["noise_sigma"]))
+    if s.solver == "jacobi" and s.jacobi_max_iters < s.jacobi_chunk:
+        notes.append(f"sample.jacobi_max_iters={s.jacobi_max_iters} is below sample.jacobi_chunk={s.jacobi_chunk}: a "
+                     f"chunk that has not met sample.jacobi_tol by then keeps its last tokens unsolved (counted per "
+                     f"block in capped_chunks)")
+    cuda = device.startswith("cuda")
+    solver = {"solver": s.solver}
+    if s.solver == "jacobi":
+        solver |= {"jacobi_chunk": s.jacobi_chunk, "jacobi_tol": s.jacobi_tol, "jacobi_max_iters": s.jacobi_max_iters,
+                   "jacobi_precision": "fp32"}
+    return {"classes": len(flow["classes"]), "per_class": s.per_class, "seed": s.seed, "cfg_rule": s.cfg_mode,
+            "cfg_anneal": s.cfg_anneal, **solver,
+            "network_precision": "bf16 autocast" if cuda else "fp32", "cuda_graph": s.cuda_graph,
+            "denoise": denoise, "denoise_setting": s.denoise, "flow_noise_sigma": float(flow["noise_sigma"]),
+            "decoder_noise_sigma": decoder_sigma, "pixel_rounding": s.pixel_rounding, "warnings": notes}
+
+
+def resolve_denoise(setting: str, decoder_sigma: float, flow_sigma: float) -> tuple[str, list[str]]:
+    """sample.denoise (auto | none | tweedie) -> (none | tweedie, warnings). The flow's samples carry its noise
+    (flow_sigma); a learned SRC decoder was trained to decode that noise, a PCA decoder (decoder_sigma 0) never saw
+    any: auto takes one Tweedie step exactly when the decoder was trained on clean codes."""
+    denoise = setting if setting != "auto" else "tweedie" if decoder_sigma == 0 < flow_sigma else "none"
+    notes = []
+    if denoise == "tweedie" and decoder_sigma > 0:
+        notes.append(f"sample.denoise=tweedie on an SRC decoder trained under code noise sigma={decoder_sigma}: the "
+                     f"noise is removed twice")
+    if denoise == "none" and flow_sigma > 0 and decoder_sigma == 0:
+        notes.append(f"sample.denoise=none: the samples carry the flow's noise (sigma={flow_sigma}) into an SRC "
+                     f"decoder trained on clean codes (src.kind pca); sample.denoise=auto would denoise them")
+    return denoise, notes
 
 
 def sample_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -194,28 +253,53 @@ def sample_chunk(job: SampleJob) -> int:
     flow, src, normalizer, decoder = load_models(job.sources)
     info = flow_info(job.sources.upstream["train_flow"])
     sigma = info["noise_sigma"]
-    labels = labels_of(job.start, job.stop, info["arch"]["num_classes"], s.per_class, s.seed)
+    labels = labels_of(job.start, job.stop, info["classes"], s.per_class, s.seed)
     tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
-    images, nonfinite = [], []
-    for a in range(job.start, job.stop, s.batch_size):
-        b = min(a + s.batch_size, job.stop)
-        z = sample_noise(s.seed, a, b, (tokens, channels)).to(device)
-        y = torch.from_numpy(labels[a - job.start:b - job.start]).to(device)
-        with torch.no_grad():
-            with autocast(device), token_step_threads(device):
-                x = flow.reverse(z, y, cfg_scale=job.cfg_scale, cfg_mode=s.cfg_mode, cfg_anneal=s.cfg_anneal,
-                                 **solver_args(s))
-            if s.denoise == "tweedie":
-                x = tweedie(flow, x, y, sigma)
-            pixels, bad = decode(x, src, normalizer, decoder, device)
-        images.append(pixels)
-        nonfinite.append(bad)
+    images, nonfinite, solver_stats, raised = [], [], {}, []
+    with recorded_warnings(raised):
+        for a in range(job.start, job.stop, s.batch_size):
+            b = min(a + s.batch_size, job.stop)
+            z = sample_noise(s.seed, a, b, (tokens, channels)).to(device)
+            y = torch.from_numpy(labels[a - job.start:b - job.start]).to(device)
+            blocks = []
+            with torch.no_grad():
+                with autocast(device), token_step_threads(device):
+                    x = flow.reverse(z, y, cfg_scale=job.cfg_scale, cfg_mode=s.cfg_mode, cfg_anneal=s.cfg_anneal,
+                                     stats=blocks, **solver_args(s))
+                if job.denoise == "tweedie":
+                    x = tweedie(flow, x, y, sigma)
+                pixels, bad = decode(x, src, normalizer, decoder, device, s.pixel_rounding)
+            add_solver_stats(solver_stats, [dict(block, batches=1) for block in blocks])
+            images.append(pixels)
+            nonfinite.append(bad)
     buf = io.BytesIO()
-    np.savez(buf, images=np.concatenate(images), labels=labels,
-             nonfinite=np.concatenate(nonfinite), start=np.array(job.start))
+    np.savez(buf, images=np.concatenate(images), labels=labels, nonfinite=np.concatenate(nonfinite),
+             start=np.array(job.start), solver_stats=np.array(json.dumps(list(solver_stats.values()))),
+             warnings=np.array(json.dumps(raised)))
     Path(job.path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(job.path), buf.getvalue())
     return job.stop - job.start
+
+
+def add_solver_stats(total: dict[int, dict], blocks: list[dict]) -> dict[int, dict]:
+    """Sum per-block solver statistics (flow.reverse's `stats`, with `batches`) into `total` (block -> stats):
+    counts add up, `max_*` take the maximum."""
+    for block in blocks:
+        into = total.setdefault(block["block"], {"block": block["block"]})
+        for key, value in block.items():
+            if key != "block":
+                into[key] = max(into.get(key, value), value) if key.startswith("max_") else into.get(key, 0) + value
+    return total
+
+
+@contextmanager
+def recorded_warnings(into: list[str]):
+    """Every Python warning raised inside, once each, appended to `into` as "Category: message" (they are also
+    logged by the stage and written into the samples file's record)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    into += [m for m in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught) if m not in into]
 
 
 def solver_args(s) -> dict:
@@ -245,9 +329,11 @@ def tweedie(flow, x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tenso
     return tweedie_denoise(flow, x, y, sigma)
 
 
-def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device,
+           rounding: str = "truncate") -> tuple[np.ndarray, np.ndarray]:
     """codes (B, T, d) -> uint8 pixels (B, H, W, 3) and the non-finite flags (B,); a non-finite sample is
-    decoded from zeros and then blanked, so it cannot touch the others."""
+    decoded from zeros and then blanked, so it cannot touch the others. `rounding`: sample.pixel_rounding
+    (to_uint8_pixels; truncate, as RAE's and ADM's samplers)."""
     from pipeline.models.rae import to_uint8_pixels
 
     finite = torch.isfinite(codes).all(2).all(1)
@@ -256,7 +342,7 @@ def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device) 
     with autocast(device):
         out = decoder(features)
     finite &= torch.isfinite(out.float()).flatten(1).all(1)
-    pixels = to_uint8_pixels(torch.nan_to_num(out.float()))
+    pixels = to_uint8_pixels(torch.nan_to_num(out.float()), rounding)
     pixels[~finite] = 0
     return pixels.cpu().numpy(), (~finite).cpu().numpy()
 
@@ -264,15 +350,17 @@ def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device) 
 # --- the ADM-format sample file ----------------------------------------------------------------------
 
 
-def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: int, s) -> None:
+def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], classes: np.ndarray, s, record: dict) -> None:
     """Stream the chunk files into samples-cfg{w}.npz (uncompressed: readers can memory-map arr_0) and the
-    grid, then delete the chunks. Holds one chunk in memory, never the whole sample set."""
+    grid, then delete the chunks. Holds one chunk in memory, never the whole sample set. The file's `sampling` is
+    `record` with this scale, the solver statistics summed over the chunks and every warning raised."""
     path = samples_path(out_dir, cfg_scale)
-    labels = class_labels(num_classes, s.per_class, s.seed)
+    labels = class_labels(classes, s.per_class, s.seed)
     total, nonfinite = len(labels), np.zeros(len(labels), bool)
-    # the grid: one row per class, its first samples in file order
-    grid_picks = [int(i) for c in range(min(s.grid_classes, num_classes))
-                  for i in np.flatnonzero(labels == c)[:s.grid_per_class]]
+    solver_stats: dict[int, dict] = {}
+    raised = list(record["warnings"])
+    # the grid: one row per class (the first grid_classes trained ones), its first samples in file order
+    grid_picks = [int(i) for c in classes[:s.grid_classes] for i in np.flatnonzero(labels == c)[:s.grid_per_class]]
     grid: dict[int, np.ndarray] = {}
 
     def write(f) -> None:
@@ -293,13 +381,17 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: i
                             np.lib.format.write_array_header_1_0(fh, header)
                         fh.write(np.ascontiguousarray(images).tobytes())
                         nonfinite[start:start + len(images)] = part["nonfinite"]
+                        add_solver_stats(solver_stats, json.loads(str(part["solver_stats"])))
+                        raised.extend(m for m in json.loads(str(part["warnings"])) if m not in raised)
                         grid.update({i: images[i - start] for i in grid_picks if start <= i < start + len(images)})
                         written += len(images)
             if written != total:
                 raise ValueError(f"sample: the chunks of cfg {cfg_scale} hold {written} samples, expected {total}")
+            made = {**record, "cfg_scale": cfg_scale, "solver_stats": solver_summary(solver_stats),
+                    "warnings": raised + scale_warnings(solver_stats, nonfinite)}
             # arr_1: the labels where ADM's sampler puts them; `labels`: the same, by name
             for name, values in (("arr_1", labels), ("labels", labels), ("nonfinite", nonfinite),
-                                 ("schema_version", np.int64(SAMPLES_SCHEMA_VERSION))):
+                                 ("sampling", json.dumps(made)), ("schema_version", np.int64(SAMPLES_SCHEMA_VERSION))):
                 with zf.open(f"{name}.npy", "w") as fh:
                     np.lib.format.write_array(fh, np.asarray(values))
         # the grid before the samples file is renamed into place: a resume skips a scale whose file exists
@@ -308,3 +400,30 @@ def assemble(out_dir: Path, cfg_scale: float, chunks: list[Path], num_classes: i
 
     write_atomic(path, write)
     shutil.rmtree(out_dir / CHUNKS / f"cfg{cfg_scale}", ignore_errors=True)
+
+
+def solver_summary(stats: dict[int, dict]) -> list[dict]:
+    """Per flow block (data -> noise index): the token steps of the sequential solver (one per token, whatever the
+    batch), or Jacobi's chunk solves summed over the batches: chunks, passes, mean and most passes per chunk, and the
+    chunks capped at jacobi_max_iters without meeting jacobi_tol."""
+    out = []
+    for block in sorted(stats):
+        v = stats[block]
+        if "chunks" not in v:
+            out.append({"block": block, "token_steps": v["iterations"] // v["batches"]})
+            continue
+        out.append({"block": block, "chunks": v["chunks"], "passes": v["iterations"],
+                    "mean_passes_per_chunk": v["iterations"] / v["chunks"],
+                    "max_passes_per_chunk": v["max_chunk_iterations"], "capped_chunks": v["capped_chunks"]})
+    return out
+
+
+def scale_warnings(stats: dict[int, dict], nonfinite: np.ndarray) -> list[str]:
+    """What went wrong at one CFG scale: chunks that stopped at jacobi_max_iters unsolved, NaN / inf samples."""
+    notes = [f"flow block {b}: {v['capped_chunks']} of {v['chunks']} Jacobi chunk solves stopped at "
+             f"sample.jacobi_max_iters without reaching sample.jacobi_tol (their last tokens are not solved)"
+             for b, v in sorted(stats.items()) if v.get("capped_chunks")]
+    if nonfinite.any():
+        notes.append(f"{int(nonfinite.sum())} of {len(nonfinite)} samples are NaN / inf (black images, flagged in "
+                     f"`nonfinite`)")
+    return notes

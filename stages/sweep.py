@@ -478,8 +478,9 @@ def summarize(sweep: Sweep, errors: dict[int, str] | None = None, cache: dict | 
 
 
 def group_stats(points: list[SweepPoint]) -> list[SweepGroup]:
-    """Per group (the same overrides, all seeds): n done points, and the mean and sample std of each metric over
-    them (std null for one value)."""
+    """Per group (the same overrides, all seeds): n done points and the failed seeds; per metric, over the done seeds
+    with a finite value (its own n, the others listed as dropped): mean, sample std, standard error and the 95%
+    Student-t interval of the mean (std, sem and interval null for one value)."""
     groups: dict[str, list[SweepPoint]] = {}
     for p in points:
         groups.setdefault(json.dumps(p.overrides, sort_keys=True), []).append(p)
@@ -487,14 +488,30 @@ def group_stats(points: list[SweepPoint]) -> list[SweepGroup]:
     for members in groups.values():
         done = [p for p in members if p.state == "done"]
         names = list(dict.fromkeys(k for p in done for k in p.metrics))
-        mean, std = {}, {}
+        stats: dict[str, dict] = {key: {} for key in ("count", "dropped", "mean", "std", "sem", "ci95")}
         for k in names:
             values = [p.metrics[k] for p in done if p.metrics.get(k) is not None]
+            stats["count"][k] = len(values)
+            stats["dropped"][k] = [p.seed for p in done if p.metrics.get(k) is None]
             if values:
-                mean[k] = statistics.fmean(values)
-                std[k] = statistics.stdev(values) if len(values) > 1 else None
-        out.append(SweepGroup(overrides=members[0].overrides, n=len(done), mean=mean, std=std))
+                stats["mean"][k], stats["std"][k], stats["sem"][k], stats["ci95"][k] = mean_interval(values)
+        out.append(SweepGroup(overrides=members[0].overrides, n=len(done),
+                              failed_seeds=[p.seed for p in members if p.state == "failed"], **stats))
     return out
+
+
+def mean_interval(values: list[float]) -> tuple[float, float | None, float | None, list[float] | None]:
+    """(mean, sample std, standard error, 95% Student-t interval of the mean) of the values; all but the mean are
+    None for one value (no spread is known)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None, None
+    from scipy.stats import t
+
+    std = statistics.stdev(values)
+    sem = std / math.sqrt(len(values))
+    half = float(t.ppf(0.975, len(values) - 1)) * sem
+    return mean, std, sem, [mean - half, mean + half]
 
 
 def group_label(overrides: dict[str, Any], grids: list[Grid], empty: str = "base config") -> str:
@@ -516,7 +533,7 @@ class PlotSpec:
 def plot_specs(summary: SweepSummary, grids: list[Grid]) -> list[PlotSpec]:
     """Each headline metric against each numeric grid (no matplotlib: the names are known before plotting)."""
     metrics: dict[str, list[tuple[str | None, str]]] = {}
-    for name in dict.fromkeys(k for g in summary.groups for k in g.mean):
+    for name in dict.fromkeys(k for g in summary.groups for k in g.count):
         stage, _, key = name.partition(".")
         per_cfg = CFG_KEY.match(key)
         if per_cfg and per_cfg["name"] in PER_CFG:
@@ -528,32 +545,41 @@ def plot_specs(summary: SweepSummary, grids: list[Grid]) -> list[PlotSpec]:
             for g in grids if g.numeric for metric, series in metrics.items()]
 
 
-def render_plot(spec: PlotSpec, summary: SweepSummary, grids: list[Grid], standin: bool) -> bytes:
-    """PNG (Agg): mean +- std over seeds against the grid's values, one line per CFG scale and per value of the
-    other grids."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lines: dict[str, list[tuple[float, float, float]]] = {}
+def plot_lines(spec: PlotSpec, summary: SweepSummary, grids: list[Grid]) -> dict[str, list[tuple]]:
+    """label -> sorted (grid value, mean, error below, error above, n) of each group: the 95% t-interval of the mean,
+    NaN (no error bar) where a mean rests on one seed."""
+    lines: dict[str, list[tuple]] = {}
     for group in summary.groups:
         others = group_label(group.overrides, [g for g in grids if g is not spec.grid], empty="")
         for cfg_scale, name in spec.series:
             if name in group.mean:
                 label = ", ".join([others] * bool(others) + [f"cfg {cfg_scale}"] * (cfg_scale is not None))
-                lines.setdefault(label, []).append((group.overrides[spec.grid.keys[0]], group.mean[name],
-                                                    group.std.get(name) or 0.0))
+                mean, ci = group.mean[name], group.ci95.get(name)
+                low, high = (mean - ci[0], ci[1] - mean) if ci is not None else (math.nan, math.nan)
+                lines.setdefault(label, []).append((group.overrides[spec.grid.keys[0]], mean, low, high,
+                                                    group.count[name]))
+    return {label: sorted(values) for label, values in lines.items()}
+
+
+def render_plot(spec: PlotSpec, summary: SweepSummary, grids: list[Grid], standin: bool) -> bytes:
+    """PNG (Agg): mean and 95% t-interval over seeds against the grid's values (no error bar on a mean of one seed),
+    one line per CFG scale and per value of the other grids."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines = plot_lines(spec, summary, grids)
     fig = Figure(figsize=(5.5, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, values in lines.items():
-        x, y, err = zip(*sorted(values), strict=True)
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label or None)
+        x, y, low, high, _ = zip(*values, strict=True)
+        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=label or None)
     if all(isinstance(v, int) for v in spec.grid.values):
         ax.set_xticks(sorted(spec.grid.values))
     ax.set_xlabel(spec.grid.name)
     ax.set_ylabel(spec.metric)
-    n = sorted({g.n for g in summary.groups})
-    ax.set_title(f"{spec.metric} vs {spec.grid.keys[0]}: mean ± std over seeds (n = {', '.join(map(str, n))})"
+    n = sorted({v[4] for values in lines.values() for v in values})
+    ax.set_title(f"{spec.metric} vs {spec.grid.keys[0]}: mean, 95% t-interval over seeds (n = {', '.join(map(str, n))})"
                  + ("\nstand-in Inception: not an FID of the method" if standin and spec.metric.startswith(
                      ("evaluate.fid", "evaluate.sfid", "evaluate.is", "evaluate.kid", "evaluate.precision",
                       "evaluate.recall")) else ""), fontsize=8)
@@ -585,30 +611,54 @@ def points_csv(summary: SweepSummary) -> str:
     return buf.getvalue()
 
 
+GROUP_COLUMNS = ("n", "mean", "std", "sem", "ci95_low", "ci95_high", "dropped_seeds")
+
+
 def groups_csv(summary: SweepSummary) -> str:
     keys = list(dict.fromkeys(k for g in summary.groups for k in g.overrides))
-    metrics = list(dict.fromkeys(k for g in summary.groups for k in g.mean))
+    metrics = list(dict.fromkeys(k for g in summary.groups for k in g.count))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*keys, "n", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
+    writer.writerow([*keys, "n", *[f"{m}_{s}" for m in metrics for s in GROUP_COLUMNS]])
     for g in summary.groups:
         cells = []
         for m in metrics:
-            cells += ["" if g.mean.get(m) is None else g.mean[m], "" if g.std.get(m) is None else g.std[m]]
+            ci = g.ci95.get(m) or ("", "")
+            cells += [g.count.get(m, 0), g.mean.get(m, ""), _blank(g.std.get(m)), _blank(g.sem.get(m)), *ci,
+                      " ".join(map(str, g.dropped.get(m, [])))]
         writer.writerow([*[json.dumps(g.overrides.get(k)) for k in keys], g.n, *cells])
     return buf.getvalue()
 
 
+def _blank(value: float | None) -> float | str:
+    return "" if value is None else value
+
+
 def mean_std(group: SweepGroup, metric: str) -> str:
-    if metric not in group.mean:
+    """`mean ± std`, with `(n of N)` where seeds were dropped from the metric (its NaN ones, or failed points)."""
+    if metric not in group.count:
         return ""
+    seeds = group.n + len(group.failed_seeds)
+    n = group.count[metric]
+    cell = "n/a" if metric not in group.mean else f"{group.mean[metric]:.4g}"
     std = group.std.get(metric)
-    return f"{group.mean[metric]:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+    return cell + (f" ± {std:.2g}" if std is not None else "") + (f" (n={n} of {seeds})" if n < seeds else "")
+
+
+def dropped_lines(summary: SweepSummary, grids: list[Grid]) -> list[str]:
+    """One line per group that lost seeds: the failed points, and per metric the done seeds without a finite value."""
+    lines = []
+    for g in summary.groups:
+        parts = [f"seeds {', '.join(map(str, g.failed_seeds))} failed"] if g.failed_seeds else []
+        parts += [f"{m}: seeds {', '.join(map(str, seeds))} not finite" for m, seeds in g.dropped.items() if seeds]
+        if parts:
+            lines.append(f"- {group_label(g.overrides, grids)}: " + "; ".join(parts))
+    return lines
 
 
 def group_table(summary: SweepSummary, grids: list[Grid]) -> list[dict]:
     """One row per group, each metric as `mean ± std` (the Prefect table artifact)."""
-    metrics = list(dict.fromkeys(k for g in summary.groups for k in g.mean))
+    metrics = list(dict.fromkeys(k for g in summary.groups for k in g.count))
     return [{"group": group_label(g.overrides, grids), "n": g.n, **{m: mean_std(g, m) for m in metrics}}
             for g in summary.groups]
 
@@ -624,11 +674,15 @@ def summary_markdown(summary: SweepSummary, grids: list[Grid], standin: bool) ->
     if standin:
         lines += ["**Stand-in Inception weights**: the FID / IS / KID / precision / recall here check the code path "
                   "and are not FIDs of the method.", ""]
-    metrics = list(dict.fromkeys(k for g in summary.groups for k in g.mean))
+    metrics = list(dict.fromkeys(k for g in summary.groups for k in g.count))
     lines += ["## Groups (mean ± std over seeds)", "",
               "| metric | " + " | ".join(f"{group_label(g.overrides, grids)} (n={g.n})" for g in summary.groups) + " |",
               "|---|" + "---|" * len(summary.groups)]
     lines += [f"| {m} | " + " | ".join(mean_std(g, m) for g in summary.groups) + " |" for m in metrics]
+    lines += ["", "Standard errors and 95% Student-t intervals of the means: `groups.csv`, `summary.json`."]
+    dropped = dropped_lines(summary, grids)
+    if dropped:
+        lines += ["", "## Seeds left out of the statistics", "", *dropped]
     lines += ["", "## Points", "", "| # | overrides | seed | state | error |", "|---|---|---|---|---|"]
     lines += [f"| {p.index} | {group_label(p.overrides, grids)} | {p.seed} | {p.state} | {p.error or ''} |"
               for p in summary.points]

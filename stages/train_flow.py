@@ -227,8 +227,8 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
 
 
 def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data: TrainCodes):
-    """flow -> a uint8 grid of GRID_IMAGES samples (one fixed noise, labels 0, 1, ...: the grids of every step
-    compare), decoded like `sample` does through the frozen SRC, feature normalizer and RAE decoder that the
+    """flow -> a uint8 grid of GRID_IMAGES samples (one fixed noise, the trained classes in turn: the grids of every
+    step compare), decoded like `sample` does through the frozen SRC, feature normalizer and RAE decoder that the
     codes came from. They are found through compress's own upstream, so train_flow's inputs stay compress alone:
     the grids only show progress. None, with a warning, where one is not in this store (synthetic codes)."""
     from stages.sample import decode, decoding_models, token_step_threads
@@ -245,7 +245,7 @@ def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data:
         return None
     noise = torch.Generator().manual_seed(step_seed(cfg.train.seed, 0, GRID_STREAM))
     z = torch.randn((GRID_IMAGES, data.tokens, data.channels), generator=noise).to(device)
-    y = (torch.arange(GRID_IMAGES) % data.num_classes).to(device)
+    y = torch.from_numpy(data.classes[np.arange(GRID_IMAGES) % len(data.classes)]).to(device)  # trained classes
 
     def grid(flow: TARFlow) -> np.ndarray:
         with torch.no_grad(), token_step_threads(device), autocast(device):
@@ -324,7 +324,8 @@ def save_flow(flow: TARFlow, cfg: Config, data: TrainCodes, codes: Path, codes_f
               out_dir: Path) -> None:
     group, attrs = open_codes(codes)
     info = model_info("flow", arch=flow_arch(cfg, data.tokens, data.channels, data.num_classes),
-                      noise_sigma=cfg.flow.noise_sigma, views=attrs["views"], codes_fingerprint=codes_fingerprint,
+                      noise_sigma=cfg.flow.noise_sigma, classes=data.classes.tolist(), views=attrs["views"],
+                      codes_fingerprint=codes_fingerprint,
                       code_stats={"mean": group["code_mean"][...].tolist(), "std": group["code_std"][...].tolist(),
                                   "note": "codes as stored by compress (the SRC's unit-variance encode output); the "
                                           "flow models them as they are, sampled codes go straight to SRC.decode"})

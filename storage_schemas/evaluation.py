@@ -1,7 +1,7 @@
 """`metrics.json` (stage evaluate) and `reference.npz` (stage reference).
 
-metrics.json, schema_version 3 (2: sfid; 3: flow_classifier):
-    {"schema_version": 3, "inception_weights": "official" | "stand-in", "inception_weights_sha256": str,
+metrics.json, schema_version 4 (2: sfid; 3: flow_classifier; 4: sampling):
+    {"schema_version": 4, "inception_weights": "official" | "stand-in", "inception_weights_sha256": str,
      "evaluations": [one entry per CFG scale, sorted by cfg_scale],
      "flow_classifier": {accuracy, images, classes, split, view, mean_posterior, mean_bits_per_dim,
                          mean_bits_per_dim_marginal, mean_bits_per_dim_uncond, note}}
@@ -11,7 +11,10 @@ they were made with: cfg_scale, evaluator, evaluator_version, feature_extractor,
 inception_weights_sha256, num_samples, num_reference (pool features behind KID and P/R), pr_k,
 kid_subset_size, samples_file, num_classes, samples_per_class (None when unbalanced),
 nonfinite_samples, reference {source, file, file_sha256, num_images (behind mu/sigma), pr_images,
-fingerprint} and flow {"<stage>.<metric>": the flow's bits/dim figures}.
+fingerprint}, flow {"<stage>.<metric>": the flow's bits/dim figures} and sampling: how the samples were made, the
+samples file's record (storage_schemas/samples.py `sampling`: classes, per_class, seed, cfg_rule, cfg_scale,
+cfg_anneal, solver (+ jacobi_* settings), solver_stats per flow block, network_precision, denoise and
+denoise_setting, flow_noise_sigma, decoder_noise_sigma, pixel_rounding, warnings).
 "inception_weights": "stand-in" marks numbers from any weights but torch-fidelity's Inception: they
 check the code path and are never an FID of the method.
 flow_classifier is the flow as a Bayes-rule classifier on clean val codes (stages/likelihood.py flow_classifier;
@@ -33,7 +36,7 @@ from pathlib import Path
 from storage_schemas import SchemaError, check_version
 from storage_schemas.samples import npz_array_shape
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The external files the evaluation reads, checked from their headers when a run is planned:
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -44,7 +47,7 @@ METRIC_KEYS = ("fid", "sfid", "inception_score_mean", "inception_score_std", "ki
 CLASSIFIER_KEYS = ("accuracy", "images", "classes", "split", "view", "mean_posterior", "mean_bits_per_dim",
                    "mean_bits_per_dim_marginal", "mean_bits_per_dim_uncond", "note")
 LABEL_KEYS = ("cfg_scale", "evaluator", "evaluator_version", "inception_weights", "inception_weights_sha256",
-              "num_samples", "num_reference", "samples_file", "reference", "flow")
+              "num_samples", "num_reference", "samples_file", "reference", "flow", "sampling")
 
 
 def read_metrics(path: str | Path) -> dict:

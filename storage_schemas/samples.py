@@ -1,15 +1,18 @@
 """Sample sets written by `sample`: `samples-cfg{w}.npz` in the ADM format, the exchange format of the ADM suite.
 
-schema_version 2:
+schema_version 3:
     arr_0           (N, H, W, 3) uint8   the images (stored uncompressed, so readers can memory-map them)
     arr_1           (N,) int64           class labels, as ADM's sampler writes them
     labels          (N,) int64           the same labels (an alias, for readers by name)
     nonfinite       (N,) bool            samples whose code or pixels were NaN / inf (written black, counted)
-    schema_version  () int64             2
+    sampling        () str               JSON: how the samples were made (stages/sample.py sampling_record: the
+                                         CFG rule and scale, annealing, the solver and its statistics per flow
+                                         block, the denoising, the pixel rounding, the warnings raised)
+    schema_version  () int64             3
 
-Every class holds the same count, in a seeded random order (sample.seed): ADM's evaluator takes its
+Every trained class holds the same count, in a seeded random order (sample.seed): ADM's evaluator takes its
 Inception Score over contiguous 5,000-sample splits, so a class-sorted file would score low. Version 1
-(no schema_version entry) was class-sorted and had no arr_1.
+(no schema_version entry) was class-sorted and had no arr_1; version 2 had no `sampling`.
 
 The layout is ADM's (their evaluator reads `arr_0` and ignores the rest). `open_samples` reads any
 ADM-format file (other tools' files carry no schema_version): it refuses a file without a
@@ -19,6 +22,7 @@ schema_version it does not know.
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from contextlib import contextmanager
@@ -28,7 +32,9 @@ import numpy as np
 
 from storage_schemas import check_version
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+SAMPLING_KEYS = ("cfg_scale", "cfg_rule", "cfg_anneal", "solver", "solver_stats", "denoise", "pixel_rounding",
+                 "warnings")
 
 
 @contextmanager
@@ -64,6 +70,19 @@ def _open_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None, int | None
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"{path}: labels has shape {labels.shape}, arr_0 holds {len(images)} images")
     return images, labels, nonfinite
+
+
+def read_sampling(path: Path) -> dict | None:
+    """The `sampling` record of a samples file (None for another tool's ADM-format file, which has none); a one-line
+    error for a record that lacks a key of SAMPLING_KEYS."""
+    with _complete_npz(path), np.load(path, allow_pickle=False) as npz:
+        if "sampling" not in npz.files:
+            return None
+        record = json.loads(str(npz["sampling"]))
+    missing = [k for k in SAMPLING_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path}: its sampling record lacks {', '.join(missing)}")
+    return record
 
 
 def npz_array_shape(path: Path, name: str) -> tuple[int, ...]:

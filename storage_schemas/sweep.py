@@ -1,22 +1,26 @@
 """`<storage.root>/sweeps/<sweep-id[:16]>/`: what `srcflow sweep` measured over a grid of overrides x seeds.
 
-Layout, schema_version 1 (every file written with `success.write_atomic`; `summary.json` last, so its presence
-means the others are whole):
+Layout, schema_version 2 (every file written with `success.write_atomic`; `summary.json` last, so its presence
+means the others are whole; 2: per-metric n, dropped seeds, standard error and 95% t-interval):
 
     summary.json   SweepSummary: the definition (config, --set, grid, seeds, seed keys, until), one entry per
                    point (its overrides, seed, the fingerprint of every stage it used, its headline metrics from
                    those stages' `_SUCCESS.json`, state done|failed and the error) and per group (the points of
-                   one grid value, all seeds: n done, mean and std of each metric);
+                   one grid value, all seeds: n done, the failed seeds, and per metric: its own n (the done
+                   seeds with a finite value), the done seeds dropped from it (NaN / inf or missing), mean,
+                   std, standard error and the 95% Student-t interval of the mean);
     summary.csv    one row per point: index, state, seed, each grid key, each metric, error;
-    groups.csv     one row per group: each grid key, n, <metric>_mean, <metric>_std;
-    summary.md     the group table, the point table and the plots;
-    plots/<metric>-vs-<grid key>.png   mean +- std over seeds against each numeric grid key (one line per CFG
-                   scale and per value of the other grid keys);
+    groups.csv     one row per group: each grid key, n, per metric <metric>_n, _mean, _std, _sem, _ci95_low,
+                   _ci95_high, _dropped_seeds;
+    summary.md     the group table, the seeds dropped from it, the point table and the plots;
+    plots/<metric>-vs-<grid key>.png   mean and 95% t-interval over seeds against each numeric grid key (one
+                   line per CFG scale and per value of the other grid keys; no error bar where n = 1);
     runs.jsonl     one SweepRun line per sweep run that built anything or had a failure: what the shared phase
                    and each point built (never rewritten by a run that built nothing).
 
 Metric names are `<stage>.<key of the stage's metrics>`, e.g. `train_flow.val_bits_per_dim`,
-`evaluate.fid_cfg1.0`, `fit_src.src/feature_mse`. std is the sample standard deviation (n - 1), null for n < 2.
+`evaluate.fid_cfg1.0`, `fit_src.src/feature_mse`. std is the sample standard deviation (n - 1), sem = std / sqrt(n),
+ci95 = mean -+ t(0.975, n - 1) sem; all three null for n < 2.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from storage_schemas import SchemaError, check_version, read_json_model
 from storage_schemas.success import write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SWEEPS_DIR = "sweeps"  # under storage.root
 SUMMARY = "summary.json"
 RUNS = "runs.jsonl"
@@ -53,8 +57,13 @@ class SweepPoint(_Strict):
 class SweepGroup(_Strict):
     overrides: dict[str, Any]
     n: int  # done points
+    failed_seeds: list[int]  # seeds whose point failed
+    count: dict[str, int]  # per metric: the n of its statistics (done seeds with a finite value)
+    dropped: dict[str, list[int]]  # per metric: done seeds without a finite value (NaN / inf, or not reported)
     mean: dict[str, float]
-    std: dict[str, float | None]
+    std: dict[str, float | None]  # null for n < 2
+    sem: dict[str, float | None]  # standard error of the mean, std / sqrt(n); null for n < 2
+    ci95: dict[str, list[float] | None]  # [low, high]: the 95% Student-t interval of the mean; null for n < 2
 
 
 class SweepSummary(_Strict):

@@ -89,8 +89,9 @@ def test_the_resolved_noise_level_keeps_the_fingerprint_of_an_explicit_one():
 
 def test_the_sampler_keys_keep_stored_sample_fingerprints_at_their_defaults():
     """sample.solver and sample.jacobi_* were added after sample outputs were stored: at their defaults they
-    stay out of the semantic values (the fingerprints stay), set otherwise they enter them."""
-    before = {"per_class", "cfg_scale", "cfg_mode", "cfg_anneal", "denoise", "seed"}  # the keys before they existed
+    stay out of the semantic values (the fingerprints stay), set otherwise they enter them. (pixel_rounding came with
+    sample code version 3, which made every stored sample stale: a plain semantic key.)"""
+    before = {"per_class", "cfg_scale", "cfg_mode", "cfg_anneal", "denoise", "seed", "pixel_rounding"}
     assert set(semantic_values(load_config(SMOKE).sample)) == before
     assert set(semantic_values(load_config(SMOKE, ["sample.solver=sequential"]).sample)) == before
     jacobi = semantic_values(load_config(SMOKE, ["sample.solver=jacobi", "sample.jacobi_tol=1e-4"]).sample)
@@ -139,3 +140,14 @@ def test_an_unknown_stage_for_force_is_one_line_naming_the_stages(tmp_path, tiny
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "--force: unknown stage 'nosuch'" in r.output and "train_flow" in r.output
     assert not (tmp_path / "shard").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("classes", ["[n01440764,n01443537]", "100"])
+def test_adms_all_class_reference_is_refused_for_a_class_subset(classes):
+    """ADM's reference batch covers the 1,000 classes: a subset's samples would be scored against classes the flow
+    never saw; the subset's own train images (reference.kind train) are the reference."""
+    with pytest.raises(ConfigError, match=r"reference.kind=adm_npz: .* data.classes selects a subset") as e:
+        load_config(SMOKE, [f"data.classes={classes}", "reference.kind=adm_npz"])
+    assert "\n" not in str(e.value)
+    assert load_config(SMOKE, [f"data.classes={classes}"]).reference.kind == "train"
+    assert load_config(SMOKE, ["data.classes=1000", "reference.kind=adm_npz"]).data.classes == 1000

@@ -84,6 +84,17 @@ def colour_shift(images):
     return np.clip(images.astype(np.int16) + np.array([60, -40, 0]), 0, 255).astype(np.uint8)
 
 
+def sampling_record(cfg_scale: float) -> dict:
+    """A samples file's record of how its samples were made (stages/sample.py sampling_record, per scale)."""
+    return {"classes": CLASSES, "per_class": 1, "seed": 0, "cfg_rule": "starflow", "cfg_scale": cfg_scale,
+            "cfg_anneal": False, "solver": "jacobi", "jacobi_chunk": 16, "jacobi_tol": 1e-3, "jacobi_max_iters": 8,
+            "jacobi_precision": "fp32", "network_precision": "fp32", "cuda_graph": False,
+            "solver_stats": [{"block": 0, "chunks": 4, "passes": 20, "mean_passes_per_chunk": 5.0,
+                              "max_passes_per_chunk": 8, "capped_chunks": 1}],
+            "denoise": "tweedie", "denoise_setting": "auto", "flow_noise_sigma": 0.2, "decoder_noise_sigma": 0.0,
+            "pixel_rounding": "truncate", "warnings": [f"a warning at cfg {cfg_scale}"]}
+
+
 def fake_sample_output(cfg, sample_sets: dict, labels, metrics: dict) -> None:
     """Commit what the sample stage writes (ADM npz per CFG scale) at the fingerprint the plan expects."""
     p = {p.name: p for p in plan(cfg)}["sample"]
@@ -91,7 +102,7 @@ def fake_sample_output(cfg, sample_sets: dict, labels, metrics: dict) -> None:
     out = store.open_output("sample", p.fingerprint)
     for cfg_scale, images in sample_sets.items():
         np.savez(out.path / f"samples-cfg{cfg_scale}.npz", arr_0=images, labels=labels,
-                 nonfinite=np.zeros(len(images), bool))
+                 nonfinite=np.zeros(len(images), bool), sampling=json.dumps(sampling_record(cfg_scale)))
     store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                  external=p.external, started=now(), metrics=metrics)
 
@@ -126,7 +137,7 @@ def test_reference_is_class_balanced_train_statistics_at_the_data_resolution(eva
 
 def test_metrics_json_labels_every_number_and_marks_the_stand_in(evaluated, weights):
     report = read_metrics(evaluated.manifests["evaluate"].dir / "metrics.json")  # the schema's validator
-    assert report == evaluated.report and report["schema_version"] == 3
+    assert report == evaluated.report and report["schema_version"] == 4
     assert report["inception_weights"] == "stand-in" and report["inception_weights_sha256"] == weights.sha
     assert [e["cfg_scale"] for e in report["evaluations"]] == [0.0, 1.0]
     flow = evaluated.manifests["evaluate"].upstream["train_flow"]
@@ -140,8 +151,12 @@ def test_metrics_json_labels_every_number_and_marks_the_stand_in(evaluated, weig
                     "num_samples": CLASSES, "num_reference": CLASSES, "pr_k": 3, "num_classes": CLASSES,
                     "samples_per_class": 1, "samples_file": f"samples-cfg{e['cfg_scale']}.npz", "nonfinite_samples": 0,
                     "flow": {"sample.bits_per_dim": 1.25, **flow_bits}} == e
+        assert e["sampling"] == sampling_record(e["cfg_scale"])  # how the samples were made, from their file
         assert e["reference"] | {"source": "train-shards", "num_images": CLASSES, "pr_images": CLASSES,
                                  "fingerprint": evaluated.manifests["reference"].fingerprint} == e["reference"]
+    report = (evaluated.manifests["evaluate"].dir / "report.md").read_text()
+    assert ("- cfg 1.0: starflow CFG, jacobi solver (block 0: 5 passes per chunk (most 8, 1 capped)), denoise "
+            "tweedie (auto), pixels truncate\n  - warning: a warning at cfg 1.0") in report
 
 
 def test_the_flow_as_a_classifier_is_reported_beside_the_fid_and_labelled(evaluated):
@@ -314,6 +329,15 @@ def test_a_missing_cfg_scale_file_fails_with_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no samples-cfg2.5.npz for sample.cfg_scale 2.5 \(has: "
                                                 r"samples-cfg1.0.npz\)"):
         evaluate.find_samples(tmp_path, [1.0, 2.5])
+
+
+def test_samples_without_a_record_of_how_they_were_made_fail_with_one_line(tmp_path):
+    np.savez(tmp_path / "samples-cfg1.0.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"samples-cfg1.0.npz: no `sampling` record of how the samples were made"):
+        evaluate.sampling_of(tmp_path / "samples-cfg1.0.npz")
+    np.savez(tmp_path / "partial.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), sampling=json.dumps({"solver": "x"}))
+    with pytest.raises(ValueError, match=r"partial.npz: its sampling record lacks cfg_scale, cfg_rule"):
+        evaluate.sampling_of(tmp_path / "partial.npz")
 
 
 def test_uncompressed_samples_are_memory_mapped_and_compressed_ones_read(tmp_path):

@@ -58,6 +58,9 @@ def test_pca_equals_numpy_eigendecomposition_of_the_normalized_features(stores):
     m = manifests["fit_src"].metrics
     assert m["src/feature_mse"] == m["pca/feature_mse"] and m["src/noisy_feature_mse"] == m["pca/noisy_feature_mse"]
     assert not (out / "checkpoints").exists()
+    # the PCA decoder never trained under noise: it records sigma 0 beside the configured src.noise_sigma (0.2)
+    info = json.loads((out / "src.json").read_text())
+    assert m["decoder_noise_sigma"] == info["decoder_noise_sigma"] == 0.0 and m["noise_sigma"] == 0.2
 
 
 def test_learned_src_beats_pca_at_the_same_dim_and_reports_everything(learned):
@@ -97,6 +100,7 @@ def test_noise_is_applied_in_training_at_the_configured_sigma_only(stores, monke
     monkeypatch.setattr(src_module, "add_code_noise", lambda c, sigma, g=None: seen.append(sigma) or real(c, sigma, g))
     m = run_pipeline(stores("noise", "src.noise_sigma=0.25", "src.steps=4"), until="fit_src")["fit_src"].metrics
     assert seen == [0.25] * 4  # every training step, at sigma (the report draws its own noise)
+    assert m["decoder_noise_sigma"] == 0.25  # the learned SRC decoder trained at that sigma
     for model in ("src", "pca"):  # the report's noisy rows: codes + 0.25 * eps decode worse
         assert m[f"{model}/noisy_feature_mse"] > m[f"{model}/feature_mse"]
         assert m[f"{model}/noisy_psnr_vs_rae"] < m[f"{model}/psnr_vs_rae"]

@@ -378,6 +378,26 @@ def test_jacobi_equals_sequential_within_its_tolerance_and_stops_early(variant, 
     capped = []
     model.reverse(z, y, solver="jacobi", jacobi_chunk=12, jacobi_tol=0.0, jacobi_max_iters=4, stats=capped, **kw)
     assert [s["iterations"] for s in capped] == [8, 8, 8]  # max_iters passes per chunk at most
+    assert [s["capped_chunks"] for s in capped] == [2, 2, 2]  # neither chunk of 12 is solved by 4 passes at tol 0
+    assert all(s["capped_chunks"] == 0 for s in stats)
+
+
+def test_jacobi_under_bf16_autocast_stops_where_fp32_stops_and_counts_only_unsolved_chunks():
+    """The stopping rule compares two passes: with the network in bf16, its rounding (~4e-3 relative) keeps the
+    change above tol 1e-3 and every chunk ran to max_iters (32 of 32 passes here, 10x the error). The passes run in
+    fp32 under autocast, so the passes and the samples are those of fp32; a chunk is capped only when max_iters <
+    its length and tol is not met."""
+    model = make_flow("additive", "softplus", True, tokens=64, channels=8, width=64, num_blocks=2, output_std=0.05)
+    z, y = batch(model, size=4)
+    y = y.clamp(max=NUM_CLASSES - 1)
+    kw = {"solver": "jacobi", "jacobi_chunk": 32, "jacobi_tol": 1e-3, "jacobi_max_iters": 16}
+    fp32, bf16 = [], []
+    x32 = model.reverse(z, y, stats=fp32, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x16 = model.reverse(z, y, stats=bf16, **kw)
+    assert all(s["max_chunk_iterations"] < 16 for s in fp32), fp32  # fp32 meets the tolerance early
+    assert bf16 == fp32 and torch.equal(x16, x32)
+    assert all(s["capped_chunks"] == 0 for s in bf16)
 
 
 def test_bad_solver_arguments_fail_in_one_line():

@@ -125,7 +125,7 @@ def test_invert_round_trips_to_fp32_round_off_and_writes_z_and_the_grid(chain, t
     r = cli("invert", "--config", config, images[0], "--out", tmp_path / "forced", "--class", "n01443537", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["images"][0]["class"] == 1
     r = cli("invert", "--config", config, images[0], "--out", tmp_path / "bad", "--class", "7")
-    assert r.exit_code == 2 and "--class 7: not a class of this shard set" in r.output
+    assert r.exit_code == 2 and "--class 7: not a class the flow was trained on (labels 0, 1, 2, 3," in r.output
 
 
 def test_interpolate_writes_steps_frames_whose_ends_are_the_round_trips(chain, tiny_root, tmp_path):

@@ -24,6 +24,7 @@ from pipeline.models.rae import (
     sincos_pos_embed_2d,
     to_encoder_input,
     to_uint8_pixels,
+    to_unit_pixels,
 )
 
 NAME = "vit_base_patch14_reg4_dinov2"
@@ -86,6 +87,23 @@ def test_to_uint8_pixels_inverts_to_encoder_input():
     torch.testing.assert_close(back, u8, rtol=0, atol=0)
     clipped = to_uint8_pixels(torch.full((1, 3, 2, 2), 100.0))
     assert (clipped == 255).all()
+
+
+def test_truncation_is_rae_and_adms_sample_conversion_and_rounding_the_nearest_level():
+    """RAE's sample_ddp.py: rae.decode(x).clamp(0, 1).mul(255).to(uint8); ADM: ((x + 1) * 127.5).clamp(0, 255)
+    .to(uint8). Both truncate: half a level below rounding on average."""
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.5
+    unit = to_unit_pixels(x)
+    rae = unit.clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1)
+    adm = ((unit * 2 - 1 + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    truncated = to_uint8_pixels(x, "truncate")
+    assert torch.equal(truncated, rae) and torch.equal(truncated, adm)
+    rounded = to_uint8_pixels(x, "round")
+    assert torch.equal(rounded, (unit.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    inside = ((unit > 0) & (unit < 1)).permute(0, 2, 3, 1)  # clamped values are 0 or 255 either way
+    assert 0.4 < (rounded.double() - truncated.double())[inside].mean() < 0.6
+    with pytest.raises(ValueError, match="rounding"):
+        to_uint8_pixels(x, "floor")
 
 
 # --- encoder ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -277,6 +278,61 @@ def test_compare_two_configs_and_two_stage_outputs(evaluated, store):
     assert report["differ"] == [{"key": "train.seed", "a": 0, "b": 1}]
     assert report["shared"] == ["shard", "encode", "fit_decoder", "fit_src", "compress"]
     assert {m["metric"] for m in report["metrics"]} >= {"train_flow.val_bits_per_dim", "fit_src.src/feature_mse"}
+
+
+def _point(index, seed, value, state="done", overrides=None):
+    from storage_schemas.sweep import SweepPoint
+
+    return SweepPoint(index=index, overrides=overrides or {"src.dim": 4}, seed=seed, fingerprints={},
+                      metrics={} if state == "failed" else {"evaluate.fid_cfg1.0": value}, state=state)
+
+
+def test_a_seed_with_a_nan_metric_is_counted_out_of_it_and_listed_and_the_interval_is_students_t():
+    """[1.0, 1.2, NaN] over three seeds: n = 2 for that metric (not 3), seed 2 listed as dropped, the standard error
+    and the 95% t-interval on 1 degree of freedom (t = 12.706); a group of one seed has no spread and no error bar."""
+    from stages.sweep import (
+        SweepSummary,
+        dropped_lines,
+        group_stats,
+        groups_csv,
+        mean_std,
+        plot_lines,
+        plot_specs,
+        render_plot,
+        summary_markdown,
+    )
+
+    points = [_point(0, 0, 1.0), _point(1, 1, 1.2), _point(2, 2, None),
+              _point(3, 0, 2.0, overrides={"src.dim": 8}), _point(4, 1, None, "failed", {"src.dim": 8})]
+    four, eight = group_stats(points)
+    key = "evaluate.fid_cfg1.0"
+    assert four.n == 3 and four.count == {key: 2} and four.dropped == {key: [2]} and four.failed_seeds == []
+    assert four.mean[key] == pytest.approx(1.1) and four.std[key] == pytest.approx(statistics.stdev([1.0, 1.2]))
+    assert four.sem[key] == pytest.approx(0.1)
+    assert four.ci95[key] == pytest.approx([1.1 - 12.7062047 * 0.1, 1.1 + 12.7062047 * 0.1])
+    assert eight.n == 1 and eight.failed_seeds == [1] and eight.count == {key: 1} and eight.dropped == {key: []}
+    assert eight.mean == {key: 2.0} and eight.std == eight.sem == eight.ci95 == {key: None}
+    assert mean_std(four, key) == "1.1 ± 0.14 (n=2 of 3)" and mean_std(eight, key) == "2 (n=1 of 2)"
+    summary = SweepSummary(sweep="x" * 64, config="c", sets=[], grid={"src.dim": [4, 8]}, seeds=3,
+                           seed_keys=["train.seed"], until=None, points=points, groups=[four, eight], plots=[])
+    grids = [sweep_grid("src.dim=4,8")]
+    assert dropped_lines(summary, grids) == ["- src.dim=4: evaluate.fid_cfg1.0: seeds 2 not finite",
+                                             "- src.dim=8: seeds 1 failed"]
+    rows = groups_csv(summary).splitlines()
+    assert rows[0].split(",")[:3] == ["src.dim", "n", "evaluate.fid_cfg1.0_n"] and rows[1].endswith(",2")
+    (spec,) = plot_specs(summary, grids)
+    ((x4, _, low4, high4, n4), (x8, _, low8, high8, n8)), = plot_lines(spec, summary, grids).values()
+    assert (x4, n4, x8, n8) == (4, 2, 8, 1) and low4 == pytest.approx(high4) == pytest.approx(12.7062047 * 0.1)
+    assert math.isnan(low8) and math.isnan(high8)  # no error bar on a mean of one seed
+    assert render_plot(spec, summary, grids, standin=False).startswith(b"\x89PNG")
+    assert "## Seeds left out of the statistics\n\n- src.dim=4: evaluate.fid_cfg1.0: seeds 2 not finite" in (
+        summary_markdown(summary, grids, standin=False))
+
+
+def sweep_grid(text):
+    from stages.sweep import parse_grid
+
+    return parse_grid(text)
 
 
 def test_the_summary_reader_refuses_another_version(evaluated, tmp_path):

@@ -63,6 +63,9 @@ class TrainCodes:
         _, self.tokens, self.channels = self.group["codes"].shape
         all_labels = self.group["labels"][self.start:stop].astype(np.int64)
         self.labels = all_labels[::self.views]
+        # labels keep their ImageNet numbers under a class subset (data.classes): the flow has max + 1 class
+        # embeddings, of which only `classes` (the labels of the train rows) are ever trained
+        self.classes = np.unique(all_labels)
         self.num_classes = int(all_labels.max()) + 1
         # images per inner Zarr chunk: the block a window is made of
         self.block = max(1, self.group["codes"].chunks[0] // self.views)

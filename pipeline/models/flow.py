@@ -122,7 +122,7 @@ class TARFlow(nn.Module):
     @torch.no_grad()
     def reverse(self, z, y, *, cfg_scale=0.0, cfg_mode="tarflow", cfg_anneal=False, use_cache=True,
                 solver="sequential", cache="dynamic", two_pass_cfg=False, jacobi_chunk=64, jacobi_tol=1e-3,
-                jacobi_max_iters=32, stats=None):
+                jacobi_max_iters=64, stats=None):
         """z -> x: blocks in reverse order, each inverted by `solver`, math in fp32.
 
         cfg_scale w guides the conditioned blocks (cfg_mode "tarflow" or "starflow"); with
@@ -131,9 +131,11 @@ class TARFlow(nn.Module):
         step (the reference sampler); cache "dynamic" | "static" (see KVCache) | "graph" (static, each step
         replayed as a CUDA graph: GraphedStep).
         solver "jacobi": chunks of jacobi_chunk tokens, each iterated at most jacobi_max_iters times until
-        the relative change max_b ||x_new - x||_2 / ||x_new||_2 over the chunk is below jacobi_tol.
+        the relative change max_b ||x_new - x||_2 / ||x_new||_2 over the chunk is below jacobi_tol; its passes
+        run in fp32 even under autocast (FlowBlock.reverse_jacobi).
         two_pass_cfg=True runs the two CFG branches as two passes with a cache each (the reference for
-        the doubled batch). stats: a list that gets one dict per block (its index, the iterations used).
+        the doubled batch). stats: a list that gets one dict per block (its index, the iterations used; for
+        jacobi also its chunks, the most passes of one chunk and the chunks capped at jacobi_max_iters).
         """
         if cfg_mode not in ("tarflow", "starflow"):
             raise ValueError(f"TARFlow.reverse: cfg_mode must be 'tarflow' or 'starflow', got {cfg_mode!r}")
@@ -256,32 +258,40 @@ class FlowBlock(nn.Module):
             x[:, t : t + 1] = mu + sigma * z[:, t : t + 1]
         return x[: len(y)], {"iterations": steps}
 
-    def reverse_jacobi(self, z, y, guide, cache="dynamic", two_pass_cfg=False, chunk=64, tol=1e-3, max_iters=32):
+    def reverse_jacobi(self, z, y, guide, cache="dynamic", two_pass_cfg=False, chunk=64, tol=1e-3, max_iters=64):
         """z -> x in this block's order, chunk after chunk of token steps [s, e): the fixed point of
         x_[s,e) <- mu(x_<t) + sigma(x_<t) z_[s,e) (GS-Jacobi), iterated with full causal passes over the
         chunk from the guess x = z. Pass k makes the chunk's first k tokens exact (triangular), so e - s
         passes solve it exactly; it stops earlier once the relative change is below tol. The passes rewrite
-        the chunk's cache slots; the chunks before it are read from the cache."""
-        x, z, net = self._sampling(z, y, guide, cache, two_pass_cfg)
-        first = 0 if self.start is not None else 1
-        steps = x.shape[1] - first
-        scale = guide.scale_at(torch.arange(steps, device=x.device).view(1, -1, 1), steps)
-        total, worst = 0, 0
-        for s in range(0, steps, chunk):
-            e = min(s + chunk, steps)
-            w = scale if not torch.is_tensor(scale) else scale[:, s:e]
-            for k in range(1, min(max_iters, e - s) + 1):
-                mu, a = net(self.step_inputs(x, s, e), s)
-                mu, sigma = self.affine(mu, a, guide, w)
-                new = mu + sigma * z[:, s + first : e + first]
-                old = x[: len(y), s + first : e + first]
-                change = ((new[: len(y)] - old).flatten(1).norm(dim=1) / new[: len(y)].flatten(1).norm(dim=1)
-                          .clamp_min(1e-30)).max()
-                x[:, s + first : e + first] = new
-                if k < e - s and change.item() < tol:  # after e - s passes the chunk is exact: no check
-                    break
-            total, worst = total + k, max(worst, k)
-        return x[: len(y)], {"iterations": total, "chunks": -(-steps // chunk), "max_chunk_iterations": worst}
+        the chunk's cache slots; the chunks before it are read from the cache.
+
+        The passes run in fp32 even under autocast: the stopping rule compares two passes, and bf16's rounding
+        of the network (~4e-3 relative) keeps the change above a 1e-3 tolerance, so every chunk ran to max_iters.
+        A chunk that stops at max_iters < e - s without meeting tol leaves its last tokens unsolved: counted in
+        `capped_chunks`."""
+        with torch.autocast(z.device.type, enabled=False):
+            x, z, net = self._sampling(z, y, guide, cache, two_pass_cfg)
+            first = 0 if self.start is not None else 1
+            steps = x.shape[1] - first
+            scale = guide.scale_at(torch.arange(steps, device=x.device).view(1, -1, 1), steps)
+            total, worst, capped = 0, 0, 0
+            for s in range(0, steps, chunk):
+                e = min(s + chunk, steps)
+                w = scale if not torch.is_tensor(scale) else scale[:, s:e]
+                for k in range(1, min(max_iters, e - s) + 1):
+                    mu, a = net(self.step_inputs(x, s, e), s)
+                    mu, sigma = self.affine(mu, a, guide, w)
+                    new = mu + sigma * z[:, s + first : e + first]
+                    old = x[: len(y), s + first : e + first]
+                    change = ((new[: len(y)] - old).flatten(1).norm(dim=1) / new[: len(y)].flatten(1).norm(dim=1)
+                              .clamp_min(1e-30)).max().item()
+                    x[:, s + first : e + first] = new
+                    if k < e - s and change < tol:  # after e - s passes the chunk is exact: no check
+                        break
+                total, worst = total + k, max(worst, k)
+                capped += k == max_iters < e - s and change >= tol
+        return x[: len(y)], {"iterations": total, "chunks": -(-steps // chunk), "max_chunk_iterations": worst,
+                             "capped_chunks": capped}
 
     def _sampling(self, z, y, guide, cache, two_pass_cfg):
         """(x, z, net) for an inverse: x an fp32 copy of z (tokens not yet sampled are never read), both

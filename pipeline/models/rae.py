@@ -106,11 +106,17 @@ def to_unit_pixels(x_normalized: torch.Tensor) -> torch.Tensor:
     return x_normalized.float() * std + mean
 
 
-def to_uint8_pixels(x_normalized: torch.Tensor) -> torch.Tensor:
+def to_uint8_pixels(x_normalized: torch.Tensor, rounding: str = "round") -> torch.Tensor:
     """Decoder output (B, 3, H, W), ImageNet-normalised -> uint8 (B, H, W, 3): x * std + mean (as RAE
-    decode), clamp to [0, 1], round to 0..255."""
-    x = to_unit_pixels(x_normalized).clamp(0, 1)
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    decode), clamp to [0, 1], times 255, then to 0..255 by `rounding`:
+      round:    to the nearest level (reconstructions measured against images: PSNR);
+      truncate: towards zero, as RAE's sample_ddp.py (clamp(0, 1).mul(255).to(uint8)) and ADM's samplers
+                (((x + 1) * 127.5).clamp(0, 255).to(uint8)) write the samples that FIDs are reported on: on
+                average half a level darker than `round` (the `sample` stage's default, sample.pixel_rounding)."""
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    x = to_unit_pixels(x_normalized).clamp(0, 1) * 255
+    return (x.round() if rounding == "round" else x).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------
