@@ -31,8 +31,9 @@ import logging
 import shutil
 import time
 import zipfile
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
-from pipeline.parallel import gpu_worker_env, map_jobs
+from pipeline.parallel import launcher_device, map_jobs, ran_on_metric, runs_here
 from pipeline.training import step_seed
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
@@ -62,7 +63,7 @@ class ModelSources:
 
     cfg: Config  # decoder architecture and encode.stats
     upstream: dict[str, Manifest]  # train_flow, fit_src, encode, fit_decoder (when enabled)
-    device: str
+    device: str  # a device name, resolved where the models are loaded (runtime.device for the jobs)
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     num_classes = flow_info(upstream["train_flow"])["arch"]["num_classes"]
     total = num_classes * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
-    sources = ModelSources(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
-    if s.cuda_graph and not sources.device.startswith("cuda"):
-        raise ValueError(f"sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to "
-                         f"{sources.device}")
-    load_models(sources)  # a missing or mismatched model fails here, before any work
+    sources = ModelSources(cfg, dict(upstream), cfg.runtime.device)  # each job resolves it where it runs
+    check_cuda_graph(s, launcher_device(cfg.runtime) if runs_here(cfg.runtime) else cfg.runtime.device)
+    load_models(replace(sources, device=launcher_device(cfg.runtime)))  # a missing or mismatched model fails here
     chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
     jobs = [SampleJob(sources, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
@@ -94,15 +93,15 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
              len(jobs), len(todo) * len(chunks))
 
     started, done = time.perf_counter(), len(scales) * total - sum(j.stop - j.start for j in jobs)
-    worker_env = gpu_worker_env(sources.device, cfg.runtime.workers, cfg.runtime.dask_address)
-    for n in map_jobs(sample_chunk, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
-                      worker_env=worker_env, desc="sample", unit="samples", weights=lambda j: j.stop - j.start):
+    ran_on = Counter()
+    for n in map_jobs(sample_chunk, jobs, runtime=cfg.runtime, device=cfg.runtime.device, desc="sample",
+                      unit="samples", weights=lambda j: j.stop - j.start, ran_on=ran_on):
         done += n
         out.report_progress(done, len(scales) * total, "samples")
     seconds = time.perf_counter() - started
 
     metrics = {"num_samples": total, "num_classes": num_classes, "per_class": s.per_class, "cfg_scales": scales,
-               "cfg_mode": s.cfg_mode, "denoise": s.denoise, "solver": s.solver}
+               "cfg_mode": s.cfg_mode, "denoise": s.denoise, "solver": s.solver, "jobs_ran_on": ran_on_metric(ran_on)}
     src_sigma = upstream["fit_src"].metrics.get("noise_sigma") or 0.0
     if s.denoise == "tweedie" and src_sigma > 0:
         # the SRC decoder already learned to decode codes at this noise level: denoising first removes it twice
@@ -157,8 +156,9 @@ def sample_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> to
 # --- one job, run in a worker process ----------------------------------------------------------
 
 def load_models(sources: ModelSources) -> tuple:
-    """(flow, src, normalizer, decoder) on sources.device, loaded once per process (again when an upstream
-    output is rebuilt: its manifest is rewritten last)."""
+    """(flow, src, normalizer, decoder) on sources.device as this process resolves it, loaded once per process
+    (again when an upstream output is rebuilt: its manifest is rewritten last)."""
+    sources = replace(sources, device=str(resolve_device(sources.device)))
     up = sources.upstream
     files = [m.dir / SUCCESS for m in up.values()]
     if sources.cfg.encode.stats != "computed" and sources.cfg.encode.stats_file:
@@ -188,9 +188,20 @@ def decoding_models(cfg: Config, upstream: dict[str, Manifest], device) -> tuple
     return load_src(upstream["fit_src"], device), normalizer, load_decoder(cfg, upstream, device)
 
 
+def check_cuda_graph(s, device: str) -> None:
+    """sample.cuda_graph needs CUDA: refused for a device that is the CPU (resolved, or configured as `cpu`)."""
+    if s.cuda_graph and str(device) == "cpu":
+        raise ValueError("sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to cpu")
+
+
 def sample_chunk(job: SampleJob) -> int:
+    """Sample, decode and commit one chunk (its file); a chunk already committed (Dask running a job again after a
+    lost worker) is not sampled again."""
+    if Path(job.path).is_file():
+        return job.stop - job.start
     s = job.sources.cfg.sample
-    device = torch.device(job.sources.device)
+    device = resolve_device(job.sources.device)  # where this job runs
+    check_cuda_graph(s, str(device))
     flow, src, normalizer, decoder = load_models(job.sources)
     info = flow_info(job.sources.upstream["train_flow"])
     sigma = info["noise_sigma"]
