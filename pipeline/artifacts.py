@@ -351,8 +351,8 @@ class ArtifactStore:
             lease.acquire(timeout=0)
         except Timeout:
             owner = lease.owner
-            log.info("%s: another run (%s) is writing %s; waiting for it", stage,
-                     f"host {owner.hostname}, pid {owner.pid}" if owner else "a run", self.stage_dir(stage, fp))
+            log.info("%s: another run is writing %s (%s); waiting for it", stage, self.stage_dir(stage, fp),
+                     f"host {owner.hostname}, pid {owner.pid}" if owner else "its holder just left")
             lease.acquire(poll_interval=1.0)
             waited = True
         self.leases[(stage, fp)] = lease

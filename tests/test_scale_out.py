@@ -154,6 +154,24 @@ def test_a_cluster_that_loses_its_last_worker_fails_after_the_wait_and_a_rerun_k
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("worker, gpus, gpu", [
+    ("0", 8, 0), ("11", 8, 3), ("gpu-node-3-5", 8, 5), ("SLURMCluster-12-7", 8, 7), ("SLURMCluster-12", 8, 4),
+    ("tcp://10.0.0.5:40321", 1, 0), ("anything", 1, 0)])
+def test_a_dask_worker_that_sees_several_gpus_takes_the_one_its_index_names(worker, gpus, gpu):
+    """LocalCluster workers are named 0..n-1, `dask worker --nworkers N --name NAME` and dask-jobqueue's
+    processes=N name theirs NAME-0..NAME-(N-1); a worker pinned by CUDA_VISIBLE_DEVICES sees one GPU."""
+    from pipeline.device import worker_gpu
+
+    assert worker_gpu(gpus, worker) == gpu
+
+
+def test_a_dask_worker_without_an_index_that_sees_several_gpus_is_refused():
+    from pipeline.device import worker_gpu
+
+    with pytest.raises(ValueError, match=r"Dask worker 'tcp://10.0.0.5:40321' on \S+ sees 8 GPUs and none is its own"):
+        worker_gpu(8, "tcp://10.0.0.5:40321")  # `dask worker` without --name: every such worker would use GPU 0
+
+
 @pytest.mark.parametrize("root", ["s3://bucket/srcflow", "gs://bucket/x", "file:///tmp/x"])
 def test_a_url_storage_root_is_refused_in_one_line(root):
     r = CliRunner().invoke(app, ["status", "--set", f"storage.root={root}"])
@@ -216,7 +234,7 @@ def test_a_live_lease_on_another_host_is_respected_and_a_stale_one_taken_over(tm
         with caplog.at_level(logging.INFO, logger="srcflow"):
             waiter = try_lock(ArtifactStore(tmp_path), got)
             assert not got.wait(3 * lease)  # node-b heartbeats: its lease holds, whatever a local pid check says
-            assert f"another run (host node-b, pid {holder.pid}) is writing" in caplog.text
+            assert "another run is writing" in caplog.text and f"(host node-b, pid {holder.pid})" in caplog.text
             os.killpg(holder.pid, signal.SIGSTOP)  # node-b freezes: no more heartbeats
             stopped = time.monotonic()
             assert got.wait(4 * lease)
