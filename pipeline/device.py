@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 from contextlib import nullcontext
 
 import torch
@@ -30,6 +29,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     if "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    from pipeline.parallel import dask_worker_name
+
     worker = dask_worker_name()
     if worker is None:
         return torch.device("cuda", torch.cuda.current_device())
@@ -56,20 +57,10 @@ def worker_gpu(gpus: int, worker: str) -> int:
     return int(index.group(1)) % gpus
 
 
-def dask_worker_name() -> str | None:
-    """The name of the Dask worker running this task, or None outside one."""
-    if "distributed" not in sys.modules:  # never imported: not a Dask worker
-        return None
-    from distributed import get_worker
-
-    try:
-        return str(get_worker().name)
-    except ValueError:
-        return None
-
-
 def where() -> str:
-    """This host, and the Dask worker when in one, for messages and the jobs' placement records."""
+    """This host, and the Dask worker when in one, for messages."""
+    from pipeline.parallel import dask_worker_name
+
     worker = dask_worker_name()
     return socket.gethostname() + (f" (Dask worker {worker})" if worker is not None else "")
 

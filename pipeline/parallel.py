@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -55,13 +56,28 @@ class PlacedJob:
     device: str | None
 
     def __call__(self, job: Any) -> tuple[Any, Placement]:
-        from pipeline.device import dask_worker_name, resolve_device
+        if self.device:
+            from pipeline.device import resolve_device  # torch: not imported by CPU-only jobs (shard)
 
-        device = str(resolve_device(self.device)) if self.device else "cpu"
+            device = str(resolve_device(self.device))
+        else:
+            device = "cpu"
         worker = dask_worker_name()
         placement = Placement(socket.gethostname(), IN_PROCESS if worker is None else worker, device,
                               os.environ.get("CUDA_VISIBLE_DEVICES"))
         return self.fn(job), placement
+
+
+def dask_worker_name() -> str | None:
+    """The name of the Dask worker running this task, or None outside one."""
+    if "distributed" not in sys.modules:  # never imported: not a Dask worker
+        return None
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().name)
+    except ValueError:
+        return None
 
 
 def runs_here(runtime) -> bool:
@@ -139,7 +155,7 @@ def map_jobs(fn: Callable[..., Any], jobs: Iterable[Any], *, runtime=None, worke
     ran_on = Counter() if ran_on is None else ran_on
     placed = PlacedJob(fn, device)
     with progress(desc, sum(size(j) for j in jobs), unit) as meter:
-        if workers <= 1 and not address:
+        if runtime is None or (workers <= 1 and not address):
             if threads <= 1:
                 for job in jobs:
                     result, where = placed(job)
