@@ -74,15 +74,7 @@ class Cluster:
         """Each process by its group: Dask's on SIGTERM (well under a second; SIGINT takes ~10 s), Prefect's on SIGINT
         (tests.test_prefect.stop); the workers before the scheduler, the Prefect worker before its server."""
         for proc in reversed(self.procs):
-            if proc.args[0] != DASK:
-                stop(proc)
-            elif proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop(proc, signal.SIGTERM if proc.args[0] == DASK else signal.SIGINT)
 
 
 @pytest.fixture
