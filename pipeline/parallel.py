@@ -94,6 +94,12 @@ def launcher_device(runtime) -> str:
     return str(resolve_device(runtime.device)) if runs_here(runtime) else "cpu"
 
 
+def jobs_device(runtime) -> str:
+    """What the launcher knows of its jobs' device before they run: resolved, when they run here; else the configured
+    name (`cpu` is the CPU on every worker; `auto` and `cuda` are each worker's to resolve)."""
+    return launcher_device(runtime) if runs_here(runtime) else runtime.device
+
+
 def ran_on_metric(ran_on: Counter) -> list[dict]:
     """A stage's `jobs_ran_on` metric: one entry per placement, with its job count."""
     return [{**asdict(p), "jobs": n} for p, n in sorted(ran_on.items())]

@@ -37,7 +37,7 @@ from pipeline.data.zarr_store import (
     write_small_array,
 )
 from pipeline.device import inference_precision, resolve_device
-from pipeline.parallel import launcher_device, ran_on_metric, runs_here
+from pipeline.parallel import jobs_device, launcher_device, ran_on_metric
 from stages.inputs import encoder_weights_digest
 from storage_schemas.success import Manifest
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
@@ -108,10 +108,10 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
     n_rows = len(images) * len(views)
     spec = encoder_spec(cfg, build_encoder)
     device = launcher_device(cfg.runtime)  # the jobs' device when they run here; on Dask each job resolves its own
-    check_decode_device(cfg.encode.decode, device if runs_here(cfg.runtime) else cfg.runtime.device)
+    check_decode_device(cfg.encode.decode, jobs_device(cfg.runtime))
     encoder = load_encoder(spec, device)  # a bad weights file fails here, before any work
-    if cfg.encode.compile and torch.device(device).type == "cuda" and runs_here(cfg.runtime):
-        compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)  # compiled before any job
+    if cfg.encode.compile and torch.device(device).type == "cuda":  # the jobs run here: compiled before any of them
+        compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)
     store, commits = out.path / "features.zarr", Commits(out.path / "commits")
     n_train = sum(r["split"] == "train" for r in images) * len(views)
     encoding = encoder_run(cfg, spec, cfg.runtime.device)

@@ -44,7 +44,7 @@ from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
-from pipeline.parallel import launcher_device, map_jobs, ran_on_metric, runs_here
+from pipeline.parallel import jobs_device, launcher_device, map_jobs, ran_on_metric
 from pipeline.training import step_seed
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
@@ -82,7 +82,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     total = num_classes * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
     sources = ModelSources(cfg, dict(upstream), cfg.runtime.device)  # each job resolves it where it runs
-    check_cuda_graph(s, launcher_device(cfg.runtime) if runs_here(cfg.runtime) else cfg.runtime.device)
+    check_cuda_graph(s, jobs_device(cfg.runtime))
     load_models(replace(sources, device=launcher_device(cfg.runtime)))  # a missing or mismatched model fails here
     chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
