@@ -76,7 +76,7 @@ def srcflow_dask(config: str = "configs/smoke.yaml", overrides: list[str] | None
     jobs to that cluster's scheduler (runtime.dask_address is set to it, whatever the config says). A stage never
     runs inside a Dask worker: a daemonic worker cannot start the LocalCluster of `runtime.workers`, a training
     stage there would get one worker's GPU, memory limit and no signals, and a lost worker would rerun a whole stage.
-    Use a real Prefect server."""
+    No Prefect task runs in a worker, so ephemeral mode works too (no worker starts a server of its own)."""
     address = FlowRunContext.get().task_runner.client.scheduler.address  # started (or connected) here
     return run_stages(config, [*(overrides or []), f"runtime.dask_address={address}"], stages, until, force)
 
