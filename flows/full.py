@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from PIL import Image
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
 from pipeline.artifacts import ArtifactStore
@@ -51,12 +52,13 @@ def srcflow(config: str = "configs/smoke.yaml", overrides: list[str] | None = No
             until: str | None = None, force: list[str] | None = None) -> dict[str, dict]:
     """shard -> encode -> (fit_decoder) -> fit_src -> compress -> train_flow -> sample -> evaluate, in this process
     (deployment srcflow-full; `srcflow run`)."""
-    return run_stages(config, overrides, stages, until, force, on_task_runner=False)
+    return run_stages(config, overrides, stages, until, force)
 
 
 def dask_task_runner() -> DaskTaskRunner:
-    """SRCFLOW_DASK_ADDRESS names an existing scheduler (e.g. GPU workers from dask-jobqueue); without it, a
-    LocalCluster of SRCFLOW_DASK_WORKERS single-threaded processes on 127.0.0.1."""
+    """The run's Dask cluster: SRCFLOW_DASK_ADDRESS names an existing scheduler (`dask scheduler`, dask-jobqueue's
+    SLURMCluster); without it, a LocalCluster of SRCFLOW_DASK_WORKERS single-threaded processes on 127.0.0.1 (workers
+    named 0..n-1: each job computes on GPU i mod the node's GPUs, pipeline.device.worker_gpu)."""
     address = os.environ.get("SRCFLOW_DASK_ADDRESS")
     if address:
         return DaskTaskRunner(address=address)
@@ -69,13 +71,18 @@ def dask_task_runner() -> DaskTaskRunner:
 def srcflow_dask(config: str = "configs/smoke.yaml", overrides: list[str] | None = None,
                  stages: list[str] | None = None, until: str | None = None,
                  force: list[str] | None = None) -> dict[str, dict]:
-    """The same pipeline with each stage run as a task on a Dask cluster through prefect-dask (deployment
-    srcflow-dask; needs a real Prefect server: in ephemeral mode every Dask worker starts its own)."""
-    return run_stages(config, overrides, stages, until, force, on_task_runner=True)
+    """The same pipeline with the data-parallel jobs (shard, encode, compress, sample) on the task runner's Dask
+    cluster (deployment srcflow-dask): the stages run in the flow-run process, as in srcflow-full, and submit their
+    jobs to that cluster's scheduler (runtime.dask_address is set to it, whatever the config says). A stage never
+    runs inside a Dask worker: a daemonic worker cannot start the LocalCluster of `runtime.workers`, a training
+    stage there would get one worker's GPU, memory limit and no signals, and a lost worker would rerun a whole stage.
+    No Prefect task runs in a worker, so ephemeral mode works too (no worker starts a server of its own)."""
+    address = FlowRunContext.get().task_runner.client.scheduler.address  # started (or connected) here
+    return run_stages(config, [*(overrides or []), f"runtime.dask_address={address}"], stages, until, force)
 
 
 def run_stages(config: str, overrides: list[str] | None, stages: list[str] | None, until: str | None,
-               force: list[str] | None, on_task_runner: bool) -> dict[str, dict]:
+               force: list[str] | None) -> dict[str, dict]:
     cfg = load_config(config, overrides or [])
     set_mode(cfg.runtime.progress)
     force = force or []
@@ -88,10 +95,8 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
         rerun = p in todo
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
-        args = (p.name, p.fingerprint, config_dict(cfg), p.upstream)
-        # in this process (signals reach the stage: SIGTERM checkpoints), or on the flow's task runner
-        task_fn.submit(*args, force=p.name in force).result() if on_task_runner else \
-            task_fn(*args, force=p.name in force)
+        # in this process: signals reach the stage (SIGTERM checkpoints); jobs fan out as runtime says
+        task_fn(p.name, p.fingerprint, config_dict(cfg), p.upstream, force=p.name in force)
         # what is on disk under this root, not a cached task result (which may name another root's output)
         manifests[p.name] = store.manifest(p.name, p.fingerprint)
     create_table_artifact(key="srcflow-stages", table=[

@@ -9,9 +9,11 @@ Integrity (README "Integrity and concurrency"):
   shard file's record from the shard's commit marker, written when the shard was (see `Commits`).
 - `check` (fast: every listed file exists with its size; deep: and its checksum) gives the state
   done | damaged | partial | stale | missing, and the bad files.
-- One writer per output: `lock` is a per-(stage, fingerprint) file lock, released by the OS if
-  its holder dies. A forced rebuild writes into `.<fp16>.rebuild` and replaces the output only
-  when it is complete (`commit`).
+- One writer per output, on one host or many sharing the store (NFS, Lustre): `lock` is a
+  per-(stage, fingerprint) lease file (`LEASE_SECONDS`, `lock`'s docstring says why not flock),
+  taken over when its holder dies. A forced rebuild writes into `.<fp16>.rebuild` and replaces the
+  output only when it is complete (`commit`), never leaving the output's path without one
+  (`replace_dir`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -43,12 +46,25 @@ from storage_schemas.success import (
     temp_owner,
     write_atomic,
     write_manifest,
+    writer_host,
 )
 from storage_schemas.success import FILENAME as SUCCESS
 
 PROGRESS = "_PROGRESS.json"
 REBUILD = ".rebuild"  # suffix of a forced rebuild's directory, `.<fp16>.rebuild`
+ASIDE = ".old-"  # `.<fp16>.old-<pid>`: the old output of a forced rebuild, moved aside where renameat2 cannot swap
+# A lock's lease: its holder touches it every HEARTBEAT_SECONDS; a peer that sees it unchanged for LEASE_SECONDS (on
+# its own clock) takes it over. Over NFS a peer may see a touch up to acregmax (60 s by default) late: the lease is
+# longer than heartbeat + acregmax, so a live holder is never taken over.
+LEASE_SECONDS = 120.0
+HEARTBEAT_SECONDS = 20.0
+TEMP_STALE_SECONDS = 900.0  # a temp file of another host untouched this long (by the filesystem's clock) is dead
+SWAP_WAIT_SECONDS = 5.0  # a reader that finds an output moved aside waits this long for the new one
 log = logging.getLogger("srcflow")
+
+
+class LockLost(RuntimeError):
+    """A run's lease on an output was taken over (it stopped heartbeating for LEASE_SECONDS): it must not commit."""
 
 
 def fingerprint(stage: str, code_version: str, semantic: dict, upstream: dict[str, str],
@@ -250,6 +266,7 @@ class DamagedError(ValueError):
 class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()
+        self.leases: dict[tuple[str, str], Any] = {}  # (stage, fp) -> the lease this store holds on it
 
     def stage_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / fp[:16]
@@ -261,7 +278,7 @@ class ArtifactStore:
         """done | damaged | partial | stale | missing. Fast: every file `_SUCCESS.json` lists exists with its size;
         deep: and its CRC-32C matches. Reads only."""
         d = self.stage_dir(stage, fp)
-        if not (d / SUCCESS).exists():
+        if not (d / SUCCESS).exists() and not self.swapped_in(stage, fp):
             if d.is_dir():
                 return Health("partial")
             siblings = (self.root / stage).glob("*") if (self.root / stage).is_dir() else []
@@ -297,26 +314,68 @@ class ArtifactStore:
         except (OSError, ValueError):
             return None
 
+    def swapped_in(self, stage: str, fp: str) -> bool:
+        """Whether the output appears within SWAP_WAIT_SECONDS when a forced rebuild has just moved the old one aside
+        (`replace_dir` on a filesystem without renameat2's exchange): a reader never sees that window."""
+        if not list((self.root / stage).glob(f".{fp[:16]}{ASIDE}*")):
+            return False
+        success, deadline = self.stage_dir(stage, fp) / SUCCESS, time.monotonic() + SWAP_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if success.exists():
+                return True
+            time.sleep(0.02)
+        return False
+
     @contextmanager
     def lock(self, stage: str, fp: str):
         """Hold the one-writer lock of an output; yields whether another run held it first (then it may have built
-        the output meanwhile). Says once that it waits."""
-        from filelock import FileLock, Timeout
+        the output meanwhile). Says once that it waits, naming the holder.
 
-        path = self.root / ".locks" / f"{stage}-{fp[:16]}.lock"
+        The lock is a lease file (filelock's SoftFileLease), `.locks/<stage>-<fp16>.lease`, naming its holder's host
+        and pid: created exclusively, touched every HEARTBEAT_SECONDS by a thread of the holder, taken over at once
+        when the holder is a dead process of this host, and after LEASE_SECONDS without a touch when it is on
+        another host. An OS lock (flock/fcntl) does not hold across nodes everywhere: on Lustre mounted without
+        `flock` it is local to each node (`localflock`) or fails, and a holder on a dead node is released only by
+        the NFS server's own lease recovery. A holder that loses its lease (frozen for LEASE_SECONDS) logs it and
+        refuses to commit (`LockLost`). An interrupted forced rebuild's swap is finished here (`finish_swap`)."""
+        from filelock import SoftFileLease, Timeout
+
+        path = self.root / ".locks" / f"{stage}-{fp[:16]}.lease"
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(path)
+        lease = SoftFileLease(path, lease_duration=LEASE_SECONDS, heartbeat_interval=HEARTBEAT_SECONDS,
+                              on_compromise=lambda lost: log.error(
+                                  "%s: lost the lock of %s (%s): another run took it over; this run will not commit "
+                                  "it", stage, self.stage_dir(stage, fp), lost.reason))
         waited = False
         try:
-            lock.acquire(timeout=0)
+            lease.acquire(timeout=0)
         except Timeout:
-            log.info("%s: another run is writing %s; waiting for it", stage, self.stage_dir(stage, fp))
-            lock.acquire()
+            owner = lease.owner
+            log.info("%s: another run is writing %s (%s); waiting for it", stage, self.stage_dir(stage, fp),
+                     f"host {owner.hostname}, pid {owner.pid}" if owner else "its holder just left")
+            lease.acquire(poll_interval=1.0)
             waited = True
+        self.leases[(stage, fp)] = lease
         try:
+            self.finish_swap(stage, fp)
             yield waited
         finally:
-            lock.release()
+            self.leases.pop((stage, fp), None)
+            lease.release()
+
+    def finish_swap(self, stage: str, fp: str) -> None:
+        """Complete a forced rebuild's swap that died between its two renames (`replace_dir`), holding the lock: the
+        rebuilt output takes the output's place, and the old one moved aside is removed."""
+        final, rebuilt = self.stage_dir(stage, fp), self.rebuild_dir(stage, fp)
+        asides = list((self.root / stage).glob(f".{fp[:16]}{ASIDE}*"))
+        if not asides:
+            return
+        if not final.exists() and (rebuilt / SUCCESS).exists():
+            os.rename(rebuilt, final)
+            log.warning("%s: finished the swap of a forced rebuild that was interrupted (%s)", stage, final)
+        if final.exists():
+            for aside in asides:
+                shutil.rmtree(aside, ignore_errors=True)
 
     def open_output(self, stage: str, fp: str, rebuild: bool = False) -> StageOutput:
         """The directory to write into (hold `lock`). An existing partial output is kept, so the stage can resume;
@@ -324,9 +383,9 @@ class ArtifactStore:
         final = self.stage_dir(stage, fp)
         d = self.rebuild_dir(stage, fp) if rebuild else final
         d.mkdir(parents=True, exist_ok=True)
+        now = filesystem_clock(d)
         for leftover in d.rglob(".*.tmp-*"):  # half-written files of a killed run (see write_atomic)
-            owner = temp_owner(leftover)
-            if owner is not None and not pid_alive(owner):
+            if writer_gone(leftover, now):
                 leftover.unlink(missing_ok=True)
         return StageOutput(stage, fp, d, final)
 
@@ -387,6 +446,10 @@ class ArtifactStore:
             external_inputs=external, started=started.isoformat(), ended=now().isoformat(), host=socket.gethostname(),
             files=files, metrics=metrics,
         )
+        lease = self.leases.get((out.stage, out.fingerprint))
+        if lease is not None and lease.compromise is not None:
+            raise LockLost(f"{out.stage}: this run lost the lock of {final} ({lease.compromise.reason}) while it was "
+                           f"writing it; another run took it over, so this run does not commit")
         write_manifest(out.path, manifest)
         if out.path != final:
             replace_dir(out.path, final)
@@ -394,22 +457,54 @@ class ArtifactStore:
 
 
 def replace_dir(new: Path, old: Path) -> None:
-    """Put directory `new` in place of `old` atomically (Linux renameat2 RENAME_EXCHANGE, then remove the old
-    one); elsewhere two renames."""
+    """Put directory `new` in place of `old`: one atomic exchange where the filesystem has renameat2's
+    RENAME_EXCHANGE (Linux local filesystems), then the old one removed. Elsewhere (NFS, Lustre) two renames, the old
+    output aside as `.<name>.old-<pid>` first: readers that find an aside wait for the new output
+    (`ArtifactStore.swapped_in`), and a swap that dies between them is finished by the next lock holder
+    (`ArtifactStore.finish_swap`)."""
     if not old.exists():
         os.rename(new, old)
         return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        at_fdcwd, rename_exchange = -100, 2
-        if libc.renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) != 0:
-            raise OSError(ctypes.get_errno(), "renameat2")
-    except (AttributeError, OSError):
-        aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+    if not exchange(new, old):
+        aside = old.with_name(f".{old.name}{ASIDE}{os.getpid()}")
         os.rename(old, aside)
         os.rename(new, old)
         new = aside
     shutil.rmtree(new)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the OS or the filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+def writer_gone(temp: Path, now: float) -> bool:
+    """Whether the writer of temp file `temp` is gone: a dead process of this host, or, on another host (a shared
+    store), a file untouched for TEMP_STALE_SECONDS by `now`, the filesystem's clock (see `filesystem_clock`)."""
+    owner = temp_owner(temp)
+    if owner is None:
+        return False
+    if owner.host in (None, writer_host()):
+        return not pid_alive(owner.pid)
+    try:
+        return now - temp.stat().st_mtime > TEMP_STALE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def filesystem_clock(directory: Path) -> float:
+    """The time by the clock that stamps files in `directory`: an NFS server stamps them with its own, whatever
+    this host's clock says, so ages are measured against a touch of the directory."""
+    try:
+        os.utime(directory)
+        return directory.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def pid_alive(pid: int) -> bool:

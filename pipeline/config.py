@@ -9,11 +9,12 @@ key added later whose default keeps what was stored (e.g. `sample.solver: sequen
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGENET_CLASSES = 1000
 
@@ -41,9 +42,20 @@ class Section(BaseModel):
 # --- where things live and how they run (all operational) -------------------------------------
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, any scheme://
+
+
 class StorageConfig(Section):
-    root: str = operational("data/artifacts", "artifact store root; relative paths are taken from the working "
-                                              "directory")
+    root: str = operational("data/artifacts", "artifact store root: a local or shared (NFS, Lustre) filesystem path; "
+                                              "relative paths are taken from the working directory")
+
+    @field_validator("root")
+    @classmethod
+    def filesystem_path(cls, root: str) -> str:
+        if URL.match(root):
+            raise ValueError(f"{root.split('://')[0]}:// roots are not supported (the store needs a filesystem: "
+                             "atomic renames, exclusive creates); use a local or shared filesystem path")
+        return root
 
 
 class RuntimeConfig(Section):
@@ -51,6 +63,9 @@ class RuntimeConfig(Section):
     workers: int = operational(1, "parallel worker processes for shard/encode/compress/sample "
                                   "(Dask LocalCluster when > 1)", ge=1)
     dask_address: str | None = operational(None, "an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    dask_worker_wait: float = operational(600.0, "seconds a stage waits when its Dask cluster has no worker (at the "
+                                                 "start, or after losing the last one) before it fails; said at once",
+                                          gt=0)
     nproc: int = operational(1, "torchrun processes per node for training stages", ge=1)
     progress: Literal["auto"] | bool = operational("auto", "progress bars: auto (on a terminal), true or false")
     log_level: str = operational("INFO")
@@ -420,7 +435,8 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
             raise ConfigError(f"{source}: {err['msg'].removeprefix('Value error, ')}{more}") from None
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"{source}: unknown key {key}{known_keys_hint(err['loc'])}{more}") from None
-        raise ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r}){more}") from None
+        message = err["msg"].removeprefix("Value error, ")  # a field validator's own message
+        raise ConfigError(f"{source}: {key}: {message} (got {err.get('input')!r}){more}") from None
 
 
 def known_keys_hint(loc: tuple) -> str:

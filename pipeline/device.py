@@ -6,6 +6,8 @@ Nothing here knows about training or data; every stage (training and inference) 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -14,18 +16,55 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device a config names: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:<i>".
-    Under torchrun (LOCAL_RANK set) a bare "cuda" or "auto" means this process's GPU, cuda:LOCAL_RANK."""
+    """The device a config names, resolved in the process that computes on it: "auto" (CUDA when this process sees
+    a GPU, else CPU), "cpu", "cuda" or "cuda:<i>". A bare "cuda" or "auto" means this process's GPU: cuda:LOCAL_RANK
+    under torchrun; in a Dask worker that sees several GPUs, the one `worker_gpu` gives it (made current, so pinned
+    host memory and streams land there too); else the current one (a worker pinned by CUDA_VISIBLE_DEVICES sees one)."""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False "
+        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False on {where()} "
                          f"(no GPU visible or a CPU-only torch build); use device=cpu or auto")
     if name.startswith("cuda:"):
         return torch.device(name)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    from pipeline.parallel import dask_worker_name
+
+    worker = dask_worker_name()
+    if worker is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    index = worker_gpu(torch.cuda.device_count(), worker)
+    torch.cuda.set_device(index)  # per thread: each job's thread resolves its device
+    return torch.device("cuda", index)
+
+
+WORKER_INDEX = re.compile(r"(?:^|-)(\d+)$")  # `3`, `gpu-node-3`, `SLURMCluster-12-3`: the worker's index on its node
+
+
+def worker_gpu(gpus: int, worker: str) -> int:
+    """The GPU of Dask worker `worker` among the `gpus` it sees. With one (pinned by CUDA_VISIBLE_DEVICES: `dask cuda
+    worker`, SLURM's GPU binding, a LocalCluster of `runtime.workers`), that one. With several, GPU i mod gpus for a
+    worker named `i` or `NAME-i`, the names a LocalCluster, `dask worker --nworkers N --name NAME` and dask-jobqueue's
+    `processes=N` give; a worker without an index is refused: every such worker would compute on GPU 0."""
+    if gpus <= 1:
+        return 0
+    index = WORKER_INDEX.search(worker)
+    if index is None:
+        raise ValueError(f"Dask worker {worker!r} on {socket.gethostname()} sees {gpus} GPUs and none is its own: "
+                         f"start one worker per GPU (CUDA_VISIBLE_DEVICES=i per worker, `dask worker --nworkers "
+                         f"{gpus} --name HOST` or `dask cuda worker`; README \"Scale-out\")")
+    return int(index.group(1)) % gpus
+
+
+def where() -> str:
+    """This host, and the Dask worker when in one, for messages."""
+    from pipeline.parallel import dask_worker_name
+
+    worker = dask_worker_name()
+    return socket.gethostname() + (f" (Dask worker {worker})" if worker is not None else "")
 
 
 def autocast(device: torch.device | str):

@@ -15,6 +15,7 @@ features path's for the same images.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from pipeline.data.zarr_store import (
     write_small_array,
 )
 from pipeline.device import resolve_device
+from pipeline.parallel import launcher_device, ran_on_metric
 from stages.encode import (
     VIEWS,
     EncoderRun,
@@ -60,7 +62,7 @@ class CompressJob:
     stats: str
     stats_file: str | None
     batch_size: int
-    device: str
+    device: str  # runtime.device: the job resolves it where it runs
     store: str
     commits: str
     images: ShardImages | None = None  # from: images, the images of these rows
@@ -70,11 +72,11 @@ class CompressJob:
 def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     features = upstream["encode"].dir / "features.zarr"
     _, feature_attrs = open_features(features)
-    device = str(resolve_device(cfg.runtime.device))
-    src = cached_src(str(upstream["fit_src"].dir), device)  # a bad SRC fails here, before any work
+    src = cached_src(str(upstream["fit_src"].dir), launcher_device(cfg.runtime))  # a bad SRC fails here, first
     tokens = feature_attrs["grid_size"] ** 2
     n_rows, splits, images_of = row_layout(cfg, upstream, feature_attrs)
-    encoder = encoder_run(cfg, encoder_spec(cfg), device) if images_of else None
+    encoder = encoder_run(cfg, encoder_spec(cfg), cfg.runtime.device) if images_of else None
+    ran_on = Counter()
     store, commits = out.path / "codes.zarr", Commits(out.path / "commits")
     fill_row_store(
         store, commits, CODES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
@@ -88,10 +90,10 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
                "normalization": "codes = SRC.encode(per-position normalized features), no "
                                 "noise; code_mean/code_std: per channel over the train rows"},
         job=lambda r: CompressJob(r, str(upstream["fit_src"].dir), str(features), cfg.encode.stats,
-                                  cfg.encode.stats_file, cfg.compress.batch_size, device, str(store), str(commits.dir),
-                                  images_of(r) if images_of else None, encoder),
-        write_shard=compress_shard, runtime=cfg.runtime, device=device, desc="compress",
-        report_progress=out.report_progress)
+                                  cfg.encode.stats_file, cfg.compress.batch_size, cfg.runtime.device, str(store),
+                                  str(commits.dir), images_of(r) if images_of else None, encoder),
+        write_shard=compress_shard, runtime=cfg.runtime, desc="compress", report_progress=out.report_progress,
+        ran_on=ran_on)
 
     count, mean, var = reduce_statistics(commits, shard_ranges(n_rows, cfg.encode.rows_per_shard), stage="compress")
     std = np.sqrt(var)
@@ -102,7 +104,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     return {"rows": n_rows, "train_rows": splits["train"][1] - splits["train"][0], "tokens": tokens,
             "dim": src.config["dim"], "source": cfg.compress.source, "train_tokens": int(count),
             "code_mean_abs_max": float(np.abs(mean).max()), "code_std_min": float(std.min()),
-            "code_std_max": float(std.max())}
+            "code_std_max": float(std.max()), "jobs_ran_on": ran_on_metric(ran_on)}
 
 
 def row_layout(cfg: Config, upstream: dict[str, Manifest], feature_attrs: dict,
@@ -130,9 +132,10 @@ def compress_shard(job: CompressJob) -> int:
         arrays = {name: group[name][start:stop] for name in ("features", "labels", "keys", "view", "split")}
     else:
         arrays, _ = encode_rows(job.images, job.encoder)  # stored-dtype features, as encode would have written them
-    src = cached_src(job.src_dir, job.device)
+    device = str(resolve_device(job.device))  # where this job runs
+    src = cached_src(job.src_dir, device)
     normalizer = cached_normalizer(job.features, job.stats, job.stats_file)
-    codes = encode_codes(src, normalizer, arrays.pop("features"), job.batch_size, job.device)
+    codes = encode_codes(src, normalizer, arrays.pop("features"), job.batch_size, device)
     files = write_rows(Path(job.store), start, {"codes": codes, **arrays})
     train = codes[arrays["split"] == SPLIT_IDS["train"]].astype(np.float64)
     Commits(Path(job.commits)).write(job.shard.index, files, count=np.array(train.shape[0] * train.shape[1]),

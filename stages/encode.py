@@ -37,6 +37,7 @@ from pipeline.data.zarr_store import (
     write_small_array,
 )
 from pipeline.device import inference_precision, resolve_device
+from pipeline.parallel import jobs_device, launcher_device, ran_on_metric
 from stages.inputs import encoder_weights_digest
 from storage_schemas.success import Manifest
 from storage_schemas.zarr_layouts import FEATURES, SPLIT_IDS
@@ -77,7 +78,8 @@ class ShardImages:
 
 @dataclass(frozen=True)
 class EncoderRun:
-    """How a worker runs the frozen encoder over images (the encode section, resolved to one device)."""
+    """How a worker runs the frozen encoder over images (the encode section, and the device it resolves where it
+    runs)."""
 
     spec: EncoderSpec
     resolution: int
@@ -85,7 +87,7 @@ class EncoderRun:
     dtype: str  # encode.dtype: the stored features'
     batch_size: int
     decode_threads: int
-    device: str
+    device: str  # runtime.device: each job resolves it where it runs
     decode: str = "pil"  # encode.decode: pil | tensor | nvjpeg
     compile: bool = False  # encode.compile, on CUDA: the compiled encoder, every batch padded to batch_size
 
@@ -105,15 +107,15 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
     views = tuple(VIEWS[v] for v in cfg.encode.views)
     n_rows = len(images) * len(views)
     spec = encoder_spec(cfg, build_encoder)
-    device = str(resolve_device(cfg.runtime.device))
-    check_decode_device(cfg.encode.decode, device)
+    device = launcher_device(cfg.runtime)  # the jobs' device when they run here; on Dask each job resolves its own
+    check_decode_device(cfg.encode.decode, jobs_device(cfg.runtime))
     encoder = load_encoder(spec, device)  # a bad weights file fails here, before any work
-    in_process = cfg.runtime.workers == 1 and not cfg.runtime.dask_address  # else each worker compiles its own
-    if cfg.encode.compile and torch.device(device).type == "cuda" and in_process:
-        compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)  # compiled before any job
+    if cfg.encode.compile and torch.device(device).type == "cuda":  # the jobs run here: compiled before any of them
+        compiled_encoder(spec, device, cfg.encode.precision, cfg.encode.batch_size)
     store, commits = out.path / "features.zarr", Commits(out.path / "commits")
     n_train = sum(r["split"] == "train" for r in images) * len(views)
-    encoding = encoder_run(cfg, spec, device)
+    encoding = encoder_run(cfg, spec, cfg.runtime.device)
+    ran_on = Counter()
     started = time.perf_counter()
     results = fill_row_store(
         store, commits, FEATURES, n_rows, rows_per_shard=cfg.encode.rows_per_shard,
@@ -130,8 +132,8 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
                "grid_size": encoder.grid_size, "source_fingerprint": upstream["shard"].fingerprint,
                "stats_count": 0},
         job=lambda r: EncodeJob(shard_images(r, images, views, shard_dir), encoding, str(store), str(commits.dir)),
-        write_shard=encode_shard, runtime=cfg.runtime, device=device, threads=cfg.encode.jobs_per_worker,
-        desc="encode", report_progress=out.report_progress)
+        write_shard=encode_shard, runtime=cfg.runtime, threads=cfg.encode.jobs_per_worker, desc="encode",
+        report_progress=out.report_progress, ran_on=ran_on)
     wall = time.perf_counter() - started
     job_seconds = Counter()
     for result in results:
@@ -156,7 +158,8 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
                if cfg.encode.decode == "nvjpeg" else {}),
             # where this run's jobs spent their time, summed over jobs (they overlap, so the sum exceeds the
             # wall time): read (tars), decode_wait (crops not ready), forward (incl. copies), write, commit
-            "job_seconds": {k: round(v, 3) for k, v in job_seconds.items()}}
+            "job_seconds": {k: round(v, 3) for k, v in job_seconds.items()},
+            "jobs_ran_on": ran_on_metric(ran_on)}
 
 
 def encoder_spec(cfg: Config, build: Callable[[EncoderSpec, str], Any] = rae_encoder) -> EncoderSpec:
@@ -165,7 +168,8 @@ def encoder_spec(cfg: Config, build: Callable[[EncoderSpec, str], Any] = rae_enc
 
 
 def check_decode_device(decode: str, device: str) -> None:
-    if decode == "nvjpeg" and torch.device(device).type != "cuda":
+    """nvjpeg needs CUDA: refused for a device that is the CPU (resolved, or configured as `cpu`)."""
+    if decode == "nvjpeg" and str(device) == "cpu":
         raise ValueError(f"encode.decode: nvjpeg decodes on a CUDA device, and this run's device is {device}; "
                          f"use tensor or pil (or runtime.device=cuda)")
 
@@ -268,12 +272,12 @@ def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float
     and the float64 (count, sum, sum of squares) of its train rows. Also the image path of
     `compress.from: images`, so both paths see the same stored-precision features."""
     seconds = {} if seconds is None else seconds
-    check_decode_device(encoder.decode, encoder.device)  # compress.from: images comes here too
-    device = torch.device(encoder.device)
+    device = resolve_device(encoder.device)  # where this job runs
+    check_decode_device(encoder.decode, str(device))  # compress.from: images comes here too
     cuda = device.type == "cuda"
     compiled = encoder.compile and cuda
-    model = load_encoder(encoder.spec, encoder.device)
-    forward = (compiled_encoder(encoder.spec, encoder.device, encoder.precision, encoder.batch_size) if compiled
+    model = load_encoder(encoder.spec, str(device))
+    forward = (compiled_encoder(encoder.spec, str(device), encoder.precision, encoder.batch_size) if compiled
                else model)
     n_views = len(rows.views)
     with timed(seconds, "read"):

@@ -41,9 +41,10 @@ import shutil
 import time
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ from pipeline.cache import per_process
 from pipeline.config import Config
 from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
-from pipeline.parallel import gpu_worker_env, map_jobs
+from pipeline.parallel import jobs_device, launcher_device, map_jobs, ran_on_metric
 from pipeline.training import step_seed
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.model_files import read_model_info
@@ -75,7 +76,7 @@ class ModelSources:
 
     cfg: Config  # decoder architecture and encode.stats
     upstream: dict[str, Manifest]  # train_flow, fit_src, encode, fit_decoder (when enabled)
-    device: str
+    device: str  # a device name, resolved where the models are loaded (runtime.device for the jobs)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,10 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     classes = np.asarray(flow_info(upstream["train_flow"])["classes"], np.int64)
     total = len(classes) * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
-    sources = ModelSources(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
-    if s.cuda_graph and not sources.device.startswith("cuda"):
-        raise ValueError(f"sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to "
-                         f"{sources.device}")
-    load_models(sources)  # a missing or mismatched model fails here, before any work
-    record = sampling_record(cfg, upstream, sources.device)
+    sources = ModelSources(cfg, dict(upstream), cfg.runtime.device)  # each job resolves it where it runs
+    check_cuda_graph(s, jobs_device(cfg.runtime))
+    load_models(replace(sources, device=launcher_device(cfg.runtime)))  # a missing or mismatched model fails here
+    record = sampling_record(cfg, upstream, jobs_device(cfg.runtime))
     for warning in record["warnings"]:
         log.warning("sample: %s", warning)
     chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
@@ -111,16 +110,17 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
              len(jobs), len(todo) * len(chunks))
 
     started, done = time.perf_counter(), len(scales) * total - sum(j.stop - j.start for j in jobs)
-    worker_env = gpu_worker_env(sources.device, cfg.runtime.workers, cfg.runtime.dask_address)
-    for n in map_jobs(sample_chunk, jobs, workers=cfg.runtime.workers, dask_address=cfg.runtime.dask_address,
-                      worker_env=worker_env, desc="sample", unit="samples", weights=lambda j: j.stop - j.start):
+    ran_on = Counter()
+    for n in map_jobs(sample_chunk, jobs, runtime=cfg.runtime, device=cfg.runtime.device, desc="sample",
+                      unit="samples", weights=lambda j: j.stop - j.start, ran_on=ran_on):
         done += n
         out.report_progress(done, len(scales) * total, "samples")
     seconds = time.perf_counter() - started
 
     metrics = {"num_samples": total, "num_classes": len(classes), "per_class": s.per_class, "cfg_scales": scales,
                "cfg_mode": s.cfg_mode, "denoise": record["denoise"], "solver": s.solver,
-               "sampling": {k: v for k, v in record.items() if k != "warnings"}, "warnings": []}
+               "sampling": {k: v for k, v in record.items() if k != "warnings"}, "warnings": [],
+               "jobs_ran_on": ran_on_metric(ran_on)}
     for w in scales:
         if w in todo:
             assemble(out.path, w, [chunk_path(out.path, w, k) for k, _, _ in chunks], classes, s, record)
@@ -180,14 +180,16 @@ def sampling_record(cfg: Config, upstream: dict[str, Manifest], device: str) -> 
         notes.append(f"sample.jacobi_max_iters={s.jacobi_max_iters} is below sample.jacobi_chunk={s.jacobi_chunk}: a "
                      f"chunk that has not met sample.jacobi_tol by then keeps its last tokens unsolved (counted per "
                      f"block in capped_chunks)")
-    cuda = device.startswith("cuda")
+    # the network's arithmetic follows the device each job resolves (jobs_ran_on); on Dask, `auto` is per worker
+    precision = {"cpu": "fp32"}.get(device, "bf16 autocast" if device.startswith("cuda") else
+                                    "bf16 autocast on CUDA workers, fp32 on CPU workers (jobs_ran_on)")
     solver = {"solver": s.solver}
     if s.solver == "jacobi":
         solver |= {"jacobi_chunk": s.jacobi_chunk, "jacobi_tol": s.jacobi_tol, "jacobi_max_iters": s.jacobi_max_iters,
                    "jacobi_precision": "fp32"}
     return {"classes": len(flow["classes"]), "per_class": s.per_class, "seed": s.seed, "cfg_rule": s.cfg_mode,
             "cfg_anneal": s.cfg_anneal, **solver,
-            "network_precision": "bf16 autocast" if cuda else "fp32", "cuda_graph": s.cuda_graph,
+            "network_precision": precision, "cuda_graph": s.cuda_graph,
             "denoise": denoise, "denoise_setting": s.denoise, "flow_noise_sigma": float(flow["noise_sigma"]),
             "decoder_noise_sigma": decoder_sigma, "pixel_rounding": s.pixel_rounding, "warnings": notes}
 
@@ -216,8 +218,9 @@ def sample_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> to
 # --- one job, run in a worker process ----------------------------------------------------------
 
 def load_models(sources: ModelSources) -> tuple:
-    """(flow, src, normalizer, decoder) on sources.device, loaded once per process (again when an upstream
-    output is rebuilt: its manifest is rewritten last)."""
+    """(flow, src, normalizer, decoder) on sources.device as this process resolves it, loaded once per process
+    (again when an upstream output is rebuilt: its manifest is rewritten last)."""
+    sources = replace(sources, device=str(resolve_device(sources.device)))
     up = sources.upstream
     files = [m.dir / SUCCESS for m in up.values()]
     if sources.cfg.encode.stats != "computed" and sources.cfg.encode.stats_file:
@@ -247,9 +250,20 @@ def decoding_models(cfg: Config, upstream: dict[str, Manifest], device) -> tuple
     return load_src(upstream["fit_src"], device), normalizer, load_decoder(cfg, upstream, device)
 
 
+def check_cuda_graph(s, device: str) -> None:
+    """sample.cuda_graph needs CUDA: refused for a device that is the CPU (resolved, or configured as `cpu`)."""
+    if s.cuda_graph and str(device) == "cpu":
+        raise ValueError("sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to cpu")
+
+
 def sample_chunk(job: SampleJob) -> int:
+    """Sample, decode and commit one chunk (its file); a chunk already committed (Dask running a job again after a
+    lost worker) is not sampled again."""
+    if Path(job.path).is_file():
+        return job.stop - job.start
     s = job.sources.cfg.sample
-    device = torch.device(job.sources.device)
+    device = resolve_device(job.sources.device)  # where this job runs
+    check_cuda_graph(s, str(device))
     flow, src, normalizer, decoder = load_models(job.sources)
     info = flow_info(job.sources.upstream["train_flow"])
     sigma = info["noise_sigma"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import webdataset as wds
 from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
 from pipeline.data.imagenet import RejectedImage, SourceImage, prepare_image_bytes
-from pipeline.parallel import cpu_workers, map_jobs
+from pipeline.parallel import cpu_workers, map_jobs, ran_on_metric
 from stages.inputs import Listing, source_listing
 from storage_schemas.shards import (
     INDEX,
@@ -51,8 +52,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     parts.mkdir(exist_ok=True)
     (out.path / "shards").mkdir(exist_ok=True)
     todo = [j for j in jobs if not commits.done(j.commit)]
-    for _ in map_jobs(write_shard, todo, workers=cpu_workers(cfg.shard.workers), dask_address=cfg.runtime.dask_address,
-                      desc="shard", unit="img", weights=lambda j: len(j.images)):
+    ran_on = Counter()
+    for _ in map_jobs(write_shard, todo, runtime=cfg.runtime, workers=cpu_workers(cfg.shard.workers), desc="shard",
+                      unit="img", weights=lambda j: len(j.images), ran_on=ran_on):
         out.report_progress(sum(commits.done(j.commit) for j in jobs), len(jobs), "shards")
 
     manifest = pa.concat_tables([pq.read_table(parts / part_name(j, "manifest")) for j in jobs]).cast(MANIFEST_SCHEMA)
@@ -71,6 +73,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         "ignored": listing.ignored,
         "splits": splits,
         "classes": len(listing.synsets),
+        "jobs_ran_on": ran_on_metric(ran_on),
     }
 
 
@@ -107,7 +110,10 @@ def part_name(job: ShardJob, kind: str) -> str:
 
 
 def write_shard(job: ShardJob) -> int:
+    """Write and commit one shard; one already committed (Dask running a job again after a lost worker) is kept."""
     out = Path(job.out_dir)
+    if Commits(out / "commits").done(job.commit):
+        return 0
     name = shard_name(job.split, job.index)
     rows, rejected = [], []
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
@@ -67,16 +69,38 @@ class Manifest(BaseModel):
 
 
 def temp_name(path: Path) -> Path:
-    """`.NAME.tmp-PID-TID`: per process and thread, so no two writers share one, and a cleaner can tell whose
-    (see `temp_owner`)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    """`.NAME.tmp-PID-TID-HOST`: per process and thread, so no two writers share one, and a cleaner on any host of a
+    shared filesystem can tell whose (see `temp_owner`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{writer_host()}")
 
 
-def temp_owner(path: Path) -> int | None:
-    """The pid in a `temp_name`, or None for a name that is not one."""
+class TempOwner(NamedTuple):
+    pid: int
+    host: str | None  # None in a name written before hosts were recorded (then: this host)
+
+
+def temp_owner(path: Path) -> TempOwner | None:
+    """Who writes a `temp_name`, or None for a name that is not one."""
     _, sep, tail = path.name.rpartition(".tmp-")
-    pid = tail.split("-")[0]
-    return int(pid) if sep and path.name.startswith(".") and pid.isdigit() else None
+    pid, _, rest = tail.partition("-")
+    if not (sep and path.name.startswith(".") and pid.isdigit()):
+        return None
+    _, _, host = rest.partition("-")
+    return TempOwner(int(pid), host or None)
+
+
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC  # the inode Linux gives the host's own PID namespace
+
+
+def writer_host() -> str:
+    """This host, as a file-name part: its hostname and, inside a PID namespace of its own (a container sharing the
+    hostname), that namespace, so a PID is only checked where it means that process."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "_"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = INITIAL_PID_NAMESPACE
+    return name if namespace == INITIAL_PID_NAMESPACE else f"{name}+{namespace:x}"
 
 
 def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], fsync: bool = True) -> None:

@@ -116,7 +116,7 @@ def test_a_resumed_fill_runs_only_the_uncommitted_shards_and_counts_progress_wit
     def fill(write):
         return fill_row_store(store, commits, FEATURES, 40, rows_per_shard=8, rows_per_chunk=4,
                               row_shapes={"features": ((3, 4), "float16")}, attrs={}, job=lambda r: r,
-                              write_shard=write, runtime=SimpleNamespace(workers=1, dask_address=None), device="cpu",
+                              write_shard=write, runtime=SimpleNamespace(workers=1, dask_address=None, device="cpu"),
                               desc="test", report_progress=lambda *a: progress.append(a))
 
     with pytest.raises(Killed):

@@ -32,10 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGINT to the process group we started, then SIGKILL if it does not go."""
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """`sig` to the process group we started, then SIGKILL if it does not go."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

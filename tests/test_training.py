@@ -312,7 +312,7 @@ def test_checkpoint_is_written_to_a_dot_tmp_file_then_renamed(tmp_path, monkeypa
     save_checkpoint(tmp_path / "ckpt-00000005.pt", step=5, weights=torch.ones(2))
     (src, dst), = renames
     assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path)
-    assert re.fullmatch(rf"\.ckpt-00000005\.pt\.tmp-{os.getpid()}-\d+", os.path.basename(src))
+    assert re.fullmatch(rf"\.ckpt-00000005\.pt\.tmp-{os.getpid()}-\d+-\S+", os.path.basename(src))  # PID-TID-HOST
     assert load_checkpoint(dst)["step"] == 5
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005.pt"]
 

@@ -55,6 +55,6 @@ def test_a_killed_writer_leaves_only_a_temp_file_that_the_store_sweeps(tmp_path)
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.wait() == 9
     (leftover,) = out.path.iterdir()
-    assert leftover.match(".*.tmp-*") and temp_owner(leftover) == proc.pid  # the sweep's pattern, a dead owner
+    assert leftover.match(".*.tmp-*") and temp_owner(leftover).pid == proc.pid  # the sweep's pattern, a dead owner
     store.open_output("reference", "f" * 64)  # a resumed run opens the output again
     assert list(out.path.iterdir()) == []

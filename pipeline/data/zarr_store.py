@@ -11,6 +11,7 @@ run's; a damaged shard file costs only its shard.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.artifacts import Commits
-from pipeline.parallel import gpu_worker_env, map_jobs
+from pipeline.parallel import map_jobs
 from storage_schemas.success import write_atomic
 from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout
 
@@ -41,28 +42,45 @@ def shard_ranges(n_rows: int, rows_per_shard: int) -> list[ShardRange]:
 
 def fill_row_store(store: Path, commits: Commits, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int,
                    rows_per_chunk: int, row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict,
-                   job: Callable[[ShardRange], Job], write_shard: Callable[[Job], Any], runtime, device: str,
-                   threads: int = 1, desc: str, report_progress: Callable[[int, int, str], None]) -> list[Any]:
+                   job: Callable[[ShardRange], Job], write_shard: Callable[[Job], Any], runtime, threads: int = 1,
+                   desc: str, report_progress: Callable[[int, int, str], None],
+                   ran_on: Counter | None = None) -> list[Any]:
     """Fill a row store shard by shard: create it (unless a resumed run committed shards already), then run
     `write_shard(job(r))` for every shard range r without a commit marker (`write_shard` writes the rows and
-    then the marker), over `runtime.workers` processes (one GPU each, round robin) and `threads` jobs per
-    worker. Returns the results of the jobs run now, in completion order; the caller reduces the commits and
-    validates the store."""
+    then the marker), where `runtime` says (pipeline.parallel.map_jobs: in this process, `runtime.workers`
+    processes with one GPU each, or the cluster at `runtime.dask_address`; each job resolves `runtime.device` where
+    it runs), `threads` jobs per worker. A job whose shard is committed by the time it starts (Dask running it again
+    after a worker was lost) does nothing. Returns the results of the jobs run now, in completion order (`ran_on`
+    counts where they ran); the caller reduces the commits and validates the store."""
     if not commits.any():
         create_row_store(store, layout, n_rows, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk,
                          row_shapes=row_shapes, attrs=attrs)
     ranges = shard_ranges(n_rows, rows_per_shard)
     todo = [r for r in ranges if not commits.done(r.index)]
-    jobs = [job(r) for r in todo]
-    rows = {id(j): r.stop - r.start for j, r in zip(jobs, todo, strict=True)}  # the progress bar's unit
+    jobs = [(r.index, job(r)) for r in todo]
+    rows = {r.index: r.stop - r.start for r in todo}  # the progress bar's unit
     done, results = len(ranges) - len(todo), []
-    for result in map_jobs(write_shard, jobs, workers=runtime.workers, dask_address=runtime.dask_address,
-                           worker_env=gpu_worker_env(device, runtime.workers, runtime.dask_address),
-                           threads=threads, desc=desc, unit="rows", weights=lambda j: rows[id(j)]):
+    for result in map_jobs(UnlessCommitted(write_shard, str(commits.dir)), jobs, runtime=runtime,
+                           device=runtime.device, threads=threads, desc=desc, unit="rows",
+                           weights=lambda j: rows[j[0]], ran_on=ran_on):
         done += 1  # a job commits its shard before it returns: counted here, not re-read from disk every job
         report_progress(done, len(ranges), "shards")
-        results.append(result)
+        if result is not None:
+            results.append(result)
     return results
+
+
+@dataclass(frozen=True)
+class UnlessCommitted:
+    """`write_shard(job)` for a (shard index, job) pair, unless the shard's commit marker exists: the marker is the
+    truth, not which futures Dask believes are done."""
+
+    write_shard: Callable[[Any], Any]
+    commits: str
+
+    def __call__(self, indexed_job: tuple[int, Any]) -> Any:
+        index, job = indexed_job
+        return None if Commits(Path(self.commits)).done(index) else self.write_shard(job)
 
 
 def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int, rows_per_chunk: int,
