@@ -167,6 +167,34 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     assert events.Scalars("train/loss")[-1].step == 12
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_rank_reads_only_its_rows_of_the_features(tmp_path, monkeypatch, world):
+    """fit_src's reader under DDP: rank r reads exactly its slice of each step's global batch (a resumed range of
+    steps, across epochs and shuffle windows); together the ranks' batches are the one-process batches."""
+    import zarr
+
+    from pipeline.data.features import FeatureNormalizer, TrainFeatures
+    from tests.test_train_flow import spy_rows_read
+
+    rows, first, batch = 40, 6, 8  # train rows [6, 46) of a store of 50
+    group = zarr.open_group(str(tmp_path / "features.zarr"), mode="w")
+    group.create_array("features", shape=(50, 3, 4), chunks=(4, 3, 4), dtype="float16")[...] = \
+        np.random.default_rng(0).normal(size=(50, 3, 4)).astype(np.float16)
+    normalizer = FeatureNormalizer(None, torch.ones(4, 1, 3))
+    steps = range(2, 13)
+    one = list(TrainFeatures(group, (first, first + rows), normalizer, batch, 5, 2).batches(steps))
+    read = spy_rows_read(monkeypatch, "features")
+    parts = []
+    for rank in range(world):
+        data = TrainFeatures(group, (first, first + rows), normalizer, batch, 5, 2, rank, world)
+        read.clear()
+        parts.append(list(data.batches(steps)))
+        assert sorted(read) == sorted(first + data.schedule.indices(s)[i] for s in steps for i in range(batch // world))
+        assert data.rows_read == len(steps) * batch // world
+    for step, together in enumerate(zip(*parts, strict=True)):
+        assert torch.equal(torch.cat(together), one[step])
+
+
 def test_a_missing_src_is_a_one_line_error(tmp_path):
     from storage_schemas import SchemaError
 
