@@ -94,7 +94,8 @@ def test_noise_is_applied_in_training_at_the_configured_sigma_only(stores, monke
 
     seen = []
     real = src_module.add_code_noise
-    monkeypatch.setattr(src_module, "add_code_noise", lambda c, sigma, g=None: seen.append(sigma) or real(c, sigma, g))
+    monkeypatch.setattr(src_module, "add_code_noise",
+                        lambda c, sigma, g=None, eps=None: seen.append(sigma) or real(c, sigma, g, eps))
     m = run_pipeline(stores("noise", "src.noise_sigma=0.25", "src.steps=4"), until="fit_src")["fit_src"].metrics
     assert seen == [0.25] * 4  # every training step, at sigma (the report draws its own noise)
     for model in ("src", "pca"):  # the report's noisy rows: codes + 0.25 * eps decode worse
@@ -133,29 +134,29 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     reference = run_pipeline(stores("uninterrupted"), until="fit_src")["fit_src"]
 
     cfg = stores("interrupted")
-    real = fit_src.noise_generator
+    real = fit_src.code_noise
 
     def interrupt_at(crash_step, term_step):
-        def generator(seed, step, device):
+        def noise(seed, step, shape, device):
             if step == crash_step:
                 raise Killed  # mid-training, 3 steps after the checkpoint of step 5
             if step == term_step:
                 os.kill(os.getpid(), signal.SIGTERM)  # StopSignal: checkpoint after this step, then stop
-            return real(seed, step, device)
-        return generator
+            return real(seed, step, shape, device)
+        return noise
 
-    monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(8, None))
+    monkeypatch.setattr(fit_src, "code_noise", interrupt_at(8, None))
     with pytest.raises(Killed):
         run_pipeline(cfg, until="fit_src")
     (p,) = [p for p in plan(cfg) if p.name == "fit_src"]
     assert p.state == "partial" and sorted(f.name for f in (p.path / "checkpoints").iterdir()) == ["ckpt-00000005.pt"]
 
-    monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(None, 9))
+    monkeypatch.setattr(fit_src, "code_noise", interrupt_at(None, 9))
     with pytest.raises(TrainingStopped, match="fit_src: stopped by signal 15 at step 10/12"):
         run_pipeline(cfg, until="fit_src")
     assert (p.path / "checkpoints" / "ckpt-00000010.pt").is_file()
 
-    monkeypatch.setattr(fit_src, "noise_generator", real)
+    monkeypatch.setattr(fit_src, "code_noise", real)
     resumed = run_pipeline(cfg, until="fit_src")["fit_src"]
     a = (resumed.dir / "src.safetensors").read_bytes()
     assert a == (reference.dir / "src.safetensors").read_bytes()

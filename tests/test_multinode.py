@@ -15,10 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import torch.distributed as dist
 
 from pipeline import distributed
+from pipeline.data.features import load_normalizer, open_features, read_features
 from pipeline.distributed import LaunchError, share_job
+from stages.fit_src import load_src
+from stages.runner import run_pipeline
 from tests.conftest import REPO
 from tests.test_prefect import free_port
 from tests.test_train_flow import compress, train, trajectory  # noqa: F401  (compress: the module's codes fixture)
@@ -185,3 +189,36 @@ def test_a_joining_node_with_another_process_count_is_refused_in_one_line(compre
         stop_node(node)
     log = (tmp_path / "node1.log").read_text()
     assert "this node runs 2 processes of a world of 3; start every node with --nproc_per_node=1" in log
+
+
+# --- fit_src --------------------------------------------------------------------------------------------------
+
+
+def test_fit_src_trains_data_parallel_on_one_or_two_nodes(stores, tmp_path):
+    """fit_src under DDP: two nodes of one process give the bytes of one node of two, and both compute what one
+    process computes (the global batch, its rows of one noise draw, the global batch's code statistics) up to
+    the order of float sums: the same codes to 1e-5, where per-rank statistics (BatchNorm without its sync) are
+    7e-4 off. (Weights are not compared one by one: batch normalization cancels encoder.proj_out.bias, so its
+    gradient is pure rounding, which Adam scales up to a random walk of ~lr per step; the calibrated code_mean
+    absorbs it in the codes, and the round trip keeps P_d^T of it, ~1.5e-5 here.)"""
+    learned = ("src.noise_sigma=0.2", "src.steps=8", "src.log_every=4")
+    one = run_pipeline(stores("src-one", *learned), until="fit_src")
+    two = run_pipeline(stores("src-two", *learned, "runtime.nproc=2"), until="fit_src")["fit_src"]
+    port = free_port()
+    node = start_node(static(port, 1), tmp_path / "node1.log")
+    try:
+        nodes = run_pipeline(stores("src-nodes", *learned, rendezvous(static(port, 0))), until="fit_src")["fit_src"]
+        assert node.wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    finally:
+        stop_node(node)
+    assert same_bytes(nodes.dir, two.dir, "src.safetensors") and nodes.metrics == two.metrics
+
+    store = one["encode"].dir / "features.zarr"
+    group, _ = open_features(store)
+    z = load_normalizer(store)(read_features(group, slice(0, 32)))
+    single, parallel = load_src(one["fit_src"]), load_src(two)
+    with torch.no_grad():
+        torch.testing.assert_close(parallel.encode(z), single.encode(z), rtol=0, atol=1e-5)
+        torch.testing.assert_close(parallel(z)[1], single(z)[1], rtol=0, atol=5e-5)  # + P_d^T (that bias's walk)
+    for key in ("src/feature_mse", "src/noisy_feature_mse", "src/psnr_vs_rae"):
+        assert two.metrics[key] == pytest.approx(one["fit_src"].metrics[key], rel=1e-6)
