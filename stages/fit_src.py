@@ -7,7 +7,9 @@
     src.kind learned:  SRC initialised from that PCA, trained on
                        src_loss(z, SRC_dec(SRC_enc(z) + sigma * eps))        (constant noise, one sigma)
                        [+ w * MSE(RAE_dec(z_hat), RAE_dec(z)) through the frozen RAE decoder]
-                       AdamW + EMA + warmup/cosine; checkpoints resume exactly (data position = step)
+                       AdamW + EMA + warmup/cosine; checkpoints resume exactly (data position = step);
+                       torchrun DDP at world size runtime.nproc x nodes (as train_flow), the codes normalized
+                       by the global batch's statistics
     report:            held-out val images: feature MSE / cosine and pixel PSNR of the round trip, clean
                        and at sigma, always beside the PCA at the same d
 

@@ -12,7 +12,8 @@
     resume   checkpoints every train.ckpt_every steps and on SIGTERM / SIGINT: model, EMA, optimizer,
              scheduler, RNG states, the log window; every random draw of step s (data order, view,
              noise, label drop) is a pure function of (train.seed, s), drawn for the global batch, so a
-             resumed run, or W processes (torchrun DDP, runtime.nproc), continue the same trajectory
+             resumed run, or W processes (torchrun DDP: runtime.nproc x the nodes of train.torchrun_args),
+             continue the same trajectory
     output   flow.safetensors (EMA weights) + flow.json (`load_flow`), metrics.jsonl (train NLL and
              bits/dim every train.log_every steps)
     metrics  held-out bits/dim of the EMA flow on the val codes + sigma * eps (fixed noise, seeded by
@@ -148,8 +149,9 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
         metrics.truncate(step)  # lines a killed run logged after its last checkpoint
     schedule = WindowShuffle(data.n, t.batch_size, t.seed, rank, world, block=data.block, window=t.shuffle_window)
     local = slice(rank * schedule.local_batch_size, (rank + 1) * schedule.local_batch_size)
-    # the mean NLL since the last log line: (sum, steps); its sum is a global mean (all ranks agree)
-    window_sum, window_steps = extra.get("window", (0.0, 0))  # this rank's (same world size), else the mean
+    # this rank's NLL since the last log line (sum, steps): the log line is its mean over the ranks; resumed at the
+    # same world size, each rank's own, else the mean
+    window_sum, window_steps = extra.get("window", (0.0, 0))
     window_sum = torch.tensor(window_sum, device=device)
     first_step, started = step, time.perf_counter()
     log.info("train_flow: %d train images x %d views (%s), %d tokens x %d channels, %.2fM params, %s, batch %d",

@@ -3,7 +3,7 @@
     BatchSchedule   every epoch a fresh permutation of the samples; global batch s is cut from the
                     stream of epochs (a pure function of (seed, step): resume needs only the step)
     WindowShuffle   the same stream, with each epoch's permutation chunk-aligned windows shuffled
-                    inside, so that a window is read with whole-chunk reads (codes, features)
+                    inside, so that the rows of a window lie in whole chunks (codes, features)
     step_windows    for each step, the windows its batch reads, the next one read ahead on a thread
 
 Under DDP a rank reads only its own rows of a window (`window_positions`): the positions of the window

@@ -5,7 +5,7 @@ storage_schemas/zarr_layouts.py). The data order is a pure function of (seed, st
 
     WindowShuffle   each epoch: permute blocks of consecutive images (one Zarr inner chunk each; a
                     short last block stays last), cut the block sequence into windows of `window`
-                    images, permute the images inside every window. A window is read as whole
+                    images, permute the images inside every window. A window's rows lie in whole
                     chunks; a window as large as the split is a uniform shuffle. Global batch s =
                     stream positions [s B, (s+1) B) (pipeline/data/batches.py, drop_last=False); rank
                     r takes its slice.

@@ -206,7 +206,7 @@ def read_rows(arr, rows: np.ndarray) -> np.ndarray:
                 f.seek(int(start[run[0]]))
                 target = memoryview(flat[lo + run[0]:lo + run[-1] + 1]).cast("B")
                 if f.readinto(target) != len(target):
-                    raise OSError(f"{path}: shorter than its shard index says (rows {k * unit + run[0]}...)")
+                    raise OSError(f"{path}: shorter than its shard index says (row {rows[lo + run[0]]})")
     return out.astype(arr.dtype, copy=False)
 
 
