@@ -3,7 +3,8 @@
 The launching node is the stage itself (train_flow.run / run_pipeline in this process, as `srcflow run` runs it,
 with `train.torchrun_args`); every other node is started here as `python -m torch.distributed.run ... -m
 pipeline.distributed`, as the README's recipe starts it, and takes the job from the rendezvous. Static rendezvous
-(--master-addr/--master-port) and c10d are both used.
+(--master-addr/--master-port) and c10d are both used. The tests that train through torchrun nodes take 50-60 s of
+CPU each and are marked e2e (`make test`); the launch checks and the job exchange are fast.
 """
 
 import os
@@ -103,6 +104,7 @@ def test_a_joining_node_takes_the_job_from_the_rendezvous_and_one_rendezvous_hol
 # --- train_flow ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_two_nodes_of_one_process_train_to_the_bytes_of_one_node_of_two(compress, world_two, tmp_path):  # noqa: F811
     port = free_port()
     node = start_node(static(port, 1), tmp_path / "node1.log")
@@ -120,6 +122,7 @@ def test_two_nodes_of_one_process_train_to_the_bytes_of_one_node_of_two(compress
     assert "joined" in (tmp_path / "node1.log").read_text()
 
 
+@pytest.mark.e2e
 def test_a_killed_node_fails_the_other_fast_and_the_rerun_resumes_bit_identically(compress, world_two,  # noqa: F811
                                                                                   tmp_path):
     out, killed_at = tmp_path / "out", tmp_path / "killed_at"
@@ -194,6 +197,7 @@ def test_a_joining_node_with_another_process_count_is_refused_in_one_line(compre
 # --- fit_src --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_fit_src_trains_data_parallel_on_one_or_two_nodes(stores, tmp_path):
     """fit_src under DDP: two nodes of one process give the bytes of one node of two, and both compute what one
     process computes (the global batch, its rows of one noise draw, the global batch's code statistics) up to
