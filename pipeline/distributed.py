@@ -148,7 +148,8 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     find_unused_parameters=True, for exact resume: by default DDP rebuilds its gradient buckets after the first
     iteration of each process, in the order the gradients became ready, so a process resumed at step s would
     all-reduce step s's gradients in the first iteration's layout while the uninterrupted run used the rebuilt
-    one, and with 3 or more ranks a sum in another order rounds differently (max |d| 5e-5 at world size 4).
+    one, and with 3 or more ranks a sum in another order rounds differently (weights off by up to 5e-5 at
+    world size 4).
     With it DDP keeps one bucket layout, reversed parameter order, for the whole run, at the cost of one walk
     of the autograd graph per step (every parameter is used, so none is ever skipped)."""
     if world_size() == 1:

@@ -453,7 +453,7 @@ def _resume_at_world_four(rank, pg_file, ckpt_dir, results):
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 def test_ddp_resumed_at_world_size_four_is_bit_identical_and_each_rank_gets_its_own_state(tmp_path):
     """DDP rebuilds its gradient buckets after a process's first step unless told otherwise; a resumed process then
-    sums that step's gradients in another order than the uninterrupted one (3e-8 here, 5e-5 on a flow)."""
+    sums that step's gradients in another order than the uninterrupted one (3e-8 here, up to 5e-5 on a flow)."""
     results = mp.Manager().dict()
     mp.start_processes(_resume_at_world_four, args=(str(tmp_path / "pg"), str(tmp_path / "ckpt"), results), nprocs=4,
                        start_method="fork")
