@@ -286,9 +286,12 @@ class TrainConfig(Section):
                                                   "auto: on CUDA, off on CPU")
     activation_checkpointing: bool = operational(False, "recompute each transformer layer's activations in the "
                                                  "backward pass (less memory for larger flows, ~1/3 more compute)")
-    torchrun_args: list[str] | None = operational(None, "torchrun rendezvous arguments replacing --standalone "
-                                                  "(multi-node), e.g. [--nnodes=2, --node-rank=0, "
-                                                  "--rdzv-backend=c10d, --rdzv-endpoint=HEAD:29500]")
+    torchrun_args: list[str] | None = operational(None, "torchrun rendezvous arguments of the training stages "
+                                                  "(fit_src, train_flow) replacing --standalone (multi-node), "
+                                                  "e.g. [--nnodes=2, --node-rank=0, --master-addr=HEAD, "
+                                                  "--master-port=29500]; the world size is --nnodes x "
+                                                  "runtime.nproc; the other nodes join (README, Multi-node "
+                                                  "training)")
 
 
 class SampleConfig(Section):
@@ -383,6 +386,15 @@ class Config(Section):
             raise ValueError("reference.kind=adm_npz: ADM's reference batch holds all 1,000 ImageNet classes, but "
                              "data.classes selects a subset; samples of the subset would be scored against all "
                              "classes: use reference.kind=train (the subset's own train images)")
+        nodes = torchrun_nodes(self.train.torchrun_args)
+        world = self.runtime.nproc * nodes
+        batches = [("train.batch_size", self.train.batch_size)]
+        batches += [("src.batch_size", self.src.batch_size)] if self.src.kind == "learned" else []
+        for key, batch in batches:
+            if batch % world:
+                raise ValueError(f"{key}={batch} does not split over the world size {world} (runtime.nproc="
+                                 f"{self.runtime.nproc} x {nodes} node(s) of train.torchrun_args); use a multiple "
+                                 f"of {world}")
         channels = self.encoder.arch.embed_dim or 768  # DINOv2-B
         if self.src.dim > channels:
             raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "
@@ -401,6 +413,28 @@ class Config(Section):
                              "would decode codes at a noise level it never saw; leave flow.noise_sigma null (= "
                              "src.noise_sigma), or set flow.allow_noise_mismatch=true for an ablation")
         return self
+
+
+def torchrun_nodes(args: list[str] | None) -> int:
+    """The node count of train.torchrun_args (`--nnodes N` or `--nnodes=N`; 1 without). ValueError, naming the
+    key, for what a training stage cannot run: an elastic range MIN:MAX (the world size, which splits the global
+    batch, must stay fixed), --nproc-per-node (runtime.nproc sets it), --standalone with several nodes."""
+    args = list(args or [])
+    nodes = "1"
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--nproc-per-node", "--nproc_per_node"):
+            raise ValueError(f"train.torchrun_args: {arg} is set by runtime.nproc (processes per node); leave it out")
+        if name == "--nnodes":
+            nodes = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    low, _, high = nodes.partition(":")
+    if not low.isdigit() or int(low) < 1 or (high and high != low):
+        raise ValueError(f"train.torchrun_args: --nnodes {nodes!r} must be a fixed node count (an elastic range "
+                         f"would change the world size that splits the global batch)")
+    if int(low) > 1 and "--standalone" in args:
+        raise ValueError(f"train.torchrun_args: --standalone is one node, but --nnodes is {low}; give the "
+                         f"rendezvous instead (--master-addr/--master-port or --rdzv-backend=c10d)")
+    return int(low)
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ Each stage writes its own readable loop; this module only holds the pieces that 
     save_safetensors(ema.module, out / "ema.safetensors", metadata={...})
 
 Resume contract: a checkpoint holds model, EMA, optimizer, scheduler, every rank's RNG state and
-`step`; the data order is a pure function of (seed, step) (BatchSchedule), so a run resumed at
-step s replays exactly what an uninterrupted run would have done (same world size).
+`step`; the data order is a pure function of (seed, step) (BatchSchedule), and DDP keeps one gradient
+bucket layout for the whole run (distributed.data_parallel), so a run resumed at step s replays bit for
+bit what an uninterrupted run would have done at the same world size, on any number of nodes.
 Nothing here knows about Zarr or Prefect; DDP is only unwrapped (`.module`) and, when a process
 group is up, used to gather RNG states and to agree on a stop.
 """
@@ -236,8 +237,9 @@ class Checkpointer:
     """Periodic training checkpoints `ckpt-{step:08d}.pt` in `directory`, keeping the newest `keep`.
 
     `step` counts optimizer steps taken. save() and restore() are called on every rank: save gathers
-    each rank's RNG state (a collective when a process group is up) and rank 0 writes; restore reads
-    the newest file on every rank and puts back this rank's RNG state (when the world size matches).
+    each rank's RNG state and `rank_extra` (a collective when a process group is up) and rank 0 writes;
+    restore reads the newest file on every rank and puts back this rank's RNG state and returns its
+    rank_extra merged over `extra` (when the world size matches; else `extra` alone).
     """
 
     PATTERN = re.compile(r"ckpt-(\d{8,})\.pt")
@@ -262,27 +264,31 @@ class Checkpointer:
         return found[-1] if found else None
 
     def save(self, step: int, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
-             scheduler=None, extra: dict | None = None) -> Path:
+             scheduler=None, extra: dict | None = None, rank_extra: dict | None = None) -> Path:
+        """`extra`: rank 0's plain values; `rank_extra`: each rank's own (e.g. its share of a running sum)."""
         _check_plain(extra or {}, "extra")
-        rngs = [None] * world_size()
+        _check_plain(rank_extra or {}, "rank_extra")
+        mine = (rng_state(), rank_extra or {})
+        gathered = [None] * world_size()
         if world_size() > 1:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(gathered, mine)
         else:
-            rngs[0] = rng_state()
+            gathered[0] = mine
         path = self.directory / f"ckpt-{step:08d}.pt"
         if rank() == 0:
             save_checkpoint(path, step=step, model=unwrap(model).state_dict(),
                             ema=ema.state_dict() if ema is not None else None,
                             optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict() if scheduler is not None else None,
-                            rng=rngs, extra=extra or {})
+                            rng=[r for r, _ in gathered], rank_extra=[e for _, e in gathered], extra=extra or {})
             for old in self.checkpoints()[:-self.keep]:
                 old.unlink(missing_ok=True)
         return path
 
     def restore(self, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer | None,
                 scheduler=None) -> tuple[int, dict]:
-        """Load the newest checkpoint into the given objects; (step, extra), or (0, {}) when there is none."""
+        """Load the newest checkpoint into the given objects; (step, extra with this rank's rank_extra over it),
+        or (0, {}) when there is none."""
         path = self.latest()
         if path is None:
             return 0, {}
@@ -297,9 +303,10 @@ class Checkpointer:
                 scheduler.load_state_dict(state["scheduler"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: does not fit this run ({str(e).strip().splitlines()[0]})") from e
-        if len(state["rng"]) == world_size():
-            set_rng_state(state["rng"][rank()])
-        return state["step"], state["extra"]
+        if len(state["rng"]) != world_size():
+            return state["step"], state["extra"]
+        set_rng_state(state["rng"][rank()])
+        return state["step"], {**state["extra"], **state.get("rank_extra", [{}] * world_size())[rank()]}
 
 
 def _check_plain(value, where: str) -> None:

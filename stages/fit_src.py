@@ -7,7 +7,9 @@
     src.kind learned:  SRC initialised from that PCA, trained on
                        src_loss(z, SRC_dec(SRC_enc(z) + sigma * eps))        (constant noise, one sigma)
                        [+ w * MSE(RAE_dec(z_hat), RAE_dec(z)) through the frozen RAE decoder]
-                       AdamW + EMA + warmup/cosine; checkpoints resume exactly (data position = step)
+                       AdamW + EMA + warmup/cosine; checkpoints resume exactly (data position = step);
+                       torchrun DDP at world size runtime.nproc x nodes (as train_flow), the codes normalized
+                       by the global batch's statistics
     report:            held-out val images: feature MSE / cosine and pixel PSNR of the round trip, clean
                        and at sigma, always beside the PCA at the same d
 
@@ -31,8 +33,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from pipeline import distributed
 from pipeline.artifacts import StageOutput
-from pipeline.config import Config
+from pipeline.config import Config, config_dict, validate_config
 from pipeline.curves import Curves
 from pipeline.data.features import (
     FeatureNormalizer,
@@ -69,9 +72,10 @@ from pipeline.training import (
 )
 from stages.fit_decoder import load_decoder
 from storage_schemas.model_files import model_info, read_model_info
-from storage_schemas.success import Manifest, write_atomic
+from storage_schemas.success import Manifest, read_manifest, write_atomic
 
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
+WORKER = "stages.fit_src:train_worker"
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
 GRID_IMAGES = 8
 WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 rows, 6.4 GB of fp16 features)
@@ -96,11 +100,17 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         src = pca_src
         save_src(src, cfg, upstream, out.path)
     else:
-        decoder = load_decoder(cfg, upstream, device) if cfg.src.pixel_loss_weight > 0 else None
-        data = TrainFeatures(group, train, normalizer, cfg.src.batch_size, cfg.src.seed, WINDOW_BATCHES)
-        grid_decoder = functools.cache(lambda: decoder if decoder is not None else load_decoder(cfg, upstream, device))
-        src = train_src(cfg, pca, data, decoder, normalizer, device, out, grid_decoder)
-        save_src(src, cfg, upstream, out.path)
+        if distributed.job_size(cfg.runtime.nproc, cfg.train.torchrun_args)[1] > 1:
+            payload = {"config": config_dict(cfg), "out": str(out.path), "fingerprint": out.fingerprint,
+                       "upstream": {name: str(m.dir) for name, m in upstream.items()}}
+            try:
+                distributed.launch(WORKER, payload, cfg.runtime.nproc, out.path / "launch", device=cfg.runtime.device,
+                                   torchrun_args=cfg.train.torchrun_args)
+            except distributed.LaunchStopped as e:
+                raise TrainingStopped(f"fit_src: {e}; the last checkpoint is kept, run again to resume") from None
+        else:
+            fit_learned(cfg, upstream, out, device)
+        src = load_src(out.path, "cpu")
     shutil.rmtree(out.path / "checkpoints", ignore_errors=True)  # the weights are written: done with them
 
     report = reconstruction_report(cfg, upstream, group, attrs, normalizer, {"src": src, "pca": pca_src}, device,
@@ -185,28 +195,67 @@ def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
 # --- the learned SRC (SRC-FLOW.md "Learned SRC", "Constant-noise regularization") -----------------
 
 
+def train_worker(payload: dict) -> None:
+    """torchrun entry (pipeline.distributed, in the process group): train the learned SRC; rank 0 writes."""
+    cfg = validate_config(payload["config"], source="fit_src launch payload")
+    distributed.worker_logging(cfg.runtime.log_level, cfg.runtime.progress)
+    upstream = {name: read_manifest(Path(d)) for name, d in payload["upstream"].items()}
+    out = StageOutput("fit_src", payload["fingerprint"], Path(payload["out"]))
+    fit_learned(cfg, upstream, out, resolve_device(cfg.runtime.device))
+
+
+def fit_learned(cfg: Config, upstream: dict[str, Manifest], out: StageOutput, device: torch.device) -> None:
+    """Train the learned SRC from the PCA in out.path (in one process, or in every torchrun worker, each on its
+    share of the global batch); rank 0 calibrates the EMA model's code statistics and writes it (save_src)."""
+    s = cfg.src
+    store = upstream["encode"].dir / "features.zarr"
+    group, attrs = open_features(store)
+    normalizer = load_normalizer(store, cfg.encode.stats, cfg.encode.stats_file)
+    train = tuple(attrs["splits"]["train"])
+    decoder = load_decoder(cfg, upstream, device) if s.pixel_loss_weight > 0 else None
+    data = TrainFeatures(group, train, normalizer, s.batch_size, s.seed, WINDOW_BATCHES, distributed.rank(),
+                         distributed.world_size())
+    grid_decoder = functools.cache(lambda: decoder if decoder is not None else load_decoder(cfg, upstream, device))
+    ema = train_src(cfg, load_pca(out.path / PCA_FILE), data, decoder, normalizer, device, out, grid_decoder)
+    if distributed.rank() == 0:  # over the rows of the first window, as one process reads them
+        whole = TrainFeatures(group, train, normalizer, s.batch_size, s.seed, WINDOW_BATCHES)
+        save_src(calibrate_code_statistics(ema, whole, device), cfg, upstream, out.path)
+    distributed.barrier()
+
+
 def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normalizer: FeatureNormalizer,
               device: torch.device, out: StageOutput, grid_decoder: Callable) -> SRC:
     """The training loop; returns the EMA model. The data order and the code noise are pure functions of
-    (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one."""
+    (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one.
+    Under DDP each rank trains on its slice of the global batch (its rows, its rows of the global noise draw)
+    and the codes are normalized with the global batch's statistics (distributed.global_moments), so W
+    processes compute what one does, up to the order of float sums."""
     s = cfg.src
+    rank = distributed.rank()
+    size = distributed.current_world_text(cfg.runtime.nproc, cfg.train.torchrun_args)
     seed_all(s.seed)
     model = SRC.from_pca(pca, dim=s.dim, num_tokens=data.features.shape[1], **src_arch(cfg)).to(device).train()
+    model.batch_moments = distributed.global_moments
     ema = EMA(model, s.ema_decay)
+    forward = distributed.data_parallel(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = warmup_cosine(optimizer, min(s.warmup_steps, s.steps), s.steps)
     checkpoints = Checkpointer(out.path / "checkpoints", every=s.ckpt_every)
     step, _ = checkpoints.restore(model, ema, optimizer, scheduler)
     if step:
         log.info("fit_src: resumed at step %d from %s", step, checkpoints.latest())
+    log.info("fit_src: %d train rows, batch %d, %s", data.schedule.n, s.batch_size, size)
+    local = slice(rank * data.schedule.local_batch_size, (rank + 1) * data.schedule.local_batch_size)
+    codes_shape = (s.batch_size, data.features.shape[1], s.dim)
 
     with StopSignal() as stop, progress("fit_src", s.steps - step, "steps") as meter, \
-            Curves(out.path, step, images_per_step=s.batch_size) as curves, \
+            Curves(out.path, step, images_per_step=s.batch_size, enabled=rank == 0) as curves, \
             closing(data.batches(range(step, s.steps))) as batches:  # the next batch assembled while one trains
         for z in batches:
             z = z.to(device, non_blocking=True)
+            eps = code_noise(s.seed, step, codes_shape, device)[local] if s.noise_sigma else None
             with autocast(device):
-                _, z_hat = model(z, s.noise_sigma, noise_generator(s.seed, step, device))
+                _, z_hat = forward(z, s.noise_sigma, eps=eps)
                 loss, parts = src_loss(z, z_hat, s.cosine_weight)
                 if decoder is not None:
                     parts["pixel"] = pixel_loss(decoder, normalizer, z, z_hat)
@@ -218,21 +267,22 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
             step += 1
             meter.advance()
             if step % s.log_every == 0 or step == s.steps:
-                log.info("fit_src: step %d/%d loss %.4f %s", step, s.steps, loss.item(),
-                         " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()))
-                out.report_progress(step, s.steps, "steps")
-                curves.scalars(step, loss=loss.item(), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
-                               **{k: v.item() for k, v in parts.items()})
-            if step % s.image_every == 0:
+                values = {k: distributed.all_reduce_mean(v.detach()).item() for k, v in {"loss": loss, **parts}.items()}
+                log.info("fit_src: step %d/%d %s", step, s.steps, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                if rank == 0:
+                    out.report_progress(step, s.steps, "steps")
+                curves.scalars(step, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), **values)
+            if step % s.image_every == 0 and rank == 0:
                 curves.image("reconstructions", step, reconstruction_grid(ema.module, grid_decoder(), normalizer,
                                                                            z[:GRID_IMAGES]))
-            if checkpoints.due(step) or stop.agreed(device):
+            stopping = stop.agreed(device)  # a signal on any rank stops every rank at this step
+            if checkpoints.due(step) or stopping:
                 path = checkpoints.save(step, model, ema, optimizer, scheduler)
-                if stop.requested:
-                    raise TrainingStopped(f"fit_src: stopped by signal {stop.signum} at step {step}/{s.steps}; "
-                                          f"checkpoint {path} written, run again to resume")
+                if stopping:
+                    raise TrainingStopped(f"fit_src: stopped by signal {stop.signum} at step {step}/{s.steps} "
+                                          f"({size}); checkpoint {path} written, run again to resume")
         curves.write_loss_png("fit_src: feature loss")
-    return calibrate_code_statistics(ema.module, data, device)
+    return ema.module
 
 
 @torch.no_grad()
@@ -256,9 +306,11 @@ def calibrate_code_statistics(model: SRC, data: TrainFeatures, device: torch.dev
     return model
 
 
-def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The code noise eps of step `step`: its own generator, so resuming needs nothing but the step."""
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step, bits=32))
+def code_noise(seed: int, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The code noise eps of the global batch at `step` (each rank keeps its rows): its own generator, so
+    resuming needs nothing but the step."""
+    generator = torch.Generator(device=device).manual_seed(step_seed(seed, step, bits=32))
+    return torch.randn(shape, generator=generator, device=device)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@
     resume   checkpoints every train.ckpt_every steps and on SIGTERM / SIGINT: model, EMA, optimizer,
              scheduler, RNG states, the log window; every random draw of step s (data order, view,
              noise, label drop) is a pure function of (train.seed, s), drawn for the global batch, so a
-             resumed run, or W processes (torchrun DDP, runtime.nproc), continue the same trajectory
+             resumed run, or W processes (torchrun DDP: runtime.nproc x the nodes of train.torchrun_args),
+             continue the same trajectory
     output   flow.safetensors (EMA weights) + flow.json (`load_flow`), metrics.jsonl (train NLL and
              bits/dim every train.log_every steps)
     metrics  held-out bits/dim of the EMA flow on the val codes + sigma * eps (fixed noise, seeded by
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from contextlib import closing
@@ -50,7 +50,6 @@ from pipeline.images import grid_image
 from pipeline.models.configured import flow_arch
 from pipeline.models.flow import TARFlow, bits_per_dim
 from pipeline.progress import progress
-from pipeline.progress import set_mode as set_progress_mode
 from pipeline.training import (
     EMA,
     Checkpointer,
@@ -80,10 +79,10 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     if not (out.path / WEIGHTS).is_file():  # else: a rerun after training finished (e.g. killed in the evaluation)
         payload = {"config": config_dict(cfg), "codes": str(codes), "out": str(out.path),
                    "codes_fingerprint": upstream["compress"].fingerprint}
-        if cfg.runtime.nproc > 1:
+        if distributed.job_size(cfg.runtime.nproc, cfg.train.torchrun_args)[1] > 1:
             relay = MetricsRelay(out.path / METRICS, cfg.train.steps, out)
             try:
-                distributed.launch(WORKER, payload, cfg.runtime.nproc, out.path / "launch",
+                distributed.launch(WORKER, payload, cfg.runtime.nproc, out.path / "launch", device=cfg.runtime.device,
                                    torchrun_args=cfg.train.torchrun_args, on_poll=relay)
             except distributed.LaunchStopped as e:
                 raise TrainingStopped(f"train_flow: {e}; the last checkpoint is kept, run again to resume") from None
@@ -116,15 +115,11 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
 
 
 def train_worker(payload: dict) -> None:
-    """torchrun entry (pipeline.distributed): join the process group and train; rank 0 writes."""
+    """torchrun entry (pipeline.distributed, in the process group): train; rank 0 writes."""
     cfg = validate_config(payload["config"], source="train_flow launch payload")
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=cfg.runtime.log_level if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(name)s rank {rank}: %(message)s")
-    set_progress_mode(cfg.runtime.progress if rank == 0 else False)
-    device = resolve_device(cfg.runtime.device)
-    distributed.init_process_group(device)
-    train(cfg, Path(payload["codes"]), Path(payload["out"]), device, payload["codes_fingerprint"], None)
+    distributed.worker_logging(cfg.runtime.log_level, cfg.runtime.progress)
+    train(cfg, Path(payload["codes"]), Path(payload["out"]), resolve_device(cfg.runtime.device),
+          payload["codes_fingerprint"], None)
 
 
 def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_fingerprint: str,
@@ -134,6 +129,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
     metrics.jsonl to the log and the progress file."""
     t, f = cfg.train, cfg.flow
     rank, world = distributed.rank(), distributed.world_size()
+    size = distributed.current_world_text(cfg.runtime.nproc, cfg.train.torchrun_args)
     data = TrainCodes(codes, t.in_memory_limit_gb)
     seed_all(t.seed)
     flow = TARFlow(**flow_arch(cfg, data.tokens, data.channels, data.num_classes)).to(device).train()
@@ -153,13 +149,14 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
         metrics.truncate(step)  # lines a killed run logged after its last checkpoint
     schedule = WindowShuffle(data.n, t.batch_size, t.seed, rank, world, block=data.block, window=t.shuffle_window)
     local = slice(rank * schedule.local_batch_size, (rank + 1) * schedule.local_batch_size)
-    # the mean NLL since the last log line: (sum, steps); its sum is a global mean (all ranks agree)
+    # this rank's NLL since the last log line (sum, steps): the log line is its mean over the ranks; resumed at the
+    # same world size, each rank's own, else the mean
     window_sum, window_steps = extra.get("window", (0.0, 0))
     window_sum = torch.tensor(window_sum, device=device)
     first_step, started = step, time.perf_counter()
-    log.info("train_flow: %d train images x %d views (%s), %d tokens x %d channels, %.2fM params, %d process(es), "
-             "batch %d", data.n, data.views, "in memory" if data.in_memory else "streamed", data.tokens,
-             data.channels, sum(p.numel() for p in flow.parameters()) / 1e6, world, t.batch_size)
+    log.info("train_flow: %d train images x %d views (%s), %d tokens x %d channels, %.2fM params, %s, batch %d",
+             data.n, data.views, "in memory" if data.in_memory else "streamed", data.tokens, data.channels,
+             sum(p.numel() for p in flow.parameters()) / 1e6, size, t.batch_size)
 
     grid = sample_grid(cfg, codes_fingerprint, device, data) if rank == 0 else None
     data_wait = 0.0  # seconds the step waited for its batch
@@ -202,17 +199,20 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
                 curves.image("samples", step, grid(ema.module))
             stopping = stop.agreed(device)  # a signal on any rank stops every rank at this step
             if checkpoints.due(step) or stopping:
-                window = [distributed.all_reduce_mean(window_sum).item(), window_steps]
-                path = checkpoints.save(step, flow, ema, optimizer, scheduler, extra={"window": window})
+                mean = [distributed.all_reduce_mean(window_sum).item(), window_steps]
+                path = checkpoints.save(step, flow, ema, optimizer, scheduler, extra={"window": mean},
+                                        rank_extra={"window": [window_sum.item(), window_steps]})
                 if stopping:
-                    raise TrainingStopped(f"train_flow: stopped by a signal at step {step}/{t.steps}; "
+                    raise TrainingStopped(f"train_flow: stopped by a signal at step {step}/{t.steps} ({size}); "
                                           f"checkpoint {path} written, run again to resume")
         curves.write_loss_png("train_flow: NLL per dimension (nats)")
     elapsed = time.perf_counter() - started
+    rows_read = distributed.gather(data.rows_read)  # per rank: its share of the rows, or the split held in memory
 
     if rank == 0:
         last = metrics.last() or {}
-        summary = {"steps": t.steps, "world_size": world, "train_nll": last.get("nll"),
+        summary = {"steps": t.steps, "world_size": world, "rows_read_per_rank": rows_read,
+                   "train_nll": last.get("nll"),
                    "train_bits_per_dim": last.get("bits_per_dim"),
                    "train_seconds": round(elapsed, 3), "steps_per_s": (step - first_step) / max(elapsed, 1e-9),
                    "data_wait_fraction": data_wait / max(elapsed, 1e-9),
@@ -221,9 +221,6 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
         write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
         save_flow(ema.module, cfg, data, codes, codes_fingerprint, out_dir)
     distributed.barrier()
-
-
-
 
 
 def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data: TrainCodes):
@@ -253,6 +250,7 @@ def sample_grid(cfg: Config, codes_fingerprint: str, device: torch.device, data:
         return grid_image(decode(codes.float(), src, normalizer, decoder, device)[0], ncol=GRID_IMAGES)
 
     return grid
+
 
 def step_noise(seed: int, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """eps of the global batch at `step` (each rank keeps its slice): a pure function of (seed, step)."""

@@ -41,3 +41,17 @@ def test_gpu_benchmark_script_runs_on_cpu_at_smoke_size(tmp_path):
     assert sample["kv_two_pass"]["max_abs_diff"] < 1e-6  # batched CFG = two-pass CFG
     assert sample["jacobi"]["max_abs_diff"] < 1e-2 and sample["kv_vs_naive"] > 0
     assert set(sample["jacobi_per_block"]) == {"0", "1"} and sample["jacobi"]["passes_per_block"]["0"] >= 2
+
+
+@pytest.mark.e2e
+def test_ddp_benchmark_times_both_bucket_layouts_and_a_ranks_window_read():
+    proc = subprocess.run([sys.executable, "benchmarks/ddp.py", "--config", "configs/smoke.yaml", "--blocks", "1",
+                           "--steps-per-block", "1", "--reader-images", "256", "--reader-worlds", "1", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["world_size"] == 2 and report["step_seconds_default"] > 0 and report["step_seconds_find_unused"] > 0
+    reader = report["reader"]
+    assert reader["window"] == 256 and [reader["per_world"][w]["rows"] for w in ("1", "4")] == [256, 64]
+    assert all(w["whole_window_rows"] == 512 and w["seconds"] > 0 for w in reader["per_world"].values())

@@ -120,12 +120,29 @@ def test_fit_decoder_grad_clip_and_the_curve_keys_keep_stored_fingerprints_at_th
     ("sample.solver=newton", "sample.solver"), ("sample.jacobi_chunk=0", "sample.jacobi_chunk"),
     ("sample.jacobi_tol=-1", "sample.jacobi_tol"), ("train.compile=maybe", "train.compile"),
     ("encode.decode=turbo", "encode.decode"), ("fit_decoder.image_every=0", "fit_decoder.image_every"),
+    ("train.torchrun_args=[--nnodes=1:4]", "train.torchrun_args"),
+    ("train.torchrun_args=[--nproc-per-node=8]", "train.torchrun_args"),
+    ("train.torchrun_args=[--standalone,--nnodes=2]", "train.torchrun_args"),
+    ("train.torchrun_args=[--nnodes=3]", "train.batch_size"), ("runtime.nproc=3", "train.batch_size"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(SMOKE, [override])
     msg = str(e.value)
     assert "\n" not in msg and key in msg, msg
+
+
+def test_the_world_size_is_nodes_times_processes_and_splits_every_trained_batch():
+    from pipeline.config import torchrun_nodes
+
+    assert torchrun_nodes(None) == 1 and torchrun_nodes(["--nnodes", "4", "--node-rank=1"]) == 4
+    assert torchrun_nodes(["--nnodes=2:2", "--rdzv-backend=c10d"]) == 2
+    two_nodes = "train.torchrun_args=[--nnodes=2,--node-rank=0,--master-addr=HEAD,--master-port=29500]"
+    load_config(SMOKE, ["runtime.nproc=2", two_nodes, "train.batch_size=64", "src.batch_size=32"])  # world 4
+    with pytest.raises(ConfigError, match=r"src.batch_size=30 does not split over the world size 4 \(runtime.nproc=2 "
+                                          r"x 2 node\(s\) of train.torchrun_args\)"):
+        load_config(SMOKE, ["runtime.nproc=2", two_nodes, "train.batch_size=64", "src.batch_size=30"])
+    load_config(SMOKE, ["runtime.nproc=2", two_nodes, "src.kind=pca", "src.batch_size=30"])  # pca: no training
 
 
 def test_an_unknown_stage_for_force_is_one_line_naming_the_stages(tmp_path, tiny_root):

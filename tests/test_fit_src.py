@@ -97,7 +97,8 @@ def test_noise_is_applied_in_training_at_the_configured_sigma_only(stores, monke
 
     seen = []
     real = src_module.add_code_noise
-    monkeypatch.setattr(src_module, "add_code_noise", lambda c, sigma, g=None: seen.append(sigma) or real(c, sigma, g))
+    monkeypatch.setattr(src_module, "add_code_noise",
+                        lambda c, sigma, g=None, eps=None: seen.append(sigma) or real(c, sigma, g, eps))
     m = run_pipeline(stores("noise", "src.noise_sigma=0.25", "src.steps=4"), until="fit_src")["fit_src"].metrics
     assert seen == [0.25] * 4  # every training step, at sigma (the report draws its own noise)
     assert m["decoder_noise_sigma"] == 0.25  # the learned SRC decoder trained at that sigma
@@ -137,29 +138,29 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     reference = run_pipeline(stores("uninterrupted"), until="fit_src")["fit_src"]
 
     cfg = stores("interrupted")
-    real = fit_src.noise_generator
+    real = fit_src.code_noise
 
     def interrupt_at(crash_step, term_step):
-        def generator(seed, step, device):
+        def noise(seed, step, shape, device):
             if step == crash_step:
                 raise Killed  # mid-training, 3 steps after the checkpoint of step 5
             if step == term_step:
                 os.kill(os.getpid(), signal.SIGTERM)  # StopSignal: checkpoint after this step, then stop
-            return real(seed, step, device)
-        return generator
+            return real(seed, step, shape, device)
+        return noise
 
-    monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(8, None))
+    monkeypatch.setattr(fit_src, "code_noise", interrupt_at(8, None))
     with pytest.raises(Killed):
         run_pipeline(cfg, until="fit_src")
     (p,) = [p for p in plan(cfg) if p.name == "fit_src"]
     assert p.state == "partial" and sorted(f.name for f in (p.path / "checkpoints").iterdir()) == ["ckpt-00000005.pt"]
 
-    monkeypatch.setattr(fit_src, "noise_generator", interrupt_at(None, 9))
+    monkeypatch.setattr(fit_src, "code_noise", interrupt_at(None, 9))
     with pytest.raises(TrainingStopped, match="fit_src: stopped by signal 15 at step 10/12"):
         run_pipeline(cfg, until="fit_src")
     assert (p.path / "checkpoints" / "ckpt-00000010.pt").is_file()
 
-    monkeypatch.setattr(fit_src, "noise_generator", real)
+    monkeypatch.setattr(fit_src, "code_noise", real)
     resumed = run_pipeline(cfg, until="fit_src")["fit_src"]
     a = (resumed.dir / "src.safetensors").read_bytes()
     assert a == (reference.dir / "src.safetensors").read_bytes()
@@ -169,6 +170,34 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     assert {"train/loss", "train/mse", "train/cosine", "train/lr", "train/grad_norm",
             "train/images_per_s"} <= set(events.Tags()["scalars"])
     assert events.Scalars("train/loss")[-1].step == 12
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_rank_reads_only_its_rows_of_the_features(tmp_path, monkeypatch, world):
+    """fit_src's reader under DDP: rank r reads exactly its slice of each step's global batch (a resumed range of
+    steps, across epochs and shuffle windows); together the ranks' batches are the one-process batches."""
+    import zarr
+
+    from pipeline.data.features import FeatureNormalizer, TrainFeatures
+    from tests.test_train_flow import spy_rows_read
+
+    rows, first, batch = 40, 6, 8  # train rows [6, 46) of a store of 50
+    group = zarr.open_group(str(tmp_path / "features.zarr"), mode="w")
+    group.create_array("features", shape=(50, 3, 4), chunks=(4, 3, 4), dtype="float16")[...] = \
+        np.random.default_rng(0).normal(size=(50, 3, 4)).astype(np.float16)
+    normalizer = FeatureNormalizer(None, torch.ones(4, 1, 3))
+    steps = range(2, 13)
+    one = list(TrainFeatures(group, (first, first + rows), normalizer, batch, 5, 2).batches(steps))
+    read = spy_rows_read(monkeypatch, "features")
+    parts = []
+    for rank in range(world):
+        data = TrainFeatures(group, (first, first + rows), normalizer, batch, 5, 2, rank, world)
+        read.clear()
+        parts.append(list(data.batches(steps)))
+        assert sorted(read) == sorted(first + data.schedule.indices(s)[i] for s in steps for i in range(batch // world))
+        assert data.rows_read == len(steps) * batch // world
+    for step, together in enumerate(zip(*parts, strict=True)):
+        assert torch.equal(torch.cat(together), one[step])
 
 
 def test_a_missing_src_is_a_one_line_error(tmp_path):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,13 +17,15 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import zarr
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.artifacts import StageOutput
 from pipeline.config import load_config
 from pipeline.curves import read_scalars
+from pipeline.data import zarr_store
 from pipeline.data.batches import WindowShuffle
-from pipeline.data.codes import TrainCodes, code_batches
+from pipeline.data.codes import TrainCodes, code_batches, view_choice
 from pipeline.data.zarr_store import create_row_store, write_rows, write_small_array
 from pipeline.training import TrainingStopped
 from stages import train_flow
@@ -135,6 +138,103 @@ def test_streamed_windows_give_the_same_batches_as_codes_held_in_memory(compress
         assert [r // VIEWS for r in rows] == images.tolist()  # the scheduled images, one view each
         views_seen |= {r % VIEWS for r in rows}
     assert views_seen == {0, 1}
+
+
+def spy_rows_read(monkeypatch, name: str) -> list[int]:
+    """The rows of Zarr array `name` read from now on, through Zarr (slices and index arrays of the first axis) or
+    zarr_store.read_rows, in any thread, each read counted once however the calls nest; a list, to compare as a
+    multiset."""
+    from pipeline.data import codes, features
+
+    rows, inside = [], threading.local()
+
+    def spying(method):
+        def read(arr, selection, *args, **kwargs):
+            outer = not getattr(inside, "active", False)
+            if outer and arr.basename == name:
+                first = selection[0] if isinstance(selection, tuple) else selection
+                if isinstance(first, slice):
+                    rows.extend(range(*first.indices(arr.shape[0])))
+                else:
+                    rows.extend(np.atleast_1d(first).tolist())
+            inside.active = True
+            try:
+                return method(arr, selection, *args, **kwargs)
+            finally:
+                inside.active = not outer
+
+        return read
+
+    for method in ("__getitem__", "get_orthogonal_selection", "get_coordinate_selection", "get_basic_selection"):
+        monkeypatch.setattr(zarr.Array, method, spying(getattr(zarr.Array, method)))
+    monkeypatch.setattr(codes, "read_store_rows", spying(zarr_store.read_rows))
+    monkeypatch.setattr(features, "read_rows", spying(zarr_store.read_rows))
+    return rows
+
+
+@pytest.mark.parametrize("direct, rows_per_chunk", [(True, 4), (False, 4), (True, 16)])
+def test_scattered_rows_are_read_as_their_bytes_alone_and_equal_zarrs_read(tmp_path, monkeypatch, direct,
+                                                                            rows_per_chunk):
+    """zarr_store.read_rows on shards written directly or by Zarr, and without sharding (one chunk per file): the
+    values Zarr reads, zeros for a shard never written, and exactly the rows' bytes read (plus each shard's index),
+    where Zarr reads every inner chunk that holds one."""
+    path = tmp_path / "codes.zarr"
+    create_row_store(path, CODES, 60, rows_per_shard=16, rows_per_chunk=rows_per_chunk,
+                     row_shapes={"codes": ((TOKENS, DIM), "float32")}, attrs={})
+    values = np.random.default_rng(1).normal(size=(48, TOKENS, DIM)).astype(np.float32)
+    write_rows(path, 0, {"codes": values}, direct=direct)  # rows [48, 60) never written
+    arr = zarr.open_group(str(path), mode="r")["codes"]
+    rows = np.array([0, 1, 2, 3, 5, 9, 10, 17, 31, 32, 40, 47, 50, 59])
+    read, real_open = [], open
+
+    class Counted:
+        def __init__(self, *args):
+            self.file = real_open(*args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def __getattr__(self, attr):
+            return getattr(self.file, attr)
+
+        def read(self, n):
+            read.append(n)
+            return self.file.read(n)
+
+        def readinto(self, buffer):
+            read.append(len(buffer))
+            return self.file.readinto(buffer)
+
+    monkeypatch.setattr(zarr_store, "open", Counted, raising=False)
+    got = zarr_store.read_rows(arr, rows)
+    assert np.array_equal(got, arr.get_orthogonal_selection((rows,))) and not got[rows >= 48].any()
+    index = 16 * 16 // rows_per_chunk if rows_per_chunk < 16 else 0  # per shard file: 16 bytes per inner chunk
+    assert sum(read) == (rows < 48).sum() * TOKENS * DIM * 4 + 3 * index
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_each_rank_reads_only_its_share_of_each_steps_rows(compress, monkeypatch, world):
+    """Streamed, a rank reads exactly the rows its batches hold (one view per image, its slice of each global
+    batch) and nothing of the other ranks' share; together the ranks' batches are the one-process batches."""
+    store, steps, batch = compress.dir / "codes.zarr", range(3, 20), 8  # resumed at 3; epochs of 3 steps
+    read = spy_rows_read(monkeypatch, "codes")
+    one = [codes for codes, _ in code_batches(TrainCodes(store, 0.0), WindowShuffle(TRAIN, batch, 1, block=2, window=6),
+                                              1, steps)]
+    parts = []
+    for rank in range(world):
+        data = TrainCodes(store, in_memory_limit_gb=0.0)
+        schedule = WindowShuffle(TRAIN, batch, 1, rank, world, block=data.block, window=6)
+        read.clear()
+        parts.append([codes for codes, _ in code_batches(data, schedule, 1, steps, prefetch=2)])
+        local = slice(rank * batch // world, (rank + 1) * batch // world)
+        wanted = [row for step in steps for row in (schedule.indices(step) * VIEWS
+                                                    + view_choice(1, step, batch, VIEWS)[local]).tolist()]
+        assert sorted(read) == sorted(wanted) and data.rows_read == len(steps) * batch // world
+    for step, together in enumerate(zip(*parts, strict=True)):
+        assert torch.equal(torch.cat(together), one[step])
 
 
 def test_a_store_that_is_not_codes_is_refused_in_one_line(tmp_path):
@@ -288,4 +388,4 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(com
     a, b = weights(tmp_path), weights(reference)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    assert metrics["world_size"] == 2 and (tmp_path / "launch" / "launch.json").is_file()
+    assert metrics["world_size"] == 2 and not (tmp_path / "launch").exists()  # the job file goes once done

@@ -3,8 +3,11 @@
     BatchSchedule   every epoch a fresh permutation of the samples; global batch s is cut from the
                     stream of epochs (a pure function of (seed, step): resume needs only the step)
     WindowShuffle   the same stream, with each epoch's permutation chunk-aligned windows shuffled
-                    inside, so that a window is read with whole-chunk reads (codes, features)
+                    inside, so that the rows of a window lie in whole chunks (codes, features)
     step_windows    for each step, the windows its batch reads, the next one read ahead on a thread
+
+Under DDP a rank reads only its own rows of a window (`window_positions`): the positions of the window
+whose global batch slot falls in the rank's slice, never the other ranks' share.
 """
 
 from __future__ import annotations
@@ -120,26 +123,41 @@ class WindowShuffle(BatchSchedule):
         start = step * self.batch_size + self.rank * b
         return np.arange(start, start + b, dtype=np.int64)
 
+    def images_at(self, positions: np.ndarray) -> np.ndarray:
+        """The images at stream positions (int64)."""
+        epoch, offset = np.divmod(positions, self.n)
+        images = np.empty(len(positions), np.int64)
+        for e in np.unique(epoch).tolist():
+            at = epoch == e
+            images[at] = self.permutation(e)[offset[at]]
+        return images
+
     def windows(self, step: int) -> list[tuple[int, int]]:
         """(epoch, window) pairs that step's global batch reads, in stream order."""
         epoch, offset = np.divmod(np.arange(step * self.batch_size, (step + 1) * self.batch_size), self.n)
         return list(dict.fromkeys(zip(epoch.tolist(), (offset // self.window).tolist(), strict=True)))
 
-    def window_parts(self, step: int, images: np.ndarray, held: dict,
+    def window_positions(self, key: tuple[int, int], steps: range) -> np.ndarray:
+        """This rank's stream positions in window `key` = (epoch, window) that the batches of `steps` take, in
+        order: the positions whose slot in their global batch is in this rank's slice. A rank reads these rows
+        of a window and no others."""
+        epoch, w = key
+        first = max(epoch * self.n + w * self.window, steps.start * self.batch_size)
+        end = min(epoch * self.n + min((w + 1) * self.window, self.n), steps.stop * self.batch_size)
+        positions = np.arange(first, max(first, end), dtype=np.int64)
+        return positions[positions % self.batch_size // self.local_batch_size == self.rank]
+
+    def window_parts(self, step: int, rows: np.ndarray, held: dict,
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """This rank's batch at `step` (its `indices`, `images`), window by window: (the batch positions the
-        window fills, its values, their rows in those values), from `held` = {(epoch, window): (sorted images,
-        values)}."""
+        """This rank's batch at `step` (`rows`: a row key per batch position, e.g. the image), window by window:
+        (the batch positions the window fills, its values, their rows in those values), from `held` =
+        {(epoch, window): (sorted row keys, values)}."""
         epoch, offset = np.divmod(self.positions(step), self.n)
         window = offset // self.window
         for key in dict.fromkeys(zip(epoch.tolist(), window.tolist(), strict=True)):
-            window_images, values = held[key]
+            window_rows, values = held[key]
             mine = np.flatnonzero((epoch == key[0]) & (window == key[1]))
-            yield mine, values, np.searchsorted(window_images, images[mine])
-
-    def window_images(self, key: tuple[int, int]) -> np.ndarray:
-        epoch, w = key
-        return np.sort(self.permutation(epoch)[w * self.window:(w + 1) * self.window])
+            yield mine, values, np.searchsorted(window_rows, rows[mine])
 
 
 def step_windows(schedule: WindowShuffle, steps: range, read_window: Callable) -> Iterator[dict]:

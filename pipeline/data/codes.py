@@ -5,17 +5,18 @@ storage_schemas/zarr_layouts.py). The data order is a pure function of (seed, st
 
     WindowShuffle   each epoch: permute blocks of consecutive images (one Zarr inner chunk each; a
                     short last block stays last), cut the block sequence into windows of `window`
-                    images, permute the images inside every window. A window is read as whole
+                    images, permute the images inside every window. A window's rows lie in whole
                     chunks; a window as large as the split is a uniform shuffle. Global batch s =
                     stream positions [s B, (s+1) B) (pipeline/data/batches.py, drop_last=False); rank
-                    r takes its slice. Memory when streamed: two windows (the current and the next) of all
-                    views, window x views x T x d x 4 bytes each, per process.
+                    r takes its slice.
     view            per image per step, uniform over the stored views, drawn for the global batch
                     from (seed, step) (so W ranks see what one process sees)
 
     code_batches    (codes, labels) for a range of steps, assembled ahead on a thread (read_ahead), from
-                    whole windows read one ahead on a second thread, or indexing the split held in memory
-                    when it is small (`in_memory_limit_gb`); both give the same batches.
+                    windows read one ahead on a second thread, or indexing the split held in memory when it
+                    is small (`in_memory_limit_gb`: every process then reads the whole split once); both give
+                    the same batches. Streamed, a rank reads only its own rows of each window, one view per
+                    image (the one drawn for it): window x T x d x 4 / W bytes, two windows held per process.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import zarr
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
+from pipeline.data.zarr_store import read_rows as read_store_rows
 from storage_schemas.zarr_layouts import CODES
 
 
@@ -50,7 +52,8 @@ def read_rows(group: zarr.Group, start: int, stop: int) -> tuple[np.ndarray, np.
 
 
 class TrainCodes:
-    """The train split as images x views. `codes(images, views)` reads rows image * views + view."""
+    """The train split as images x views: row = image * views + view. `rows_read` counts the rows this process
+    has read from the store (the whole split when it is held in memory)."""
 
     def __init__(self, store: Path, in_memory_limit_gb: float = 4.0):
         self.group, attrs = open_codes(store)
@@ -71,17 +74,12 @@ class TrainCodes:
         self.block = max(1, self.group["codes"].chunks[0] // self.views)
         self.in_memory = rows * self.tokens * self.channels * 4 <= in_memory_limit_gb * 2**30
         self.memory = self.group["codes"][self.start:stop] if self.in_memory else None
+        self.rows_read = rows if self.in_memory else 0
 
-    def read_images(self, images: np.ndarray) -> np.ndarray:
-        """All views of the given images (sorted, unique), (k, views, T, d), one read per contiguous run."""
-        v = self.views
-        out = np.empty((len(images), v, self.tokens, self.channels), np.float32)
-        breaks = np.flatnonzero(np.diff(images) != 1) + 1
-        for run in np.split(np.arange(len(images)), breaks):
-            first, last = images[run[0]], images[run[-1]]
-            block = self.group["codes"][self.start + first * v:self.start + (last + 1) * v]
-            out[run] = block.reshape(len(run), v, self.tokens, self.channels)
-        return out
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Codes (k, T, d) of the given train rows (sorted, unique), their bytes alone (zarr_store.read_rows)."""
+        self.rows_read += len(rows)
+        return read_store_rows(self.group["codes"], self.start + rows)
 
 
 def view_choice(seed: int, step: int, global_batch: int, views: int) -> np.ndarray:
@@ -91,13 +89,25 @@ def view_choice(seed: int, step: int, global_batch: int, views: int) -> np.ndarr
     return np.random.default_rng((seed, step, 1)).integers(0, views, global_batch)
 
 
+def rows_at(data: TrainCodes, schedule: WindowShuffle, seed: int, positions: np.ndarray) -> np.ndarray:
+    """The train rows (image * views + view) at stream positions: the scheduled image, in the view drawn for
+    its slot of the global batch (view_choice)."""
+    step, slot = np.divmod(positions, schedule.batch_size)
+    views = np.zeros(len(positions), np.int64)
+    if data.views > 1:
+        for s in np.unique(step).tolist():
+            at = step == s
+            views[at] = view_choice(seed, s, schedule.batch_size, data.views)[slot[at]]
+    return schedule.images_at(positions) * data.views + views
+
+
 def code_batches(data: TrainCodes, schedule: WindowShuffle, seed: int, steps: range, *, prefetch: int = 4,
                  pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's batches (codes (b, T, d) float32, labels (b,) int64) for `steps`, `prefetch` of them
-    assembled ahead on a thread; streamed, the windows they come from are read one ahead on another
-    (batches.step_windows). Held in memory or streamed, the batches are the same."""
-    windows = None if data.memory is not None else step_windows(schedule, steps,
-                                                                 lambda key: read_window(data, schedule, key))
+    assembled ahead on a thread; streamed, this rank's rows of the windows they come from are read one window
+    ahead on another (batches.step_windows). Held in memory or streamed, the batches are the same."""
+    windows = None if data.memory is not None else step_windows(
+        schedule, steps, lambda key: read_window(data, schedule, seed, key, steps))
     batches = read_ahead(lambda step: code_batch(data, schedule, seed, step, windows, pin_memory), steps, prefetch)
     with closing(windows) if windows is not None else nullcontext(), closing(batches):  # batches' thread first
         yield from batches
@@ -107,23 +117,22 @@ def code_batch(data: TrainCodes, schedule: WindowShuffle, seed: int, step: int, 
                pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's batch at `step`: indexed from the split in memory, or cut from the next item of
     `windows` (the step's windows, taken in step order)."""
-    s = schedule
-    images = s.indices(step)
-    local = slice(s.rank * s.local_batch_size, (s.rank + 1) * s.local_batch_size)
-    views = view_choice(seed, step, s.batch_size, data.views)[local]
+    rows = rows_at(data, schedule, seed, schedule.positions(step))
     if windows is None:
-        codes = data.memory[images * data.views + views]
+        codes = data.memory[rows]
     else:
-        codes = np.empty((len(images), data.tokens, data.channels), np.float32)
-        for mine, values, where in s.window_parts(step, images, next(windows)):
-            codes[mine] = values[where, views[mine]]
-    codes_t, labels_t = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(data.labels[images])
+        codes = np.empty((len(rows), data.tokens, data.channels), np.float32)
+        for mine, values, where in schedule.window_parts(step, rows, next(windows)):
+            codes[mine] = values[where]
+    codes_t = torch.from_numpy(np.ascontiguousarray(codes))
+    labels_t = torch.from_numpy(data.labels[rows // data.views])
     if pin_memory:
         codes_t, labels_t = codes_t.pin_memory(), labels_t.pin_memory()
     return codes_t, labels_t
 
 
-def read_window(data: TrainCodes, schedule: WindowShuffle, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted images, all their views) of one shuffle window."""
-    images = schedule.window_images(key)
-    return images, data.read_images(images)
+def read_window(data: TrainCodes, schedule: WindowShuffle, seed: int, key: tuple[int, int],
+                steps: range) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted rows, their codes): this rank's rows of one shuffle window, for the batches of `steps`."""
+    rows = np.unique(rows_at(data, schedule, seed, schedule.window_positions(key, steps)))
+    return rows, data.read_rows(rows)

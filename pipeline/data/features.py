@@ -17,6 +17,7 @@ import zarr
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
+from pipeline.data.zarr_store import read_rows
 from storage_schemas.zarr_layouts import FEATURES
 
 EPS = 1e-5
@@ -86,32 +87,35 @@ def widen(values: np.ndarray) -> np.ndarray:
 class TrainFeatures:
     """The normalized train rows [start, stop) batch by batch, in WindowShuffle order (pipeline/data/batches.py):
     each epoch permutes blocks of one Zarr inner chunk of rows and shuffles the rows inside windows of
-    `window_batches` batches. A window is read with contiguous reads and held in the stored dtype while a
-    thread reads the next one, so memory is two windows, independent of N."""
+    `window_batches` batches. Rank `rank` of `world_size` gets its slice of every global batch and reads only
+    those rows of a window, held in the stored dtype while a thread reads the next window's, so memory is two
+    windows / world_size, independent of N. `rows_read` counts the rows read from the store."""
 
     def __init__(self, group: zarr.Group, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int,
-                 seed: int, window_batches: int):
+                 seed: int, window_batches: int, rank: int = 0, world_size: int = 1):
         self.features, self.start, self.normalizer = group["features"], rows[0], normalizer
-        self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, block=self.features.chunks[0],
-                                      window=window_batches * batch_size)
+        self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, rank, world_size,
+                                      block=self.features.chunks[0], window=window_batches * batch_size)
+        self.rows_read = 0
 
     def batches(self, steps: range) -> Iterator[torch.Tensor]:
-        """Normalized features (batch_size, T, C) float32 of each step, the next batch assembled on a thread."""
-        windows = step_windows(self.schedule, steps, self.read_window)
+        """Normalized features (local batch, T, C) float32 of each step, the next batch assembled on a thread."""
+        windows = step_windows(self.schedule, steps, lambda key: self.read_window(key, steps))
         batches = read_ahead(lambda step: self.batch(step, next(windows)), steps, depth=1)
         with closing(windows), closing(batches):  # batches' thread first: it is the one reading `windows`
             yield from batches
 
     def batch(self, step: int, held: dict) -> torch.Tensor:
-        """The batch of `step` cut from its windows `held` ({(epoch, window): (sorted rows, features)})."""
+        """This rank's batch of `step` cut from its windows `held` ({(epoch, window): (sorted rows, features)})."""
         rows = self.schedule.indices(step)
         out = np.empty((len(rows), *self.features.shape[1:]), self.features.dtype)
         for mine, values, where in self.schedule.window_parts(step, rows, held):
             out[mine] = values[where]
         return self.normalizer(torch.from_numpy(widen(out)))
 
-    def read_window(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted rows, their stored features), one read per run of consecutive rows."""
-        rows = self.schedule.window_images(key)
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
-        return rows, np.concatenate([self.features[self.start + r[0]:self.start + r[-1] + 1] for r in runs])
+    def read_window(self, key: tuple[int, int], steps: range) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted rows, their stored features): this rank's rows of one window for the batches of `steps`, their
+        bytes alone (zarr_store.read_rows)."""
+        rows = np.sort(self.schedule.images_at(self.schedule.window_positions(key, steps)))
+        self.rows_read += len(rows)
+        return rows, read_rows(self.features, self.start + rows)

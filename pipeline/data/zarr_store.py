@@ -5,11 +5,13 @@ job writes one row range made of whole Zarr shards of every array, then writes i
 marker `commits/{k:06d}.npz` (`pipeline.artifacts.Commits`: atomically, with the records of the
 files `write_rows` returns, and any per-shard partial results such as statistics). A killed run
 redoes exactly the shards without a marker, so the final store is bit-identical to an uninterrupted
-run's; a damaged shard file costs only its shard.
+run's; a damaged shard file costs only its shard. `read_rows` reads scattered rows of such a store back with
+reads of exactly their bytes.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -185,6 +187,45 @@ def shard_file_parts(arr, rows: np.ndarray) -> list[memoryview | bytes]:
     index[:n_chunks, 1] = chunk_bytes
     index_bytes = index.tobytes()
     return [*parts, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
+
+
+def read_rows(arr, rows: np.ndarray) -> np.ndarray:
+    """arr[rows] for sorted, unique rows of the first axis. An array in the raw layout (`raw_layout`: features,
+    codes) on a local or mounted filesystem is read from its storage files: each run of consecutive rows is one read
+    of exactly its bytes (its inner chunk's offset from the shard's index), so a reader of scattered rows (a DDP
+    rank's share of a shuffle window) reads those rows, not the inner chunks around them (Zarr's unit of a read,
+    encode.rows_per_chunk rows). Any other array is read through Zarr."""
+    rows = np.asarray(rows, dtype=np.int64)
+    root = getattr(arr.store, "root", None)
+    if root is None or not raw_layout(arr):
+        return arr.get_orthogonal_selection((rows,))
+    out = np.zeros((len(rows), *arr.shape[1:]), arr.dtype.newbyteorder("<"))  # zeros: the fill of absent chunks
+    flat = out.reshape(len(rows), out[:1].size).view(np.uint8)
+    row_bytes, unit, chunk = flat.shape[1], (arr.shards or arr.chunks)[0], arr.chunks[0]
+    for k in np.unique(rows // unit).tolist():
+        lo, hi = np.searchsorted(rows, [k * unit, (k + 1) * unit])
+        path = Path(root) / arr.path / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+        if not path.is_file():  # never written: the fill value
+            continue
+        with open(path, "rb") as f:
+            inner = (rows[lo:hi] - k * unit) // chunk
+            if arr.shards is None:
+                offsets = np.zeros(1, np.uint64)
+            else:  # the shard index at the end: (offset, nbytes) per inner chunk, then its CRC-32C
+                n_inner = unit // chunk
+                f.seek(-(16 * n_inner + 4), os.SEEK_END)
+                index = np.frombuffer(f.read(16 * n_inner), "<u8").reshape(n_inner, 2)
+                offsets = index[:, 0]
+            present = offsets[inner] != np.iinfo(np.uint64).max
+            start = offsets[inner].astype(np.int64) + (rows[lo:hi] - k * unit) % chunk * row_bytes
+            for run in np.split(np.arange(hi - lo), np.flatnonzero(np.diff(start) != row_bytes) + 1):
+                if not present[run[0]]:
+                    continue
+                f.seek(int(start[run[0]]))
+                target = memoryview(flat[lo + run[0]:lo + run[-1] + 1]).cast("B")
+                if f.readinto(target) != len(target):
+                    raise OSError(f"{path}: shorter than its shard index says (row {rows[lo + run[0]]})")
+    return out.astype(arr.dtype, copy=False)
 
 
 def write_file(path: Path, parts: list[memoryview | bytes]) -> None:

@@ -15,7 +15,8 @@ Our choice: a learned encoder could otherwise beat the constant noise by growing
 training mode the learned archs normalise codes with the batch's per-channel mean / std (gradients
 flow through them, as BatchNorm) and track them into code_mean / code_scale (momentum
 `stats_momentum`); eval mode uses those buffers. The codes the flow sees stay unit-variance.
-Plain torch + timm; no storage or parallelism in here.
+Plain torch + timm; no storage or parallelism in here: data-parallel training swaps `batch_moments` for
+one over every process's rows (as SyncBatchNorm), from the outside.
 """
 
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ from torch import nn
 from pipeline.models.rae import sincos_pos_embed_2d
 
 ARCHS = ("linear", "mlp", "transformer")
+
+
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of the rows of x (rows, channels)."""
+    return x.mean(0), x.var(0, unbiased=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +94,7 @@ class SRC(nn.Module):
         self.config = {"channels": channels, "dim": dim, "arch": arch, "hidden": hidden, "depth": depth,
                        "num_tokens": num_tokens, "heads": heads}
         self.arch, self.stats_momentum = arch, stats_momentum
+        self.batch_moments = batch_moments  # training's batch statistics (a DDP run passes a global one)
         self.register_buffer("mean", torch.zeros(channels))  # PCA mean of the features
         self.register_buffer("components", torch.zeros(dim, channels))  # P_d, rows = top-d eigenvectors
         self.register_buffer("code_mean", torch.zeros(dim))
@@ -121,7 +128,7 @@ class SRC(nn.Module):
             return (raw - self.code_mean) / self.code_scale
         # Training: normalise with this batch's statistics (BatchNorm-style) and track them.
         flat = raw.reshape(-1, raw.shape[-1])
-        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        mean, var = self.batch_moments(flat)
         with torch.no_grad():
             self.code_mean.lerp_(mean.detach(), self.stats_momentum)
             self.code_scale.lerp_(var.detach().sqrt(), self.stats_momentum)
@@ -138,10 +145,12 @@ class SRC(nn.Module):
             f_hat = f_hat + self.decoder(c).float()
         return f_hat
 
-    def forward(self, f: torch.Tensor, sigma: float = 0.0, generator: torch.Generator | None = None):
-        """Training pass: (c, decode(c + sigma * eps)). One call through forward keeps DDP's hooks working."""
+    def forward(self, f: torch.Tensor, sigma: float = 0.0, generator: torch.Generator | None = None,
+                eps: torch.Tensor | None = None):
+        """Training pass: (c, decode(c + sigma * eps)), eps drawn from `generator` unless given (a data-parallel
+        rank passes its rows of the global batch's draw). One call through forward keeps DDP's hooks working."""
         c = self.encode(f)
-        return c, self.decode(add_code_noise(c, sigma, generator))
+        return c, self.decode(add_code_noise(c, sigma, generator, eps))
 
 
 class ResidualBranch(nn.Module):
@@ -204,9 +213,13 @@ def src_loss(f: torch.Tensor, f_hat: torch.Tensor, cosine_weight: float):
     return mse + cosine_weight * (1.0 - cosine), {"mse": mse.detach(), "cosine": cosine.detach()}
 
 
-def add_code_noise(c: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Constant-noise regularization (SRC-FLOW.md): c + sigma * eps, eps ~ N(0, I), one fixed sigma on
-    unit-variance codes (a flow has no noise-level input, so it sees one noise level)."""
+def add_code_noise(c: torch.Tensor, sigma: float, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Constant-noise regularization (SRC-FLOW.md): c + sigma * eps, eps ~ N(0, I) (drawn from `generator`
+    unless given), one fixed sigma on unit-variance codes (a flow has no noise-level input, so it sees one
+    noise level)."""
     if sigma == 0:
         return c
-    return c + sigma * torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
+    if eps is None:
+        eps = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
+    return c + sigma * eps
