@@ -74,7 +74,10 @@ class TinyImageNetConfig(Section):
 
 class DataConfig(Section):
     root: str = "data/imagenet"
-    layout: Literal["auto", "imagefolder", "kaggle"] = "auto"
+    layout: Literal["auto", "imagefolder", "kaggle", "hf-parquet", "wds", "ilsvrc-tar"] = Field(
+        "auto", description="the form data.root holds (auto: detected): ImageFolder, Kaggle, the HF hub's parquet "
+                            "files, WebDataset shards or the original ILSVRC2012 tars with the devkit; every form "
+                            "gives an image the same key, label and stored bytes")
     classes: list[str] | int | None = Field(None, description="a list of synsets or a count of the first ones")
     max_per_class: int | None = None
     resolution: int = Field(256, gt=0, description="image side in pixels (ADM center crop); the paper: 256 or 512")

@@ -53,8 +53,8 @@ def source_listing(cfg: Config) -> Listing:
     listing = _scan(str(Path(d.root).absolute()), d.layout, classes, d.max_per_class, tuple(cfg.shard.splits))
     for split in cfg.shard.splits:
         if not listing.images[split]:
-            raise ValueError(f"data.root: {d.root} holds no {split} images of the selected classes (expected "
-                             f"{split}/<synset>/<images>, or flat val/ images with LOC_val_solution.csv)")
+            raise ValueError(f"data.root: {d.root} holds no {split} images of the selected classes in {listing.layout} "
+                             f"form (`srcflow make-tiny-imagenet OUT --layout {listing.layout}` writes an example)")
     return listing
 
 
@@ -64,7 +64,7 @@ def prepare_source(cfg: Config) -> None:
 
     root = Path(cfg.data.root)
     tiny = cfg.data.generate_tiny
-    expected = "a directory holding train/ and val/ in ImageFolder or Kaggle layout"
+    expected = "a directory holding ImageNet in one of the data.layout forms"
     if tiny is not None:
         make_tiny_imagenet(root, classes=tiny.classes, per_class=tiny.per_class, val_per_class=tiny.val_per_class,
                            size=tiny.size, seed=tiny.seed, kind=tiny.kind)
@@ -87,8 +87,7 @@ def _scan(root: str, layout: str, classes, max_per_class, splits) -> Listing:
             for reason, n in ign.items():
                 ignored[reason] = ignored.get(reason, 0) + n
     except FileNotFoundError as e:  # e.g. no val/: name what the layout needs
-        raise ValueError(f"data.root: {root} lacks {e.filename} (expected train/ and val/ in ImageFolder or "
-                         f"Kaggle layout)") from None
+        raise ValueError(f"data.root: {root} lacks {e.filename} (expected train and val in {layout} form)") from None
     synsets = sorted({im.synset for split in images.values() for im in split})
     digest = listing_digest([im for split in splits for im in images[split]], root)
     return Listing(layout, synsets, images, ignored, digest)
@@ -135,7 +134,8 @@ def _listing_key(cfg: Config) -> str | None:
                     h.update(f"{entry.path}\t{entry.stat().st_mtime_ns}\n".encode())
                     if depth:
                         visit(Path(entry.path), depth - 1)
-                elif entry.name.endswith(".csv"):  # Kaggle's LOC_val_solution.csv holds the val labels
+                elif entry.name.endswith((".csv", ".tar", ".parquet", ".tar.gz", ".mat", ".txt")):
+                    # Kaggle's val csv; the archive forms' files (a rewritten archive keeps its folder's mtime)
                     st = entry.stat()
                     h.update(f"{entry.path}\t{st.st_mtime_ns}\t{st.st_size}\n".encode())
 
