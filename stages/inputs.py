@@ -20,13 +20,16 @@ from pipeline.artifacts import check_once, file_sha256, input_digest, local_cach
 from pipeline.config import Config
 from pipeline.data.imagenet import SourceImage, detect_layout, listing_digest, scan_split
 from pipeline.models.configured import decoder_arch, encoder_arch
+from pipeline.models.rae_family import read_weights_folder
 from storage_schemas.evaluation import check_adm_reference, check_inception_file
 from storage_schemas.success import write_atomic
 
 log = logging.getLogger("srcflow")
 
-ENCODER_WEIGHTS = "a local DINOv2-B/reg4 checkpoint, .safetensors or .pth, timm or HF format"
-DECODER_WEIGHTS = "a released RAE decoder checkpoint: a state_dict .pt or a dict with 'ema'/'model'"
+ENCODER_WEIGHTS = ("a local encoder checkpoint (.safetensors or .pth, timm or HF names), a transformers folder or a "
+                   "diffusers AutoencoderRAE folder")
+DECODER_WEIGHTS = ("a released RAE decoder checkpoint (a state_dict .pt or a dict with 'ema'/'model') or a diffusers "
+                   "AutoencoderRAE folder")
 ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/" \
                     "VIRTUAL_imagenet256_labeled.npz"
 STANDIN_SEED = 0
@@ -151,14 +154,25 @@ def encoder_weights_digest(cfg: Config) -> str:
     """sha256 of encoder.weights after it is checked to fit the configured encoder ("random": none)."""
     if cfg.encoder.weights == "random":
         return "random"
-    input_digest("encoder.weights", cfg.encoder.weights, ENCODER_WEIGHTS)  # missing: one line
 
     def fits() -> None:
         from pipeline.models.rae import build_rae_encoder
 
         build_rae_encoder(cfg.encoder.weights, device="meta", **encoder_arch(cfg))
 
-    return check_once(cfg.encoder.weights, json.dumps(encoder_arch(cfg), sort_keys=True), fits)
+    return weights_digest("encoder.weights", cfg.encoder.weights, ENCODER_WEIGHTS,
+                          json.dumps(encoder_arch(cfg), sort_keys=True), fits)
+
+
+def weights_digest(key: str, path: str, expected: str, spec: str, fits) -> str:
+    """sha256 of a weights file, or of a weights folder's safetensors (its config.json, checked against the
+    configured architecture by `fits`, enters the check's key), after `fits` passed; one line naming `key` when
+    the file or folder is missing or does not fit."""
+    if Path(path).is_dir():
+        folder = read_weights_folder(path, key)
+        return check_once(folder.weights, f"{spec}|{file_sha256(folder.config_path)}", fits)
+    input_digest(key, path, expected)  # missing: one line
+    return check_once(path, spec, fits)
 
 
 def encoder_inputs(cfg: Config) -> dict[str, str]:
@@ -169,8 +183,12 @@ def stats_inputs(cfg: Config) -> dict[str, str]:
     """For the stages that normalize features: the released statistics file, when `encode.stats: file`."""
     if cfg.encode.stats == "computed":
         return {}
-    return {"feature_stats": input_digest("encode.stats_file", cfg.encode.stats_file,
-                                          "RAE's released statistics for encode.stats: file")}
+    path = cfg.encode.stats_file
+    if path and Path(path).is_dir():  # a diffusers AutoencoderRAE folder: the statistics are in its safetensors
+        return {"feature_stats": file_sha256(read_weights_folder(path, "encode.stats_file").weights)}
+    return {"feature_stats": input_digest("encode.stats_file", path,
+                                          "RAE's released statistics for encode.stats: file, or a diffusers "
+                                          "AutoencoderRAE folder")}
 
 
 # --- the decoder -------------------------------------------------------------------------------
@@ -186,14 +204,14 @@ def decoder_inputs(cfg: Config) -> dict[str, str]:
     trained one enters as upstream)."""
     if cfg.decoder.weights is None:
         return {}
-    input_digest("decoder.weights", cfg.decoder.weights, DECODER_WEIGHTS)
 
     def fits() -> None:
         from pipeline.models.rae import build_rae_decoder
 
         build_rae_decoder(cfg.decoder.weights, device="meta", **decoder_arch(cfg))
 
-    return {"decoder_weights": check_once(cfg.decoder.weights, json.dumps(decoder_arch(cfg), sort_keys=True), fits)}
+    return {"decoder_weights": weights_digest("decoder.weights", cfg.decoder.weights, DECODER_WEIGHTS,
+                                              json.dumps(decoder_arch(cfg), sort_keys=True), fits)}
 
 
 def lpips_inputs(cfg: Config) -> dict[str, str]:
