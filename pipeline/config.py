@@ -325,6 +325,10 @@ class EvaluateConfig(Section):
         False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
                "time; every metric computed with it is marked inception_weights: stand-in")
     kid_subset_size: int = 1000
+    dinov2_weights: str | None = added(
+        None, "a local DINOv2-L/14 file (dinov2_vitl14_pretrain.pth, or timm / transformers names): adds FD_DINOv2 "
+              "beside FID, through torch-fidelity's DINOv2 extractor (pipeline/metrics/fd_dinov2.py); its sha256 keys "
+              "the reference statistics. Not a number of the SRC-Flow paper")
     bayes_max_images: int | None = Field(
         None, ge=1, description="the flow as a Bayes-rule classifier on at most this many val images, class-balanced "
                                 "(each costs one flow pass per class); None = the whole val split")

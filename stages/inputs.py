@@ -257,7 +257,7 @@ def adm_reference_digest(cfg: Config) -> str:
 
 
 def reference_inputs(cfg: Config) -> dict[str, str]:
-    digests = {"inception_weights": inception_weights_digest(cfg)}
+    digests = {"inception_weights": inception_weights_digest(cfg), **dinov2_inputs(cfg)}
     if cfg.reference.kind == "adm_npz":
         digests["adm_reference"] = adm_reference_digest(cfg)
     return digests
@@ -265,4 +265,21 @@ def reference_inputs(cfg: Config) -> dict[str, str]:
 
 def evaluate_inputs(cfg: Config) -> dict[str, str]:
     """The Inception weights' sha256: a missing or wrong file fails `srcflow run` at plan time, before sampling."""
-    return {"inception_weights": inception_weights_digest(cfg)}
+    return {"inception_weights": inception_weights_digest(cfg), **dinov2_inputs(cfg)}
+
+
+def dinov2_inputs(cfg: Config) -> dict[str, str]:
+    """FD_DINOv2's weights, when `evaluate.dinov2_weights` is set: their sha256 after they are checked to be a DINOv2
+    ViT (shapes only)."""
+    path = cfg.evaluate.dinov2_weights
+    if path is None:
+        return {}
+
+    def fits() -> None:
+        from pipeline.metrics.fd_dinov2 import load_dinov2
+
+        load_dinov2(path, meta=True)
+
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else path  # fd_dinov2.weights_file, torch-free
+    input_digest("evaluate.dinov2_weights", file, "a local DINOv2-L/14 file (dinov2_vitl14_pretrain.pth)")
+    return {"dinov2_weights": check_once(file, "fd_dinov2 DINOv2 ViT", fits)}

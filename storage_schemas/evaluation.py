@@ -11,7 +11,8 @@ they were made with: cfg_scale, evaluator, evaluator_version, feature_extractor,
 inception_weights_sha256, num_samples, num_reference (pool features behind KID and P/R), pr_k,
 kid_subset_size, samples_file, num_classes, samples_per_class (None when unbalanced),
 nonfinite_samples, reference {source, file, file_sha256, num_images (behind mu/sigma), pr_images,
-fingerprint} and flow {"<stage>.<metric>": the flow's bits/dim figures}.
+fingerprint} and flow {"<stage>.<metric>": the flow's bits/dim figures}; with evaluate.dinov2_weights also
+fd_dinov2, fd_dinov2_extractor, dinov2_weights_sha256, fd_dinov2_reference and fd_dinov2_note (not the paper's).
 "inception_weights": "stand-in" marks numbers from any weights but torch-fidelity's Inception: they
 check the code path and are never an FID of the method.
 flow_classifier is the flow as a Bayes-rule classifier on clean val codes (stages/likelihood.py flow_classifier;

@@ -30,7 +30,8 @@ def test_each_variant_config_builds_raes_encoder_and_a_vit_xl_decoder(name):
     encoder = build("encoder", cfg)  # the meta device: shapes only
     assert (encoder.num_tokens, encoder.channels, len(encoder.vit.blocks)) == (tokens, channels, depth)
     decoder = build("decoder", cfg)
-    assert (decoder.in_channels, decoder.decoder_embed.out_features, len(decoder.decoder_layers)) == (channels, 1152, 28)
+    assert (decoder.in_channels, decoder.decoder_embed.out_features, len(decoder.decoder_layers)) == (
+        channels, 1152, 28)
     assert grid * decoder.patch_size == cfg.data.resolution == 256
     # everything but the encoder and its decoder weights is imagenet256.yaml's
     base = load_config(REPO / "configs" / "imagenet256.yaml")
@@ -75,12 +76,12 @@ def test_prefix_tokens_are_dropped_per_type():
 
 
 def test_an_unknown_encoder_and_a_looping_extends_are_refused_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="encoder.name: 'vit_huge_patch14_dinov2' is not an RAE encoder"):
+    with pytest.raises(ConfigError, match=r"encoder\.name: 'vit_huge_patch14_dinov2' is not an RAE encoder"):
         load_config(None, ["encoder.name=vit_huge_patch14_dinov2"])
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
-    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
         load_config(tmp_path / "c.yaml")

@@ -192,8 +192,8 @@ def build_rae_encoder(
             check_encoder_folder(folder, "encoder.weights", model_name, arch or {}, input_size)
             state = _folder_state(folder, "encoder.", "encoder.weights", meta)
         else:
-            state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
-        state = hf_to_timm(_unwrap(state, ("state_dict", "model")), etype.name)
+            state = read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
+        state = hf_to_timm(_unwrap(state, ("state_dict", "model")))
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         vit = timm.create_model(model_name, pretrained=False, img_size=input_size, num_classes=0,
@@ -208,10 +208,10 @@ def build_rae_encoder(
             raise WeightsError(f"encoder.weights: {weights} is not a DINOv2 checkpoint: timm could not adapt it "
                                f"({type(e).__name__}) (expected {ENCODER_WEIGHTS_EXPECTED})") from e
         # norm.weight/bias are optional: RAE drops the final LN affine (diffusers' RAE port strips them)
-        _check_state_dict(state, vit.state_dict(), "encoder.weights", weights, "a DINOv2 checkpoint",
+        check_state_dict(state, vit.state_dict(), "encoder.weights", weights, "a DINOv2 checkpoint",
                           optional=("norm.weight", "norm.bias"))
         if not meta:
-            vit.load_state_dict(state, strict=False)  # strict in substance: _check_state_dict above
+            vit.load_state_dict(state, strict=False)  # strict in substance: check_state_dict above
     return RAEEncoder(vit, input_size, etype.pixel_mean, etype.pixel_std)
 
 
@@ -222,23 +222,25 @@ _TIMM_KWARGS = {"dinov2": {}, "siglip2": {"global_pool": "", "act_layer": "gelu_
 _UNUSED_HEADS = ("head.", "attn_pool.", "fc_norm.", "vision_model.head.", "pooler.")
 
 
-def hf_to_timm(state: dict, type_name: str) -> dict:
+def hf_to_timm(state: dict) -> dict:
     """A transformers state dict (Dinov2WithRegistersModel, SiglipVisionModel, ViTMAEModel; the names of the released
     checkpoints and those transformers 5 saves) -> timm names; timm and original-DINOv2 state dicts pass through.
-    DINOv2's CLS position row is folded into cls_token (timm's reg4 models embed no prefix token), as transformers'
-    convert_dinov2_with_registers_to_hf.py inverted and timm's _convert_dinov2 do; ViT-MAE keeps it (timm adds it to
-    the CLS token as ViTMAEEmbeddings does); mask_token is unused. Heads RAE never runs are dropped."""
+    With registers, DINOv2's CLS position row is folded into cls_token (timm's reg4 models embed no prefix token), as
+    transformers' convert_dinov2_with_registers_to_hf.py inverted and timm's _convert_dinov2 do; without (DINOv2,
+    ViT-MAE) it stays (timm adds it to the CLS token as transformers does); mask_token is unused. Heads RAE never
+    runs are dropped."""
     state = {k.removeprefix("vision_model."): v for k, v in state.items()}  # SigLIP under transformers 4
     state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_HEADS)}
     if not any(k.startswith("embeddings.") for k in state):
         return state
+    registers = "embeddings.register_tokens" in state
     out, qkv = {}, {}
     for k, v in state.items():
         if k == "embeddings.cls_token":
             pos = state.get("embeddings.position_embeddings")
-            out["cls_token"] = v + pos[:, :1] if type_name == "dinov2" and pos is not None else v
+            out["cls_token"] = v + pos[:, :1] if registers and pos is not None else v
         elif k == "embeddings.position_embeddings":
-            out["pos_embed"] = v[:, 1:] if type_name == "dinov2" else v
+            out["pos_embed"] = v[:, 1:] if registers else v
         elif k == "embeddings.position_embedding.weight":  # SigLIP: no CLS token, an nn.Embedding
             out["pos_embed"] = v[None]
         elif k == "embeddings.register_tokens":
@@ -404,7 +406,7 @@ def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str 
         torch.manual_seed(seed)
         decoder = RAEDecoder(**arch)
     if state is not None:
-        _check_state_dict(state, decoder.state_dict(), "decoder.weights", weights, "an RAE decoder checkpoint",
+        check_state_dict(state, decoder.state_dict(), "decoder.weights", weights, "an RAE decoder checkpoint",
                           optional=("decoder_pos_embed",))
         if device != "meta":
             state.setdefault("decoder_pos_embed", decoder.decoder_pos_embed)  # recomputed, identical sin-cos
@@ -431,7 +433,7 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
     ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) are stripped; of a whole RAE stage-1
     model (`encoder.*` and `decoder.*` keys, RAE's train_stage1.py) the `decoder.` subset is taken;
     'n_averaged' (torch AveragedModel EMA counter) is dropped."""
-    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
+    state = _unwrap(read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
                     ("ema", "model", "state_dict"))
     out = {}
     for k, v in state.items():
@@ -451,14 +453,14 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
 def _folder_state(folder: WeightsFolder, prefix: str, key: str, meta: bool) -> dict:
     """The state dict of a weights folder; of a diffusers AutoencoderRAE, the tensors under `prefix` (encoder. or
     decoder.) without it."""
-    state = _read_state_dict(str(folder.weights), key, ENCODER_WEIGHTS_EXPECTED if key.startswith("encoder")
+    state = read_state_dict(str(folder.weights), key, ENCODER_WEIGHTS_EXPECTED if key.startswith("encoder")
                              else DECODER_WEIGHTS_EXPECTED, meta)
     if folder.kind == "diffusers":
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
-def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
+def read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
     """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True). meta: tensors
     with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file)."""
     if not Path(path).is_file():
@@ -516,7 +518,7 @@ def _unwrap(obj: dict, wrappers: tuple) -> dict:
     return obj
 
 
-def _check_state_dict(state: dict, model_state: dict, key: str, path: str, what: str, optional=()) -> None:
+def check_state_dict(state: dict, model_state: dict, key: str, path: str, what: str, optional=()) -> None:
     """One-line WeightsError for missing / unexpected keys, non-tensors and shape mismatches."""
     def fail(problem, names):
         raise WeightsError(f"{key}: {path} is not {what}: {len(names)} {problem} (e.g. {', '.join(names[:3])})")
