@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -203,10 +204,15 @@ def source_file_size(root: str | os.PathLike, im: SourceImage) -> int:
         return os.stat(Path(root) / im.rel_path).st_size
     if im.size >= 0:
         return im.size
+    path = Path(root) / im.container
+    return os.stat(path).st_size // max(_parquet_rows(str(path)), 1)
+
+
+@lru_cache(maxsize=64)
+def _parquet_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
-    path = Path(root) / im.container
-    return os.stat(path).st_size // max(pq.ParquetFile(path).metadata.num_rows, 1)
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 # ---------------------------------------------------------------------------------------
