@@ -15,6 +15,7 @@ import json
 import pstats
 import statistics
 import sys
+import sysconfig
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +44,13 @@ def shard_seconds(root: Path, storage: Path) -> tuple[float, int]:
     out = run_pipeline(cfg, until="shard")["shard"]
     seconds = (datetime.fromisoformat(out.ended) - datetime.fromisoformat(out.started)).total_seconds()
     return seconds, out.metrics["samples"]
+
+
+def short_paths(line: str) -> str:
+    """A profile line without this machine's folders: the repo, the installed packages, the standard library."""
+    for folder in (str(Path(__file__).resolve().parent.parent), *sysconfig.get_paths().values()):
+        line = line.replace(folder.rstrip("/") + "/", "")
+    return line
 
 
 def main() -> None:
@@ -79,7 +87,7 @@ def main() -> None:
             profiler.runcall(shard.run, cfg, {}, out)
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
-            result["profile_top"] = [line for line in text.getvalue().splitlines() if line.strip()][-16:]
+            result["profile_top"] = [short_paths(line) for line in text.getvalue().splitlines() if line.strip()][-16:]
     print(json.dumps(result, indent=1))
 
 
