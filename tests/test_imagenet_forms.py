@@ -22,6 +22,7 @@ from pipeline.data.imagenet import ILSVRC_LABELS, ILSVRC_SYNSETS, detect_layout
 from pipeline.data.tiny_imagenet import LAYOUTS, make_tiny_imagenet
 from stages.runner import run_pipeline
 from tests.conftest import REPO
+from tests.test_shard import KILL_SCRIPT  # SIGKILL at the Nth image shard prepares
 
 ARCHIVES = ("hf-parquet", "wds", "ilsvrc-tar")
 MINI = dict(classes=3, per_class=5, val_per_class=3, size=32, seed=3, quirks=True)
@@ -124,29 +125,12 @@ def test_max_per_class_and_classes_select_the_same_images_in_every_form(forms, l
     assert len(chosen(forms[layout])) == 2 * 2 * 2
 
 
-KILL_SCRIPT = """
-import os, signal, sys
-from pipeline.config import load_config
-import stages.shard as sh
-calls = [0]
-real = sh.prepare_image_bytes
-def dying(raw):
-    calls[0] += 1
-    if calls[0] == int(sys.argv[1]):
-        os.kill(os.getpid(), signal.SIGKILL)  # a crash in the middle of a shard
-    return real(raw)
-sh.prepare_image_bytes = dying
-from stages.runner import run_pipeline
-run_pipeline(load_config(None, sys.argv[2:]), until="shard")
-"""
-
-
 @pytest.mark.parametrize("layout", ["hf-parquet", "ilsvrc-tar"])
 def test_an_archive_form_resumes_after_a_kill_to_the_same_output(forms, sharded, layout, tmp_path):
     root, storage = forms[layout], tmp_path / "killed"
     overrides = [f"storage.root={storage}", f"data.root={root}", "data.generate_tiny=null", "shard.workers=1",
                  "shard.samples_per_shard=2", "runtime.progress=false"]
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "12", *overrides], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "x", "12", *overrides], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -signal.SIGKILL
     from pipeline.config import load_config
