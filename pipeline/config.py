@@ -91,7 +91,10 @@ class TinyImageNetConfig(Section):
 
 class DataConfig(Section):
     root: str = "data/imagenet"
-    layout: Literal["auto", "imagefolder", "kaggle"] = "auto"
+    layout: Literal["auto", "imagefolder", "kaggle", "hf-parquet", "wds", "ilsvrc-tar"] = Field(
+        "auto", description="the form data.root holds (auto: detected): ImageFolder, Kaggle, the HF hub's parquet "
+                            "files, WebDataset shards or the original ILSVRC2012 tars with the devkit; every form "
+                            "gives an image the same key, label and stored bytes")
     classes: list[str] | int | None = Field(None, description="a list of synsets or a count of the first ones")
     max_per_class: int | None = None
     resolution: int = Field(256, gt=0, description="image side in pixels (ADM center crop); the paper: 256 or 512")
@@ -110,17 +113,22 @@ class ShardConfig(Section):
 
 
 class EncoderArch(Section):
-    """Overrides of the timm ViT for small random encoders (smoke/tests). Empty = the real DINOv2-B."""
+    """Overrides of the timm ViT for small random encoders (smoke/tests). Empty = encoder.name's real one."""
 
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
+    mlp_ratio: float | None = added(None, "MLP width / embed_dim (transformers' SigLIP and ViT-MAE keep 3072 for "
+                                          "any width)")
 
 
 class EncoderConfig(Section):
-    name: str = "vit_base_patch14_reg4_dinov2"
-    weights: str = Field("random", description="local .safetensors/.pth (timm or HF format), or 'random'")
+    name: str = Field("vit_base_patch14_reg4_dinov2", description=(
+        "the RAE encoder (timm name; pipeline/models/rae_family.py): vit_{small,base,large}_patch14_reg4_dinov2, "
+        "vit_base_patch16_siglip_256 (SigLIP2-B, input 256), vit_base_patch16_224.mae (MAE-B, input 256)"))
+    weights: str = Field("random", description="local .safetensors/.pth (timm or HF names), a transformers folder, a "
+                                               "diffusers AutoencoderRAE folder, or 'random'")
     input_size: int = 224
     arch: EncoderArch = EncoderArch()
     seed: int = 0
@@ -343,6 +351,10 @@ class EvaluateConfig(Section):
         False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
                "time; every metric computed with it is marked inception_weights: stand-in")
     kid_subset_size: int = 1000
+    dinov2_weights: str | None = added(
+        None, "a local DINOv2-L/14 file (dinov2_vitl14_pretrain.pth, or timm / transformers names): adds FD_DINOv2 "
+              "beside FID, through torch-fidelity's DINOv2 extractor (pipeline/metrics/fd_dinov2.py); its sha256 keys "
+              "the reference statistics. Not a number of the SRC-Flow paper")
     bayes_max_images: int | None = Field(
         None, ge=1, description="the flow as a Bayes-rule classifier on at most this many val images, class-balanced "
                                 "(each costs one flow pass per class); None = the whole val split")
@@ -395,10 +407,12 @@ class Config(Section):
                 raise ValueError(f"{key}={batch} does not split over the world size {world} (runtime.nproc="
                                  f"{self.runtime.nproc} x {nodes} node(s) of train.torchrun_args); use a multiple "
                                  f"of {world}")
-        channels = self.encoder.arch.embed_dim or 768  # DINOv2-B
+        from pipeline.models.rae_family import encoder_shape  # torch-free: the RAE encoders' sizes
+
+        channels = self.encoder.arch.embed_dim or encoder_shape(self.encoder.name).embed_dim
         if self.src.dim > channels:
             raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "
-                             "(encoder.arch.embed_dim, DINOv2-B: 768)")
+                             f"(encoder.arch.embed_dim, {self.encoder.name})")
 
     @model_validator(mode="after")
     def relations(self) -> Config:
@@ -442,20 +456,38 @@ def torchrun_nodes(args: list[str] | None) -> int:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """YAML file (or defaults) + `section.key=value` overrides -> a validated Config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
     for item in overrides:
         apply_override(raw, item)
     return validate_config(raw, source=str(path) if path else "defaults")
+
+
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping. `extends: OTHER.yaml` (relative to the file) starts from OTHER's mapping and
+    replaces what this file sets, key by key inside sections: a variant (configs/imagenet256-dinov2-s.yaml) states
+    only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"config file {path}: extends {base} loops back to a file that extends it")
+    return _merged(read_config_file(base_path, (*seen, path.resolve())), raw)
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> Config:

@@ -483,14 +483,18 @@ def interpolate(image_a: Path = typer.Argument(..., help="the first image"),
 
 @app.command("make-tiny-imagenet")
 def make_tiny_imagenet_cmd(out: Path, classes: int = 4, per_class: int = 32, val_per_class: int = 8, size: int = 64,
-                           seed: int = 0, layout: str = typer.Option("imagefolder", help="imagefolder | kaggle"),
+                           seed: int = 0,
+                           layout: str = typer.Option("imagefolder", help="the form, as data.layout names it: "
+                                                      "imagefolder | kaggle | hf-parquet | wds | ilsvrc-tar"),
                            kind: str = typer.Option("colours", help="colours (a shape and hue per class) | shapes "
-                                                                    "(classes differ only by shape)")):
-    """Write the deterministic procedural ImageNet used by the demo and CI."""
+                                                                    "(classes differ only by shape)"),
+                           quirks: bool = typer.Option(False, help="add a CMYK, a grayscale and a PNG-named-.JPEG "
+                                                                   "train file and a truncated val file")):
+    """Write the deterministic procedural ImageNet used by the demo and CI, in any data.layout form."""
     from pipeline.data.tiny_imagenet import make_tiny_imagenet
 
     summary = make_tiny_imagenet(out, classes=classes, per_class=per_class, val_per_class=val_per_class, size=size,
-                                 seed=seed, layout=layout, kind=kind)
+                                 seed=seed, layout=layout, kind=kind, quirks=quirks)
     print(json.dumps(summary, indent=2, default=str))
 
 

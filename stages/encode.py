@@ -226,7 +226,7 @@ def compiled_encoder(spec: EncoderSpec, device: str, precision: str, batch_size:
         compiled = torch.compile(encoder, dynamic=False)
         pixels = torch.zeros((batch_size, 8, 8, 3), dtype=torch.uint8, device=device)
         with torch.inference_mode(), inference_precision(pixels.device, precision):
-            compiled(to_encoder_input(pixels, spec.input_size))
+            compiled(to_encoder_input(pixels, spec.input_size, mean=encoder.pixel_mean, std=encoder.pixel_std))
         if pixels.device.type == "cuda":
             torch.cuda.synchronize(pixels.device)
         return compiled
@@ -338,7 +338,7 @@ def encode_pixels(encoder, pixels: torch.Tensor, input_size: int, precision: str
     n = len(pixels)
     if pad_to is not None and n < pad_to:
         pixels = torch.cat([pixels, pixels.new_zeros((pad_to - n, *pixels.shape[1:]))])
-    x = to_encoder_input(pixels, input_size)
+    x = to_encoder_input(pixels, input_size, mean=encoder.pixel_mean, std=encoder.pixel_std)
     with torch.inference_mode(), inference_precision(pixels.device, precision):
         out = encoder(x.flip(-1) if flip else x)[:n]
         return out.to(torch.bfloat16 if dtype == "bfloat16" else torch.float16)

@@ -15,6 +15,10 @@ ADM's spatial features from one pass) against the `reference` stage's statistics
   `evaluate.bayes_max_images`): accuracy and mean bits/dim in metrics.json `flow_classifier`, the stage metrics
   (`bayes_accuracy`, ...) and the report; a property of the model that needs no Inception, not a paper metric.
 
+With `evaluate.dinov2_weights`, each entry also holds `fd_dinov2` (the Frechet distance in DINOv2-L/14 space,
+torch-fidelity's DINOv2 extractor on a local file, against the reference stage's `reference-dinov2.npz` made with
+the same weights), labelled as not a number of the paper (pipeline/metrics/fd_dinov2.py).
+
 Metrics made with stand-in weights (any file but torch-fidelity's 6726825d Inception) prove the
 code path only; they are never an FID of the method. A killed run keeps the CFG scales already
 in `metrics.json` and evaluates the rest.
@@ -74,6 +78,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     device = resolve_device(cfg.runtime.device)
 
     evaluations = read_evaluations(out.path / METRICS_FILE, sample_sets)  # a resumed run keeps finished scales
+    fd = FdDinov2(cfg, upstream["reference"].dir, device)  # the reference checked now, the weights read when used
     extractor = None
     for cfg_scale, path in sample_sets:
         if any(e["cfg_scale"] == cfg_scale for e in evaluations):
@@ -88,7 +93,8 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         save_grid(grid, out.path / f"grid-cfg{cfg_scale}.png", ncol=ncol)
         evaluations.append({"cfg_scale": cfg_scale, **metrics, "inception_weights": weights_label(weights_sha256),
                             "samples_file": path.name, **class_counts(labels), "nonfinite_samples": nonfinite,
-                            "reference": reference_label, "flow": flow, "sampling": made[cfg_scale]})
+                            "reference": reference_label, "flow": flow, "sampling": made[cfg_scale],
+                            **fd(samples, out, f"evaluate fd_dinov2 cfg {cfg_scale}")})
         write_atomic(out.path / METRICS_FILE, metrics_json(evaluations, weights_sha256, classifier))  # scale done
 
     evaluations.sort(key=lambda e: e["cfg_scale"])
@@ -166,6 +172,38 @@ def grid_images(samples: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndar
     return np.stack([np.asarray(samples[i]) for r in rows for i in r[:per]]), per
 
 
+class FdDinov2:
+    """FD_DINOv2 of a sample set when evaluate.dinov2_weights is set ({} otherwise): its value, extractor, weights'
+    sha256 and the note that it is not the paper's."""
+
+    def __init__(self, cfg: Config, reference_dir: Path, device):
+        self.weights, self.device, self.batch_size = cfg.evaluate.dinov2_weights, device, cfg.evaluate.batch_size
+        self.extractor = self.reference = None
+        if self.weights:
+            from pipeline.artifacts import file_sha256
+            from pipeline.metrics.fd_dinov2 import check_reference_dinov2, weights_file
+            from stages.reference import DINOV2_REFERENCE_FILE
+
+            self.sha256 = file_sha256(weights_file(self.weights))
+            self.reference = load_reference(reference_dir / DINOV2_REFERENCE_FILE)
+            check_reference_dinov2(self.reference, self.sha256)
+
+    def __call__(self, samples: np.ndarray, out: StageOutput, desc: str) -> dict:
+        if not self.weights:
+            return {}
+        from pipeline.metrics.fd_dinov2 import LABEL, dinov2_features, fd_dinov2, load_dinov2
+
+        self.extractor = self.extractor or load_dinov2(self.weights, self.device)
+        parts = []
+        with progress(desc, len(samples), "img") as meter:
+            for start in range(0, len(samples), self.batch_size):
+                parts.append(dinov2_features(self.extractor, samples[start:start + self.batch_size], self.device))
+                meter.advance(len(parts[-1]))
+        return {"fd_dinov2": fd_dinov2(np.concatenate(parts), self.reference),
+                "fd_dinov2_extractor": self.extractor.name, "dinov2_weights_sha256": self.sha256,
+                "fd_dinov2_reference": self.reference["meta"]["source"], "fd_dinov2_note": LABEL}
+
+
 # --- labels: where every number comes from ------------------------------------------------------
 
 
@@ -208,6 +246,8 @@ def stage_metrics(evaluations: list[dict], flow: dict, classifier: dict) -> dict
                           "mean_bits_per_dim_uncond")}
     for e in evaluations:
         out |= {f"{short}_cfg{e['cfg_scale']}": e[key] for key, short in FLAT_NAMES.items()}
+        if "fd_dinov2" in e:  # not a number of the paper (fd_dinov2_note)
+            out[f"fd_dinov2_cfg{e['cfg_scale']}"] = e["fd_dinov2"]
     first = evaluations[0]
     return out | {"inception_weights": first["inception_weights"], "evaluator": first["evaluator"],
                   "evaluator_version": first["evaluator_version"], "num_samples": first["num_samples"],
@@ -233,6 +273,11 @@ def report_markdown(evaluations: list[dict], classifier: dict) -> str:
     rows = metrics_table(evaluations)
     lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) if k == "cfg_scale" else _fmt(v) for k, v in r.items()) + " |" for r in rows]
+    if "fd_dinov2" in e0:
+        lines += ["", f"FD_DINOv2 ({e0['fd_dinov2_extractor']}, torch-fidelity's DINOv2 extractor, weights sha256 "
+                  f"{e0['dinov2_weights_sha256'][:12]}.., reference: {e0['fd_dinov2_reference']}), "
+                  f"{e0['fd_dinov2_note']}: "
+                  + ", ".join(f"cfg {e['cfg_scale']}: {_fmt(e['fd_dinov2'])}" for e in evaluations)]
     lines += ["", "## How the samples were made", ""] + [sampling_line(e) for e in evaluations]
     if classifier.get("images"):
         c = classifier

@@ -42,7 +42,7 @@ from pipeline.data.shards import decode_crop, decode_random_crop
 from pipeline.device import autocast, inference_precision, resolve_device
 from pipeline.images import grid_image, save_grid
 from pipeline.metrics.reconstruction import mean_image_sse, psnr_from_mse
-from pipeline.models.configured import decoder_arch, encoder_geometry
+from pipeline.models.configured import decoder_arch, encoder_geometry, pixel_norm
 from pipeline.progress import progress
 from pipeline.training import (
     EMA,
@@ -123,7 +123,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
             target = unit_pixels(pixels)
             z, _ = noise_augment(features.to(device), fd.noise_tau, noise.manual_seed(step_seed(fd.seed, step)))
             with autocast(device):
-                recon = to_unit_pixels(model(z))  # [0, 1], unclamped, as RAE's decode returns
+                recon = to_unit_pixels(model(z), *pixel_norm(cfg))  # [0, 1], unclamped, as RAE's decode returns
             l1 = (recon - target).abs().mean()  # RAE: (recon - images).abs().mean(), images in [0, 1]
             # RAE: LPIPS on [-1, 1] (images * 2 - 1), weight gan.loss.perceptual_weight 1.0 from lpips_start 0
             loss = l1 if lpips is None else l1 + fd.lpips_weight * lpips(recon * 2 - 1, target * 2 - 1).mean()
@@ -196,7 +196,8 @@ def encode_crops(encoder, pixels: torch.Tensor, cfg: Config) -> torch.Tensor:
 
     dtype = torch.bfloat16 if cfg.encode.dtype == "bfloat16" else torch.float16
     with torch.no_grad(), inference_precision(pixels.device, cfg.encode.precision):
-        features = encoder(to_encoder_input(pixels, cfg.encoder.input_size))
+        features = encoder(to_encoder_input(pixels, cfg.encoder.input_size, mean=encoder.pixel_mean,
+                                            std=encoder.pixel_std))
     return features.to(dtype).float()
 
 
@@ -353,8 +354,9 @@ def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: to
             features, crops = pairs(rows[b0:b0 + cfg.fit_decoder.eval_batch_size])
             with autocast(device):
                 recon = decoder(features.to(device)).float()
-            l1 += (to_unit_pixels(recon) - unit_pixels(torch.from_numpy(crops).to(device))).abs().sum().item()
-            pixels = to_uint8_pixels(recon).cpu().numpy()
+            l1 += (to_unit_pixels(recon, decoder.pixel_mean, decoder.pixel_std)
+                   - unit_pixels(torch.from_numpy(crops).to(device))).abs().sum().item()
+            pixels = to_uint8_pixels(recon, mean=decoder.pixel_mean, std=decoder.pixel_std).cpu().numpy()
             truth = crops.astype(np.float64)
             sse += np.square(pixels - truth).sum()
             total += truth.sum(0)
@@ -375,7 +377,8 @@ def reconstruction_grid(decoder, features: torch.Tensor, crops: np.ndarray, devi
     from pipeline.models.rae import to_uint8_pixels
 
     with autocast(device):
-        recon = to_uint8_pixels(decoder(features.to(device)).float()).cpu().numpy()
+        recon = to_uint8_pixels(decoder(features.to(device)).float(), mean=decoder.pixel_mean, std=decoder.pixel_std)
+    recon = recon.cpu().numpy()
     return grid_image(np.concatenate([crops, recon]), ncol=len(crops))
 
 

@@ -434,7 +434,7 @@ def load_images(shard_dir: Path, keys: np.ndarray, views: np.ndarray, resolution
 def decode_pixels(decoder, normalizer: FeatureNormalizer, z: torch.Tensor) -> np.ndarray:
     from pipeline.models.rae import to_uint8_pixels
 
-    return to_uint8_pixels(decoder(normalizer.inverse(z))).cpu().numpy()
+    return to_uint8_pixels(decoder(normalizer.inverse(z)), mean=decoder.pixel_mean, std=decoder.pixel_std).cpu().numpy()
 
 
 def resize_like(images: np.ndarray, size: int) -> np.ndarray:

@@ -20,13 +20,16 @@ from pipeline.artifacts import check_once, file_sha256, input_digest, local_cach
 from pipeline.config import Config
 from pipeline.data.imagenet import SourceImage, detect_layout, listing_digest, scan_split
 from pipeline.models.configured import decoder_arch, encoder_arch
+from pipeline.models.rae_family import read_weights_folder
 from storage_schemas.evaluation import check_adm_reference, check_inception_file
 from storage_schemas.success import write_atomic
 
 log = logging.getLogger("srcflow")
 
-ENCODER_WEIGHTS = "a local DINOv2-B/reg4 checkpoint, .safetensors or .pth, timm or HF format"
-DECODER_WEIGHTS = "a released RAE decoder checkpoint: a state_dict .pt or a dict with 'ema'/'model'"
+ENCODER_WEIGHTS = ("a local encoder checkpoint (.safetensors or .pth, timm or HF names), a transformers folder or a "
+                   "diffusers AutoencoderRAE folder")
+DECODER_WEIGHTS = ("a released RAE decoder checkpoint (a state_dict .pt or a dict with 'ema'/'model') or a diffusers "
+                   "AutoencoderRAE folder")
 ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/" \
                     "VIRTUAL_imagenet256_labeled.npz"
 STANDIN_SEED = 0
@@ -53,8 +56,8 @@ def source_listing(cfg: Config) -> Listing:
     listing = _scan(str(Path(d.root).absolute()), d.layout, classes, d.max_per_class, tuple(cfg.shard.splits))
     for split in cfg.shard.splits:
         if not listing.images[split]:
-            raise ValueError(f"data.root: {d.root} holds no {split} images of the selected classes (expected "
-                             f"{split}/<synset>/<images>, or flat val/ images with LOC_val_solution.csv)")
+            raise ValueError(f"data.root: {d.root} holds no {split} images of the selected classes in {listing.layout} "
+                             f"form (`srcflow make-tiny-imagenet OUT --layout {listing.layout}` writes an example)")
     return listing
 
 
@@ -64,7 +67,7 @@ def prepare_source(cfg: Config) -> None:
 
     root = Path(cfg.data.root)
     tiny = cfg.data.generate_tiny
-    expected = "a directory holding train/ and val/ in ImageFolder or Kaggle layout"
+    expected = "a directory holding ImageNet in one of the data.layout forms"
     if tiny is not None:
         make_tiny_imagenet(root, classes=tiny.classes, per_class=tiny.per_class, val_per_class=tiny.val_per_class,
                            size=tiny.size, seed=tiny.seed, kind=tiny.kind)
@@ -87,8 +90,7 @@ def _scan(root: str, layout: str, classes, max_per_class, splits) -> Listing:
             for reason, n in ign.items():
                 ignored[reason] = ignored.get(reason, 0) + n
     except FileNotFoundError as e:  # e.g. no val/: name what the layout needs
-        raise ValueError(f"data.root: {root} lacks {e.filename} (expected train/ and val/ in ImageFolder or "
-                         f"Kaggle layout)") from None
+        raise ValueError(f"data.root: {root} lacks {e.filename} (expected train and val in {layout} form)") from None
     synsets = sorted({im.synset for split in images.values() for im in split})
     digest = listing_digest([im for split in splits for im in images[split]], root)
     return Listing(layout, synsets, images, ignored, digest)
@@ -135,7 +137,8 @@ def _listing_key(cfg: Config) -> str | None:
                     h.update(f"{entry.path}\t{entry.stat().st_mtime_ns}\n".encode())
                     if depth:
                         visit(Path(entry.path), depth - 1)
-                elif entry.name.endswith(".csv"):  # Kaggle's LOC_val_solution.csv holds the val labels
+                elif entry.name.endswith((".csv", ".tar", ".parquet", ".tar.gz", ".mat", ".txt")):
+                    # Kaggle's val csv; the archive forms' files (a rewritten archive keeps its folder's mtime)
                     st = entry.stat()
                     h.update(f"{entry.path}\t{st.st_mtime_ns}\t{st.st_size}\n".encode())
 
@@ -151,14 +154,25 @@ def encoder_weights_digest(cfg: Config) -> str:
     """sha256 of encoder.weights after it is checked to fit the configured encoder ("random": none)."""
     if cfg.encoder.weights == "random":
         return "random"
-    input_digest("encoder.weights", cfg.encoder.weights, ENCODER_WEIGHTS)  # missing: one line
 
     def fits() -> None:
         from pipeline.models.rae import build_rae_encoder
 
         build_rae_encoder(cfg.encoder.weights, device="meta", **encoder_arch(cfg))
 
-    return check_once(cfg.encoder.weights, json.dumps(encoder_arch(cfg), sort_keys=True), fits)
+    return weights_digest("encoder.weights", cfg.encoder.weights, ENCODER_WEIGHTS,
+                          json.dumps(encoder_arch(cfg), sort_keys=True), fits)
+
+
+def weights_digest(key: str, path: str, expected: str, spec: str, fits) -> str:
+    """sha256 of a weights file, or of a weights folder's safetensors (its config.json, checked against the
+    configured architecture by `fits`, enters the check's key), after `fits` passed; one line naming `key` when
+    the file or folder is missing or does not fit."""
+    if Path(path).is_dir():
+        folder = read_weights_folder(path, key)
+        return check_once(folder.weights, f"{spec}|{file_sha256(folder.config_path)}", fits)
+    input_digest(key, path, expected)  # missing: one line
+    return check_once(path, spec, fits)
 
 
 def encoder_inputs(cfg: Config) -> dict[str, str]:
@@ -169,8 +183,12 @@ def stats_inputs(cfg: Config) -> dict[str, str]:
     """For the stages that normalize features: the released statistics file, when `encode.stats: file`."""
     if cfg.encode.stats == "computed":
         return {}
-    return {"feature_stats": input_digest("encode.stats_file", cfg.encode.stats_file,
-                                          "RAE's released statistics for encode.stats: file")}
+    path = cfg.encode.stats_file
+    if path and Path(path).is_dir():  # a diffusers AutoencoderRAE folder: the statistics are in its safetensors
+        return {"feature_stats": file_sha256(read_weights_folder(path, "encode.stats_file").weights)}
+    return {"feature_stats": input_digest("encode.stats_file", path,
+                                          "RAE's released statistics for encode.stats: file, or a diffusers "
+                                          "AutoencoderRAE folder")}
 
 
 # --- the decoder -------------------------------------------------------------------------------
@@ -186,14 +204,14 @@ def decoder_inputs(cfg: Config) -> dict[str, str]:
     trained one enters as upstream)."""
     if cfg.decoder.weights is None:
         return {}
-    input_digest("decoder.weights", cfg.decoder.weights, DECODER_WEIGHTS)
 
     def fits() -> None:
         from pipeline.models.rae import build_rae_decoder
 
         build_rae_decoder(cfg.decoder.weights, device="meta", **decoder_arch(cfg))
 
-    return {"decoder_weights": check_once(cfg.decoder.weights, json.dumps(decoder_arch(cfg), sort_keys=True), fits)}
+    return {"decoder_weights": weights_digest("decoder.weights", cfg.decoder.weights, DECODER_WEIGHTS,
+                                              json.dumps(decoder_arch(cfg), sort_keys=True), fits)}
 
 
 def lpips_inputs(cfg: Config) -> dict[str, str]:
@@ -239,7 +257,7 @@ def adm_reference_digest(cfg: Config) -> str:
 
 
 def reference_inputs(cfg: Config) -> dict[str, str]:
-    digests = {"inception_weights": inception_weights_digest(cfg)}
+    digests = {"inception_weights": inception_weights_digest(cfg), **dinov2_inputs(cfg)}
     if cfg.reference.kind == "adm_npz":
         digests["adm_reference"] = adm_reference_digest(cfg)
     return digests
@@ -247,4 +265,21 @@ def reference_inputs(cfg: Config) -> dict[str, str]:
 
 def evaluate_inputs(cfg: Config) -> dict[str, str]:
     """The Inception weights' sha256: a missing or wrong file fails `srcflow run` at plan time, before sampling."""
-    return {"inception_weights": inception_weights_digest(cfg)}
+    return {"inception_weights": inception_weights_digest(cfg), **dinov2_inputs(cfg)}
+
+
+def dinov2_inputs(cfg: Config) -> dict[str, str]:
+    """FD_DINOv2's weights, when `evaluate.dinov2_weights` is set: their sha256 after they are checked to be a DINOv2
+    ViT (shapes only)."""
+    path = cfg.evaluate.dinov2_weights
+    if path is None:
+        return {}
+
+    def fits() -> None:
+        from pipeline.metrics.fd_dinov2 import load_dinov2
+
+        load_dinov2(path, meta=True)
+
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else path  # fd_dinov2.weights_file, torch-free
+    input_digest("evaluate.dinov2_weights", file, "a local DINOv2-L/14 file (dinov2_vitl14_pretrain.pth)")
+    return {"dinov2_weights": check_once(file, "fd_dinov2 DINOv2 ViT", fits)}

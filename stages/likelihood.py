@@ -332,7 +332,8 @@ def _rae_reconstruction(chain: Chain, features: np.ndarray) -> np.ndarray:
 
     with torch.no_grad(), autocast(chain.device):
         out = chain.decoder(torch.from_numpy(widen(features)).to(chain.device))
-    return to_uint8_pixels(out.float(), chain.cfg.sample.pixel_rounding).cpu().numpy()
+    return to_uint8_pixels(out.float(), chain.cfg.sample.pixel_rounding, chain.decoder.pixel_mean,
+                           chain.decoder.pixel_std).cpu().numpy()
 
 
 def _classes_for(chain: Chain, codes: torch.Tensor, given: int | None) -> tuple[np.ndarray, np.ndarray | None]:

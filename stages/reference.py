@@ -10,6 +10,10 @@
   so the FID and sFID are comparable with published numbers. Its resolution (arr_0.shape[1]) must be
   data.resolution, checked when the run is planned.
 
+With `evaluate.dinov2_weights`, the same images (train: the same pass; adm_npz: the batch's `arr_0` images, not
+the train set) also go through torch-fidelity's DINOv2 extractor, and their mu/sigma are stored in
+`reference-dinov2.npz` (same layout) with the weights' sha256, for FD_DINOv2 (pipeline/metrics/fd_dinov2.py).
+
 Output: `reference.npz` (fidelity.save_reference, schema_version 2). The fingerprint holds the shard
 set, these settings, the Inception weights' sha256 and the ADM file's: statistics are never reused
 across other weights or another reference batch. A killed `train` run resumes from
@@ -49,6 +53,8 @@ from pipeline.progress import progress
 from storage_schemas.success import Manifest, write_atomic
 
 REFERENCE_FILE = "reference.npz"
+DINOV2_REFERENCE_FILE = "reference-dinov2.npz"  # with evaluate.dinov2_weights (pipeline/metrics/fd_dinov2.py)
+DINOV2 = "dinov2"
 ACCUMULATOR_FILE = "accumulator.npz"
 CHECKPOINT_SECONDS = 120  # the running sums (a 2048 x 2048 float64) are saved at most this often
 
@@ -59,19 +65,53 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     weights = cfg.evaluate.inception_weights
     weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
     path = out.path / REFERENCE_FILE
+    dinov2 = cfg.evaluate.dinov2_weights
     if not path.is_file():
         device = resolve_device(cfg.runtime.device)
         if cfg.reference.kind == "adm_npz":
             reference = import_adm_reference_npz(cfg.reference.path, weights, device, cfg.evaluate.batch_size,
                                                  resolution=cfg.data.resolution)
+            if dinov2:
+                reference["dinov2"] = adm_dinov2_statistics(cfg, dinov2, device)
         else:
             reference = train_reference(cfg, upstream["shard"], weights, weights_sha256, device, out)
+        if dinov2:  # before reference.npz, whose presence marks the work done
+            mu, sigma, meta = reference["dinov2"]
+            save_reference(out.path / DINOV2_REFERENCE_FILE, mu, sigma, None, meta)
         save_reference(path, reference["mu"], reference["sigma"], reference["pr_features"], reference["meta"],
                        mu_s=reference["mu_s"], sigma_s=reference["sigma_s"])
         (out.path / ACCUMULATOR_FILE).unlink(missing_ok=True)
     meta = load_reference(path)["meta"]
-    return {"source": meta["source"], "reference_images": meta["num_images"], "pr_images": meta.get("pr_images"),
-            "inception_weights": weights_label(weights_sha256)}
+    metrics = {"source": meta["source"], "reference_images": meta["num_images"], "pr_images": meta.get("pr_images"),
+               "inception_weights": weights_label(weights_sha256)}
+    if dinov2:
+        metrics["dinov2_reference_images"] = load_reference(out.path / DINOV2_REFERENCE_FILE)["meta"]["num_images"]
+    return metrics
+
+
+def adm_dinov2_statistics(cfg: Config, weights: str, device) -> tuple:
+    """mu/sigma of the DINOv2 features of an ADM reference batch's arr_0 images (ADM ships no DINOv2 statistics)."""
+    from pipeline.metrics.fd_dinov2 import dinov2_features, load_dinov2
+    from pipeline.metrics.fidelity import fid_statistics
+    from storage_schemas.samples import open_npz_array
+
+    images = open_npz_array(cfg.reference.path, "arr_0")
+    extractor, size = load_dinov2(weights, device), cfg.evaluate.batch_size
+    with progress("reference dinov2", len(images), "img") as meter:
+        parts = []
+        for start in range(0, len(images), size):
+            parts.append(dinov2_features(extractor, images[start:start + size], device))
+            meter.advance(len(parts[-1]))
+    stats = fid_statistics(np.concatenate(parts))
+    return stats["mu"], stats["sigma"], dinov2_meta(weights, extractor, len(images), "adm-npz arr_0 images")
+
+
+def dinov2_meta(weights: str, extractor, num_images: int, source: str) -> dict:
+    from pipeline.artifacts import file_sha256
+    from pipeline.metrics.fd_dinov2 import LABEL, weights_file
+
+    return {"source": source, "num_images": num_images, "feature_extractor": extractor.name,
+            "dinov2_weights_sha256": file_sha256(weights_file(weights)), "note": LABEL}
 
 
 def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, device, out: StageOutput) -> dict:
@@ -92,6 +132,11 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
     acc = Accumulator.load(out.path / ACCUMULATOR_FILE)
     todo = [s for s in by_shard if s not in acc.shards]
     extractor = load_inception(weights, device)
+    dinov2 = None
+    if cfg.evaluate.dinov2_weights:
+        from pipeline.metrics.fd_dinov2 import dinov2_features, load_dinov2
+
+        dinov2 = load_dinov2(cfg.evaluate.dinov2_weights, device)
     resolution, batch_size = cfg.data.resolution, cfg.evaluate.batch_size
     threads = max(1, cfg.reference.loader_threads)
 
@@ -108,6 +153,8 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
             keep = np.array([i in keep_pr for i in by_shard[shard]])
             for start in range(0, len(crops), batch_size):
                 features = pool_features(extractor, crops[start:start + batch_size], device)
+                if dinov2 is not None:  # FD_DINOv2's features of the same crops
+                    features[DINOV2] = dinov2_features(dinov2, crops[start:start + batch_size], device)
                 acc.add(features, keep[start:start + batch_size])
                 meter.advance(len(features["2048"]))
             acc.shards.append(shard)
@@ -119,7 +166,12 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
     meta = {"source": "train-shards", "num_images": acc.count, "pr_images": len(acc.pr_features),
             "resolution": resolution, "crop": "ADM center_crop_arr", "selection": "class-balanced round-robin",
             "shard_fingerprint": shard_manifest.fingerprint, "inception_weights_sha256": weights_sha256}
-    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pr_features": acc.pr_features, "meta": meta}
+    reference = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pr_features": acc.pr_features,
+                 "meta": meta}
+    if dinov2 is not None:
+        reference["dinov2"] = (*acc.statistics(DINOV2), dinov2_meta(cfg.evaluate.dinov2_weights, dinov2, acc.count,
+                                                                    "train-shards"))
+    return reference
 
 
 def class_balanced_order(rows: list[dict]) -> list[int]:
@@ -157,7 +209,7 @@ class Accumulator:
     """Running float64 sums per feature (count, sum, sum of outer products): pool features ("2048") and
     spatial ones; and the kept pool features."""
 
-    MOMENTS = ("2048", SPATIAL)
+    MOMENTS = ("2048", SPATIAL, DINOV2)  # each summed when the features hold it
 
     def __init__(self, count=0, sums=None, pr_features=None, shards=()):
         self.count = int(count)
@@ -172,7 +224,7 @@ class Accumulator:
         return self.pr_parts[0]
 
     def add(self, features: dict[str, np.ndarray], keep: np.ndarray) -> None:
-        for name in self.MOMENTS:
+        for name in (m for m in self.MOMENTS if m in features):
             x = features[name].astype(np.float64)
             total, outer = self.sums.get(name) or (np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1])))
             self.sums[name] = (total + x.sum(axis=0), outer + x.T @ x)

@@ -356,7 +356,7 @@ def decode(codes: torch.Tensor, src, normalizer, decoder, device: torch.device,
     with autocast(device):
         out = decoder(features)
     finite &= torch.isfinite(out.float()).flatten(1).all(1)
-    pixels = to_uint8_pixels(torch.nan_to_num(out.float()), rounding)
+    pixels = to_uint8_pixels(torch.nan_to_num(out.float()), rounding, decoder.pixel_mean, decoder.pixel_std)
     pixels[~finite] = 0
     return pixels.cpu().numpy(), (~finite).cpu().numpy()
 

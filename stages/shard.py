@@ -1,8 +1,9 @@
-"""Stage `shard`: ImageNet (ImageFolder or Kaggle layout) -> WebDataset tars + Parquet manifests.
+"""Stage `shard`: ImageNet (any `data.layout` form) -> WebDataset tars + Parquet manifests.
 
 Each split's sorted listing is cut into fixed runs of `shard.samples_per_shard` files; shard i
 always holds run i, so the output does not depend on the number of workers, and a killed run
-resumes shard by shard. A tar is written under a temporary name and renamed when whole, then its
+resumes shard by shard. Archive forms are read in place, each job's run in listing order (a seek and a read
+per tar member; a parquet row group once). A tar is written under a temporary name and renamed when whole, then its
 manifest parts; the shard's commit marker (`commits/{k:06d}.npz`, written last) records the size
 and CRC-32C of all three, so a damaged tar costs only its shard.
 """
@@ -23,6 +24,7 @@ import webdataset as wds
 from pipeline.artifacts import Commits, StageOutput
 from pipeline.config import Config
 from pipeline.data.imagenet import RejectedImage, SourceImage, prepare_image_bytes
+from pipeline.data.imagenet_archives import SourceReader
 from pipeline.parallel import cpu_workers, map_jobs, ran_on_metric
 from stages.inputs import Listing, source_listing
 from storage_schemas.shards import (
@@ -118,11 +120,10 @@ def write_shard(job: ShardJob) -> int:
     rows, rejected = [], []
 
     def write_tar(f) -> None:
-        with wds.TarWriter(f, mtime=0.0) as tar:
+        with wds.TarWriter(f, mtime=0.0) as tar, SourceReader(job.data_root) as source:
             for im in job.images:
                 try:
-                    raw = (Path(job.data_root) / im.rel_path).read_bytes()
-                    data, info = prepare_image_bytes(raw)
+                    data, info = prepare_image_bytes(source.read(im))
                 except RejectedImage as e:
                     rejected.append((im, e.reason))
                     continue

@@ -14,7 +14,8 @@ nonfinite_samples, reference {source, file, file_sha256, num_images (behind mu/s
 fingerprint}, flow {"<stage>.<metric>": the flow's bits/dim figures} and sampling: how the samples were made, the
 samples file's record (storage_schemas/samples.py `sampling`: classes, per_class, seed, cfg_rule, cfg_scale,
 cfg_anneal, solver (+ jacobi_* settings), solver_stats per flow block, network_precision, denoise and
-denoise_setting, flow_noise_sigma, decoder_noise_sigma, pixel_rounding, warnings).
+denoise_setting, flow_noise_sigma, decoder_noise_sigma, pixel_rounding, warnings); with evaluate.dinov2_weights
+also fd_dinov2, fd_dinov2_extractor, dinov2_weights_sha256, fd_dinov2_reference and fd_dinov2_note (not the paper's).
 "inception_weights": "stand-in" marks numbers from any weights but torch-fidelity's Inception: they
 check the code path and are never an FID of the method.
 flow_classifier is the flow as a Bayes-rule classifier on clean val codes (stages/likelihood.py flow_classifier;

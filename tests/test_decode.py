@@ -46,7 +46,7 @@ def _pil_pixels(jpeg: bytes) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
-def test_torchvision_decodes_the_pixels_pil_decodes(photos):
+def test_torchcodec_decodes_the_pixels_pil_decodes(photos):
     rgb = Image.fromarray(_pil_pixels(photos[0])[:120, :160])
     others = [_jpeg(rgb, progressive=True), _jpeg(rgb.convert("L")), _jpeg(rgb.convert("CMYK"))]
     for jpeg in [*photos, *others]:

@@ -254,6 +254,8 @@ def test_compile_is_operational_and_a_padded_batch_gives_the_rows_of_the_unpadde
         shapes.append(tuple(x.shape))
         return encoder(x)
 
+    recorded.pixel_mean, recorded.pixel_std = encoder.pixel_mean, encoder.pixel_std  # what encode_pixels reads
+
     pixels = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     padded = encode_pixels(recorded, pixels, cfg.encoder.input_size, "fp32", "float16", pad_to=8)
     plain = encode_pixels(encoder, pixels, cfg.encoder.input_size, "fp32", "float16")

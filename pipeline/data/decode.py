@@ -4,8 +4,9 @@ ADM's crop (guided-diffusion center_crop_arr, `pipeline.models.rae.center_crop_a
 >= 2 R, halve the image with PIL's BOX filter; then BICUBIC so the short side is R; then cut the center R x R.
 
 - `pil`: exactly that, on PIL (the reference, the default, and what `reference` and the decoder stages use).
-- `tensor`: torchvision's decode_jpeg (libjpeg-turbo with PIL's settings: the same pixels as PIL on every
-  JPEG tried) and the crop on tensors, on CPU threads. The BOX halvings (images whose short side is >= 2 R)
+- `tensor`: TorchCodec's decode_jpeg (libjpeg-turbo with PIL's settings: the same pixels as PIL, and as
+  torchvision's deprecated decoder it replaces, on every JPEG tried; as fast, benchmarks/torchcodec_decode.py) and
+  the crop on tensors, on CPU threads. The BOX halvings (images whose short side is >= 2 R)
   are PIL's own, on the decoded pixels. The bicubic is torch's antialiased uint8 kernel (a port of
   Pillow-SIMD's: 16-bit coefficients, its own pass order): within 2 levels of PIL on ~0.4% of the values of
   photo-like 500x375 JPEGs, the rest identical (tests/test_decode.py, benchmarks/encode.py measure it).
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 DECODE_PATHS = ("pil", "tensor", "nvjpeg")
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec's (not a dependency here); they are the ones
-# used, so say it once in the README, not on every image (a filter set once: catch_warnings is not thread-safe)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec's; nvjpeg's batches still go through
+# torchvision's (TorchCodec's CUDA decode is not yet measured here), so say it once in the README, not on every
+# image (a filter set once: catch_warnings is not thread-safe)
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c: fixed-point coefficients of 8-bit images
@@ -52,14 +54,14 @@ def pil_crop(jpeg: bytes, resolution: int) -> np.ndarray:
 
 
 def decode_rgb(jpeg: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 (3, H, W) RGB on the CPU: torchvision for YCbCr and grayscale JPEGs, PIL (as ADM's
-    convert("RGB")) for the rest (CMYK, YCCK) and for anything torchvision refuses."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """JPEG bytes -> uint8 (3, H, W) RGB on the CPU: TorchCodec for YCbCr and grayscale JPEGs, PIL (as ADM's
+    convert("RGB")) for the rest (CMYK, YCCK) and for anything TorchCodec refuses."""
+    from torchcodec.decoders import decode_jpeg
 
     header = jpeg_header(jpeg)
     if header is not None and header[1] in (1, 3):
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(jpeg, mode="RGB")
         except RuntimeError:
             pass
     with Image.open(io.BytesIO(jpeg)) as img:

@@ -49,7 +49,10 @@ def load_normalizer(store: Path, stats: str = "computed", stats_file: str | None
 
 
 def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """RAE's released statistics: a dict {'mean': (C,H,W) or None, 'var': (C,H,W)} (a leading 1 is allowed)."""
+    """RAE's released statistics: a dict {'mean': (C,H,W) or None, 'var': (C,H,W)} (a leading 1 is allowed), or the
+    ones a diffusers AutoencoderRAE folder carries (folder_stats)."""
+    if path and Path(path).is_dir():
+        return folder_stats(path)
     if not path or not Path(path).is_file():
         raise FileNotFoundError(f"encode.stats_file: {path} does not exist (expected RAE's released statistics, "
                                 f"a torch file holding {{'mean': tensor or None, 'var': tensor}})")
@@ -62,6 +65,30 @@ def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Te
         return None if t is None else torch.as_tensor(t).float().reshape(torch.as_tensor(t).shape[-3:])
 
     return squeeze(obj.get("mean")), squeeze(obj["var"])
+
+
+def folder_stats(path: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A diffusers AutoencoderRAE folder's `_latents_mean` / `_latents_std` as RAE's (mean, var). diffusers' converter
+    stored latents_std = sqrt(var + 1e-5) (convert_rae_to_diffusers.py), so var = std^2 - 1e-5 gives back RAE's
+    z / sqrt(var + 1e-5) here; diffusers itself divides by std + 1e-5, a relative 1e-5 / std from RAE. A mean of
+    zeros(1) is diffusers' "none" (RAE's DINOv2 statistics carry no mean)."""
+    import safetensors
+
+    from pipeline.models.rae_family import read_weights_folder
+
+    folder = read_weights_folder(path, "encode.stats_file")
+    with safetensors.safe_open(str(folder.weights), framework="pt") as f:
+        names = set(f.keys())
+        if not {"_latents_mean", "_latents_std"} <= names:
+            raise ValueError(f"encode.stats_file: {folder.weights} holds no _latents_mean/_latents_std (expected a "
+                             f"diffusers AutoencoderRAE folder)")
+        mean, std = f.get_tensor("_latents_mean").double(), f.get_tensor("_latents_std").double()
+    if std.numel() == 1:
+        raise ValueError(f"encode.stats_file: {path} carries no latent statistics (its latents_std is diffusers' "
+                         f"default, a single 1); use encode.stats: computed")
+    var = (std.square() - EPS).clamp_min(0).float()
+    mean = None if mean.numel() == 1 and float(mean) == 0 else mean.float().reshape(var.shape)
+    return mean, var
 
 
 def open_features(store: Path) -> tuple[zarr.Group, dict]:

@@ -2,9 +2,11 @@
 file's bytes into a JPEG the rest of the pipeline can trust.
 
 Facts handled (SRC-FLOW.md, "ImageNet facts a loader must handle"):
-- label = index of the synset among the sorted train synsets (n01440764 = 0), the same for
-  train and val;
-- two layouts: ImageFolder (train/<synset>/*, val/<synset>/*) and Kaggle ILSVRC (train as
+- label = index of the synset among the sorted 1,000 ILSVRC-2012 synsets (n01440764 = 0,
+  `imagenet_synsets.txt`), the same for train and val and for every layout; a folder dataset
+  whose class folders are not all ILSVRC synsets is labelled by its own sorted train synsets;
+- five layouts: three archive forms read in place (`imagenet_archives.py`: hf-parquet, wds,
+  ilsvrc-tar) and two folder forms: ImageFolder (train/<synset>/*, val/<synset>/*) and Kaggle ILSVRC (train as
   ImageFolder, val/ flat + LOC_val_solution.csv whose PredictionString starts with the
   synset); the Kaggle download root (ILSVRC/Data/CLS-LOC/{train,val}, csv at the root) is
   accepted as is;
@@ -22,13 +24,21 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-Layout = Literal["imagefolder", "kaggle"]
+Layout = Literal["imagefolder", "kaggle", "hf-parquet", "wds", "ilsvrc-tar"]
+LAYOUTS = ("imagefolder", "kaggle", "hf-parquet", "wds", "ilsvrc-tar")
+ARCHIVE_LAYOUTS = ("hf-parquet", "wds", "ilsvrc-tar")
+# The 1,000 ILSVRC-2012 synsets, sorted: a label is an index into this list (package data: the parquet and
+# WebDataset forms carry only the index)
+ILSVRC_SYNSETS = tuple(resources.files("pipeline.data").joinpath("imagenet_synsets.txt").read_text().split())
+ILSVRC_LABELS = {s: i for i, s in enumerate(ILSVRC_SYNSETS)}
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 VAL_SOLUTION_CSV = "LOC_val_solution.csv"
@@ -46,9 +56,12 @@ class SourceImage:
     """One image file of the source dataset."""
 
     split: str  # "train" | "val"
-    rel_path: str  # posix path relative to the root passed to scan_split
+    rel_path: str  # posix path relative to the root passed to scan_split (an archive's: <container>/<file name>)
     synset: str  # WordNet id, e.g. "n01440764"
-    label: int  # index of `synset` in list_synsets(root, layout)
+    label: int  # index of `synset` among the sorted ILSVRC synsets (see synset_labels)
+    container: str = ""  # the archive holding the image, relative to the root; "" for a file
+    offset: int = -1  # a tar member's data offset in `container`, or a parquet row's index
+    size: int = -1  # a tar member's byte size (-1: a file, or a parquet row)
 
 
 class RejectedImage(Exception):
@@ -65,7 +78,15 @@ class RejectedImage(Exception):
 
 def detect_layout(root: str | os.PathLike) -> Layout:
     """'imagefolder' when val/ holds one folder per synset, 'kaggle' when val/ is flat and
-    LOC_val_solution.csv sits at `root` or next to val/."""
+    LOC_val_solution.csv sits at `root` or next to val/; without train/ and val/ folders, the
+    archive form `root` holds (ILSVRC tars, HF parquet files or WebDataset shards)."""
+    from pipeline.data.imagenet_archives import EXPECTED, detect_archive_layout
+
+    if not _has_split_folders(root):
+        if layout := detect_archive_layout(Path(root)):
+            return layout
+        raise ValueError(f"{Path(root)} holds neither train/ and val/ (ImageFolder or Kaggle) nor an archive form: "
+                         + "; ".join(f"{k}: {v}" for k, v in EXPECTED.items()))
     data_dir = _data_dir(root)
     val_dir = data_dir / "val"
     has_class_dirs = has_images = False
@@ -91,14 +112,29 @@ def detect_layout(root: str | os.PathLike) -> Layout:
 
 
 def list_synsets(root: str | os.PathLike, layout: Layout) -> list[str]:
-    """Sorted train synsets; a synset's label is its index in this list (both splits)."""
+    """Sorted train synsets (their labels: synset_labels)."""
     _check_layout(layout)
+    if layout in ARCHIVE_LAYOUTS:
+        from pipeline.data.imagenet_archives import scan_archive_split
+
+        synsets = sorted({im.synset for im in scan_archive_split(root, "train", layout)[0]})
+        if not synsets:
+            raise ValueError(f"{root} has no train images in {layout} form")
+        return synsets
     train_dir = _data_dir(root) / "train"
     with os.scandir(train_dir) as entries:
         synsets = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not synsets:
         raise ValueError(f"{train_dir} has no synset folders; expected train/<synset>/<images>")
     return synsets
+
+
+def synset_labels(synsets: list[str]) -> dict[str, int]:
+    """synset -> label: its index among the sorted ILSVRC synsets, whatever subset or form holds it; a folder
+    dataset with any other class name is labelled by its own sorted list instead."""
+    if all(s in ILSVRC_LABELS for s in synsets):
+        return {s: ILSVRC_LABELS[s] for s in synsets}
+    return {s: i for i, s in enumerate(sorted(synsets))}
 
 
 def scan_split(
@@ -111,13 +147,16 @@ def scan_split(
 ) -> tuple[list[SourceImage], dict[str, int]]:
     """List one split's images in a deterministic order, with labels.
 
-    Order: by synset then file name (Kaggle val: by file name, label from the csv).
+    Order: by synset then file name (Kaggle and ilsvrc-tar val: by file name, label from the
+    csv or the devkit; hf-parquet and wds: the order of their files and rows).
     `classes`: explicit synsets, or a count N for the first N sorted synsets; labels stay
-    the full-dataset indices either way. `max_per_class`: the first K files per class in
-    that order. Returns (images, ignored) where ignored counts skipped files by reason:
-    hidden, not_an_image_extension, no_label_in_csv, not_a_file (a folder where an image
-    was expected), outside_class_folder, synset_not_in_train. Files of synsets outside the
-    selection are skipped without being counted.
+    the full-dataset indices either way. `max_per_class`: the first K file names per class
+    in sorted order, in every layout (so every form selects the same images).
+    Returns (images, ignored) where ignored counts skipped files by reason: hidden,
+    not_an_image_extension, no_label_in_csv, not_a_file (a folder where an image was
+    expected), outside_class_folder, synset_not_in_train (and the archive forms' own:
+    label_out_of_range, no_image_in_sample, no_label_in_devkit, not_a_class_tar). Files of
+    synsets outside the selection are skipped without being counted.
     """
     _check_layout(layout)
     if split not in ("train", "val"):
@@ -125,12 +164,14 @@ def scan_split(
     if max_per_class is not None and max_per_class < 1:
         raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
     root = Path(root)
-    data_dir = _data_dir(root)
-    rel_split = (data_dir / split).relative_to(root).as_posix()
     synsets = list_synsets(root, layout)
-    labels = {s: i for i, s in enumerate(synsets)}
+    labels = synset_labels(synsets)
     selected = _select_classes(synsets, classes, root)
     ignored: dict[str, int] = {}
+    if layout in ARCHIVE_LAYOUTS:
+        return _select_archive_images(root, split, layout, labels, set(selected), max_per_class, ignored), ignored
+    data_dir = _data_dir(root)
+    rel_split = (data_dir / split).relative_to(root).as_posix()
 
     if split == "val" and layout == "kaggle":
         images = _scan_flat_val(root, data_dir / "val", rel_split, labels, set(selected),
@@ -147,10 +188,31 @@ def listing_digest(images: list[SourceImage], root: str | os.PathLike) -> str:
     resized file changes it."""
     root = Path(root)
     h = hashlib.sha256()
+    containers = set()
     for im in images:
-        size = os.stat(root / im.rel_path).st_size
+        size = im.size if im.container else os.stat(root / im.rel_path).st_size
         h.update(f"{im.split}\t{im.rel_path}\t{im.label}\t{size}\n".encode())
+        containers.add(im.container)
+    for container in sorted(containers - {""}):  # a parquet row's size is its file's business
+        h.update(f"{container}\t{os.stat(root / container).st_size}\n".encode())
     return h.hexdigest()
+
+
+def source_file_size(root: str | os.PathLike, im: SourceImage) -> int:
+    """The image's stored bytes (a parquet row: its file's size over its rows, estimated from the file)."""
+    if not im.container:
+        return os.stat(Path(root) / im.rel_path).st_size
+    if im.size >= 0:
+        return im.size
+    path = Path(root) / im.container
+    return os.stat(path).st_size // max(_parquet_rows(str(path)), 1)
+
+
+@lru_cache(maxsize=64)
+def _parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,8 +251,35 @@ def prepare_image_bytes(raw: bytes) -> tuple[bytes, dict]:
 
 
 def _check_layout(layout: str) -> None:
-    if layout not in ("imagefolder", "kaggle"):
-        raise ValueError(f"layout must be 'imagefolder' or 'kaggle', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def _has_split_folders(root: str | os.PathLike) -> bool:
+    root = Path(root)
+    return any((c / "train").is_dir() and (c / "val").is_dir() for c in (root, root / KAGGLE_DATA_DIR))
+
+
+def _select_archive_images(root: Path, split: str, layout: str, labels: dict[str, int], wanted: set[str],
+                           max_per_class: int | None, ignored: dict[str, int]) -> list[SourceImage]:
+    """An archive split's images of the wanted synsets, in listing order; max_per_class keeps the first K file
+    names of each synset in sorted order, as the folder layouts do."""
+    from pipeline.data.imagenet_archives import scan_archive_split
+
+    images, skipped = scan_archive_split(root, split, layout)
+    for reason, n in skipped.items():
+        ignored[reason] = ignored.get(reason, 0) + n
+    for im in images:
+        if im.synset not in labels:  # a val image of a synset without train images, as in the folder forms
+            _count(ignored, "synset_not_in_train")
+    images = [im for im in images if im.synset in wanted]
+    if max_per_class is not None:
+        names: dict[str, list[str]] = {}
+        for im in images:
+            names.setdefault(im.synset, []).append(im.rel_path.rsplit("/", 1)[1])
+        kept = {(s, n) for s, ns in names.items() for n in sorted(ns)[:max_per_class]}
+        images = [im for im in images if (im.synset, im.rel_path.rsplit("/", 1)[1]) in kept]
+    return images
 
 
 def _is_image_name(name: str) -> bool:

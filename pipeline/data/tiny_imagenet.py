@@ -1,7 +1,8 @@
 """A tiny procedural stand-in for ImageNet, for tests and smoke runs.
 
-Real ImageNet synset ids and file names, the ImageFolder or Kaggle layout, and classes that
-a small generative model can visibly learn: class k draws one shape (disc, square,
+Real ImageNet synset ids and file names, in any `data.layout` form (ImageFolder, Kaggle, the HF
+hub's parquet files, WebDataset shards, the original ILSVRC2012 tars with a devkit), and classes
+that a small generative model can visibly learn: class k draws one shape (disc, square,
 triangle, ring, cross, diamond, bars, X) in its own saturated hue on a dark background of
 the same hue, with per-image jitter of position, size and brightness plus mild noise.
 Hues are handed out so the first classes are furthest apart on the colour wheel, hence
@@ -12,15 +13,23 @@ kind "shapes" (configs/learn.yaml): classes differ ONLY by shape (disc, square, 
 scaled to equal area; every image draws its foreground and background colours, size and position
 from one distribution shared by all classes, so neither a class's mean colour nor its mean ink
 tells it apart: a model must learn the shape.
+
+quirks: adds the files a real ImageNet holds (SRC-FLOW.md "ImageNet facts"): a CMYK JPEG, a
+grayscale JPEG and a PNG named .JPEG in train, a truncated JPEG in val; `write_imagenet_form`
+writes any list of images in any form, so tests hold every form to the same images.
 """
 
 from __future__ import annotations
 
 import colorsys
+import gzip
+import io
 import json
 import math
 import os
 import shutil
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +63,20 @@ def make_tiny_imagenet(
     seed: int = 0,
     layout: str = "imagefolder",
     kind: str = "colours",
+    quirks: bool = False,
 ) -> dict:
     """Write the dataset to `out` and return its summary (the marker's content plus
     `created`). A no-op when `out` already holds a complete dataset made with the same
     arguments. The dataset is built in a sibling `.<name>.partial-<pid>` folder, marker
     written last, then renamed into place, so `out` is either complete or absent.
-    kind: "colours" (one shape and hue per class) or "shapes" (shape only, see the module doc)."""
+    kind: "colours" (one shape and hue per class) or "shapes" (shape only, see the module doc);
+    quirks: add a CMYK, a grayscale and a PNG-named-.JPEG train file and a truncated val file."""
     args = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class,
             "size": size, "seed": seed, "layout": layout}
     if kind != "colours":  # the default kind keeps the marker (and the sets made before kinds) unchanged
         args["kind"] = kind
+    if quirks:
+        args["quirks"] = True
     _check_args(args)
     out = Path(out)
     existing = _read_marker(out)
@@ -167,33 +180,30 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+@dataclass(frozen=True)
+class TinyImage:
+    """One image file of a dataset to write: its ILSVRC-style file name and bytes."""
+
+    split: str  # "train" | "val"
+    synset: str
+    name: str  # e.g. n01440764_3.JPEG, ILSVRC2012_val_00000007.JPEG
+    data: bytes
+
+
 def _write_dataset(root: Path, args: dict) -> dict:
     classes, size, seed = args["classes"], args["size"], args["seed"]
     kind = args.get("kind", "colours")
-    kaggle = args["layout"] == "kaggle"
-    data_dir = root / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else root
     synsets = list(SYNSETS[:classes])
-    for k, synset in enumerate(synsets):
-        folder = data_dir / "train" / synset
-        folder.mkdir(parents=True)
-        for i in range(args["per_class"]):
-            _save_jpeg(render_image(k, "train", i, size=size, seed=seed, kind=kind),
-                       folder / f"{synset}_{i}.JPEG")
-
+    images = [TinyImage("train", synset, f"{synset}_{i}.JPEG",
+                        _jpeg_bytes(render_image(k, "train", i, size=size, seed=seed, kind=kind)))
+              for k, synset in enumerate(synsets) for i in range(args["per_class"])]
     # Val ids interleave classes (round robin) like the real, shuffled val set.
-    solution = []
-    (data_dir / "val").mkdir(parents=True)
-    for k, synset in enumerate(synsets):
-        folder = data_dir / "val" if kaggle else data_dir / "val" / synset
-        folder.mkdir(exist_ok=True)
-        for i in range(args["val_per_class"]):
-            image_id = f"ILSVRC2012_val_{i * classes + k + 1:08d}"
-            _save_jpeg(render_image(k, "val", i, size=size, seed=seed, kind=kind),
-                       folder / f"{image_id}.JPEG")
-            solution.append(f"{image_id},{synset} 0 0 {size - 1} {size - 1}")
-    if kaggle:
-        (root / "LOC_val_solution.csv").write_text(
-            "ImageId,PredictionString\n" + "".join(line + "\n" for line in solution))
+    images += [TinyImage("val", synset, f"ILSVRC2012_val_{i * classes + k + 1:08d}.JPEG",
+                         _jpeg_bytes(render_image(k, "val", i, size=size, seed=seed, kind=kind)))
+               for k, synset in enumerate(synsets) for i in range(args["val_per_class"])]
+    if args.get("quirks"):
+        images += _quirk_images(synsets, args)
+    write_imagenet_form(root, images, args["layout"], seed=seed, box=size)
 
     summary = {
         "format_version": FORMAT_VERSION,
@@ -207,7 +217,8 @@ def _write_dataset(root: Path, args: dict) -> dict:
         "Procedural tiny ImageNet made by pipeline.data.tiny_imagenet.make_tiny_imagenet.\n"
         f"Arguments: {json.dumps(args, sort_keys=True)}\n"
         + ("Class k = synset k of the sorted ImageNet-1k list; one shape and hue per class.\n" if kind == "colours"
-           else "Class k = synset k of the sorted ImageNet-1k list; classes differ only by shape.\n"))
+           else "Class k = synset k of the sorted ImageNet-1k list; classes differ only by shape.\n")
+        + (QUIRKS_README if args.get("quirks") else "") + FORM_README.get(args["layout"], ""))
     (root / MARKER).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")  # last
     return summary
 
@@ -219,9 +230,168 @@ def _style_json(k: int, kind: str) -> dict:
     return {"shape": shape, "foreground": list(fg), "background": list(bg)}
 
 
-def _save_jpeg(pixels: np.ndarray, path: Path) -> None:
-    Image.fromarray(pixels, "RGB").save(path, format="JPEG", quality=95, subsampling=0,
-                                        optimize=False, progressive=False)
+def _jpeg_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=95, subsampling=0, optimize=False,
+                                        progressive=False)
+    return buf.getvalue()
+
+
+QUIRKS_README = ("Quirks, as in the real ImageNet: train/<synset 0>/<synset>_900001.JPEG is CMYK, "
+                 "<synset 1>_900002.JPEG grayscale, <synset 0>_900003.JPEG a PNG named .JPEG; the last val image "
+                 "is a truncated JPEG (shard rejects it).\n")
+FORM_README = {
+    "hf-parquet": "Form hf-parquet (the HF hub's ILSVRC/imagenet-1k): data/{train,validation}-NNNNN-of-NNNNN.parquet,"
+                  " columns image {bytes, path: <name>_<synset>.JPEG} and label (index among the sorted 1,000 "
+                  "synsets), rows in a shuffled order.\n",
+    "wds": "Form wds (timm/imagenet-1k-wds): imagenet1k-{train,validation}-NNNN.tar, per sample <key>.cls (label "
+           "index), <key>.jpg and <key>.json {filename, label}, samples shuffled across shards.\n",
+    "ilsvrc-tar": "Form ilsvrc-tar (image-net.org): ILSVRC2012_img_train.tar holding <synset>.tar per class, "
+                  "ILSVRC2012_img_val.tar (flat), ILSVRC2012_devkit_t12.tar.gz (data/meta.mat: ILSVRC2012_ID -> WNID "
+                  "in a permuted order, like the real one's; data/ILSVRC2012_validation_ground_truth.txt).\n",
+}
+
+
+def _quirk_images(synsets: list[str], args: dict) -> list[TinyImage]:
+    """A CMYK JPEG, a grayscale JPEG and a PNG named .JPEG in train; a truncated JPEG as the next val image."""
+    size, seed, kind = args["size"], args["seed"], args.get("kind", "colours")
+    pixels = render_image(0, "train", 900_000, size=size, seed=seed, kind=kind)
+    out = []
+    for n, (k, mode, fmt) in enumerate(((0, "CMYK", "JPEG"), (min(1, len(synsets) - 1), "L", "JPEG"),
+                                        (0, "RGB", "PNG")), start=1):
+        buf = io.BytesIO()
+        Image.fromarray(pixels, "RGB").convert(mode).save(buf, format=fmt)
+        out.append(TinyImage("train", synsets[k], f"{synsets[k]}_{900_000 + n}.JPEG", buf.getvalue()))
+    whole = _jpeg_bytes(render_image(0, "val", 900_000, size=size, seed=seed, kind=kind))
+    number = len(synsets) * args["val_per_class"] + 1
+    out.append(TinyImage("val", synsets[0], f"ILSVRC2012_val_{number:08d}.JPEG", whole[: len(whole) // 2]))
+    return out
+
+
+def write_imagenet_form(root: str | os.PathLike, images: list[TinyImage], layout: str, *, seed: int = 0,
+                        box: int = 64) -> None:
+    """Write `images` (every one with an ILSVRC synset) under `root` in the `data.layout` form `layout`, as the
+    real dataset is laid out in that form; `box` is the Kaggle csv's box side. The archive forms put their rows
+    and samples in a seeded, shuffled order, so no reader may rely on the order of a source."""
+    root = Path(root)
+    rng = np.random.default_rng([seed, 27])
+    if layout in ("imagefolder", "kaggle"):
+        _write_folders(root, images, layout == "kaggle", box)
+    elif layout == "hf-parquet":
+        _write_hf_parquet(root / "data", images, rng)
+    elif layout == "wds":
+        _write_wds(root, images, rng)
+    elif layout == "ilsvrc-tar":
+        _write_ilsvrc_tars(root, images, rng)
+    else:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+
+
+LAYOUTS = ("imagefolder", "kaggle", "hf-parquet", "wds", "ilsvrc-tar")
+
+
+def _write_folders(root: Path, images: list[TinyImage], kaggle: bool, box: int) -> None:
+    data_dir = root / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else root
+    solution = []
+    for im in images:
+        folder = data_dir / im.split if kaggle and im.split == "val" else data_dir / im.split / im.synset
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / im.name).write_bytes(im.data)
+        if im.split == "val":
+            solution.append(f"{Path(im.name).stem},{im.synset} 0 0 {box - 1} {box - 1}")
+    if kaggle:
+        (root / "LOC_val_solution.csv").write_text(
+            "ImageId,PredictionString\n" + "".join(line + "\n" for line in solution))
+
+
+def _shuffled(images: list[TinyImage], split: str, rng: np.random.Generator) -> list[TinyImage]:
+    chosen = [im for im in images if im.split == split]
+    return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def _write_hf_parquet(data_dir: Path, images: list[TinyImage], rng: np.random.Generator) -> None:
+    """Two files per split (train: the rows cut in two), row groups of 5 rows; HF's <name>_<synset>.JPEG paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.imagenet import ILSVRC_LABELS
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())])
+    for split, name in (("train", "train"), ("val", "validation")):
+        rows = _shuffled(images, split, rng)
+        parts = [rows[: len(rows) // 2], rows[len(rows) // 2:]]
+        for i, part in enumerate(parts):
+            table = pa.Table.from_pylist(
+                [{"image": {"bytes": im.data, "path": f"{Path(im.name).stem}_{im.synset}{Path(im.name).suffix}"},
+                  "label": ILSVRC_LABELS[im.synset]} for im in part], schema=schema)
+            pq.write_table(table, data_dir / f"{name}-{i:05d}-of-{len(parts):05d}.parquet", row_group_size=5)
+
+
+def _write_wds(root: Path, images: list[TinyImage], rng: np.random.Generator) -> None:
+    """Three shards per split, samples shuffled across them: <key>.cls, <key>.jpg, <key>.json."""
+    from pipeline.data.imagenet import ILSVRC_LABELS
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train"), ("val", "validation")):
+        samples = _shuffled(images, split, rng)
+        for shard in range(3):
+            with tarfile.open(root / f"imagenet1k-{name}-{shard:04d}.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+                for im in samples[shard::3]:
+                    key, label = Path(im.name).stem, ILSVRC_LABELS[im.synset]
+                    meta = json.dumps({"filename": im.name, "label": label}).encode()
+                    for ext, data in (("cls", str(label).encode()), ("jpg", im.data), ("json", meta)):
+                        _add_member(tar, f"{key}.{ext}", data)
+
+
+def _write_ilsvrc_tars(root: Path, images: list[TinyImage], rng: np.random.Generator) -> None:
+    """The train tar of per-synset tars (members in a shuffled order), the flat val tar, and the devkit whose
+    meta.mat numbers the 1,000 synsets in a permuted order, plus internal WordNet nodes (num_children > 0)."""
+    import scipy.io
+
+    from pipeline.data.imagenet import ILSVRC_SYNSETS
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w", format=tarfile.GNU_FORMAT) as outer:
+        for synset in sorted({im.synset for im in images if im.split == "train"}):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as inner:
+                for im in _shuffled([im for im in images if im.synset == synset], "train", rng):
+                    _add_member(inner, im.name, im.data)
+            _add_member(outer, f"{synset}.tar", buf.getvalue())
+    val = sorted((im for im in images if im.split == "val"), key=lambda im: im.name)
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for im in val:
+            _add_member(tar, im.name, im.data)
+
+    ids = rng.permutation(len(ILSVRC_SYNSETS)) + 1  # ILSVRC2012_ID of sorted synset i: NOT i + 1
+    fields = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images")
+    nodes = [(int(ids[i]), s, s, "", 0, np.zeros((1, 0)), 0, 1300) for i, s in enumerate(ILSVRC_SYNSETS)]
+    nodes += [(1001, "n00001740", "entity", "", 2, np.array([1002, 1003]), 19, 0),
+              (1002, "n00001930", "physical entity", "", 1, np.array([1]), 18, 0),
+              (1003, "n00002137", "abstraction", "", 1, np.array([2]), 18, 0)]
+    synsets = np.zeros((1, len(nodes)), dtype=[(f, "O") for f in fields])
+    for j, node in enumerate(nodes):
+        synsets[0, j] = node
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {"synsets": synsets})
+    id_of = {s: int(ids[i]) for i, s in enumerate(ILSVRC_SYNSETS)}
+    numbers = sorted(int(im.name.split("_")[-1].split(".")[0]) for im in val)
+    if numbers != list(range(1, len(val) + 1)):
+        raise ValueError("ilsvrc-tar val images must be ILSVRC2012_val_00000001 .. in order")
+    truth = "".join(f"{id_of[im.synset]}\n" for im in val).encode()
+    with (open(root / "ILSVRC2012_devkit_t12.tar.gz", "wb") as f,
+          gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz,  # mtime 0: the same bytes every time
+          tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar):
+        _add_member(tar, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        _add_member(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _read_marker(out: Path) -> dict | None:
@@ -244,8 +414,8 @@ def _check_args(args: dict) -> None:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if kind == "shapes" and args["classes"] > len(KIND_SHAPES):
         raise ValueError(f"classes={args['classes']}: kind 'shapes' has 1..{len(KIND_SHAPES)} classes")
-    if args["layout"] not in ("imagefolder", "kaggle"):
-        raise ValueError(f"layout={args['layout']!r}: expected 'imagefolder' or 'kaggle'")
+    if args["layout"] not in LAYOUTS:
+        raise ValueError(f"layout={args['layout']!r}: expected one of {', '.join(LAYOUTS)}")
 
 
 def photo_like_jpeg(seed: int, width: int = 500, height: int = 375, quality: int = 90) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.config import Config
+from pipeline.models.rae_family import encoder_shape, encoder_type
 
 if TYPE_CHECKING:  # torch only when a model is built: the stage table imports this module
     from torch import nn
@@ -13,8 +14,18 @@ if TYPE_CHECKING:  # torch only when a model is built: the stage table imports t
 
 def encoder_geometry(cfg: Config) -> tuple[int, int]:
     """(grid size, channels) of the configured encoder, without building it (DINOv2-B: patch 14, 768)."""
-    arch = cfg.encoder.arch
-    return cfg.encoder.input_size // (arch.patch_size or 14), arch.embed_dim or 768
+    arch, shape = cfg.encoder.arch, encoder_shape(cfg.encoder.name)
+    return cfg.encoder.input_size // (arch.patch_size or shape.patch_size), arch.embed_dim or shape.embed_dim
+
+
+def encoder_depth(cfg: Config) -> int:
+    return cfg.encoder.arch.depth or encoder_shape(cfg.encoder.name).depth
+
+
+def pixel_norm(cfg: Config) -> tuple[tuple, tuple]:
+    """(mean, std) the configured encoder's input pixels are normalized by, and its decoder's outputs are in."""
+    etype = encoder_type(cfg.encoder.name)
+    return etype.pixel_mean, etype.pixel_std
 
 
 def encoder_arch(cfg: Config) -> dict:
@@ -27,8 +38,10 @@ def decoder_arch(cfg: Config) -> dict:
     """RAEDecoder's keyword arguments: it reads the encoder's token grid and channels."""
     grid, channels = encoder_geometry(cfg)
     d = cfg.decoder
+    mean, std = pixel_norm(cfg)
     return {"in_channels": channels, "num_tokens": grid * grid, "hidden_size": d.hidden_size, "depth": d.depth,
-            "num_heads": d.num_heads, "intermediate_size": d.intermediate_size, "patch_size": d.patch_size}
+            "num_heads": d.num_heads, "intermediate_size": d.intermediate_size, "patch_size": d.patch_size,
+            "pixel_mean": list(mean), "pixel_std": list(std)}
 
 
 def src_arch(cfg: Config) -> dict:

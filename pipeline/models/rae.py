@@ -13,11 +13,16 @@ Reference code checked (public RAE release, github bytetriper/RAE, commit 0fbcd5
   stage1/rae.py              encode: bicubic resize to 224, then (x - mean) / std; decode: unpatchify,
                              then x * std + mean; decoder loaded with load_state_dict(strict=True).
   stage1/decoders/decoder.py GeneralDecoder + ViTMAELayer: the decoder below and its key names.
+The encoder family (DINOv2-S/B/L with registers, SigLIP2-B, MAE-B) and the diffusers / transformers folders its
+weights come in: rae_family.py. Checked against diffusers' AutoencoderRAE and transformers' models in
+tests/test_oracle.py.
 Plain torch + timm + PIL + safetensors: no storage, orchestration or config objects in here.
 """
 
+import inspect
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +34,21 @@ from PIL import Image
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.models.rae_family import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WeightsFolder,
+    check_decoder_folder,
+    check_encoder_folder,
+    encoder_type,
+    read_weights_folder,
+)
 
-ENCODER_WEIGHTS_EXPECTED = "a local DINOv2-B/reg4 checkpoint, .safetensors or .pth, timm or HF format"
+ENCODER_WEIGHTS_EXPECTED = ("a local encoder checkpoint: .safetensors or .pth (timm, transformers or original DINOv2 "
+                            "names), a transformers folder or a diffusers AutoencoderRAE folder")
 DECODER_WEIGHTS_EXPECTED = (
-    "an RAE decoder checkpoint, .pt/.pth or .safetensors, e.g. decoders/dinov2/wReg_base/ViTXL_n08/model.pt"
+    "an RAE decoder checkpoint, .pt/.pth or .safetensors, e.g. decoders/dinov2/wReg_base/ViTXL_n08/model.pt, or a "
+    "diffusers AutoencoderRAE folder"
 )
 
 
@@ -78,9 +92,11 @@ def resize_random_crop(pil_image: Image.Image, image_size: int, position: tuple[
     return arr[top : top + image_size, left : left + image_size]
 
 
-def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: bool = False) -> torch.Tensor:
+def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: bool = False,
+                     mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD) -> torch.Tensor:
     """uint8 images, (B, H, W, 3) or (B, 3, H, W) -> float (B, 3, input_size, input_size): [0, 1] pixels,
-    bicubic resize (256 -> 224 in RAE), then ImageNet mean/std. RAE's own encode (stage1/rae.py) calls
+    bicubic resize (256 -> 224 in RAE), then the encoder's pixel mean/std (ImageNet's but for SigLIP2: 0.5, as
+    RAE reads them from each encoder's image processor). RAE's own encode (stage1/rae.py) calls
     F.interpolate(mode='bicubic') WITHOUT antialias, and the released decoder and statistics were made
     that way, so that is the default here too."""
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
@@ -93,41 +109,46 @@ def to_encoder_input(images_uint8: torch.Tensor, input_size: int, antialias: boo
     if x.shape[-2:] != (input_size, input_size):
         x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False,
                           antialias=antialias)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def to_unit_pixels(x_normalized: torch.Tensor) -> torch.Tensor:
-    """Decoder output (B, 3, H, W), ImageNet-normalised -> [0, 1] pixels x * std + mean, unclamped: what
-    RAE's decode returns, and where its L1 is computed (src/train_stage1.py: (recon - images).abs().mean())."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x_normalized.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x_normalized.device).view(1, 3, 1, 1)
+def to_unit_pixels(x_normalized: torch.Tensor, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+                   ) -> torch.Tensor:
+    """Decoder output (B, 3, H, W), normalized by the encoder's pixel mean/std -> [0, 1] pixels x * std + mean,
+    unclamped: what RAE's decode returns, and where its L1 is computed (src/train_stage1.py)."""
+    mean = torch.tensor(mean, device=x_normalized.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x_normalized.device).view(1, 3, 1, 1)
     return x_normalized.float() * std + mean
 
 
-def to_uint8_pixels(x_normalized: torch.Tensor, rounding: str = "round") -> torch.Tensor:
-    """Decoder output (B, 3, H, W), ImageNet-normalised -> uint8 (B, H, W, 3): x * std + mean (as RAE
-    decode), clamp to [0, 1], times 255, then to 0..255 by `rounding`:
+def to_uint8_pixels(x_normalized: torch.Tensor, rounding: str = "round", mean: tuple = IMAGENET_MEAN,
+                    std: tuple = IMAGENET_STD) -> torch.Tensor:
+    """Decoder output (B, 3, H, W), normalized by the encoder's pixel mean/std -> uint8 (B, H, W, 3): x * std + mean
+    (as RAE decode), clamp to [0, 1], times 255, then to 0..255 by `rounding`:
       round:    to the nearest level (reconstructions measured against images: PSNR);
       truncate: towards zero, as RAE's sample_ddp.py (clamp(0, 1).mul(255).to(uint8)) and ADM's samplers
                 (((x + 1) * 127.5).clamp(0, 255).to(uint8)) write the samples that FIDs are reported on: on
                 average half a level darker than `round` (the `sample` stage's default, sample.pixel_rounding)."""
     if rounding not in ("round", "truncate"):
         raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
-    x = to_unit_pixels(x_normalized).clamp(0, 1) * 255
+    x = to_unit_pixels(x_normalized, mean, std).clamp(0, 1) * 255
     return (x.round() if rounding == "round" else x).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------
-# RAE encoder: frozen DINOv2-B with 4 registers (SRC-FLOW.md "RAE", feature normalization step 1).
+# RAE encoder: frozen DINOv2-B with 4 registers (SRC-FLOW.md "RAE", feature normalization step 1), or another of
+# RAE's encoders (rae_family.py): DINOv2-S/L, SigLIP2-B, MAE-B.
 
 
 class RAEEncoder(nn.Module):
-    """Patch tokens of a frozen timm DINOv2/reg4 ViT, (B, 3, S, S) -> (B, (S/patch)^2, C), each token
-    LayerNorm-ed over its C channels WITHOUT the final norm's affine weight/bias (RAE Dinov2withNorm)."""
+    """Patch tokens of a frozen timm ViT, (B, 3, S, S) -> (B, (S/patch)^2, C), without its prefix tokens (CLS,
+    registers), each token LayerNorm-ed over its C channels WITHOUT the final norm's affine weight/bias (RAE
+    Dinov2withNorm, SigLIP2wNorm, MAEwNorm)."""
 
-    def __init__(self, vit: nn.Module, input_size: int):
+    def __init__(self, vit: nn.Module, input_size: int, pixel_mean: tuple = IMAGENET_MEAN,
+                 pixel_std: tuple = IMAGENET_STD):
         super().__init__()
         # timm's forward_features ends with the affine model.norm; RAE uses that LayerNorm without
         # weight/bias. Keep its eps, make the module an Identity, and apply F.layer_norm in forward.
@@ -138,6 +159,7 @@ class RAEEncoder(nn.Module):
         self.grid_size = vit.patch_embed.grid_size[0]
         self.num_tokens = self.grid_size * self.grid_size
         self.channels = vit.embed_dim
+        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std  # what to_encoder_input must normalize by
         self.requires_grad_(False)
         self.eval()
 
@@ -159,72 +181,103 @@ def build_rae_encoder(
     device: str | None = None,
 ) -> RAEEncoder:
     """weights: "random" (init under torch.manual_seed(seed)) or a local checkpoint: timm names
-    (.safetensors/.pth), HF facebook/dinov2-with-registers-base names, or the original facebookresearch
-    dinov2_vitb14_reg4_pretrain.pth layout (timm converts it). Never downloads.
-    input_size 224 -> 16x16 tokens, 448 -> 32x32; arch: timm kwargs (embed_dim, depth, num_heads,
-    patch_size) for small test models. pos_embed is resampled to the grid as timm does for
-    pretrained=True with pretrained_cfg_overlay=dict(file=...) (same checkpoint_filter_fn).
-    device "meta": only check that the file fits the architecture (its tensors' shapes; no weights read)."""
+    (.safetensors/.pth), transformers names (Dinov2WithRegistersModel, SiglipVisionModel, ViTMAEModel), the
+    original facebookresearch dinov2_vitb14_reg4_pretrain.pth layout (timm converts it), a transformers folder or
+    a diffusers AutoencoderRAE folder (its `encoder.*`). Never downloads. model_name: an RAE encoder of
+    rae_family.ENCODERS. input_size 224 -> 16x16 tokens, 448 -> 32x32; arch: timm kwargs (embed_dim, depth,
+    num_heads, patch_size, mlp_ratio) for small test models. pos_embed is resampled to the grid by timm's
+    checkpoint_filter_fn with the antialias transformers uses for this type at run time (bicubic, DINOv2:
+    antialiased), so the tokens are RAE's. device "meta": only check that the file fits the architecture (its
+    tensors' shapes; no weights read)."""
     meta = device == "meta"
+    etype = encoder_type(model_name)
     state = None
     if weights != "random":
-        state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
-        state = _unwrap(state, ("state_dict", "model"))
-        if "embeddings.patch_embeddings.projection.weight" in state:
-            state = dinov2_hf_to_timm(state)
+        if Path(weights).is_dir():
+            folder = read_weights_folder(weights, "encoder.weights")
+            check_encoder_folder(folder, "encoder.weights", model_name, arch or {}, input_size)
+            state = _folder_state(folder, "encoder.", "encoder.weights", meta)
+        else:
+            state = read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
+        state = hf_to_timm(_unwrap(state, ("state_dict", "model")))
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         vit = timm.create_model(model_name, pretrained=False, img_size=input_size, num_classes=0,
-                                **(arch or {}))
+                                **{**_TIMM_KWARGS[etype.name], **(arch or {})})
     for module in vit.modules():  # timm's default, made sure of (TIMM_FUSED_ATTN=0 would turn it off):
         if hasattr(module, "fused_attn"):  # F.scaled_dot_product_attention, flash / memory-efficient on CUDA
             module.fused_attn = True
     if state is not None:
         try:  # timm: original-DINOv2 layout (mask_token, register_tokens), pos_embed resampled to this grid
-            state = checkpoint_filter_fn(state, vit)
+            state = checkpoint_filter_fn(state, vit, antialias=etype.pos_antialias)
         except Exception as e:
             raise WeightsError(f"encoder.weights: {weights} is not a DINOv2 checkpoint: timm could not adapt it "
                                f"({type(e).__name__}) (expected {ENCODER_WEIGHTS_EXPECTED})") from e
         # norm.weight/bias are optional: RAE drops the final LN affine (diffusers' RAE port strips them)
-        _check_state_dict(state, vit.state_dict(), "encoder.weights", weights, "a DINOv2 checkpoint",
+        check_state_dict(state, vit.state_dict(), "encoder.weights", weights, "a DINOv2 checkpoint",
                           optional=("norm.weight", "norm.bias"))
         if not meta:
-            vit.load_state_dict(state, strict=False)  # strict in substance: _check_state_dict above
-    return RAEEncoder(vit, input_size)
+            vit.load_state_dict(state, strict=False)  # strict in substance: check_state_dict above
+    return RAEEncoder(vit, input_size, etype.pixel_mean, etype.pixel_std)
 
 
-def dinov2_hf_to_timm(state: dict) -> dict:
-    """HF Dinov2WithRegistersModel names -> timm vit_*_reg4_dinov2 names. Inverse of transformers'
-    convert_dinov2_with_registers_to_hf.py (create_rename_keys, read_in_q_k_v), followed by timm's
-    _convert_dinov2 fold: timm's reg4 models use no_embed_class, so the CLS slot of HF's
-    position_embeddings is added into cls_token and dropped from pos_embed; mask_token is unused."""
+# timm's arguments that make its ViT the transformers model RAE runs: SigLIP's tanh GELU and no pooling head,
+# ViT-MAE's LayerNorm eps of 1e-12
+_TIMM_KWARGS = {"dinov2": {}, "siglip2": {"global_pool": "", "act_layer": "gelu_tanh"},
+                "mae": {"norm_layer": partial(nn.LayerNorm, eps=1e-12)}}
+_UNUSED_HEADS = ("head.", "attn_pool.", "fc_norm.", "vision_model.head.", "pooler.")
+
+
+def hf_to_timm(state: dict) -> dict:
+    """A transformers state dict (Dinov2WithRegistersModel, SiglipVisionModel, ViTMAEModel; the names of the released
+    checkpoints and those transformers 5 saves) -> timm names; timm and original-DINOv2 state dicts pass through.
+    With registers, DINOv2's CLS position row is folded into cls_token (timm's reg4 models embed no prefix token), as
+    transformers' convert_dinov2_with_registers_to_hf.py inverted and timm's _convert_dinov2 do; without (DINOv2,
+    ViT-MAE) it stays (timm adds it to the CLS token as transformers does); mask_token is unused. Heads RAE never
+    runs are dropped."""
+    state = {k.removeprefix("vision_model."): v for k, v in state.items()}  # SigLIP under transformers 4
+    state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_HEADS)}
+    if not any(k.startswith("embeddings.") for k in state):
+        return state
+    registers = "embeddings.register_tokens" in state
     out, qkv = {}, {}
     for k, v in state.items():
         if k == "embeddings.cls_token":
             pos = state.get("embeddings.position_embeddings")
-            out["cls_token"] = v + pos[:, :1] if pos is not None else v
+            out["cls_token"] = v + pos[:, :1] if registers and pos is not None else v
         elif k == "embeddings.position_embeddings":
-            out["pos_embed"] = v[:, 1:]
+            out["pos_embed"] = v[:, 1:] if registers else v
+        elif k == "embeddings.position_embedding.weight":  # SigLIP: no CLS token, an nn.Embedding
+            out["pos_embed"] = v[None]
         elif k == "embeddings.register_tokens":
             out["reg_token"] = v
-        elif k == "embeddings.mask_token":
+        elif k in ("embeddings.mask_token", "embeddings.position_ids"):
             continue
-        elif k.startswith("embeddings.patch_embeddings.projection."):
-            out[k.replace("embeddings.patch_embeddings.projection.", "patch_embed.proj.")] = v
-        elif k.startswith("layernorm."):
-            out["norm." + k[len("layernorm."):]] = v
-        elif m := re.match(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", k):
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
-        elif k.startswith("encoder.layer."):
-            k = "blocks." + k[len("encoder.layer."):]
-            k = k.replace(".layer_scale1.lambda1", ".ls1.gamma").replace(".layer_scale2.lambda1", ".ls2.gamma")
-            out[k.replace(".attention.output.dense.", ".attn.proj.")] = v  # norm1/2, mlp.fc1/2 keep names
+        elif m := re.match(r"embeddings\.(?:patch_embeddings\.projection|patch_embedding)\.(weight|bias)$", k):
+            out[f"patch_embed.proj.{m[1]}"] = v
+        elif m := re.match(r"(?:layernorm|post_layernorm)\.(weight|bias)$", k):
+            out[f"norm.{m[1]}"] = v
+        elif m := re.match(r"(?:encoder\.)?layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)$", k):
+            block, part, kind = m[1], m[2], m[3]
+            if part in _HF_QKV:
+                qkv.setdefault((block, kind), {})[_HF_QKV[part]] = v
+            else:
+                out[f"blocks.{block}.{_HF_BLOCK.get(part, part)}.{'gamma' if kind == 'lambda1' else kind}"] = v
         else:
             out[k] = v  # unknown: reported as unexpected by the caller
     for (i, kind), parts in qkv.items():
         if len(parts) == 3:  # timm packs q, k, v into one Linear, in that order
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
+
+
+# transformers' per-layer names (released checkpoints, transformers 5, SigLIP) -> timm's Block
+_HF_QKV = {f"{prefix}{name}": name[0] for prefix in ("attention.", "self_attn.") for name in ("q_proj", "k_proj",
+                                                                                              "v_proj")}
+_HF_QKV |= {f"attention.attention.{name}": name[0] for name in ("query", "key", "value")}
+_HF_BLOCK = {"attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj", "self_attn.out_proj": "attn.proj",
+             "layernorm_before": "norm1", "layer_norm1": "norm1", "layernorm_after": "norm2", "layer_norm2": "norm2",
+             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "layer_scale1": "ls1", "layer_scale2": "ls2"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,8 +359,10 @@ class RAEDecoder(nn.Module):
 
     def __init__(self, in_channels: int = 768, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  intermediate_size: int = 4096, patch_size: int = 16, num_tokens: int = 256,
-                 layer_norm_eps: float = 1e-12):
+                 layer_norm_eps: float = 1e-12, pixel_mean: tuple = IMAGENET_MEAN, pixel_std: tuple = IMAGENET_STD):
         super().__init__()
+        # the space of its output pixels: its encoder's input normalization (to_uint8_pixels takes them)
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.grid_size = math.isqrt(num_tokens)
         if self.grid_size ** 2 != num_tokens:
             raise ValueError(f"num_tokens must be a square, got {num_tokens}")
@@ -346,18 +401,36 @@ def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str 
     (see DECODER_SIZES). Returned in eval mode; freezing is the caller's choice. device "meta": only check
     that the file fits the architecture (its tensors' shapes; no weights read)."""
     state = None
-    if weights not in (None, "random"):
+    if weights not in (None, "random") and Path(weights).is_dir():
+        folder = read_weights_folder(weights, "decoder.weights")
+        defaults = {k: p.default for k, p in inspect.signature(RAEDecoder).parameters.items()}
+        check_decoder_folder(folder, "decoder.weights", {**defaults, **arch})
+        state = diffusers_decoder_to_rae(_folder_state(folder, "decoder.", "decoder.weights", device == "meta"))
+    elif weights not in (None, "random"):
         state = load_rae_decoder_state(weights, meta=device == "meta")  # before building
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         decoder = RAEDecoder(**arch)
     if state is not None:
-        _check_state_dict(state, decoder.state_dict(), "decoder.weights", weights, "an RAE decoder checkpoint",
+        check_state_dict(state, decoder.state_dict(), "decoder.weights", weights, "an RAE decoder checkpoint",
                           optional=("decoder_pos_embed",))
         if device != "meta":
             state.setdefault("decoder_pos_embed", decoder.decoder_pos_embed)  # recomputed, identical sin-cos
             decoder.load_state_dict(state, strict=True)
     return decoder.eval()
+
+
+def diffusers_decoder_to_rae(state: dict) -> dict:
+    """diffusers' RAEDecoder names (attention.to_q/to_k/to_v/to_out.0) -> RAE's (attention.attention.query/key/value,
+    attention.output.dense); the rest are RAE's names already (diffusers' convert_rae_to_diffusers.py, inverted)."""
+    names = {".attention.to_q.": ".attention.attention.query.", ".attention.to_k.": ".attention.attention.key.",
+             ".attention.to_v.": ".attention.attention.value.", ".attention.to_out.0.": ".attention.output.dense."}
+    out = {}
+    for k, v in state.items():
+        for theirs, ours in names.items():
+            k = k.replace(theirs, ours)
+        out[k] = v
+    return out
 
 
 def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
@@ -366,7 +439,7 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
     ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) are stripped; of a whole RAE stage-1
     model (`encoder.*` and `decoder.*` keys, RAE's train_stage1.py) the `decoder.` subset is taken;
     'n_averaged' (torch AveragedModel EMA counter) is dropped."""
-    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
+    state = _unwrap(read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
                     ("ema", "model", "state_dict"))
     out = {}
     for k, v in state.items():
@@ -383,7 +456,17 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
 # Checkpoint files.
 
 
-def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
+def _folder_state(folder: WeightsFolder, prefix: str, key: str, meta: bool) -> dict:
+    """The state dict of a weights folder; of a diffusers AutoencoderRAE, the tensors under `prefix` (encoder. or
+    decoder.) without it."""
+    state = read_state_dict(str(folder.weights), key, ENCODER_WEIGHTS_EXPECTED if key.startswith("encoder")
+                             else DECODER_WEIGHTS_EXPECTED, meta)
+    if folder.kind == "diffusers":
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
     """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True). meta: tensors
     with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file)."""
     if not Path(path).is_file():
@@ -441,7 +524,7 @@ def _unwrap(obj: dict, wrappers: tuple) -> dict:
     return obj
 
 
-def _check_state_dict(state: dict, model_state: dict, key: str, path: str, what: str, optional=()) -> None:
+def check_state_dict(state: dict, model_state: dict, key: str, path: str, what: str, optional=()) -> None:
     """One-line WeightsError for missing / unexpected keys, non-tensors and shape mismatches."""
     def fail(problem, names):
         raise WeightsError(f"{key}: {path} is not {what}: {len(names)} {problem} (e.g. {', '.join(names[:3])})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +74,13 @@ def _capped(n, cfg: Config):
 
 
 def _counts_from_listing(cfg: Config) -> Dataset:
+    from pipeline.data.imagenet import source_file_size
     from stages.inputs import source_listing
 
     listing = source_listing(cfg)
     images = [im for split in listing.images.values() for im in split]
     step = max(1, len(images) // 512)  # stat an even sample of the files, not all of them
-    sizes = [os.stat(Path(cfg.data.root) / im.rel_path).st_size for im in images[::step]]
+    sizes = [source_file_size(cfg.data.root, im) for im in images[::step]]
     train = listing.images.get("train", [])
     return Dataset(len(train), len(listing.images.get("val", [])), len(listing.synsets),
                    sum(sizes) / max(len(sizes), 1), f"listing of {cfg.data.root}",

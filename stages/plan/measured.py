@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.models.configured import encoder_depth
 from stages.plan.sizers import geometry, param_count
 
 RATE_KEYS = {"rows_per_s": "rows", "images_per_s": "images", "steps_per_s": "steps", "samples_per_s": "samples"}
@@ -31,7 +32,7 @@ def _params_m(model: str, cfg: Config) -> float:  # as the benchmarks print it
 def _encode(cfg: Config) -> dict:
     tokens, channels = geometry(cfg)
     return {"encoder_name": cfg.encoder.name, "input_size": cfg.encoder.input_size, "tokens": tokens,
-            "channels": channels, "depth": cfg.encoder.arch.depth or 12, "encode_precision": cfg.encode.precision}
+            "channels": channels, "depth": encoder_depth(cfg), "encode_precision": cfg.encode.precision}
 
 
 def _trained(model: str) -> Callable[[Config], dict]:

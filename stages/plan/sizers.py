@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config
 from pipeline.models.configured import build, encoder_geometry
+from pipeline.models.rae_family import encoder_type
 from stages.plan.dataset import IMAGENET_CLASSES, Dataset
 from stages.plan.layouts import (
     COMMIT_OVERHEAD,
@@ -104,7 +105,7 @@ def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
     ]
     params = param_count("encoder", cfg)
     batch = e.batch_size
-    seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
+    seq, width = tokens + encoder_type(cfg.encoder.name).prefix_tokens, channels  # patch tokens + CLS (+ registers)
     images_per_job = math.ceil(e.rows_per_shard / views)
     shard_values = e.rows_per_shard * tokens * channels
     on_cpu = cfg.runtime.device == "cpu"
