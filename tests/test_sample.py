@@ -313,9 +313,11 @@ def test_the_stage_truncates_pixels_as_rae_and_adm_write_samples_unless_told_to_
     normalized = (levels.view(1, 1, 1, -1).expand(1, 3, 1, -1) / 255 - mean) / std  # what the RAE decoder returns
     src = SimpleNamespace(decode=lambda codes: normalized.double())
     normalizer = SimpleNamespace(inverse=lambda features: features)
+    decoder = torch.nn.Identity()
+    decoder.pixel_mean, decoder.pixel_std = IMAGENET_MEAN, IMAGENET_STD  # an RAE decoder's pixel space
     codes = torch.zeros(1, 1, 1)
-    truncated, _ = sample.decode(codes, src, normalizer, lambda f: f, torch.device("cpu"))
-    rounded, _ = sample.decode(codes, src, normalizer, lambda f: f, torch.device("cpu"), "round")
+    truncated, _ = sample.decode(codes, src, normalizer, decoder, torch.device("cpu"))
+    rounded, _ = sample.decode(codes, src, normalizer, decoder, torch.device("cpu"), "round")
     assert truncated[0, 0, :, 0].tolist() == [0, 0, 0, 1, 127, 127, 254, 254, 255, 255, 0]
     assert rounded[0, 0, :, 0].tolist() == [0, 0, 1, 2, 127, 128, 255, 255, 255, 255, 0]
 
