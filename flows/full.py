@@ -85,7 +85,8 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
     selected = select_stages(plan(cfg, last_needed(stages, until)), stages, until)
     todo = preflight(selected, cfg, force)
     for p in selected:
-        rerun = p in todo
+        # checked again: a stage rebuilt above with other bytes makes the outputs built from it stale
+        rerun = p in todo or store.state(p.name, p.fingerprint) != "done"
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
         args = (p.name, p.fingerprint, config_dict(cfg), p.upstream)

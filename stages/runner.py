@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactStore, DamagedError, fingerprint, now
+from pipeline.artifacts import ArtifactStore, DamagedError, content_digest, fingerprint, now
 from pipeline.config import Config, select, semantic_of
 from stages import STAGE_NAMES, STAGES, Stage
 from storage_schemas.success import Manifest
@@ -98,7 +98,10 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
         if health.state == "done" and (not force or waited):
             log.info("%s: done, %s (%s)", p.name, "built by another run" if waited else "skipped", p.path)
             return store.manifest(p.name, p.fingerprint)
-        rebuild = force and health.state in ("done", "damaged")
+        # forced, or built from other upstream bytes than those there now: a fresh output replaces the old one
+        rebuild = (force and health.state in ("done", "damaged")) or (health.state == "stale" and bool(health.problems))
+        if rebuild and not force:
+            log.warning("%s: %s", p.name, health.first(p.path))
         if health.state == "damaged" and not rebuild:
             shards = store.prepare_repair(p.name, p.fingerprint, health.problems)
             if shards is None:
@@ -116,7 +119,8 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
                 raise
             raise OSError(e.errno, f"{p.name}: {e.strerror} (writing {e.filename or f'into {out.path}'})") from e
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
-                                external=p.external, started=started, metrics=metrics or {})
+                                external=p.external, started=started, metrics=metrics or {},
+                                upstream_content={u: content_digest(m) for u, m in upstream.items()})
     if built is not None:
         built.append(p.name)
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())

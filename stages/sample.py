@@ -44,7 +44,7 @@ from pipeline.config import Config
 from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
 from pipeline.parallel import gpu_worker_env, map_jobs
-from pipeline.training import step_seed
+from pipeline.training import NonFiniteError, step_seed
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
 from storage_schemas.success import FILENAME as SUCCESS
@@ -115,9 +115,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         with np.load(samples_path(out.path, w)) as npz:
             nonfinite = int(npz["nonfinite"].sum())
         metrics[f"nonfinite_cfg{w}"] = nonfinite
-        if nonfinite:
-            log.warning("sample: %d of %d samples at cfg %s are NaN / inf (black images, flagged in `nonfinite`)",
-                        nonfinite, total, w)
+        if nonfinite:  # never committed: a black image would enter every metric as a sample
+            raise NonFiniteError(f"sample: {nonfinite} of {total} samples at cfg {w} are NaN / inf: nothing is "
+                                 f"committed (is the flow sound? see train_flow's loss; or lower sample.cfg_scale)")
     shutil.rmtree(out.path / CHUNKS, ignore_errors=True)  # every scale is in its samples file now
     if jobs:
         generated = sum(j.stop - j.start for j in jobs)

@@ -57,6 +57,7 @@ from pipeline.training import (
     StopSignal,
     TrainingStopped,
     adamw,
+    check_finite_loss,
     load_safetensors,
     optimizer_step,
     save_safetensors,
@@ -186,6 +187,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
             meter.advance()
             if step % t.log_every == 0 or step == t.steps:
                 nll = distributed.all_reduce_mean(window_sum).item() / window_steps
+                check_finite_loss(nll, "train_flow", step, checkpoints)  # the same mean on every rank
                 elapsed = time.perf_counter() - started
                 record = {"step": step, "nll": nll, "bits_per_dim": bits_per_dim(nll),
                           "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - first_step) / elapsed,

@@ -77,7 +77,7 @@ def held_out(cfg, manifests):
     rows = np.arange(lo, hi)[group["view"][lo:hi] == 0]
     val = manifest_rows(manifests["shard"].dir, ("val",))
     jpegs = dict(iter_jpegs(sorted(str(manifests["shard"].dir / "shards" / r["shard"]) for r in val),
-                            {r["key"] for r in val}))
+                            {r["key"]: r["sha256"] for r in val}))
     keys = group["keys"].get_orthogonal_selection((rows,))
     crops = np.stack([decode_crop(jpegs[k], cfg.data.resolution) for k in keys])
     return read_features(group, rows), crops

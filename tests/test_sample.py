@@ -66,7 +66,8 @@ def test_samples_of_every_class_have_the_colour_of_that_class(chain):
     cfg, manifests = chain
     shard_dir = manifests["shard"].dir
     rows = manifest_rows(shard_dir, ("train",))
-    jpegs = dict(iter_jpegs(sorted({str(shard_dir / "shards" / r["shard"]) for r in rows}), {r["key"] for r in rows}))
+    jpegs = dict(iter_jpegs(sorted({str(shard_dir / "shards" / r["shard"]) for r in rows}),
+                            {r["key"]: r["sha256"] for r in rows}))
     crops = np.stack([decode_crop(jpegs[r["key"]], cfg.data.resolution) for r in rows])
     train = mean_colours(crops, np.array([r["label"] for r in rows]))
     for w in (0.0, 1.0):

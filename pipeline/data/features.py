@@ -7,16 +7,17 @@ TrainFeatures streams the train rows in shuffle windows for fit_src's training l
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
+from pipeline.integrity import CheckedGroup, open_checked, read_input
 from storage_schemas.zarr_layouts import FEATURES
 
 EPS = 1e-5
@@ -42,7 +43,7 @@ class FeatureNormalizer:
 
 def load_normalizer(store: Path, stats: str = "computed", stats_file: str | None = None) -> FeatureNormalizer:
     if stats == "computed":
-        group = zarr.open_group(str(store), mode="r")
+        group = open_checked(store)
         return FeatureNormalizer(torch.from_numpy(group["stats_mean"][...]), torch.from_numpy(group["stats_var"][...]))
     return FeatureNormalizer(*load_released_stats(stats_file))
 
@@ -52,7 +53,7 @@ def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Te
     if not path or not Path(path).is_file():
         raise FileNotFoundError(f"encode.stats_file: {path} does not exist (expected RAE's released statistics, "
                                 f"a torch file holding {{'mean': tensor or None, 'var': tensor}})")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(io.BytesIO(read_input(path, "encode.stats_file")), map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "var" not in obj:
         held = list(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"encode.stats_file: {path} holds no 'var' entry (keys: {held})")
@@ -63,13 +64,14 @@ def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Te
     return squeeze(obj.get("mean")), squeeze(obj["var"])
 
 
-def open_features(store: Path) -> tuple[zarr.Group, dict]:
-    """The validated group and its attrs; refuses a store of an unknown layout or version."""
+def open_features(store: Path) -> tuple[CheckedGroup, dict]:
+    """The validated group (every read checks its chunks' CRC-32C) and its attrs; refuses a store of an unknown
+    layout or version."""
     attrs = FEATURES.validate(store)
-    return zarr.open_group(str(store), mode="r"), attrs
+    return open_checked(store), attrs
 
 
-def read_features(group: zarr.Group, rows: slice | np.ndarray) -> torch.Tensor:
+def read_features(group: CheckedGroup, rows: slice | np.ndarray) -> torch.Tensor:
     """Rows of `features` as float32 tensors."""
     values = group["features"][rows] if isinstance(rows, slice) else group["features"].get_orthogonal_selection((rows,))
     return torch.from_numpy(widen(values))
@@ -89,7 +91,7 @@ class TrainFeatures:
     `window_batches` batches. A window is read with contiguous reads and held in the stored dtype while a
     thread reads the next one, so memory is two windows, independent of N."""
 
-    def __init__(self, group: zarr.Group, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int,
+    def __init__(self, group: CheckedGroup, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int,
                  seed: int, window_batches: int):
         self.features, self.start, self.normalizer = group["features"], rows[0], normalizer
         self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, block=self.features.chunks[0],

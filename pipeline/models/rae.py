@@ -16,6 +16,7 @@ Reference code checked (public RAE release, github bytetriper/RAE, commit 0fbcd5
 Plain torch + timm + PIL + safetensors: no storage, orchestration or config objects in here.
 """
 
+import io
 import math
 import re
 from pathlib import Path
@@ -151,6 +152,7 @@ def build_rae_encoder(
     arch: dict | None = None,
     seed: int = 0,
     device: str | None = None,
+    data: bytes | None = None,
 ) -> RAEEncoder:
     """weights: "random" (init under torch.manual_seed(seed)) or a local checkpoint: timm names
     (.safetensors/.pth), HF facebook/dinov2-with-registers-base names, or the original facebookresearch
@@ -158,11 +160,12 @@ def build_rae_encoder(
     input_size 224 -> 16x16 tokens, 448 -> 32x32; arch: timm kwargs (embed_dim, depth, num_heads,
     patch_size) for small test models. pos_embed is resampled to the grid as timm does for
     pretrained=True with pretrained_cfg_overlay=dict(file=...) (same checkpoint_filter_fn).
-    device "meta": only check that the file fits the architecture (its tensors' shapes; no weights read)."""
+    device "meta": only check that the file fits the architecture (its tensors' shapes; no weights read).
+    data: the file's bytes, already read (and checked) by the caller: parsed instead of opening `weights`."""
     meta = device == "meta"
     state = None
     if weights != "random":
-        state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
+        state = _read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta, data)  # before building
         state = _unwrap(state, ("state_dict", "model"))
         if "embeddings.patch_embeddings.projection.weight" in state:
             state = dinov2_hf_to_timm(state)
@@ -334,14 +337,16 @@ class RAEDecoder(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, g * p, g * p)
 
 
-def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str | None = None, **arch) -> RAEDecoder:
+def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str | None = None,
+                      data: bytes | None = None, **arch) -> RAEDecoder:
     """weights: None / "random" (init under torch.manual_seed(seed): PyTorch defaults, zero CLS, as
     RAE's GeneralDecoder) or a released / training checkpoint, loaded strictly. arch: RAEDecoder kwargs
     (see DECODER_SIZES). Returned in eval mode; freezing is the caller's choice. device "meta": only check
-    that the file fits the architecture (its tensors' shapes; no weights read)."""
+    that the file fits the architecture (its tensors' shapes; no weights read). data: the file's bytes, already
+    read (and checked) by the caller."""
     state = None
     if weights not in (None, "random"):
-        state = load_rae_decoder_state(weights, meta=device == "meta")  # before building
+        state = load_rae_decoder_state(weights, meta=device == "meta", data=data)  # before building
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         decoder = RAEDecoder(**arch)
@@ -354,13 +359,13 @@ def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str 
     return decoder.eval()
 
 
-def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
+def load_rae_decoder_state(path: str, meta: bool = False, data: bytes | None = None) -> dict:
     """A decoder state dict from .pt/.pth (torch.load weights_only=True) or .safetensors: a plain
     state_dict (the release's model.pt) or a training checkpoint {ema (preferred), model, state_dict,
     ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) are stripped; of a whole RAE stage-1
     model (`encoder.*` and `decoder.*` keys, RAE's train_stage1.py) the `decoder.` subset is taken;
     'n_averaged' (torch AveragedModel EMA counter) is dropped."""
-    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
+    state = _unwrap(_read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta, data),
                     ("ema", "model", "state_dict"))
     out = {}
     for k, v in state.items():
@@ -377,13 +382,17 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
 # Checkpoint files.
 
 
-def _read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
+def _read_state_dict(path: str, key: str, expected: str, meta: bool = False, data: bytes | None = None) -> dict:
     """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True). meta: tensors
-    with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file)."""
-    if not Path(path).is_file():
+    with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file). data: the
+    file's bytes, read by the caller, parsed instead of the file."""
+    if data is None and not Path(path).is_file():
         raise WeightsError(f"{key}: {path} does not exist (expected {expected})")
     try:
-        if str(path).endswith(".safetensors") and meta:
+        if data is not None:
+            obj = (safetensors.torch.load(data) if str(path).endswith(".safetensors")
+                   else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        elif str(path).endswith(".safetensors") and meta:
             with safetensors.safe_open(path, framework="pt") as f:
                 obj = {}
                 for name in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
