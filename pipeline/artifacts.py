@@ -433,8 +433,8 @@ class ArtifactStore:
         manifest = Manifest(
             stage=out.stage, fingerprint=out.fingerprint, code_version=code_version,
             path=final.relative_to(self.root).as_posix(), semantic_config=semantic, upstream=upstream,
-            upstream_content=upstream_content or {}, external_inputs=external, started=started.isoformat(), ended=now().isoformat(), host=socket.gethostname(),
-            files=files, metrics=metrics,
+            upstream_content=upstream_content or {}, external_inputs=external, started=started.isoformat(),
+            ended=now().isoformat(), host=socket.gethostname(), files=files, metrics=metrics,
         )
         write_manifest(out.path, manifest)
         if out.path != final:

@@ -139,6 +139,9 @@ def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] |
 
 TRAINING_BATCHES = {"fit_decoder": "fit_decoder.batch_size", "fit_src": "src.batch_size",
                     "train_flow": "train.batch_size"}  # images (rows) per step, from the train rows
+# the key that sets how many processes a stage runs (the planner's `processes`); the others: runtime.workers
+PROCESS_KEYS = {"shard": "shard.workers", "fit_decoder": "runtime.nproc", "fit_src": "runtime.nproc",
+                "train_flow": "runtime.nproc"}
 
 
 def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
@@ -167,7 +170,13 @@ def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
         if name not in names:
             continue
         need = s["memory"]["host_bytes"] + (s["memory"]["device_bytes"] if device is None else 0)
-        for what, needed, have in (("host", need * s["processes"], host),
+        processes = s["processes"]
+        if processes > 1 and need * processes > host >= need:  # one process fits: too many of them is the cause
+            key = PROCESS_KEYS.get(name, "runtime.workers")
+            raise ValueError(f"{key}: {processes} {name} processes would need ~{human_bytes(need * processes)} of host "
+                             f"memory (~{human_bytes(need)} each: {s['memory']['basis']}), more than this machine's "
+                             f"{human_bytes(host)}; use at most {host // need} (or set runtime.memory_check=false)")
+        for what, needed, have in (("host", need * processes, host),
                                    ("GPU", s["memory"]["device_bytes"], device)):
             if have is not None and needed > have:
                 key = s["batch_key"]

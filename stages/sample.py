@@ -85,7 +85,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         raise ValueError(f"sample.cuda_graph: CUDA graphs need a CUDA device; runtime.device resolves to "
                          f"{sources.device}")
     load_models(sources)  # a missing or mismatched model fails here, before any work
-    chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
+    # chunks of whole batches: sample i is always in batch i // batch_size, whatever the chunks (or workers)
+    chunk = -(-s.chunk_size // s.batch_size) * s.batch_size
+    chunks = [(k, a, min(a + chunk, total)) for k, a in enumerate(range(0, total, chunk))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
     jobs = [SampleJob(sources, w, k, a, b, str(chunk_path(out.path, w, k))) for w in todo for k, a, b in chunks
             if not chunk_path(out.path, w, k).is_file()]

@@ -186,8 +186,11 @@ def test_cfg_zero_equals_conditional_sampling_at_the_stage_level(chain, tmp_path
     assert np.abs(pixels.astype(int) - tarflow.astype(int)).max() <= 1  # batch composition may round differently
 
 
-def test_nonfinite_samples_are_counted_and_blanked_never_resampled(chain, tmp_path, monkeypatch):
+def test_nonfinite_samples_are_flagged_and_never_committed(chain, tmp_path, monkeypatch):
+    """NaN codes of one class: flagged and blanked in the samples file, and the stage refuses to commit it in one
+    line (main committed them with a warning, exit 0)."""
     from pipeline.models.flow import TARFlow
+    from pipeline.training import NonFiniteError
 
     real = TARFlow.reverse
 
@@ -197,10 +200,36 @@ def test_nonfinite_samples_are_counted_and_blanked_never_resampled(chain, tmp_pa
         return x
 
     monkeypatch.setattr(TARFlow, "reverse", reverse)
-    metrics, out = run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]")
-    s = load(out / "samples-cfg1.0.npz")
-    assert metrics["nonfinite_cfg1.0"] == PER_CLASS and s["nonfinite"].tolist() == (s["labels"] == 2).tolist()
+    with pytest.raises(NonFiniteError, match=f"{PER_CLASS} of {CLASSES * PER_CLASS} samples at cfg 1.0") as e:
+        run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]")
+    assert "nothing is committed" in str(e.value) and "\n" not in str(e.value)
+    s = load(tmp_path / "samples-cfg1.0.npz")
+    assert s["nonfinite"].tolist() == (s["labels"] == 2).tolist()
     assert (s["arr_0"][s["labels"] == 2] == 0).all() and (s["arr_0"][s["labels"] != 2] > 0).any()
+
+
+def test_the_batch_size_enters_the_fingerprint_and_the_chunks_change_no_bytes(chain, tmp_path):
+    """The matmuls round differently at another batch size (a few pixels by one level): sample.batch_size is
+    semantic (its default, 125, stays out of stored fingerprints), and chunks are whole batches, so chunks of 6
+    with batches of 4 give the samples of chunks of 8 (main: an operational batch size that changed bytes)."""
+    from pipeline.config import semantic_of
+
+    cfg, manifests = chain
+    plain = load_config_with(cfg, "sample.batch_size=125")
+    assert "batch_size" not in semantic_of(plain, ("sample",))["sample"]
+    assert semantic_of(load_config_with(cfg, "sample.batch_size=3"), ("sample",))["sample"]["batch_size"] == 3
+    _, out = run_sample(chain, tmp_path, "sample.chunk_size=6", "sample.cfg_scale=[0.0]")
+    ragged, whole = load(out / "samples-cfg0.0.npz"), load(manifests["sample"].dir / "samples-cfg0.0.npz")
+    assert all(np.array_equal(ragged[k], whole[k]) for k in whole)
+
+
+def load_config_with(cfg, *overrides):
+    from pipeline.config import apply_override, config_dict, validate_config
+
+    raw = config_dict(cfg)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
 
 
 def test_tweedie_denoising_moves_the_codes_along_the_score(chain, tmp_path, monkeypatch):

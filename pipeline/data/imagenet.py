@@ -91,14 +91,26 @@ def detect_layout(root: str | os.PathLike) -> Layout:
 
 
 def list_synsets(root: str | os.PathLike, layout: Layout) -> list[str]:
-    """Sorted train synsets; a synset's label is its index in this list (both splits)."""
+    """Sorted train synsets; a synset's label is its index in this list (both splits). A train synset folder
+    without an image is refused, as torchvision's ImageFolder refuses it: it would be a class with a label and
+    no data (an empty folder sorting first shifts every label by one)."""
     _check_layout(layout)
     train_dir = _data_dir(root) / "train"
     with os.scandir(train_dir) as entries:
         synsets = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not synsets:
         raise ValueError(f"{train_dir} has no synset folders; expected train/<synset>/<images>")
+    empty = [s for s in synsets if not _holds_an_image(train_dir / s)]
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{train_dir / empty[0]}{more} holds no train images: an empty class folder would be a class "
+                         f"with a label and no data; remove it or add its images")
     return synsets
+
+
+def _holds_an_image(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return any(_skip_reason(e) is None for e in entries)
 
 
 def scan_split(
@@ -148,9 +160,17 @@ def listing_digest(images: list[SourceImage], root: str | os.PathLike) -> str:
     root = Path(root)
     h = hashlib.sha256()
     for im in images:
-        size = os.stat(root / im.rel_path).st_size
-        h.update(f"{im.split}\t{im.rel_path}\t{im.label}\t{size}\n".encode())
+        h.update(f"{im.split}\t{im.rel_path}\t{im.label}\t{source_size(root / im.rel_path)}\n".encode())
     return h.hexdigest()
+
+
+def source_size(path: Path) -> int:
+    """A listed file's size; -1 for one that cannot be read (a symlink loop, a dangling symlink): `shard` lists it
+    in rejected.parquet with the reason, it never stops planning."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,9 +274,15 @@ def _count(ignored: dict[str, int], reason: str) -> None:
 
 
 def _skip_reason(entry: os.DirEntry) -> str | None:
+    """Why a folder entry is not an image to list, or None. A symlink that leads nowhere (dangling, or a loop) is
+    listed, so that `shard` rejects it with its reason, like any other unreadable file."""
     if entry.name.startswith("."):
         return "hidden"
-    if not entry.is_file():
+    try:
+        is_file = entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:  # a symlink loop
+        is_file = True
+    if not is_file:
         return "not_a_file"
     if not _is_image_name(entry.name):
         return "not_an_image_extension"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.data.imagenet import source_size
 from stages.plan.layouts import TAR_SAMPLE_OVERHEAD
 
 IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_CLASSES = 1_281_167, 50_000, 1000
@@ -80,7 +80,7 @@ def _counts_from_listing(cfg: Config) -> Dataset:
     listing = source_listing(cfg)
     images = [im for split in listing.images.values() for im in split]
     step = max(1, len(images) // 512)  # stat an even sample of the files, not all of them
-    sizes = [os.stat(Path(cfg.data.root) / im.rel_path).st_size for im in images[::step]]
+    sizes = [n for im in images[::step] if (n := source_size(Path(cfg.data.root) / im.rel_path)) >= 0]
     train = listing.images.get("train", [])
     return Dataset(len(train), len(listing.images.get("val", [])), len(listing.synsets),
                    sum(sizes) / max(len(sizes), 1), f"listing of {cfg.data.root}",
