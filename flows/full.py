@@ -35,15 +35,16 @@ def fingerprint_key(context, parameters) -> str:
 
 
 @task(cache_key_fn=fingerprint_key, persist_result=True)
-def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str], force: bool = False) -> dict:
+def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str], force: bool = False,
+               built: list[str] | None = None) -> dict:
     """Runs one stage (`upstream`: the fingerprints it reads, found through this root); returns its small manifest
-    (never arrays)."""
+    (never arrays). `built` (called as a function) gets the stage appended when this call built it."""
     cfg = validate_config(config)
     (p,) = [p for p in plan(cfg, last=stage) if p.name == stage]
     if p.fingerprint != fingerprint:
         raise RuntimeError(f"{stage}: fingerprint changed between planning and running ({fingerprint[:16]} -> "
                            f"{p.fingerprint[:16]}); an input changed during the run")
-    return run_stage(p, cfg, force=force).model_dump()
+    return run_stage(p, cfg, force=force, built=built).model_dump()
 
 
 @flow(name="srcflow", log_prints=True)

@@ -47,6 +47,7 @@ from storage_schemas.success import (
 from storage_schemas.success import FILENAME as SUCCESS
 
 PROGRESS = "_PROGRESS.json"
+UPSTREAM = "_UPSTREAM.json"  # in an output: the content digests of the upstream outputs it was begun from
 REBUILD = ".rebuild"  # suffix of a forced rebuild's directory, `.<fp16>.rebuild`
 log = logging.getLogger("srcflow")
 
@@ -176,7 +177,7 @@ def file_problem(base: Path, record: OutputFile, deep: bool) -> str | None:
 # Files whose bytes depend on when they were written, not on what was computed (TensorBoard events, timings,
 # zip timestamps of commit markers, resume checkpoints): left out of an output's content digest, so a
 # bit-identical rebuild or repair keeps the outputs built from it valid.
-VOLATILE = ("commits/", "checkpoints/", "tensorboard/", "metrics.jsonl", "train_summary.json", PROGRESS)
+VOLATILE = ("commits/", "checkpoints/", "tensorboard/", "metrics.jsonl", "train_summary.json", PROGRESS, UPSTREAM)
 
 
 def content_digest(manifest: Manifest) -> str:
@@ -376,6 +377,23 @@ class ArtifactStore:
             if owner is not None and not pid_alive(owner):
                 leftover.unlink(missing_ok=True)
         return StageOutput(stage, fp, d, final)
+
+    def begin(self, out: StageOutput, upstream_content: dict[str, str]) -> None:
+        """Record in `UPSTREAM` the content digests of the upstream outputs a partial (or repaired) output is built
+        from; one begun from other upstream bytes (an upstream rebuilt since, not bit-identically) is emptied
+        first, so that no output mixes shards, or a training resumes, from two versions of its inputs."""
+        path = out.path / UPSTREAM
+        try:
+            begun = json.loads(path.read_text())
+        except (OSError, ValueError):
+            begun = None
+        if begun is not None and begun != upstream_content:
+            log.warning("%s: %s was begun from other bytes of %s; starting it again", out.stage, out.path,
+                        ", ".join(sorted(k for k in upstream_content if begun.get(k) != upstream_content[k])))
+            for child in out.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if begun != upstream_content:
+            write_atomic(path, json.dumps(upstream_content, sort_keys=True))
 
     def repairable(self, stage: str, fp: str) -> bool:
         """A row store (commit markers) is repaired in place; other damaged outputs need `--force`."""

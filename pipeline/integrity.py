@@ -135,6 +135,17 @@ def read_verified(path: str | Path) -> bytes:
     return data
 
 
+def check_file(path: str | Path) -> Path:
+    """`path`, once its bytes (streamed) match its record in the committed output holding it: for a file read in
+    place rather than loaded (a memory-mapped sample set)."""
+    found = record_of(Path(path))
+    if found is not None:
+        out_dir, stage, record = found
+        if why := file_problem(out_dir, record, deep=True):
+            raise damage(out_dir, stage, [(record.path, why)])
+    return Path(path)
+
+
 def read_with_sha256(path: str | Path, sha256: str, key: str) -> bytes:
     """The bytes of an external input (config key `key`) whose sha256 must be `sha256`, the digest its
     fingerprint holds; the caller parses these bytes and never opens the path again."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -54,6 +55,8 @@ from torch import nn
 from pipeline.distributed import rank, world_size
 from pipeline.integrity import read_verified
 from storage_schemas.success import write_atomic
+
+log = logging.getLogger("srcflow")
 
 
 class CheckpointError(ValueError):
@@ -291,7 +294,8 @@ def save_checkpoint(path: str | os.PathLike, **state) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """The dict save_checkpoint wrote, tensors on the CPU, from bytes checked against its record (read once);
-    weights_only=True (no code runs on load)."""
+    weights_only=True (no code runs on load). A checkpoint without a record (written before records were, or by a
+    run killed between the two renames: whole either way) is loaded unchecked, with a warning."""
     import crc32c
 
     path = Path(path)
@@ -301,16 +305,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     try:
         record = json.loads(record_path(path).read_text())
-        crc = f"{crc32c.crc32c(data):08x}"
-        if (len(data), crc) != (record["bytes"], record["crc32c"]):
-            raise CheckpointError(f"{path}: {len(data)} bytes, checksum {crc}, recorded {record['bytes']} bytes, "
-                                  f"{record['crc32c']}: the checkpoint is damaged; delete it and "
-                                  f"{record_path(path).name} to resume from the one before")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: no readable record {record_path(path).name} ({type(e).__name__}): an "
-                              f"incomplete checkpoint; delete it to resume from the one before") from None
+    except FileNotFoundError:
+        record = None
+        log.warning("%s: no record %s: loaded unchecked", path, record_path(path).name)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable record {record_path(path).name} ({type(e).__name__}); delete "
+                              f"both to resume from the checkpoint before") from None
+    crc = f"{crc32c.crc32c(data):08x}"
+    if record is not None and (len(data), crc) != (record.get("bytes"), record.get("crc32c")):
+        raise CheckpointError(f"{path}: {len(data)} bytes, checksum {crc}, recorded {record.get('bytes')} bytes, "
+                              f"{record.get('crc32c')}: the checkpoint is damaged; delete it and "
+                              f"{record_path(path).name} to resume from the one before")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -337,11 +342,10 @@ class Checkpointer:
         return self.every > 0 and step > 0 and step % self.every == 0
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints (each with its record), oldest first (temp files `.ckpt-*.pt.tmp-*` never match)."""
+        """Complete checkpoints, oldest first (temp files `.ckpt-*.pt.tmp-*` never match)."""
         if not self.directory.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir()
-                 if (m := self.PATTERN.fullmatch(p.name)) and record_path(p).is_file()]
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self.PATTERN.fullmatch(p.name))]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:

@@ -45,7 +45,7 @@ from pipeline.data.features import (
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.device import autocast, resolve_device
 from pipeline.images import grid_image, save_grid
-from pipeline.integrity import array_damage
+from pipeline.integrity import array_damage, check_file
 from pipeline.metrics.reconstruction import psnr_from_mse, sse
 from pipeline.models.configured import src_arch
 from pipeline.models.src import (
@@ -288,6 +288,7 @@ def save_src(src: SRC, cfg: Config, upstream: dict[str, Manifest], out_dir: Path
 def load_src(source, device: torch.device | str = "cpu") -> SRC:
     """The frozen SRC of a fit_src output: its Manifest or directory -> SRC in eval mode on `device`."""
     directory = Path(getattr(source, "dir", source))
+    check_file(directory / INFO)  # its bytes against the output's record
     model = SRC(**read_model_info(directory, "src")["model"])
     load_safetensors(model, directory / WEIGHTS)
     return model.to(device).eval().requires_grad_(False)

@@ -109,7 +109,9 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
                                    f"`srcflow run --force {p.name}`")
             log.warning("%s: damaged (%s); rebuilding %d of its shards", p.name, health.first(p.path), shards)
         upstream = {u: store.manifest(u, fp) for u, fp in p.upstream.items()}
+        content = {u: content_digest(m) for u, m in upstream.items()}
         out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
+        store.begin(out, content)  # a partial begun from other upstream bytes starts again
         log.info("%s: running -> %s", p.name, out.path)
         started = now()
         try:
@@ -120,7 +122,7 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
             raise OSError(e.errno, f"{p.name}: {e.strerror} (writing {e.filename or f'into {out.path}'})") from e
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {},
-                                upstream_content={u: content_digest(m) for u, m in upstream.items()})
+                                upstream_content=content)
     if built is not None:
         built.append(p.name)
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())

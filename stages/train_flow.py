@@ -47,6 +47,7 @@ from pipeline.data.batches import WindowShuffle
 from pipeline.data.codes import TrainCodes, code_batches, open_codes, read_rows, split_rows
 from pipeline.device import autocast, compile_enabled, resolve_device
 from pipeline.images import grid_image
+from pipeline.integrity import check_file
 from pipeline.models.configured import flow_arch
 from pipeline.models.flow import TARFlow, bits_per_dim
 from pipeline.progress import progress
@@ -336,7 +337,9 @@ def save_flow(flow: TARFlow, cfg: Config, data: TrainCodes, codes: Path, codes_f
 
 def flow_info(source) -> dict:
     """flow.json of a train_flow output (its Manifest or directory)."""
-    return read_model_info(getattr(source, "dir", source), "flow")
+    directory = Path(getattr(source, "dir", source))
+    check_file(directory / INFO)  # its bytes against the output's record
+    return read_model_info(directory, "flow")
 
 
 def load_flow(source, device: torch.device | str = "cpu") -> TARFlow:

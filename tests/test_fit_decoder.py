@@ -131,6 +131,14 @@ def test_outputs_weights_arch_and_reconstruction_grid(trained):
     assert grid.shape == (2 * (32 + 2) + 2, 8 * (32 + 2) + 2, 3)  # top: 8 images, bottom: their reconstructions
 
 
+def test_the_committed_output_keeps_no_checkpoint(trained):
+    """The last resume checkpoint (model, EMA and AdamW: 78% of main's output) is gone once the weights are written."""
+    _, manifests, _ = trained
+    out = manifests["fit_decoder"]
+    assert not (out.dir / "checkpoints").exists()
+    assert not [f.path for f in out.files if f.path.startswith("checkpoints/")]
+
+
 def test_noise_augmentation_is_applied_every_training_step(trained):
     cfg, _, calls = trained
     assert len(calls) == cfg.fit_decoder.steps

@@ -5,24 +5,26 @@ An output built from other bytes than its upstream holds now is stale, and `run`
 """
 
 import hashlib
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from zarr.codecs import BloscCodec
 
 import stages.fit_src as fit_src_stage
 from pipeline.artifacts import VOLATILE, ArtifactStore, DamagedError, content_digest
 from pipeline.data.codes import open_codes
-from pipeline.data.shards import jpeg_members
-from pipeline.data.zarr_store import CRC32C, chunk_codecs
+from pipeline.data.shards import iter_jpegs, jpeg_members
+from pipeline.data.zarr_store import CRC32C, chunk_codecs, create_row_store, write_rows, write_small_array
 from stages.runner import plan, run_pipeline
 from storage_schemas.success import DAMAGED
 from storage_schemas.success import FILENAME as SUCCESS
+from storage_schemas.zarr_layouts import CODES
 from tests.conftest import flip_byte
 
 FIT = ("src.steps=4",)
@@ -108,10 +110,12 @@ def test_a_flipped_byte_is_refused_by_the_next_reader_and_every_output_ends_bit_
     assert all(s == "done" for s in states(cfg).values()), states(cfg)
 
 
-def test_an_output_built_from_other_upstream_bytes_is_stale_and_rebuilt(stores, monkeypatch):
+@pytest.mark.parametrize("compress_too", ["intact", "damaged"])
+def test_an_output_built_from_other_upstream_bytes_is_stale_and_rebuilt(stores, monkeypatch, compress_too):
     """fit_src rebuilt with other weights under the same fingerprint (a nondeterministic GPU run, say): compress,
-    built from the old ones, is stale and `run` rebuilds it from the new ones; on main it stayed done."""
-    cfg = stores("lineage", *FIT, until="compress")
+    built from the old ones, is stale and `run` rebuilds it from the new ones; on main it stayed done. Damaged as
+    well, it is rebuilt whole, never repaired shard by shard into a mix of codes from both SRCs."""
+    cfg = stores(f"lineage-{compress_too}", *FIT, until="compress")
     m = run_pipeline(cfg, until="compress")
     before = zarr.open_group(str(m["compress"].dir / "codes.zarr"), mode="r")["codes"][...]
     real = fit_src_stage.save_src
@@ -128,11 +132,14 @@ def test_an_output_built_from_other_upstream_bytes_is_stale_and_rebuilt(stores, 
     s = {p.name: p for p in plan(cfg)}
     assert s["fit_src"].state == "done" and s["compress"].state == "stale", s["compress"]
     assert "built from other bytes of fit_src" in s["compress"].problem
+    if compress_too == "damaged":
+        (m["compress"].dir / "codes.zarr" / "codes" / "c" / "0" / "0" / "0").unlink()
+        assert states(cfg)["compress"] == "damaged"
 
     rebuilt = run_pipeline(cfg, until="compress")["compress"]
     assert states(cfg)["compress"] == "done"
     after = zarr.open_group(str(rebuilt.dir / "codes.zarr"), mode="r")["codes"][...]
-    assert not np.array_equal(before, after)
+    assert all(not np.array_equal(before[a:a + 8], after[a:a + 8]) for a in range(0, len(before), 8))  # every shard
     now = ArtifactStore(cfg.storage.root).manifest("fit_src", s["fit_src"].fingerprint)
     assert rebuilt.upstream_content["fit_src"] == content_digest(now)
 
@@ -151,24 +158,43 @@ def test_outputs_of_the_previous_layouts_are_read_as_before(stores):
     run_pipeline(cfg, until="compress")
 
     v2 = m["compress"].dir / "codes.zarr"
-    v1 = without_chunk_checksums(v2, m["compress"].dir.parent / "v1-codes.zarr")
-    group, attrs = open_codes(v1)
-    assert attrs["schema_version"] == 1
+    v1 = m["compress"].dir.parent / "v1-codes.zarr"
     new = zarr.open_group(str(v2), mode="r")
+    attrs = {k: v for k, v in new.attrs.items() if k != "schema_version"}
+    create_row_store(v1, CODES, new["codes"].shape[0], rows_per_shard=8, rows_per_chunk=4,
+                     row_shapes={"codes": (new["codes"].shape[1:], "float32")}, attrs=attrs, checksums=False)
+    write_rows(v1, 0, {name: new[name][...] for name in ("codes", "labels", "keys", "view", "split")})
+    for name in ("code_mean", "code_std"):
+        write_small_array(v1, name, new[name][...], ("code_channel",))
+    group, attrs = open_codes(v1)
+    assert attrs["schema_version"] == 1 and CRC32C not in chunk_codecs(group["codes"]._array)
     for name in ("codes", "labels", "keys", "code_mean"):
         assert np.array_equal(group[name][...], new[name][...]), name
 
 
-def without_chunk_checksums(store: Path, to: Path) -> Path:
-    """A copy of a Zarr store of schema 2 in schema 1's layout: the same arrays without the crc32c codec."""
-    old = zarr.open_group(str(store), mode="r")
-    group = zarr.open_group(str(to), mode="w", attributes={**old.attrs, "schema_version": 1})
-    for name, arr in old.arrays():
-        big = arr.ndim == 3
-        copy = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.chunks, shards=arr.shards,
-                                  compressors=None if big or (arr.ndim == 1 and name.startswith("code_")) else
-                                  [BloscCodec(cname="zstd", clevel=3)], dimension_names=arr.metadata.dimension_names,
-                                  fill_value=arr.metadata.fill_value, config={"write_empty_chunks": True})
-        copy[...] = arr[...]
-        assert CRC32C not in chunk_codecs(copy)
-    return to
+def test_one_tar_reader_rule_full_member_names_and_a_key_twice_refused(tmp_path):
+    """encode kept a member's full name, fit_decoder dropped its folders and kept the last of two same-named
+    JPEGs: a crafted tar made the two stages see different images. Now both read `jpeg_members`: the key is the
+    full name up to the first dot of the file name (WebDataset's), and a key with two JPEGs is refused."""
+    a, b = b"\xff\xd8 image a", b"\xff\xd8 image b"
+    tar = tmp_path / "crafted.tar"
+    write_tar(tar, [("sub/x.jpg", a), ("x.jpg", b), ("x.cls", b"0")])
+    assert set(jpeg_members(tar)) == {"sub/x", "x"}
+    wanted = {"x": hashlib.sha256(b).hexdigest(), "sub/x": hashlib.sha256(a).hexdigest()}
+    assert dict(iter_jpegs([str(tar)], wanted)) == {"sub/x": a, "x": b}
+    with pytest.raises(DamagedError, match="image x differs from its sha256"):  # the other image under x's key
+        dict(iter_jpegs([str(tar)], {"x": hashlib.sha256(a).hexdigest()}))
+
+    twice = tmp_path / "twice.tar"
+    write_tar(twice, [("x.jpg", a), ("x.cls", b"0"), ("x.jpg", b)])
+    with pytest.raises(DamagedError, match="holds the key 'x' twice") as e:
+        jpeg_members(twice)
+    assert str(twice) in str(e.value) and "\n" not in str(e.value)
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

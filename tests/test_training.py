@@ -362,13 +362,16 @@ def test_load_checkpoint_errors_are_one_line_and_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint") as missing:
         load_checkpoint(tmp_path / "absent.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"no readable record junk\.pt\.json") as unrecorded:
+    with pytest.raises(CheckpointError, match="unreadable checkpoint") as unrecorded:  # no record: parsed as it is
         load_checkpoint(tmp_path / "junk.pt")
     junk_crc = f"{crc32c.crc32c(b'not a checkpoint'):08x}"
     (tmp_path / "junk.pt.json").write_text(json.dumps({"bytes": 16, "crc32c": junk_crc}))
     with pytest.raises(CheckpointError, match="unreadable checkpoint") as junk:
         load_checkpoint(tmp_path / "junk.pt")
-    for e in (missing, unrecorded, junk):
+    (tmp_path / "junk.pt.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"unreadable record junk\.pt\.json") as bad_record:
+        load_checkpoint(tmp_path / "junk.pt")
+    for e in (missing, unrecorded, junk, bad_record):
         assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
 
 

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.integrity import damage_in
-from storage_schemas.shards import MANIFEST_SCHEMA, read_table, validate_shard_set
+from pipeline.integrity import check_file, damage_in
+from storage_schemas.shards import INDEX, MANIFEST_SCHEMA, read_table, validate_shard_set
 
 
 def manifest_rows(shard_dir: Path, splits: Iterable[str] = ("train", "val"), subset_per_class: int | None = None,
                   ) -> list[dict]:
     """Manifest rows (key, split, label, shard, sha256) of `splits` in shard order; `subset_per_class` keeps the
     first K train images per class."""
+    for name in (INDEX, "manifest.parquet"):  # the labels, keys and digests every reader trusts: checked first
+        check_file(Path(shard_dir) / name)
     validate_shard_set(shard_dir)
     rows = read_table(Path(shard_dir) / "manifest.parquet", MANIFEST_SCHEMA).select(
         ["key", "split", "label", "shard", "sha256"]).to_pylist()

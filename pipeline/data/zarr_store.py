@@ -66,12 +66,15 @@ def fill_row_store(store: Path, commits: Commits, layout: ZarrLayout, n_rows: in
 
 
 def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int, rows_per_chunk: int,
-                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict) -> None:
-    """A fresh group: `row_shapes[name] = (shape after the row axis, on-disk dtype)` for each per-row array."""
+                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict, checksums: bool = True) -> None:
+    """A fresh group: `row_shapes[name] = (shape after the row axis, on-disk dtype)` for each per-row array.
+    `checksums=False`: schema 1's layout, without chunk CRC-32Cs (what benchmarks/integrity.py compares against)."""
     if Path(path).exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", attributes={"srcflow_schema": layout.kind,
-                                                               "schema_version": SCHEMA_VERSION, **attrs})
+                                                               "schema_version": SCHEMA_VERSION if checksums else 1,
+                                                               **attrs})
+    crc = [Crc32cCodec()] if checksums else []
     chunk = min(rows_per_chunk, rows_per_shard)
     for name, spec in layout.arrays.items():
         if not spec.per_row:
@@ -85,7 +88,7 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
             shards=(rows_per_shard, *tail) if big and chunk < rows_per_shard else None,
             # features and codes are incompressible float (STACK.md): spend no CPU on them; every chunk carries
             # its CRC-32C, which Zarr checks on every read (pipeline.integrity)
-            compressors=[Crc32cCodec()] if big else [BloscCodec(cname="zstd", clevel=3), Crc32cCodec()],
+            compressors=(crc or None) if big else [BloscCodec(cname="zstd", clevel=3), *crc],
             dimension_names=spec.dims, fill_value="" if dtype == "str" else 0,
             # every chunk is written: no per-chunk emptiness check (half the write time), predictable sizes
             config={"write_empty_chunks": True},
