@@ -315,7 +315,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
     with pytest.raises(TrainingStopped, match="fit_decoder: stopped by signal 15 at step 6/12"):
         run_pipeline(cfg, until="fit_decoder")
     monkeypatch.undo()
-    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000006.pt"]
+    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000006.pt", "ckpt-00000006.pt.json"]
 
     # SIGKILL in another process, in its 4th step after resuming (step 10): the step-8 checkpoint survives
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg)))
@@ -325,7 +325,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     (p,) = [p for p in plan(cfg) if p.name == "fit_decoder"]
     assert p.state == "partial"
-    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000008.pt"]
+    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000008.pt", "ckpt-00000008.pt.json"]
 
     resumed = run_pipeline(cfg, until="fit_decoder")["fit_decoder"]
     assert resumed.fingerprint == reference.fingerprint
