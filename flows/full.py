@@ -36,15 +36,16 @@ def fingerprint_key(context, parameters) -> str:
 
 
 @task(cache_key_fn=fingerprint_key, persist_result=True)
-def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str], force: bool = False) -> dict:
+def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str], force: bool = False,
+               built: list[str] | None = None) -> dict:
     """Runs one stage (`upstream`: the fingerprints it reads, found through this root); returns its small manifest
-    (never arrays)."""
+    (never arrays). `built` (called as a function) gets the stage appended when this call built it."""
     cfg = validate_config(config)
     (p,) = [p for p in plan(cfg, last=stage) if p.name == stage]
     if p.fingerprint != fingerprint:
         raise RuntimeError(f"{stage}: fingerprint changed between planning and running ({fingerprint[:16]} -> "
                            f"{p.fingerprint[:16]}); an input changed during the run")
-    return run_stage(p, cfg, force=force).model_dump()
+    return run_stage(p, cfg, force=force, built=built).model_dump()
 
 
 @flow(name="srcflow", log_prints=True)
@@ -92,7 +93,8 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
     selected = select_stages(plan(cfg, last_needed(stages, until)), stages, until)
     todo = preflight(selected, cfg, force)
     for p in selected:
-        rerun = p in todo
+        # checked again: a stage rebuilt above with other bytes makes the outputs built from it stale
+        rerun = p in todo or store.state(p.name, p.fingerprint) != "done"
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
         # in this process: signals reach the stage (SIGTERM checkpoints); jobs fan out as runtime says

@@ -62,11 +62,14 @@ def use_gpu() -> None:
 
 
 @task
-def build_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str]) -> dict:
-    """An output several points share (flows/full.py's stage task, on this process's GPU)."""
+def build_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str]) -> bool:
+    """An output several points share (flows/full.py's stage task, on this process's GPU); whether this task built
+    it (another run may have, meanwhile)."""
     use_gpu()
     set_mode(False)  # bars from several processes would overwrite each other: the stages log their throughput
-    return stage_task.fn(stage, fingerprint, config, upstream)
+    built: list[str] = []
+    stage_task.fn(stage, fingerprint, config, upstream, built=built)
+    return bool(built)
 
 
 @task
@@ -104,12 +107,12 @@ def srcflow_sweep(config: str = "configs/smoke.yaml", overrides: list[str] | Non
             started = time.perf_counter()
             if runner is None:  # in the flow's thread: signals reach the stage (SIGTERM checkpoints)
                 state = fn(**args, return_state=True)
-                yield b, time.perf_counter() - started, failure(state)
+                yield b, time.perf_counter() - started, failure(state), built_it(state)
             else:
                 pending.append((b, started, runner.submit(fn, args)))
         for b, started, future in pending:
             future.wait()
-            yield b, time.perf_counter() - started, failure(future.state)
+            yield b, time.perf_counter() - started, failure(future.state), built_it(future.state)
 
     def run_points(points: list[sweeps.Point]):
         def outcome(pt, state, started):
@@ -143,6 +146,10 @@ def srcflow_sweep(config: str = "configs/smoke.yaml", overrides: list[str] | Non
         raise sweeps.PointsFailed(f"{len(failed)} of {len(summary.points)} points failed, e.g. point "
                                   f"{failed[0].index}: {failed[0].error} (summary: {sweep.dir})")
     return summary.model_dump()
+
+
+def built_it(state) -> bool:
+    return failure(state) is None and bool(state.result())
 
 
 def failure(state) -> str | None:

@@ -51,6 +51,7 @@ from storage_schemas.success import (
 from storage_schemas.success import FILENAME as SUCCESS
 
 PROGRESS = "_PROGRESS.json"
+UPSTREAM = "_UPSTREAM.json"  # in an output: the content digests of the upstream outputs it was begun from
 REBUILD = ".rebuild"  # suffix of a forced rebuild's directory, `.<fp16>.rebuild`
 ASIDE = ".old-"  # `.<fp16>.old-<pid>`: the old output of a forced rebuild, moved aside where renameat2 cannot swap
 # A lock's lease: its holder touches it every HEARTBEAT_SECONDS; a peer that sees it unchanged for LEASE_SECONDS (on
@@ -89,8 +90,7 @@ def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so `status` does not rehash GB of weights. The cache is
     best effort: on a read-only or full disk it lives in memory only."""
     path = Path(path).resolve()
-    st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    key = _digest_key(path)
     cached = (cache_dir or local_cache_dir() / "digests") / key
     if key in _DIGESTS:
         return _DIGESTS[key]
@@ -106,6 +106,20 @@ def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
             pass
     _DIGESTS[key] = digest
     return digest
+
+
+def _digest_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+def forget_digest(path: str | Path) -> None:
+    """Drop the remembered sha256 of `path` (its bytes changed under the same size and mtime, which is what the
+    digest is remembered by): the next `file_sha256` reads the file again."""
+    key = _digest_key(Path(path).resolve())
+    _DIGESTS.pop(key, None)
+    with suppress(OSError):
+        (local_cache_dir() / "digests" / key).unlink()
 
 
 def input_digest(key: str, path: str | Path | None, expected: str) -> str:
@@ -174,6 +188,22 @@ def file_problem(base: Path, record: OutputFile, deep: bool) -> str | None:
         if crc != record.crc32c:
             return f"checksum {crc}, listed with {record.crc32c}"
     return None
+
+
+# Files whose bytes depend on when they were written, not on what was computed (TensorBoard events, timings,
+# zip timestamps of commit markers, resume checkpoints): left out of an output's content digest, so a
+# bit-identical rebuild or repair keeps the outputs built from it valid.
+VOLATILE = ("commits/", "checkpoints/", "tensorboard/", "metrics.jsonl", "train_summary.json", PROGRESS, UPSTREAM)
+
+
+def content_digest(manifest: Manifest) -> str:
+    """sha256 over the records (path, size, CRC-32C) of an output's files, less the VOLATILE ones: what an output
+    built from it records (`Manifest.upstream_content`), so that one built from other bytes is stale."""
+    h = hashlib.sha256()
+    for f in sorted(manifest.files, key=lambda f: f.path):
+        if not f.path.startswith(VOLATILE):
+            h.update(f"{f.path}\t{f.bytes}\t{f.crc32c}\n".encode())
+    return h.hexdigest()
 
 
 # --- commit markers of row stores ---------------------------------------------------------------
@@ -276,7 +306,8 @@ class ArtifactStore:
 
     def check(self, stage: str, fp: str, deep: bool = False) -> Health:
         """done | damaged | partial | stale | missing. Fast: every file `_SUCCESS.json` lists exists with its size;
-        deep: and its CRC-32C matches. Reads only."""
+        deep: and its CRC-32C matches. A whole output built from other bytes of an upstream output than that output
+        holds now (`content_digest`) is stale, with the reason as its problem. Reads only."""
         d = self.stage_dir(stage, fp)
         if not (d / SUCCESS).exists() and not self.swapped_in(stage, fp):
             if d.is_dir():
@@ -292,7 +323,24 @@ class ArtifactStore:
             return Health("damaged", [(SUCCESS, f"belongs to {m.stage}/{m.fingerprint[:16]}, not to this output")])
         problems = [(f["path"], f["reason"]) for f in read_damage(d) or []]
         problems += [(f.path, why) for f in m.files if (why := file_problem(d, f, deep))]
-        return Health("damaged" if problems else "done", problems, len(m.files), m.bytes)
+        if problems:
+            return Health("damaged", problems, len(m.files), m.bytes)
+        if changed := self.changed_upstream(m):
+            return Health("stale", [(SUCCESS, changed)], len(m.files), m.bytes)
+        return Health("done", [], len(m.files), m.bytes)
+
+    def changed_upstream(self, m: Manifest) -> str | None:
+        """Why an output's recorded upstream content differs from what its upstream outputs hold now, or None.
+        An upstream that is gone or unreadable is its own problem (its state says so), not this output's."""
+        for stage, digest in m.upstream_content.items():
+            fp = m.upstream.get(stage, "")
+            try:
+                upstream = read_manifest(self.stage_dir(stage, fp))
+            except (OSError, SchemaError):
+                continue
+            if content_digest(upstream) != digest:
+                return f"built from other bytes of {stage}/{fp[:16]} than it holds now (rebuilt since); run rebuilds it"
+        return None
 
     def state(self, stage: str, fp: str) -> str:
         return self.check(stage, fp).state
@@ -389,6 +437,23 @@ class ArtifactStore:
                 leftover.unlink(missing_ok=True)
         return StageOutput(stage, fp, d, final)
 
+    def begin(self, out: StageOutput, upstream_content: dict[str, str]) -> None:
+        """Record in `UPSTREAM` the content digests of the upstream outputs a partial (or repaired) output is built
+        from; one begun from other upstream bytes (an upstream rebuilt since, not bit-identically) is emptied
+        first, so that no output mixes shards, or a training resumes, from two versions of its inputs."""
+        path = out.path / UPSTREAM
+        try:
+            begun = json.loads(path.read_text())
+        except (OSError, ValueError):
+            begun = None
+        if begun is not None and begun != upstream_content:
+            log.warning("%s: %s was begun from other bytes of %s; starting it again", out.stage, out.path,
+                        ", ".join(sorted(k for k in upstream_content if begun.get(k) != upstream_content[k])))
+            for child in out.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if begun != upstream_content:
+            write_atomic(path, json.dumps(upstream_content, sort_keys=True))
+
     def repairable(self, stage: str, fp: str) -> bool:
         """A row store (commit markers) is repaired in place; other damaged outputs need `--force`."""
         return Commits(self.stage_dir(stage, fp) / "commits").any()
@@ -424,9 +489,11 @@ class ArtifactStore:
         return len(dropped)
 
     def commit(self, out: StageOutput, *, code_version: str, semantic: dict, upstream: dict[str, str],
-               external: dict[str, str], started: datetime, metrics: dict[str, Any]) -> Manifest:
+               external: dict[str, str], started: datetime, metrics: dict[str, Any],
+               upstream_content: dict[str, str] | None = None) -> Manifest:
         """List every output file with its size and CRC-32C (a row store's shard files from their commit markers),
-        write `_SUCCESS.json` last and atomically, then, for a rebuild, swap it in place of the old output."""
+        write `_SUCCESS.json` last and atomically, then, for a rebuild, swap it in place of the old output.
+        `upstream_content`: the content digest of each upstream output the stage read."""
         (out.path / PROGRESS).unlink(missing_ok=True)
         committed = {}
         commits = Commits(out.path / "commits")
@@ -443,8 +510,8 @@ class ArtifactStore:
         manifest = Manifest(
             stage=out.stage, fingerprint=out.fingerprint, code_version=code_version,
             path=final.relative_to(self.root).as_posix(), semantic_config=semantic, upstream=upstream,
-            external_inputs=external, started=started.isoformat(), ended=now().isoformat(), host=socket.gethostname(),
-            files=files, metrics=metrics,
+            upstream_content=upstream_content or {}, external_inputs=external, started=started.isoformat(),
+            ended=now().isoformat(), host=socket.gethostname(), files=files, metrics=metrics,
         )
         lease = self.leases.get((out.stage, out.fingerprint))
         if lease is not None and lease.compromise is not None:

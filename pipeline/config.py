@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,7 +36,12 @@ def added(default: Any, description: str = "", **constraints: Any) -> Any:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are refused everywhere (a NaN learning rate trains a NaN model; a NaN cfg_scale samples NaN)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+UnitInterval = Annotated[float, Field(ge=0, le=1)]  # a decay or a probability
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 
 
 # --- where things live and how they run (all operational) -------------------------------------
@@ -80,9 +85,9 @@ class TinyImageNetConfig(Section):
     """Parameters of the procedural dataset generated at `data.root` when it is missing."""
 
     classes: int = 4
-    per_class: int = 32
-    val_per_class: int = 8
-    size: int = 64
+    per_class: int = Field(32, gt=0)
+    val_per_class: int = Field(8, ge=0)
+    size: int = Field(64, gt=0)
     seed: int = 0
     kind: Literal["colours", "shapes"] = Field(
         "colours", description="colours: one shape and hue per class; shapes: classes differ only by shape "
@@ -96,7 +101,7 @@ class DataConfig(Section):
                             "files, WebDataset shards or the original ILSVRC2012 tars with the devkit; every form "
                             "gives an image the same key, label and stored bytes")
     classes: list[str] | int | None = Field(None, description="a list of synsets or a count of the first ones")
-    max_per_class: int | None = None
+    max_per_class: int | None = Field(None, gt=0)
     resolution: int = Field(256, gt=0, description="image side in pixels (ADM center crop); the paper: 256 or 512")
     generate_tiny: TinyImageNetConfig | None = Field(
         None, description="generate the tiny procedural ImageNet at data.root when it does not exist (smoke/CI)"
@@ -106,7 +111,7 @@ class DataConfig(Section):
 class ShardConfig(Section):
     samples_per_shard: int = Field(1000, gt=0)
     splits: list[Literal["train", "val"]] = ["train", "val"]
-    workers: int = operational(4, "parallel processes")
+    workers: int = operational(4, "parallel processes", gt=0)
 
 
 # --- the RAE (frozen encoder + decoder) -------------------------------------------------------
@@ -115,12 +120,12 @@ class ShardConfig(Section):
 class EncoderArch(Section):
     """Overrides of the timm ViT for small random encoders (smoke/tests). Empty = encoder.name's real one."""
 
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
+    embed_dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    patch_size: int | None = Field(None, gt=0)
     mlp_ratio: float | None = added(None, "MLP width / embed_dim (transformers' SigLIP and ViT-MAE keep 3072 for "
-                                          "any width)")
+                                          "any width)", gt=0)
 
 
 class EncoderConfig(Section):
@@ -129,7 +134,7 @@ class EncoderConfig(Section):
         "vit_base_patch16_siglip_256 (SigLIP2-B, input 256), vit_base_patch16_224.mae (MAE-B, input 256)"))
     weights: str = Field("random", description="local .safetensors/.pth (timm or HF names), a transformers folder, a "
                                                "diffusers AutoencoderRAE folder, or 'random'")
-    input_size: int = 224
+    input_size: int = Field(224, gt=0, description="the encoder's input side (224: 16x16 tokens of DINOv2's 14 px)")
     arch: EncoderArch = EncoderArch()
     seed: int = 0
 
@@ -151,7 +156,7 @@ class EncodeConfig(Section):
                            "decode + the crop on tensors, CPU threads, 2.3x pil per core; within 2 levels of pil on "
                            "0.4% of values); nvjpeg (batches decoded on the GPU, cropped there as PIL does; CUDA only; "
                            "what nvjpeg refuses is decoded on the CPU). benchmarks/encode.py `decode` measures them")
-    batch_size: int = operational(64)
+    batch_size: int = operational(64, gt=0)
     compile: bool = operational(False, "torch.compile the encoder on CUDA (ignored elsewhere); every batch is padded "
                                        "to batch_size so one graph serves them all; compiled before the first job")
     jobs_per_worker: int = operational(2, "shard jobs a worker runs at once, in threads: one job's tar read, "
@@ -162,11 +167,11 @@ class EncodeConfig(Section):
 
 class DecoderConfig(Section):
     weights: str | None = Field(None, description="released RAE decoder checkpoint; None trains one (fit_decoder)")
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    intermediate_size: int = 4096
-    patch_size: int = 16
+    hidden_size: int = Field(1152, gt=0)
+    depth: int = Field(28, gt=0)
+    num_heads: int = Field(16, gt=0)
+    intermediate_size: int = Field(4096, gt=0)
+    patch_size: int = Field(16, gt=0)
 
 
 class FitDecoderConfig(Section):
@@ -184,10 +189,10 @@ class FitDecoderConfig(Section):
                                      "warmup_epochs 1 of training.epochs 16)")
     final_lr: float = Field(2e-5, ge=0, description="the cosine's floor, reached at `steps` (RAE yaml "
                                                    "training.scheduler.final_lr, at base_lr 2e-4)")
-    weight_decay: float = Field(0.0, description="RAE yaml training.optimizer.weight_decay")
+    weight_decay: float = Field(0.0, ge=0, description="RAE yaml training.optimizer.weight_decay")
     noise_tau: float = Field(0.8, ge=0, description="RAE noise augmentation z + s*eps, s ~ noise_tau * U(0, 1) per "
                                                     "sample (RAE yaml stage_1.params.noise_tau)")
-    ema_decay: float = Field(0.9978, description="RAE yaml training.ema_decay")
+    ema_decay: UnitInterval = Field(0.9978, description="RAE yaml training.ema_decay")
     augment: Literal["none", "resize_random_crop"] = Field(
         "none", description="none: the stored features and their ADM center crops; resize_random_crop: RAE's "
                             "Resize(1.5 x data.resolution, bicubic) + RandomCrop(data.resolution) (src/train_stage1.py "
@@ -195,17 +200,17 @@ class FitDecoderConfig(Section):
                             "encode.precision")
     lpips_weights: str | None = Field(None, description="local LPIPS weights: adds an LPIPS term (needs the lpips "
                                                         "package)")
-    lpips_weight: float = 1.0
+    lpips_weight: float = Field(1.0, ge=0)
     grad_clip: float | None = added(None, "max global gradient norm; null = no clipping (RAE yaml "
-                                          "training.clip_grad 0.0)")
+                                          "training.clip_grad 0.0)", ge=0)
     report_images: int | None = Field(1000, gt=0, description="held-out val images (view 0) for psnr_val / l1_val and "
                                                               "the grid; None = all")
     seed: int = 0
-    ckpt_every: int = operational(1000)
-    loader_threads: int = operational(8, "threads decoding JPEGs and reading feature rows for the next batches")
+    ckpt_every: int = operational(1000, ge=0)
+    loader_threads: int = operational(8, "threads decoding JPEGs and reading feature rows for the next batches", gt=0)
     memory_mb: int = operational(1024, "hold the train pairs in memory when they fit (small sets); else stream per "
-                                       "batch")
-    eval_batch_size: int = operational(64)
+                                       "batch", ge=0)
+    eval_batch_size: int = operational(64, gt=0)
     log_every: int = operational(100, "steps between training-curve points (TensorBoard, <output>/tensorboard)", gt=0)
     image_every: int = operational(1000, "steps between reconstruction grids in TensorBoard", gt=0)
 
@@ -217,25 +222,25 @@ class SRCConfig(Section):
     kind: Literal["pca", "learned"] = "learned"
     dim: int = Field(32, gt=0, description="code channels d per token (the paper: 32)")
     arch: Literal["mlp", "transformer"] = "mlp"
-    hidden: int = 1024
-    depth: int = 2
+    hidden: int = Field(1024, gt=0)
+    depth: int = Field(2, gt=0)
     heads: int = Field(4, gt=0, description="attention heads of the transformer arch")
     noise_sigma: float = Field(0.2, ge=0, description="constant code noise the SRC decoder trains under (and the "
                                                       "report's noisy rows)")
-    steps: int = 5000
+    steps: int = Field(5000, gt=0)
     batch_size: int = Field(256, gt=0, description="images per training step (all their tokens)")
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    cosine_weight: float = 1.0
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, ge=0)
+    cosine_weight: float = Field(1.0, ge=0)
     pixel_loss_weight: float = Field(0.0, ge=0, description="MSE of RAE_dec(SRC(f)) vs RAE_dec(f) through the frozen "
                                                             "decoder")
-    ema_decay: float = 0.999
+    ema_decay: UnitInterval = 0.999
     seed: int = 0
     report_images: int = Field(256, gt=0, description="held-out val images (view 0) in the reconstruction report")
-    ckpt_every: int = operational(500)
-    eval_batch_size: int = operational(64, "images per batch in the reconstruction report")
+    ckpt_every: int = operational(500, ge=0)
+    eval_batch_size: int = operational(64, "images per batch in the reconstruction report", gt=0)
     log_every: int = operational(100, "training steps between loss log lines and training-curve points", gt=0)
     image_every: int = operational(1000, "steps between reconstruction grids in TensorBoard (loads the RAE "
                                          "decoder at the first)", gt=0)
@@ -243,9 +248,9 @@ class SRCConfig(Section):
 
 class CompressConfig(Section):
     source: Literal["features", "images"] = Field("features", alias="from")
-    batch_size: int = operational(256)
+    batch_size: int = operational(256, gt=0)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 # --- the flow ---------------------------------------------------------------------------------
@@ -256,12 +261,13 @@ class FlowConfig(Section):
     heads: int = Field(16, gt=0)
     num_blocks: int = Field(8, gt=0)
     layers_per_block: int = Field(2, gt=0)
-    deep_layers: int | None = 16
+    deep_layers: int | None = Field(16, gt=0)
     cond: Literal["additive", "prefix"] = "additive"
     scale: Literal["exp", "softplus"] = "softplus"
     start_token: bool = True
-    soft_clip: float | None = 4.0
-    label_drop: float = 0.1
+    soft_clip: float | None = Field(4.0, gt=0)
+    label_drop: float = Field(0.1, ge=0, lt=1, description="probability of the null label in training (CFG's "
+                                                         "unconditional branch)")
     noise_sigma: float | None = Field(None, ge=0, description="constant noise on the codes the flow learns; null = "
                                       "src.noise_sigma, the level the SRC decoder is trained to decode (one level)")
     allow_noise_mismatch: bool = operational(False, "ablations only: accept a flow.noise_sigma other than "
@@ -273,23 +279,23 @@ class TrainConfig(Section):
     batch_size: int = Field(256, gt=0, description="global batch (images), split evenly over runtime.nproc processes")
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(5000, ge=0, description="linear warmup, then cosine decay to 0 at `steps`")
-    weight_decay: float = 1e-4
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = Field(1.0, description="max global gradient norm; null = no clipping")
-    ema_decay: float = 0.9999
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, ge=0, description="max global gradient norm; null = no clipping")
+    ema_decay: UnitInterval = 0.9999
     shuffle_window: int = Field(16384, gt=0, description="images per shuffle window: the data order permutes "
                                 "chunk-aligned blocks, then images inside each window (>= the split: a uniform "
                                 "shuffle)")
     seed: int = 0
-    ckpt_every: int = operational(5000)
+    ckpt_every: int = operational(5000, ge=0)
     log_every: int = operational(100, "steps between train NLL / bits-per-dim lines in the log, metrics.jsonl "
                                       "and TensorBoard", gt=0)
     image_every: int = operational(1000, "steps between sample grids in TensorBoard (the EMA flow's samples, "
                                          "decoded by the SRC and RAE decoders its codes came from)", gt=0)
     in_memory_limit_gb: float = operational(4.0, "hold the train codes in memory (per process) when they are "
-                                            "at most this big, else stream shuffle windows from codes.zarr")
-    prefetch: int = operational(4, "batches assembled ahead of the training step")
-    eval_batch_size: int = operational(256, "batch of the held-out likelihood evaluation")
+                                            "at most this big, else stream shuffle windows from codes.zarr", ge=0)
+    prefetch: int = operational(4, "batches assembled ahead of the training step", gt=0)
+    eval_batch_size: int = operational(256, "batch of the held-out likelihood evaluation", gt=0)
     compile: Literal["auto"] | bool = operational("auto", "torch.compile the flow's loss (forward and backward); "
                                                   "auto: on CUDA, off on CPU")
     activation_checkpointing: bool = operational(False, "recompute each transformer layer's activations in the "
@@ -321,10 +327,14 @@ class SampleConfig(Section):
     pixel_rounding: Literal["truncate", "round"] = Field(
         "truncate", description="decoder output in [0, 1] x 255 -> uint8: truncate, as RAE's and ADM's samplers "
                                 "write the samples FIDs are reported on, or round to the nearest level")
-    batch_size: int = operational(125)
-    chunk_size: int = operational(1000, "samples per job and per resume unit (a committed chunk file)")
-    grid_per_class: int = operational(4, "samples of each class in grid-cfg{w}.png")
-    grid_classes: int = operational(16, "classes (the first ones) in grid-cfg{w}.png")
+    batch_size: int = added(125, "samples per pass of the flow and the decoders; semantic: the matmuls round "
+                                 "differently at another batch, which moves a few pixels by one level (at 125, "
+                                 "the batch of every stored sample set, it stays out of the fingerprint)", gt=0)
+    chunk_size: int = operational(1000, "samples per job and per resume unit (a committed chunk file), rounded up to "
+                                        "a multiple of batch_size: the batches are the same whatever the chunks",
+                                  gt=0)
+    grid_per_class: int = operational(4, "samples of each class in grid-cfg{w}.png", gt=0)
+    grid_classes: int = operational(16, "classes (the first ones) in grid-cfg{w}.png", gt=0)
     cuda_graph: bool = operational(False, "CUDA only: static KV caches and each network step of the inverse "
                                    "captured once as a CUDA graph and replayed (the same samples up to rounding)")
 
@@ -339,7 +349,7 @@ class ReferenceConfig(Section):
     pr_images: int = Field(10000, ge=4, description="kind train: images whose pool features are kept for KID and "
                                                     "precision/recall, the first of the class-balanced order (ADM: "
                                                     "10k)")
-    loader_threads: int = operational(4, "threads reading and decoding train shards ahead of the Inception")
+    loader_threads: int = operational(4, "threads reading and decoding train shards ahead of the Inception", gt=0)
 
 
 class EvaluateConfig(Section):
@@ -350,7 +360,7 @@ class EvaluateConfig(Section):
     make_standin: bool = operational(
         False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
                "time; every metric computed with it is marked inception_weights: stand-in")
-    kid_subset_size: int = 1000
+    kid_subset_size: int = Field(1000, gt=1)
     dinov2_weights: str | None = added(
         None, "a local DINOv2-L/14 file (dinov2_vitl14_pretrain.pth, or timm / transformers names): adds FD_DINOv2 "
               "beside FID, through torch-fidelity's DINOv2 extractor (pipeline/metrics/fd_dinov2.py); its sha256 keys "
@@ -358,7 +368,7 @@ class EvaluateConfig(Section):
     bayes_max_images: int | None = Field(
         None, ge=1, description="the flow as a Bayes-rule classifier on at most this many val images, class-balanced "
                                 "(each costs one flow pass per class); None = the whole val split")
-    batch_size: int = operational(64)
+    batch_size: int = operational(64, gt=0)
 
 
 class Config(Section):

@@ -33,6 +33,9 @@ group is up, used to gather RNG states and to agree on a stop.
 from __future__ import annotations
 
 import copy
+import io
+import json
+import logging
 import math
 import os
 import random
@@ -51,7 +54,10 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed import rank, world_size
+from pipeline.integrity import read_verified
 from storage_schemas.success import write_atomic
+
+log = logging.getLogger("srcflow")
 
 
 class CheckpointError(ValueError):
@@ -60,6 +66,29 @@ class CheckpointError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """SIGTERM / SIGINT during training: a checkpoint was written, the output stays partial; run again to resume."""
+
+
+class NonFiniteError(ValueError):
+    """A NaN / inf loss or weights: training stops, nothing is committed, the last good checkpoint is kept."""
+
+
+def check_finite_loss(value: float, stage: str, step: int, checkpoints: Checkpointer) -> None:
+    """Stop training in one line at a non-finite loss (the weights it came from or goes to are not trusted)."""
+    if not math.isfinite(value):
+        last = checkpoints.latest()
+        raise NonFiniteError(f"{stage}: the loss is {value} at step {step}: training stopped and nothing is "
+                             f"committed; the last good checkpoint ({last or 'none yet'}) is kept (lower the lr or "
+                             f"clip the gradients, then run again)")
+
+
+def non_finite(module: nn.Module) -> list[str]:
+    """Names of the floating-point tensors of a module's state dict that hold a NaN or inf."""
+    state = unwrap(module).state_dict()
+    names = [k for k, v in state.items() if v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state[k]).all() for k in names]).cpu()
+    return [k for k, ok in zip(names, finite.tolist(), strict=True) if not ok]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,18 +245,80 @@ def set_rng_state(state: dict) -> None:
 # Checkpoints.
 
 
+def record_path(checkpoint: Path) -> Path:
+    """`ckpt-N.pt.json`: the checkpoint's size and CRC-32C, written after it; a checkpoint without one is
+    incomplete."""
+    return checkpoint.with_name(checkpoint.name + ".json")
+
+
+class CountingWriter:
+    """The file object torch.save streams a checkpoint into: counts and CRC-32Cs the bytes as they pass, and keeps
+    the OSError of a failed write (torch reports it as `unexpected pos`, naming neither the file nor the cause)."""
+
+    def __init__(self, f):
+        self.f, self.bytes, self.crc, self.error = f, 0, 0, None
+
+    def write(self, data) -> int:
+        import crc32c
+
+        try:
+            written = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.bytes, self.crc = self.bytes + len(data), crc32c.crc32c(data, self.crc)
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike, **state) -> None:
-    """torch.save(state) atomically. Values must be tensors / plain containers / numbers / strings so
-    that load_checkpoint (weights_only=True) can read them back."""
-    write_atomic(Path(path), lambda f: torch.save(state, f))
+    """torch.save(state) atomically, then its record (`record_path`: size and CRC-32C, counted as it was
+    written). Values must be tensors / plain containers / numbers / strings so that load_checkpoint
+    (weights_only=True) can read them back. A full disk is an OSError naming the file."""
+    path, record = Path(path), {}
+
+    def write(f) -> None:
+        out = CountingWriter(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+        record.update(bytes=out.bytes, crc32c=f"{out.crc:08x}")
+
+    write_atomic(path, write)
+    write_atomic(record_path(path), json.dumps(record))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The dict save_checkpoint wrote, tensors on the CPU; weights_only=True (no code runs on load)."""
+    """The dict save_checkpoint wrote, tensors on the CPU, from bytes checked against its record (read once);
+    weights_only=True (no code runs on load). A checkpoint without a record (written before records were, or by a
+    run killed between the two renames: whole either way) is loaded unchecked, with a warning."""
+    import crc32c
+
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    try:
+        record = json.loads(record_path(path).read_text())
+    except FileNotFoundError:
+        record = None
+        log.warning("%s: no record %s: loaded unchecked", path, record_path(path).name)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable record {record_path(path).name} ({type(e).__name__}); delete "
+                              f"both to resume from the checkpoint before") from None
+    crc = f"{crc32c.crc32c(data):08x}"
+    if record is not None and (len(data), crc) != (record.get("bytes"), record.get("crc32c")):
+        raise CheckpointError(f"{path}: {len(data)} bytes, checksum {crc}, recorded {record.get('bytes')} bytes, "
+                              f"{record.get('crc32c')}: the checkpoint is damaged; delete it and "
+                              f"{record_path(path).name} to resume from the one before")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: unreadable checkpoint ({first_line})") from e
@@ -267,6 +358,10 @@ class Checkpointer:
              scheduler=None, extra: dict | None = None, rank_extra: dict | None = None) -> Path:
         """`extra`: rank 0's plain values; `rank_extra`: each rank's own (e.g. its share of a running sum)."""
         _check_plain(extra or {}, "extra")
+        bad = non_finite(model) or (non_finite(ema.module) if ema is not None else [])
+        if bad:  # every rank holds the same weights: every rank stops here
+            raise NonFiniteError(f"{self.directory}: the weights hold NaN/inf at step {step} (e.g. {bad[0]}): not "
+                                 f"saved; the last good checkpoint ({self.latest() or 'none yet'}) is kept")
         _check_plain(rank_extra or {}, "rank_extra")
         mine = (rng_state(), rank_extra or {})
         gathered = [None] * world_size()
@@ -283,6 +378,7 @@ class Checkpointer:
                             rng=[r for r, _ in gathered], rank_extra=[e for _, e in gathered], extra=extra or {})
             for old in self.checkpoints()[:-self.keep]:
                 old.unlink(missing_ok=True)
+                record_path(old).unlink(missing_ok=True)
         return path
 
     def restore(self, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer | None,
@@ -375,20 +471,24 @@ def save_safetensors(module: nn.Module, path: str | os.PathLike, metadata: dict[
     bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
     if bad:
         raise ValueError(f"safetensors metadata must map str -> str; not strings: {bad}")
+    if nan := non_finite(module):
+        raise NonFiniteError(f"{path}: the weights hold NaN/inf ({len(nan)} tensors, e.g. {nan[0]}): not written, "
+                             f"nothing is committed")
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(module).state_dict().items()}
     # safetensors writes by file name: the temp file's, which write_atomic then fsyncs and renames
     write_atomic(Path(path), lambda f: safetensors.torch.save_file(state, f.name, metadata=metadata))
 
 
 def load_safetensors(module: nn.Module, path: str | os.PathLike) -> dict[str, str]:
-    """Load a save_safetensors file into module, strictly (same names and shapes); returns its metadata."""
+    """Load a save_safetensors file into module, strictly (same names and shapes), from bytes read once and checked
+    against their record in the output's `_SUCCESS.json` (pipeline.integrity.read_verified); returns its metadata."""
     try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            names = f.keys()
-            state = {k: f.get_tensor(k) for k in names}
+        data = read_verified(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such weights file") from None
+    try:
+        state = safetensors.torch.load(data)
+        metadata = safetensors_metadata(data)
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).strip().splitlines()[0]})") from e
     module = unwrap(module)
@@ -406,3 +506,9 @@ def load_safetensors(module: nn.Module, path: str | os.PathLike) -> dict[str, st
         raise CheckpointError(f"{path}: does not fit {type(module).__name__} ({'; '.join(problems)})")
     module.load_state_dict(state)
     return metadata
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes: an 8-byte little-endian header length, then the JSON header."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]).get("__metadata__") or {}

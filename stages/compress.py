@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.artifacts import Commits, StageOutput
 from pipeline.cache import per_process
@@ -38,6 +37,7 @@ from pipeline.data.zarr_store import (
     write_small_array,
 )
 from pipeline.device import resolve_device
+from pipeline.integrity import open_checked
 from pipeline.parallel import launcher_device, ran_on_metric
 from stages.encode import (
     VIEWS,
@@ -128,7 +128,7 @@ def row_layout(cfg: Config, upstream: dict[str, Manifest], feature_attrs: dict,
 def compress_shard(job: CompressJob) -> int:
     start, stop = job.shard.start, job.shard.stop
     if job.images is None:
-        group = zarr.open_group(job.features, mode="r")
+        group = open_checked(job.features)
         arrays = {name: group[name][start:stop] for name in ("features", "labels", "keys", "view", "split")}
     else:
         arrays, _ = encode_rows(job.images, job.encoder)  # stored-dtype features, as encode would have written them

@@ -37,6 +37,7 @@ from pipeline.data.zarr_store import (
     write_small_array,
 )
 from pipeline.device import inference_precision, resolve_device
+from pipeline.integrity import read_input, read_with_sha256
 from pipeline.parallel import jobs_device, launcher_device, ran_on_metric
 from stages.inputs import encoder_weights_digest
 from storage_schemas.success import Manifest
@@ -46,11 +47,18 @@ VIEWS = {"plain": 0, "flip": 1}
 
 
 def rae_encoder(spec: EncoderSpec, device: str):
-    """The stage's encoder: the frozen RAE encoder of `spec` on `device` (benchmarks/encode.py passes a stand-in)."""
+    """The stage's encoder: the frozen RAE encoder of `spec` on `device` (benchmarks/encode.py passes a stand-in),
+    its weights read once and checked against the sha256 the fingerprint holds."""
     from pipeline.models.rae import build_rae_encoder
+    from pipeline.models.rae_family import weights_file
 
+    data = None
+    if spec.weights != "random":  # a folder's: its safetensors
+        path = weights_file(spec.weights, "encoder.weights")
+        data = (read_with_sha256(path, spec.weights_sha256, "encoder.weights") if spec.weights_sha256
+                else read_input(path, "encoder.weights"))
     return build_rae_encoder(spec.weights, model_name=spec.name, input_size=spec.input_size, arch=dict(spec.arch),
-                             seed=spec.seed).to(device)
+                             seed=spec.seed, data=data).to(device)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class EncoderSpec:
     arch: tuple[tuple[str, int], ...]
     seed: int
     build: Callable[[EncoderSpec, str], Any] = rae_encoder
+    weights_sha256: str | None = None  # the digest the fingerprint holds (encoder_weights_digest)
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,7 @@ class ShardImages:
     """The images of one shard's rows, image-major (image i's views are rows i * V .. i * V + V - 1)."""
 
     shard: ShardRange
-    images: tuple[tuple[str, int, str, str], ...]  # (key, label, split, tar path) of the images in these rows
+    images: tuple[tuple[str, int, str, str, str], ...]  # (key, label, split, sha256, tar path) of these rows' images
     first_image: int  # the index of images[0] among all the images
     views: tuple[int, ...]
 
@@ -164,7 +173,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
 
 def encoder_spec(cfg: Config, build: Callable[[EncoderSpec, str], Any] = rae_encoder) -> EncoderSpec:
     arch = tuple(sorted((k, v) for k, v in cfg.encoder.arch.model_dump().items() if v is not None))
-    return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed, build)
+    digest = None if cfg.encoder.weights == "random" else encoder_weights_digest(cfg)
+    return EncoderSpec(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, arch, cfg.encoder.seed, build,
+                       digest)
 
 
 def check_decode_device(decode: str, device: str) -> None:
@@ -182,7 +193,7 @@ def storage_dtype(dtype: str) -> str:
 def shard_images(r: ShardRange, images: list[dict], views: tuple[int, ...], shard_dir: Path) -> ShardImages:
     """The images of shard `r`'s rows (manifest rows `images`, their tars under shard_dir/shards)."""
     first, last = r.start // len(views), (r.stop - 1) // len(views)
-    mine = tuple((im["key"], im["label"], im["split"], str(shard_dir / "shards" / im["shard"]))
+    mine = tuple((im["key"], im["label"], im["split"], im["sha256"], str(shard_dir / "shards" / im["shard"]))
                  for im in images[first:last + 1])
     return ShardImages(r, mine, first, views)
 
@@ -281,12 +292,8 @@ def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float
                else model)
     n_views = len(rows.views)
     with timed(seconds, "read"):
-        keys = {k for k, *_ in rows.images}
-        jpegs = dict(iter_jpegs(sorted({tar for *_, tar in rows.images}), keys))
-    missing = keys - jpegs.keys()
-    if missing:
-        raise FileNotFoundError(f"encode: {len(missing)} images of the manifest are not in their shards "
-                                f"(e.g. {sorted(missing)[0]}); the shard set is damaged, rerun `shard` with --force")
+        wanted = {k: sha256 for k, _, _, sha256, _ in rows.images}
+        jpegs = dict(iter_jpegs(sorted({tar for *_, tar in rows.images}), wanted))
     if encoder.decode != "nvjpeg":  # crops made ahead by the worker's decode threads, in the job's order
         crop = decode_crop_with(encoder.decode)
         crops = decode_pool(encoder.decode_threads).map(lambda item: crop(jpegs[item[0]], encoder.resolution),
@@ -294,8 +301,8 @@ def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float
     # rows of this shard, as offsets into the images this job holds
     lo = rows.shard.start - rows.first_image * n_views
     hi = lo + rows.shard.stop - rows.shard.start
-    labels = np.repeat([lab for _, lab, _, _ in rows.images], n_views).astype(np.int32)[lo:hi]
-    splits = np.repeat([SPLIT_IDS[s] for _, _, s, _ in rows.images], n_views).astype(np.uint8)[lo:hi]
+    labels = np.repeat([lab for _, lab, *_ in rows.images], n_views).astype(np.int32)[lo:hi]
+    splits = np.repeat([SPLIT_IDS[s] for _, _, s, *_ in rows.images], n_views).astype(np.uint8)[lo:hi]
     with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else nullcontext():
         features = torch.empty((len(rows.images) * n_views, model.num_tokens, model.channels),
                                dtype=torch.bfloat16 if encoder.dtype == "bfloat16" else torch.float16, device=device)

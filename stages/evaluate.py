@@ -36,6 +36,7 @@ from pipeline.artifacts import ArtifactStore, StageOutput
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.images import save_grid
+from pipeline.integrity import check_file
 from pipeline.metrics.fidelity import (
     FEATURES,
     check_inception_weights,
@@ -68,7 +69,7 @@ FLAT_NAMES = {"fid": "fid", "sfid": "sfid", "inception_score_mean": "is", "kid_m
 def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     weights = cfg.evaluate.inception_weights
     weights_sha256 = check_inception_weights(weights)  # the one-line error, before any work
-    reference = load_reference(upstream["reference"].dir / REFERENCE_FILE)
+    reference = load_reference(check_file(upstream["reference"].dir / REFERENCE_FILE))
     check_reference_weights(reference, weights_sha256)
     sample_sets = find_samples(upstream["sample"].dir, cfg.sample.cfg_scale)  # every file, before any Inception
     made = {w: sampling_of(path) for w, path in sample_sets}
@@ -83,7 +84,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     for cfg_scale, path in sample_sets:
         if any(e["cfg_scale"] == cfg_scale for e in evaluations):
             continue
-        samples, labels, nonfinite = open_samples(path)
+        samples, labels, nonfinite = open_samples(check_file(path))  # memory-mapped: checked whole first
         check_resolution(samples, reference, path)
         extractor = extractor or load_inception(weights, device)
         features = sample_features(extractor, samples, device, cfg.evaluate.batch_size, out, f"evaluate cfg "

@@ -21,10 +21,10 @@ Also where every later stage gets "the RAE decoder" from: the released checkpoin
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tarfile
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -38,9 +38,10 @@ from pipeline.curves import Curves
 from pipeline.data.batches import BatchSchedule
 from pipeline.data.features import open_features, read_features
 from pipeline.data.read_ahead import read_ahead
-from pipeline.data.shards import decode_crop, decode_random_crop
+from pipeline.data.shards import decode_crop, decode_random_crop, jpeg_members, manifest_rows, read_jpeg
 from pipeline.device import autocast, inference_precision, resolve_device
 from pipeline.images import grid_image, save_grid
+from pipeline.integrity import read_input
 from pipeline.metrics.reconstruction import mean_image_sse, psnr_from_mse
 from pipeline.models.configured import decoder_arch, encoder_geometry, pixel_norm
 from pipeline.progress import progress
@@ -49,6 +50,7 @@ from pipeline.training import (
     Checkpointer,
     StopSignal,
     TrainingStopped,
+    check_finite_loss,
     load_safetensors,
     optimizer_step,
     save_safetensors,
@@ -133,6 +135,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
             ema.update(model)
             step += 1
             losses.append(l1.item())
+            check_finite_loss(losses[-1], "fit_decoder", step, checkpoints)
             bar.advance()
             if step % fd.log_every == 0 or step == fd.steps:
                 curves.scalars(step, loss=loss.item(), l1=l1.item(), lr=scheduler.get_last_lr()[0],
@@ -155,6 +158,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
                                              pixels="ImageNet-normalized (B, 3, R, R); to_uint8_pixels"))
     if len(originals):
         save_grid(np.concatenate([originals, recons]), out.path / GRID, ncol=len(originals))  # top: images
+    shutil.rmtree(checkpoints.directory, ignore_errors=True)  # the weights are written: the output keeps none
     head = max(1, len(losses) // 10)
     return {"steps": fd.steps, **metrics,
             "l1_train_first": float(np.mean(losses[:head])), "l1_train_last": float(np.mean(losses[-head:]))}
@@ -215,7 +219,8 @@ def load_lpips(path: str | None, device: torch.device):
         raise RuntimeError("fit_decoder.lpips_weights: LPIPS is not available here (the `lpips` package is not "
                            "installed); set fit_decoder.lpips_weights: null to train with L1 only") from None
     net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)  # random VGG: no download
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_input(path, "fit_decoder.lpips_weights")  # checked against the sha256 the fingerprint holds
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("scaling_layer.")]  # constants, not always saved
     if missing or unexpected:
@@ -238,7 +243,7 @@ class PairSource:
         self.group, self.resolution = group, resolution
         self.pool = ThreadPoolExecutor(max(1, threads))
         self.tars = sorted(str(t) for t in (Path(shard_dir) / "shards").glob("*.tar"))
-        self.tar, self.offset, self.size = jpeg_locations(group["keys"], self.tars, self.pool)
+        self.tar, self.offset, self.size, self.sha256 = jpeg_locations(group["keys"], shard_dir, self.tars, self.pool)
         self.view = group["view"][:]
         self.held: tuple[range, torch.Tensor, np.ndarray] | None = None
 
@@ -263,7 +268,8 @@ class PairSource:
         contiguous = len(rows) > 0 and rows[order[-1]] - rows[order[0]] == len(rows) - 1
         selection = slice(int(rows[order[0]]), int(rows[order[-1]]) + 1) if contiguous else rows[order]
         features = self.pool.submit(read_features, self.group, selection)
-        located = list(zip(self.tar[rows], self.offset[rows], self.size[rows], strict=True))
+        located = list(zip(self.tar[rows], self.offset[rows], self.size[rows], map(bytes, self.sha256[rows]),
+                           strict=True))
         jpegs = list(dict.fromkeys(located))  # both views of an image: one decode
         decoded = dict(zip(jpegs, self.pool.map(self.crop, jpegs), strict=True))
         crops = np.stack([decoded[j][:, ::-1] if v == 1 else decoded[j]  # view 1 was encoded from the mirrored image
@@ -276,50 +282,45 @@ class PairSource:
         step's crops are a function of (seed, step) and resume needs no RNG state."""
         rows = np.asarray(rows)
         positions = np.random.default_rng(seed).random((len(rows), 2))
-        jpegs = zip(self.tar[rows], self.offset[rows], self.size[rows], strict=True)
+        jpegs = zip(self.tar[rows], self.offset[rows], self.size[rows], map(bytes, self.sha256[rows]), strict=True)
         crops = self.pool.map(lambda job: decode_random_crop(self.jpeg(job[0]), self.resolution, job[1]),
                               zip(jpegs, positions, strict=True))
         return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, self.view[rows], strict=True)])
 
-    def crop(self, jpeg: tuple[int, int, int]) -> np.ndarray:
+    def crop(self, jpeg: tuple[int, int, int, bytes]) -> np.ndarray:
         return decode_crop(self.jpeg(jpeg), self.resolution)
 
-    def jpeg(self, location: tuple[int, int, int]) -> bytes:
-        tar, offset, size = location
-        with open(self.tars[tar], "rb") as f:
-            data = os.pread(f.fileno(), int(size), int(offset))
-        if len(data) != size:
-            raise OSError(f"{self.tars[tar]}: truncated tar, a JPEG at byte {offset} ends early")
-        return data
+    def jpeg(self, location: tuple[int, int, int, bytes]) -> bytes:
+        """The JPEG at (tar, offset, size), checked against its manifest sha256 (raw digest bytes)."""
+        tar, offset, size, sha256 = location
+        return read_jpeg(self.tars[tar], f"at byte {offset}", (offset, size), sha256.hex())
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
-def jpeg_locations(keys, tars: list[str], pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def jpeg_locations(keys, shard_dir: Path, tars: list[str], pool: ThreadPoolExecutor,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per store row, where its image's JPEG lies: (tar index, byte offset, size), found from the tar headers
-    alone, so a batch of rows in any order is a batch of random reads. 16 bytes a row."""
+    alone (pipeline.data.shards.jpeg_members, the rule encode reads by), so a batch of rows in any order is a batch
+    of random reads; and its sha256 in the manifest, which every read is checked against. 48 bytes a row."""
     where: dict[str, tuple[int, int, int]] = {}
     for i, members in enumerate(pool.map(jpeg_members, tars)):
-        where.update((key, (i, offset, size)) for key, offset, size in members)
+        where.update((key, (i, offset, size)) for key, (offset, size) in members.items())
+    digests = {r["key"]: r["sha256"] for r in manifest_rows(shard_dir)}
     n = keys.shape[0]
     tar, offset, size = np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int32)
+    sha256 = np.empty((n, 32), np.uint8)
     for lo in range(0, n, 1 << 16):  # keys in blocks: memory stays small whatever n is
         for row, key in enumerate(keys[lo:lo + (1 << 16)], start=lo):
             try:
                 tar[row], offset[row], size[row] = where[str(key)]
+                sha256[row] = np.frombuffer(bytes.fromhex(digests[str(key)]), np.uint8)
             except KeyError:
-                raise FileNotFoundError(f"fit_decoder: image {key!r} of features.zarr is not in the shard tars; the "
+                raise FileNotFoundError(f"fit_decoder: image {key!r} of features.zarr is not in the shard set; the "
                                         f"shard set does not match the store, rerun `shard` and `encode` with "
                                         f"--force") from None
-    return tar, offset, size
-
-
-def jpeg_members(tar_path: str) -> list[tuple[str, int, int]]:
-    """(key, data offset, size) of each `<key>.jpg` member; WebDataset's key is the name up to its first dot."""
-    with tarfile.open(tar_path) as tar:
-        return [(m.name.rsplit("/", 1)[-1].split(".", 1)[0], m.offset_data, m.size) for m in tar
-                if m.isfile() and m.name.rsplit("/", 1)[-1].split(".", 1)[-1] == "jpg"]
+    return tar, offset, size, sha256
 
 
 # --- the report on held-out images ---------------------------------------------------------------
@@ -398,9 +399,11 @@ def check_resolution(cfg: Config) -> None:
 def load_decoder(cfg: Config, upstream: dict[str, Manifest], device: torch.device | str = "cpu"):
     """The frozen RAE decoder: released weights, or the EMA weights fit_decoder trained."""
     from pipeline.models.rae import build_rae_decoder
+    from pipeline.models.rae_family import weights_file
 
-    if cfg.decoder.weights is not None:
-        decoder = build_rae_decoder(cfg.decoder.weights, **decoder_arch(cfg))
+    if cfg.decoder.weights is not None:  # read once (a folder's safetensors), checked against the fingerprint's sha256
+        data = read_input(weights_file(cfg.decoder.weights, "decoder.weights"), "decoder.weights")
+        decoder = build_rae_decoder(cfg.decoder.weights, data=data, **decoder_arch(cfg))
     else:
         decoder = build_rae_decoder(None, **decoder_arch(cfg))
         load_safetensors(decoder, upstream["fit_decoder"].dir / WEIGHTS)

@@ -48,6 +48,7 @@ from pipeline.data.features import (
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
 from pipeline.device import autocast, resolve_device
 from pipeline.images import grid_image, save_grid
+from pipeline.integrity import array_damage, check_file
 from pipeline.metrics.reconstruction import psnr_from_mse, sse
 from pipeline.models.configured import src_arch
 from pipeline.models.src import (
@@ -63,6 +64,7 @@ from pipeline.training import (
     Checkpointer,
     StopSignal,
     TrainingStopped,
+    check_finite_loss,
     load_safetensors,
     optimizer_step,
     save_safetensors,
@@ -148,7 +150,10 @@ def fit_pca(store: Path, normalizer: FeatureNormalizer, rows: tuple[int, int], o
     z = features.map_blocks(lambda b: normalizer(torch.from_numpy(widen(b))).double().numpy(), dtype=np.float64)
     x = z.reshape(n * tokens, channels)
     log.info("fit_src: PCA moments over %d token vectors of %d channels", n * tokens, channels)
-    total, outer = dask.compute(x.sum(axis=0), x.T @ x)
+    try:
+        total, outer = dask.compute(x.sum(axis=0), x.T @ x)
+    except ValueError as e:  # a chunk that fails its CRC-32C: the shard file named, the damage recorded
+        raise array_damage(store, "features", e) from None
     pca = pca_from_moments(n * tokens, torch.from_numpy(total), torch.from_numpy(outer))
     tensors = {"mean": pca.mean, "eigenvalues": pca.eigenvalues, "components": pca.components,
                "explained_variance_ratio": pca.explained_variance_ratio}
@@ -268,6 +273,7 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
             meter.advance()
             if step % s.log_every == 0 or step == s.steps:
                 values = {k: distributed.all_reduce_mean(v.detach()).item() for k, v in {"loss": loss, **parts}.items()}
+                check_finite_loss(values["loss"], "fit_src", step, checkpoints)  # the global mean: every rank stops
                 log.info("fit_src: step %d/%d %s", step, s.steps, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
                 if rank == 0:
                     out.report_progress(step, s.steps, "steps")
@@ -342,6 +348,7 @@ def save_src(src: SRC, cfg: Config, upstream: dict[str, Manifest], out_dir: Path
 def load_src(source, device: torch.device | str = "cpu") -> SRC:
     """The frozen SRC of a fit_src output: its Manifest or directory -> SRC in eval mode on `device`."""
     directory = Path(getattr(source, "dir", source))
+    check_file(directory / INFO)  # its bytes against the output's record
     model = SRC(**read_model_info(directory, "src")["model"])
     load_safetensors(model, directory / WEIGHTS)
     return model.to(device).eval().requires_grad_(False)
@@ -424,9 +431,9 @@ def report_rows(group, attrs: dict, limit: int) -> tuple[np.ndarray, str]:
 
 def load_images(shard_dir: Path, keys: np.ndarray, views: np.ndarray, resolution: int) -> np.ndarray:
     """ADM center crops (uint8, N x R x R x 3) of these images from the shard set, flipped for view 1."""
-    tar_of = {r["key"]: str(Path(shard_dir) / "shards" / r["shard"]) for r in manifest_rows(shard_dir)}
-    wanted = set(keys.tolist())
-    jpegs = dict(iter_jpegs(sorted({tar_of[k] for k in wanted}), wanted))
+    manifest = {r["key"]: r for r in manifest_rows(shard_dir)}
+    wanted = {k: manifest[k]["sha256"] for k in keys.tolist()}
+    jpegs = dict(iter_jpegs(sorted({str(Path(shard_dir) / "shards" / manifest[k]["shard"]) for k in wanted}), wanted))
     crops = [decode_crop(jpegs[k], resolution) for k in keys]
     return np.stack([c[:, ::-1] if v == 1 else c for c, v in zip(crops, views, strict=True)])
 

@@ -91,6 +91,8 @@ def _scan(root: str, layout: str, classes, max_per_class, splits) -> Listing:
                 ignored[reason] = ignored.get(reason, 0) + n
     except FileNotFoundError as e:  # e.g. no val/: name what the layout needs
         raise ValueError(f"data.root: {root} lacks {e.filename} (expected train and val in {layout} form)") from None
+    except ValueError as e:  # the layout, or an empty class folder: name the key
+        raise ValueError(f"data.root: {e}") from None
     synsets = sorted({im.synset for split in images.values() for im in split})
     digest = listing_digest([im for split in splits for im in images[split]], root)
     return Listing(layout, synsets, images, ignored, digest)
@@ -118,6 +120,13 @@ def dataset_inputs(cfg: Config) -> dict[str, str]:
     return {"dataset_listing": digest}
 
 
+def is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop: a file the listing holds, and `shard` rejects
+        return False
+
+
 def _listing_key(cfg: Config) -> str | None:
     """sha256 over the selection and the (path, mtime) of every directory under data.root down to the class
     folders; None when data.root is not a directory (an error source_listing reports)."""
@@ -133,7 +142,7 @@ def _listing_key(cfg: Config) -> str | None:
     def visit(path: Path, depth: int) -> None:
         with os.scandir(path) as entries:
             for entry in sorted(entries, key=lambda e: e.name):
-                if entry.is_dir():
+                if is_dir(entry):
                     h.update(f"{entry.path}\t{entry.stat().st_mtime_ns}\n".encode())
                     if depth:
                         visit(Path(entry.path), depth - 1)

@@ -141,8 +141,8 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
     threads = max(1, cfg.reference.loader_threads)
 
     def read(shard: str) -> tuple[str, np.ndarray]:
-        return shard, read_crops(shard_dir / "shards" / shard, [rows[i]["key"] for i in by_shard[shard]], resolution,
-                                 pool)
+        return shard, read_crops(shard_dir / "shards" / shard, {rows[i]["key"]: rows[i]["sha256"] for i in
+                                                                by_shard[shard]}, resolution, pool)
 
     saved = time.monotonic()
     with progress("reference", len(chosen), "img") as meter, ThreadPoolExecutor(threads) as pool, \
@@ -183,13 +183,11 @@ def class_balanced_order(rows: list[dict]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: (rank[i], rows[i]["label"], i))
 
 
-def read_crops(tar: Path, keys: list[str], resolution: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """(len(keys), R, R, 3) uint8 ADM center crops of one shard's images, in the order of `keys`, decoded in
-    `pool`'s threads when given."""
-    jpegs = dict(iter_jpegs([str(tar)], set(keys)))
-    missing = [k for k in keys if k not in jpegs]
-    if missing:
-        raise ValueError(f"shard {tar} lacks {len(missing)} images its manifest lists (e.g. {missing[0]})")
+def read_crops(tar: Path, keys: dict[str, str], resolution: int, pool: ThreadPoolExecutor | None = None
+               ) -> np.ndarray:
+    """(len(keys), R, R, 3) uint8 ADM center crops of one shard's images (key -> manifest sha256), in the order of
+    `keys`, decoded in `pool`'s threads when given."""
+    jpegs = dict(iter_jpegs([str(tar)], keys))
     def crop(k: str) -> np.ndarray:
         return decode_crop(jpegs[k], resolution)
 

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactStore, DamagedError, fingerprint, now
+from pipeline.artifacts import ArtifactStore, DamagedError, content_digest, fingerprint, now
 from pipeline.config import Config, select, semantic_of
 from stages import STAGE_NAMES, STAGES, Stage
 from storage_schemas.success import Manifest
@@ -98,7 +98,10 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
         if health.state == "done" and (not force or waited):
             log.info("%s: done, %s (%s)", p.name, "built by another run" if waited else "skipped", p.path)
             return store.manifest(p.name, p.fingerprint)
-        rebuild = force and health.state in ("done", "damaged")
+        # forced, or built from other upstream bytes than those there now: a fresh output replaces the old one
+        rebuild = (force and health.state in ("done", "damaged")) or (health.state == "stale" and bool(health.problems))
+        if rebuild and not force:
+            log.warning("%s: %s", p.name, health.first(p.path))
         if health.state == "damaged" and not rebuild:
             shards = store.prepare_repair(p.name, p.fingerprint, health.problems)
             if shards is None:
@@ -106,7 +109,9 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
                                    f"`srcflow run --force {p.name}`")
             log.warning("%s: damaged (%s); rebuilding %d of its shards", p.name, health.first(p.path), shards)
         upstream = {u: store.manifest(u, fp) for u, fp in p.upstream.items()}
+        content = {u: content_digest(m) for u, m in upstream.items()}
         out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
+        store.begin(out, content)  # a partial begun from other upstream bytes starts again
         log.info("%s: running -> %s", p.name, out.path)
         started = now()
         from pipeline.device import fresh_numerics  # imports torch: only when a stage runs
@@ -119,7 +124,8 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
                 raise
             raise OSError(e.errno, f"{p.name}: {e.strerror} (writing {e.filename or f'into {out.path}'})") from e
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
-                                external=p.external, started=started, metrics=metrics or {})
+                                external=p.external, started=started, metrics=metrics or {},
+                                upstream_content=content)
     if built is not None:
         built.append(p.name)
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
@@ -138,6 +144,9 @@ def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] |
 
 TRAINING_BATCHES = {"fit_decoder": "fit_decoder.batch_size", "fit_src": "src.batch_size",
                     "train_flow": "train.batch_size"}  # images (rows) per step, from the train rows
+# the key that sets how many processes a stage runs (the planner's `processes`); the others: runtime.workers
+PROCESS_KEYS = {"shard": "shard.workers", "fit_decoder": "runtime.nproc", "fit_src": "runtime.nproc",
+                "train_flow": "runtime.nproc"}
 
 
 def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
@@ -166,7 +175,13 @@ def check_resources(todo: list[PlannedStage], cfg: Config) -> None:
         if name not in names:
             continue
         need = s["memory"]["host_bytes"] + (s["memory"]["device_bytes"] if device is None else 0)
-        for what, needed, have in (("host", need * s["processes"], host),
+        processes = s["processes"]
+        if processes > 1 and need * processes > host >= need:  # one process fits: too many of them is the cause
+            key = PROCESS_KEYS.get(name, "runtime.workers")
+            raise ValueError(f"{key}: {processes} {name} processes would need ~{human_bytes(need * processes)} of host "
+                             f"memory (~{human_bytes(need)} each: {s['memory']['basis']}), more than this machine's "
+                             f"{human_bytes(host)}; use at most {host // need} (or set runtime.memory_check=false)")
+        for what, needed, have in (("host", need * processes, host),
                                    ("GPU", s["memory"]["device_bytes"], device)):
             if have is not None and needed > have:
                 key = s["batch_key"]

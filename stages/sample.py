@@ -56,7 +56,7 @@ from pipeline.config import Config
 from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
 from pipeline.parallel import jobs_device, launcher_device, map_jobs, ran_on_metric
-from pipeline.training import step_seed
+from pipeline.training import NonFiniteError, step_seed
 from stages.train_flow import flow_info, load_flow
 from storage_schemas.model_files import read_model_info
 from storage_schemas.samples import SCHEMA_VERSION as SAMPLES_SCHEMA_VERSION
@@ -101,7 +101,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     record = sampling_record(cfg, upstream, jobs_device(cfg.runtime))
     for warning in record["warnings"]:
         log.warning("sample: %s", warning)
-    chunks = [(k, a, min(a + s.chunk_size, total)) for k, a in enumerate(range(0, total, s.chunk_size))]
+    # chunks of whole batches: sample i is always in batch i // batch_size, whatever the chunks (or workers)
+    chunk = -(-s.chunk_size // s.batch_size) * s.batch_size
+    chunks = [(k, a, min(a + chunk, total)) for k, a in enumerate(range(0, total, chunk))]
     todo = [w for w in scales if not samples_path(out.path, w).is_file()]
     jobs = [SampleJob(sources, w, k, a, b, str(chunk_path(out.path, w, k)), record["denoise"]) for w in todo
             for k, a, b in chunks if not chunk_path(out.path, w, k).is_file()]
@@ -128,6 +130,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
             nonfinite = int(npz["nonfinite"].sum())
         made = read_sampling(samples_path(out.path, w))
         metrics[f"nonfinite_cfg{w}"] = nonfinite
+        if nonfinite:  # never committed: a black image would enter every metric as a sample
+            raise NonFiniteError(f"sample: {nonfinite} of {total} samples at cfg {w} are NaN / inf: nothing is "
+                                 f"committed (is the flow sound? see train_flow's loss; or lower sample.cfg_scale)")
         metrics[f"solver_stats_cfg{w}"] = made["solver_stats"]
         metrics["warnings"] += [m for m in made["warnings"] if m not in metrics["warnings"]]
         for warning in made["warnings"]:

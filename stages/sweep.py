@@ -338,23 +338,24 @@ def run_point(cfg: Config, fingerprints: dict[str, str], until: str | None) -> d
     return {"built": built, "seconds": time.perf_counter() - started}
 
 
-BuildWave = Callable[[list[Build]], Iterator[tuple[Build, float, str | None]]]  # yields (build, seconds, error)
+# yields (build, seconds, error, whether this run built it: another run may have, meanwhile)
+BuildWave = Callable[[list[Build]], Iterator[tuple[Build, float, str | None, bool]]]
 RunPoints = Callable[[list[Point]], Iterator[PointRun]]  # yields each point's run as it finishes
 
 
 def in_process(sweep: Sweep) -> tuple[BuildWave, RunPoints]:
     """Shared outputs and points one at a time in this process (`srcflow sweep` without --parallel)."""
 
-    def build_wave(wave: list[Build]) -> Iterator[tuple[Build, float, str | None]]:
+    def build_wave(wave: list[Build]) -> Iterator[tuple[Build, float, str | None, bool]]:
         for b in wave:
-            pt, started = sweep.points[b.point], time.perf_counter()
+            pt, started, built = sweep.points[b.point], time.perf_counter(), []
             try:
-                run_stage(pt.stage(b.stage), pt.cfg)
-                yield b, time.perf_counter() - started, None
+                run_stage(pt.stage(b.stage), pt.cfg, built=built)
+                yield b, time.perf_counter() - started, None, bool(built)
             except Exception as e:
                 if stopped(e):
                     raise
-                yield b, time.perf_counter() - started, one_line(e)
+                yield b, time.perf_counter() - started, one_line(e), False
 
     def run_points(points: list[Point]) -> Iterator[PointRun]:
         for pt in points:
@@ -375,16 +376,21 @@ def execute(sweep: Sweep, build_wave: BuildWave, run_points: RunPoints, report: 
     one line per point as it finishes and a bar over the points. A failure fails its point (and, for a shared
     output, every point that needs it); the others go on."""
     started_at, started = now(), time.perf_counter()
-    shared: list[SharedBuild] = []
+    shared: list[SharedBuild] = []  # what this run built (or failed to): another run's builds are not claimed
     failed: dict[tuple[str, str], str] = {}
+    built_shared: set[tuple[str, str]] = set()  # done now, by this run or another
     for wave in shared_builds(sweep):
-        for b, seconds, error in build_wave(wave):
-            shared.append(SharedBuild(stage=b.stage, fingerprint=b.fingerprint, points=list(b.points), error=error))
+        for b, seconds, error, built in build_wave(wave):
+            if error or built:
+                shared.append(SharedBuild(stage=b.stage, fingerprint=b.fingerprint, points=list(b.points),
+                                          error=error))
             if error:
                 failed[(b.stage, b.fingerprint)] = error
+            else:
+                built_shared.add((b.stage, b.fingerprint))
             report(f"{b.stage} ({b.fingerprint[:16]}, shared by {len(b.points)} points): "
-                   + (f"failed: {error}" if error else f"built in {seconds:.1f} s"))
-    built_shared = {(s.stage, s.fingerprint) for s in shared if s.error is None}
+                   + (f"failed: {error}" if error else f"built in {seconds:.1f} s" if built
+                      else "done, built by another run meanwhile"))
     runs: dict[int, PointRun] = {}
     todo = []
     for pt in sweep.points:

@@ -47,6 +47,7 @@ from pipeline.data.batches import WindowShuffle
 from pipeline.data.codes import TrainCodes, code_batches, open_codes, read_rows, split_rows
 from pipeline.device import autocast, compile_enabled, resolve_device
 from pipeline.images import grid_image
+from pipeline.integrity import check_file
 from pipeline.models.configured import flow_arch
 from pipeline.models.flow import TARFlow, bits_per_dim
 from pipeline.progress import progress
@@ -56,6 +57,7 @@ from pipeline.training import (
     StopSignal,
     TrainingStopped,
     adamw,
+    check_finite_loss,
     load_safetensors,
     optimizer_step,
     save_safetensors,
@@ -183,6 +185,7 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
             meter.advance()
             if step % t.log_every == 0 or step == t.steps:
                 nll = distributed.all_reduce_mean(window_sum).item() / window_steps
+                check_finite_loss(nll, "train_flow", step, checkpoints)  # the same mean on every rank
                 elapsed = time.perf_counter() - started
                 record = {"step": step, "nll": nll, "bits_per_dim": bits_per_dim(nll),
                           "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - first_step) / elapsed,
@@ -333,7 +336,9 @@ def save_flow(flow: TARFlow, cfg: Config, data: TrainCodes, codes: Path, codes_f
 
 def flow_info(source) -> dict:
     """flow.json of a train_flow output (its Manifest or directory)."""
-    return read_model_info(getattr(source, "dir", source), "flow")
+    directory = Path(getattr(source, "dir", source))
+    check_file(directory / INFO)  # its bytes against the output's record
+    return read_model_info(directory, "flow")
 
 
 def load_flow(source, device: torch.device | str = "cpu") -> TARFlow:

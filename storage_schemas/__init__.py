@@ -33,16 +33,18 @@ def check_version(what: str, found: object, supported: int) -> None:
         )
 
 
-def read_json_model(path: Path, model: type[Model], supported: int, what: str) -> Model:
-    """A JSON object file at schema version `supported`, validated as `model`; any other content is one
-    SchemaError line naming the file (`what`: e.g. "manifest", for "unreadable manifest")."""
+def read_json_model(path: Path, model: type[Model], supported: int, what: str, older: tuple[int, ...] = ()) -> Model:
+    """A JSON object file at schema version `supported` (or one of the `older` ones the model still reads),
+    validated as `model`; any other content is one SchemaError line naming the file (`what`: e.g. "manifest", for
+    "unreadable manifest")."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SchemaError(f"{path}: unreadable {what} ({e})") from None
     if not isinstance(raw, dict):
         raise SchemaError(f"{path}: unreadable {what} (a JSON object expected, got {type(raw).__name__})")
-    check_version(str(path), raw.get("schema_version"), supported)
+    if raw.get("schema_version") not in older:
+        check_version(str(path), raw.get("schema_version"), supported)
     try:
         return model.model_validate(raw)
     except ValidationError as e:

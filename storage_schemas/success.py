@@ -4,6 +4,10 @@ Version 2 lists every file of the output with its size and CRC-32C (Castagnoli, 
 output by its path relative to `storage.root`, so a copied or moved root stays whole and a damaged
 copy never reads the original. Version 1 (absolute paths, sizes only) is refused.
 
+Version 3 adds `upstream_content`: per upstream stage, the digest of the files (records) of the upstream output
+this one was built from (`pipeline.artifacts.content_digest`), so an output whose upstream now holds other bytes
+is stale. Version 2 manifests are read as before (no such digests: their lineage is by fingerprint only).
+
 `_DAMAGED.json`, written by `srcflow verify --deep` beside it, lists files whose checksum no longer
 matches (DAMAGE_SCHEMA); an output holding one is damaged until it is rebuilt.
 """
@@ -23,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from storage_schemas import check_version, read_json_model
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+OLDER_VERSIONS = (2,)  # read as before
 FILENAME = "_SUCCESS.json"
 DAMAGED = "_DAMAGED.json"
 
@@ -44,6 +49,7 @@ class Manifest(BaseModel):
     path: str  # the stage output directory relative to storage.root: "<stage>/<fingerprint[:16]>"
     semantic_config: dict[str, Any]
     upstream: dict[str, str]  # stage -> fingerprint
+    upstream_content: dict[str, str] = {}  # stage -> content digest of the upstream output read (version 3)
     external_inputs: dict[str, str]  # name -> digest
     started: str
     ended: str
@@ -154,7 +160,7 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> None:
 def read_manifest(out_dir: Path) -> Manifest:
     """The manifest of an output directory, its `.dir` under that directory's root; SchemaError names the file."""
     out_dir = Path(out_dir)
-    manifest = read_json_model(out_dir / FILENAME, Manifest, SCHEMA_VERSION, "manifest")
+    manifest = read_json_model(out_dir / FILENAME, Manifest, SCHEMA_VERSION, "manifest", OLDER_VERSIONS)
     return manifest.at(out_dir.parents[1])
 
 

@@ -16,7 +16,8 @@ means the others are whole; 2: per-metric n, dropped seeds, standard error and 9
     plots/<metric>-vs-<grid key>.png   mean and 95% t-interval over seeds against each numeric grid key (one
                    line per CFG scale and per value of the other grid keys; no error bar where n = 1);
     runs.jsonl     one SweepRun line per sweep run that built anything or had a failure: what the shared phase
-                   and each point built (never rewritten by a run that built nothing).
+                   and each point built (never rewritten by a run that built nothing; appended under
+                   `.runs.jsonl.lock`).
 
 Metric names are `<stage>.<key of the stage's metrics>`, e.g. `train_flow.val_bits_per_dim`,
 `evaluate.fid_cfg1.0`, `fit_src.src/feature_mse`. std is the sample standard deviation (n - 1), sem = std / sqrt(n),
@@ -136,14 +137,18 @@ def read_summary(directory: Path) -> SweepSummary:
 
 
 def append_run(directory: Path, run: SweepRun) -> None:
-    """Add one line to runs.jsonl (the whole file rewritten atomically)."""
+    """Add one line to runs.jsonl (the whole file rewritten atomically), holding `.runs.jsonl.lock` from the read to
+    the rename, so two sweeps that end at once both keep their line."""
+    from filelock import FileLock
+
     path = Path(directory) / RUNS
-    try:
-        old = path.read_text()
-    except FileNotFoundError:
-        old = ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, old + run.model_dump_json() + "\n")
+    with FileLock(path.with_name(f".{RUNS}.lock")):
+        try:
+            old = path.read_text()
+        except FileNotFoundError:
+            old = ""
+        write_atomic(path, old + run.model_dump_json() + "\n")
 
 
 def read_runs(directory: Path) -> list[SweepRun]:

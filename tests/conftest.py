@@ -30,6 +30,17 @@ SRC = ("src.dim=6", "src.hidden=32", "src.depth=1", "src.steps=12", "src.batch_s
        "src.report_images=8", "src.eval_batch_size=4", "src.ckpt_every=5", "src.log_every=5")
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """XOR one byte of a file in place, keeping its size and mtime (what bit rot or a bad copy leaves behind)."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models are dominated by per-op overhead: one intra-op thread is faster and immune to a busy CPU."""

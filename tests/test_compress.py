@@ -53,7 +53,7 @@ def test_codes_store_layout_lineage_and_statistics(compressed):
         assert np.array_equal(codes[name], features[name]), name
     assert attrs["features_fingerprint"] == m["encode"].fingerprint
     assert attrs["src_fingerprint"] == m["fit_src"].fingerprint
-    assert attrs["schema_version"] == 1 and attrs["splits"] == {"train": [0, 96], "val": [96, 128]}
+    assert attrs["schema_version"] == 2 and attrs["splits"] == {"train": [0, 96], "val": [96, 128]}
     assert attrs["src_noise_sigma"] == 0.2 and attrs["source"] == "features"
 
     train = codes["codes"][codes["split"] == 0].astype(np.float64).reshape(-1, 6)

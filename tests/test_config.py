@@ -92,11 +92,13 @@ def test_the_sampler_keys_keep_stored_sample_fingerprints_at_their_defaults():
     stay out of the semantic values (the fingerprints stay), set otherwise they enter them. (pixel_rounding came with
     sample code version 3, which made every stored sample stale: a plain semantic key.)"""
     before = {"per_class", "cfg_scale", "cfg_mode", "cfg_anneal", "denoise", "seed", "pixel_rounding"}
-    assert set(semantic_values(load_config(SMOKE).sample)) == before
-    assert set(semantic_values(load_config(SMOKE, ["sample.solver=sequential"]).sample)) == before
+    at_125 = ["sample.batch_size=125"]  # semantic since it moves pixels; at 125 (its default) it stays out
+    assert set(semantic_values(load_config(SMOKE, at_125).sample)) == before
+    assert set(semantic_values(load_config(SMOKE, [*at_125, "sample.solver=sequential"]).sample)) == before
+    assert semantic_values(load_config(SMOKE).sample)["batch_size"] == 32  # the smoke config's
     jacobi = semantic_values(load_config(SMOKE, ["sample.solver=jacobi", "sample.jacobi_tol=1e-4"]).sample)
     assert jacobi["solver"] == "jacobi" and jacobi["jacobi_tol"] == 1e-4 and "jacobi_chunk" not in jacobi
-    compiled = load_config(SMOKE, ["sample.cuda_graph=true", "train.compile=true",
+    compiled = load_config(SMOKE, [*at_125, "sample.cuda_graph=true", "train.compile=true",
                                    "train.activation_checkpointing=true"])
     assert set(semantic_values(compiled.sample)) == before  # operational
     assert not {"compile", "activation_checkpointing"} & set(semantic_values(compiled.train))
@@ -124,6 +126,14 @@ def test_fit_decoder_grad_clip_and_the_curve_keys_keep_stored_fingerprints_at_th
     ("train.torchrun_args=[--nproc-per-node=8]", "train.torchrun_args"),
     ("train.torchrun_args=[--standalone,--nnodes=2]", "train.torchrun_args"),
     ("train.torchrun_args=[--nnodes=3]", "train.batch_size"), ("runtime.nproc=3", "train.batch_size"),
+    # the pre-checks the README promised, which main left to fail (or run) inside a stage
+    ("encode.batch_size=0", "encode.batch_size"), ("compress.batch_size=0", "compress.batch_size"),
+    ("sample.batch_size=-1", "sample.batch_size"), ("train.ema_decay=2", "train.ema_decay"),
+    ("flow.label_drop=1.5", "flow.label_drop"), ("src.steps=-5", "src.steps"), ("src.depth=0", "src.depth"),
+    ("encoder.input_size=0", "encoder.input_size"), ("train.adam_betas=[2,2]", "train.adam_betas"),
+    ("sample.cfg_scale=[.nan]", "sample.cfg_scale"), ("train.lr=.inf", "train.lr"),
+    ("src.noise_sigma=.nan", "src.noise_sigma"), ("fit_decoder.ema_decay=-0.1", "fit_decoder.ema_decay"),
+    ("train.weight_decay=-1", "train.weight_decay"), ("sample.chunk_size=0", "sample.chunk_size"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

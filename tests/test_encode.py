@@ -269,3 +269,30 @@ def test_the_encoder_attends_with_fused_sdpa(make_config):
     encoder = load_encoder(encoder_spec(make_config()), "cpu")
     flags = [m.fused_attn for m in encoder.modules() if hasattr(m, "fused_attn")]
     assert len(flags) == len(encoder.vit.blocks) and all(flags)
+
+
+def test_encoder_weights_are_read_once_from_the_bytes_of_the_planned_digest(make_config, tmp_path, monkeypatch):
+    """The encoder's weights are read once and checked against the sha256 its fingerprint holds: a byte flipped
+    in place after planning (size and mtime kept: the remembered digest still says the old bytes) is refused in
+    one line naming encoder.weights; main encoded with the changed weights."""
+    import safetensors.torch
+
+    from pipeline.artifacts import DamagedError
+    from pipeline.models.configured import encoder_arch
+    from pipeline.models.rae import build_rae_encoder
+    from stages.encode import encoder_spec, rae_encoder
+    from tests.conftest import flip_byte
+
+    monkeypatch.setenv("SRCFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "encoder.safetensors"
+    arch = encoder_arch(make_config())
+    safetensors.torch.save_file(build_rae_encoder("random", **arch, seed=3).vit.state_dict(), weights)
+    cfg = make_config(f"encoder.weights={weights}")
+    planned = plan(cfg)[1]  # encode, with the weights' digest in its fingerprint
+    spec = encoder_spec(cfg)
+    rae_encoder(spec, "cpu")
+    flip_byte(weights, weights.stat().st_size - 3)  # inside the last tensor's data
+    with pytest.raises(DamagedError, match=r"encoder\.weights: .* has sha256 .* not the") as e:
+        rae_encoder(spec, "cpu")
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    assert spec.weights_sha256 == planned.external["encoder_weights"]  # what the stage's workers check against

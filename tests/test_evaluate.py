@@ -75,7 +75,7 @@ def first_train_crop_per_class(shard_dir, resolution):
         firsts.setdefault(r["label"], r)
     picked = [firsts[c] for c in sorted(firsts)]
     tars = sorted({str(shard_dir / "shards" / r["shard"]) for r in picked})
-    jpegs = dict(iter_jpegs(tars, {r["key"] for r in picked}))
+    jpegs = dict(iter_jpegs(tars, {r["key"]: r["sha256"] for r in picked}))
     crops = np.stack([decode_crop(jpegs[r["key"]], resolution) for r in picked])
     return crops, np.array([r["label"] for r in picked])
 

@@ -227,3 +227,37 @@ def test_uint8_images_serves_chw_tensors_from_a_memory_map(tmp_path):
     np.testing.assert_array_equal(item.permute(1, 2, 0).numpy(), images[2])
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\) uint8"):
         UInt8Images(images.astype(np.float32))
+
+
+def test_the_inception_is_read_once_from_the_bytes_of_the_planned_digest(inception, tmp_path, monkeypatch):
+    """torch-fidelity reopened the checked file by path with torch.load(weights_only=False): a pickle swapped in
+    between ran code. Now the file is read once, its bytes checked against the digest the fingerprint holds, and
+    torch-fidelity gets tensors; bytes changed in place after planning (size and mtime kept) are refused."""
+    import shutil
+
+    import torch
+
+    from pipeline.artifacts import DamagedError
+    from pipeline.metrics.fidelity import load_inception
+    from tests.conftest import flip_byte
+
+    monkeypatch.setenv("SRCFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "inception.pth"
+    shutil.copyfile(inception.weights, weights)
+    assert check_inception_weights(weights) == inception.sha  # planned: the digest a fingerprint holds
+    loads, real = [], torch.load
+
+    def spy(f, *args, **kwargs):
+        loads.append((f, kwargs.get("weights_only")))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    extractor = load_inception(weights)
+    assert loads and not [f for f, _ in loads if isinstance(f, (str, type(weights)))], loads  # never by path
+    pool = extractor(torch.from_numpy(inception.images[:2]).permute(0, 3, 1, 2).contiguous())[0]
+    np.testing.assert_allclose(pool.numpy(), inception.features["2048"][:2], rtol=0, atol=1e-6)
+
+    flip_byte(weights, weights.stat().st_size // 2)
+    with pytest.raises(DamagedError, match=r"evaluate\.inception_weights: .* has sha256 .* not the") as e:
+        load_inception(weights)
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)

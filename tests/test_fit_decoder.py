@@ -77,7 +77,7 @@ def held_out(cfg, manifests):
     rows = np.arange(lo, hi)[group["view"][lo:hi] == 0]
     val = manifest_rows(manifests["shard"].dir, ("val",))
     jpegs = dict(iter_jpegs(sorted(str(manifests["shard"].dir / "shards" / r["shard"]) for r in val),
-                            {r["key"] for r in val}))
+                            {r["key"]: r["sha256"] for r in val}))
     keys = group["keys"].get_orthogonal_selection((rows,))
     crops = np.stack([decode_crop(jpegs[k], cfg.data.resolution) for k in keys])
     return read_features(group, rows), crops
@@ -129,6 +129,14 @@ def test_outputs_weights_arch_and_reconstruction_grid(trained):
     assert "decoder_layers.0.attention.attention.query.weight" in state  # RAE key names
     grid = np.asarray(Image.open(out / fit_decoder.GRID))
     assert grid.shape == (2 * (32 + 2) + 2, 8 * (32 + 2) + 2, 3)  # top: 8 images, bottom: their reconstructions
+
+
+def test_the_committed_output_keeps_no_checkpoint(trained):
+    """The last resume checkpoint (model, EMA and AdamW: 78% of main's output) is gone once the weights are written."""
+    _, manifests, _ = trained
+    out = manifests["fit_decoder"]
+    assert not (out.dir / "checkpoints").exists()
+    assert not [f.path for f in out.files if f.path.startswith("checkpoints/")]
 
 
 def test_noise_augmentation_is_applied_every_training_step(trained):
@@ -307,7 +315,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
     with pytest.raises(TrainingStopped, match="fit_decoder: stopped by signal 15 at step 6/12"):
         run_pipeline(cfg, until="fit_decoder")
     monkeypatch.undo()
-    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000006.pt"]
+    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000006.pt", "ckpt-00000006.pt.json"]
 
     # SIGKILL in another process, in its 4th step after resuming (step 10): the step-8 checkpoint survives
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg)))
@@ -317,7 +325,7 @@ def test_resume_after_sigterm_and_sigkill_is_bit_identical(config, monkeypatch, 
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     (p,) = [p for p in plan(cfg) if p.name == "fit_decoder"]
     assert p.state == "partial"
-    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000008.pt"]
+    assert sorted(c.name for c in checkpoints.iterdir()) == ["ckpt-00000008.pt", "ckpt-00000008.pt.json"]
 
     resumed = run_pipeline(cfg, until="fit_decoder")["fit_decoder"]
     assert resumed.fingerprint == reference.fingerprint

@@ -153,7 +153,8 @@ def test_resume_after_a_crash_and_a_sigterm_equals_an_uninterrupted_run(stores, 
     with pytest.raises(Killed):
         run_pipeline(cfg, until="fit_src")
     (p,) = [p for p in plan(cfg) if p.name == "fit_src"]
-    assert p.state == "partial" and sorted(f.name for f in (p.path / "checkpoints").iterdir()) == ["ckpt-00000005.pt"]
+    assert p.state == "partial" and sorted(f.name for f in (p.path / "checkpoints").iterdir()) == [
+        "ckpt-00000005.pt", "ckpt-00000005.pt.json"]  # the checkpoint and its record
 
     monkeypatch.setattr(fit_src, "code_noise", interrupt_at(None, 9))
     with pytest.raises(TrainingStopped, match="fit_src: stopped by signal 15 at step 10/12"):

@@ -150,6 +150,14 @@ def test_a_batch_whose_memory_exceeds_the_machine_is_refused(tmp_path, tiny_root
     assert cli.invoke(app, ["plan", "--config", str(SMOKE), *sets(tmp_path, tiny_root)]).exit_code == 0
 
 
+def test_too_many_worker_processes_are_blamed_on_runtime_workers(tmp_path, tiny_root, monkeypatch):
+    """64 encode processes do not fit an 8 GB machine, though one does: the key to change is runtime.workers
+    (main blamed encode.batch_size)."""
+    monkeypatch.setattr("stages.runner.machine_memory", lambda device: (8 * 1024**3, None))
+    line = refused(tmp_path, tiny_root, "runtime.workers=64", key="runtime.workers")
+    assert line.startswith("error: runtime.workers: 64 encode processes") and "use at most 10" in line, line
+
+
 # --- data.root -------------------------------------------------------------------------------------------
 
 

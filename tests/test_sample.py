@@ -44,12 +44,7 @@ def chain(module_config):
 def run_sample(chain, out_dir, *overrides):
     """The sample stage into `out_dir` with operational / semantic overrides, against the chain's upstream."""
     cfg, manifests = chain
-    from pipeline.config import apply_override, config_dict, validate_config
-
-    raw = config_dict(cfg)
-    for item in overrides:
-        apply_override(raw, item)
-    cfg = validate_config(raw)
+    cfg = load_config_with(cfg, *overrides)
     upstream = {name: manifests[name] for name in ("encode", "fit_src", "compress", "train_flow", "fit_decoder")}
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = sample.run(cfg, upstream, StageOutput("sample", "test", out_dir))
@@ -69,7 +64,8 @@ def test_samples_of_every_class_have_the_colour_of_that_class(chain):
     cfg, manifests = chain
     shard_dir = manifests["shard"].dir
     rows = manifest_rows(shard_dir, ("train",))
-    jpegs = dict(iter_jpegs(sorted({str(shard_dir / "shards" / r["shard"]) for r in rows}), {r["key"] for r in rows}))
+    jpegs = dict(iter_jpegs(sorted({str(shard_dir / "shards" / r["shard"]) for r in rows}),
+                            {r["key"]: r["sha256"] for r in rows}))
     crops = np.stack([decode_crop(jpegs[r["key"]], cfg.data.resolution) for r in rows])
     train = mean_colours(crops, np.array([r["label"] for r in rows]))
     for w in (0.0, 1.0):
@@ -210,7 +206,9 @@ def test_cfg_zero_equals_conditional_sampling_at_the_stage_level(chain, tmp_path
     assert np.abs(pixels.astype(int) - tarflow.astype(int)).max() <= 1  # batch composition may round differently
 
 
-def test_nonfinite_samples_are_counted_and_blanked_never_resampled(chain, tmp_path, monkeypatch):
+def test_nonfinite_samples_are_flagged_and_never_committed(chain, tmp_path, monkeypatch):
+    """NaN codes of one class: flagged and blanked in the samples file, and the stage refuses to commit it in one
+    line (main committed them with a warning, exit 0)."""
     from pipeline.models.flow import TARFlow
 
     real = TARFlow.reverse
@@ -222,14 +220,41 @@ def test_nonfinite_samples_are_counted_and_blanked_never_resampled(chain, tmp_pa
         return x
 
     monkeypatch.setattr(TARFlow, "reverse", reverse)
-    metrics, out = run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]")
-    s = load(out / "samples-cfg1.0.npz")
-    assert metrics["nonfinite_cfg1.0"] == PER_CLASS and s["nonfinite"].tolist() == (s["labels"] == 2).tolist()
+    with pytest.raises(ValueError, match=f"{PER_CLASS} of {CLASSES * PER_CLASS} samples at cfg 1.0") as e:
+        run_sample(chain, tmp_path, "sample.cfg_scale=[1.0]")
+    assert type(e.value).__name__ == "NonFiniteError"
+    assert "nothing is committed" in str(e.value) and "\n" not in str(e.value)
+    s = load(tmp_path / "samples-cfg1.0.npz")
+    assert s["nonfinite"].tolist() == (s["labels"] == 2).tolist()
     assert (s["arr_0"][s["labels"] == 2] == 0).all() and (s["arr_0"][s["labels"] != 2] > 0).any()
-    # every warning raised while sampling is in the file's record and the metrics, once
-    assert metrics["warnings"] == read_sampling(out / "samples-cfg1.0.npz")["warnings"] == [
+    # every warning raised while sampling is in the (uncommitted) file's record, once
+    assert read_sampling(tmp_path / "samples-cfg1.0.npz")["warnings"] == [
         "UserWarning: an injected warning while sampling",
         f"{PER_CLASS} of {CLASSES * PER_CLASS} samples are NaN / inf (black images, flagged in `nonfinite`)"]
+
+
+def test_the_batch_size_enters_the_fingerprint_and_the_chunks_change_no_bytes(chain, tmp_path):
+    """The matmuls round differently at another batch size (a few pixels by one level): sample.batch_size is
+    semantic (its default, 125, stays out of stored fingerprints), and chunks are whole batches, so chunks of 6
+    with batches of 4 give the samples of chunks of 8 (main: an operational batch size that changed bytes)."""
+    from pipeline.config import semantic_of
+
+    cfg, manifests = chain
+    plain = load_config_with(cfg, "sample.batch_size=125")
+    assert "batch_size" not in semantic_of(plain, ("sample",))["sample"]
+    assert semantic_of(load_config_with(cfg, "sample.batch_size=3"), ("sample",))["sample"]["batch_size"] == 3
+    _, out = run_sample(chain, tmp_path, "sample.chunk_size=6", "sample.cfg_scale=[0.0]")
+    ragged, whole = load(out / "samples-cfg0.0.npz"), load(manifests["sample"].dir / "samples-cfg0.0.npz")
+    assert all(np.array_equal(ragged[k], whole[k]) for k in whole)
+
+
+def load_config_with(cfg, *overrides):
+    from pipeline.config import apply_override, config_dict, validate_config
+
+    raw = config_dict(cfg)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
 
 
 def test_pca_samples_are_denoised_by_default_and_never_said_to_be_denoised_twice(chain, tmp_path, monkeypatch):

@@ -74,6 +74,30 @@ def test_odd_files_are_converted_or_rejected_never_dropped(make_config, odd_root
     assert meta["source_path"] == "train/n01440764/n01440764_cmyk.JPEG" and meta["converted"] is True
 
 
+def test_a_symlink_loop_or_a_dangling_symlink_is_rejected_never_stops_the_run(make_config, odd_root):
+    """Main stopped at plan time with `[Errno 40] ... loop.JPEG`; a bad file never stops the run: it goes to
+    rejected.parquet with its reason, like any file that cannot be read."""
+    t = odd_root / "train" / "n01440764"
+    (t / "n01440764_loop.JPEG").symlink_to("n01440764_loop.JPEG")
+    (t / "n01440764_dangling.JPEG").symlink_to("nowhere.JPEG")
+    out = run_pipeline(make_config(root=odd_root), until="shard")["shard"]
+    rej = {r["source_path"].split("/")[-1]: r["reason"]
+           for r in pq.read_table(out.dir / "rejected.parquet").to_pylist()}
+    assert "symbolic links" in rej["n01440764_loop.JPEG"] and "No such file" in rej["n01440764_dangling.JPEG"]
+    assert len(pq.read_table(out.dir / "manifest.parquet")) == 8  # what was stored before is stored
+
+
+def test_an_empty_class_folder_is_refused_not_made_a_phantom_class(make_config, odd_root):
+    """An empty train/n00000001/ sorts first: main shifted every label by one and trained a class without data.
+    As torchvision's ImageFolder, it is refused in one line naming the folder, before any work."""
+    (odd_root / "train" / "n00000001").mkdir()
+    cfg = make_config(root=odd_root)
+    with pytest.raises(ValueError, match="holds no train images") as e:
+        run_pipeline(cfg, until="shard")
+    assert str(odd_root / "train" / "n00000001") in str(e.value) and "\n" not in str(e.value)
+    assert not Path(cfg.storage.root).exists() or not any(Path(cfg.storage.root).iterdir())
+
+
 def _read_tars(out_dir: Path) -> dict:
     samples: dict = {}
     for tar_path in sorted((out_dir / "shards").glob("*.tar")):

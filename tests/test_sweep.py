@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -414,3 +415,33 @@ async def main():
                           "artifacts": {a.key: str(a.data) for a in artifacts if a.key}}))
 asyncio.run(main())
 """
+
+
+def test_a_shared_output_built_by_another_run_meanwhile_is_not_claimed(tmp_path, tiny_root):
+    """Two sweeps at once: the one that waits on an output's lock finds it done; it reports so, and its runs.jsonl
+    line does not list it among what it built (main: both claimed to have built it)."""
+    from stages.runner import run_pipeline
+    from stages.sweep import execute, expand, in_process
+
+    sw = expand(str(SMOKE), sets_for(tmp_path / "artifacts", tiny_root), ["src.dim=4,8"], until="encode")
+    run_pipeline(sw.points[0].cfg, until="encode")  # the other sweep, between this one's plan and its build
+    lines: list[str] = []
+    run = execute(sw, *in_process(sw), report=lines.append)
+    assert run.shared == [] and all(p.built == [] for p in run.points)
+    assert sum("done, built by another run meanwhile" in line for line in lines) == 2, lines  # shard and encode
+
+
+def append_runs(directory: str, n: int) -> None:
+    from storage_schemas.sweep import SweepRun, append_run
+
+    for i in range(n):
+        append_run(Path(directory), SweepRun(started=str(i), seconds=0.0, parallel=1, prefect=False, shared=[],
+                                             points=[]))
+
+
+def test_runs_jsonl_keeps_every_line_when_sweeps_append_at_once(tmp_path):
+    """runs.jsonl is rewritten whole (atomically) per line: without a lock, two sweeps ending together lost one."""
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in [pool.submit(append_runs, str(tmp_path), 25) for _ in range(4)]:
+            f.result(timeout=120)
+    assert len(read_runs(tmp_path)) == 100

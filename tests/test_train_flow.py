@@ -389,3 +389,22 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(com
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert metrics["world_size"] == 2 and not (tmp_path / "launch").exists()  # the job file goes once done
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(compress, tmp_path, monkeypatch):
+    """A loss that turns NaN at step 7 (its noise poisoned): training stops in one line at the next log point,
+    the step-5 checkpoint is the last one kept, and no weights are written (main trained on and committed a NaN
+    flow)."""
+    real = train_flow.step_noise
+
+    def poisoned(seed, step, shape, device):
+        eps = real(seed, step, shape, device)
+        return eps * float("nan") if step >= 7 else eps
+
+    monkeypatch.setattr(train_flow, "step_noise", poisoned)
+    with pytest.raises(ValueError, match="the loss is nan at step 8") as e:
+        train(compress, tmp_path)
+    assert type(e.value).__name__ == "NonFiniteError"
+    assert "ckpt-00000005.pt" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["ckpt-00000005.pt"]
+    assert not (tmp_path / "flow.safetensors").exists()

@@ -1,14 +1,18 @@
 """Specification of the training building blocks (pipeline/training.py): EMA, learning-rate schedule,
 the data position, RNG state, checkpoints and exact resume, clean stop, exported weights. CPU only."""
 
+import errno
 import itertools
+import json
 import os
 import random
 import re
 import signal
+import subprocess
 import threading
 import time
 
+import crc32c
 import numpy as np
 import pytest
 import torch
@@ -37,6 +41,7 @@ from pipeline.training import (
     step_seed,
     warmup_cosine,
 )
+from tests.conftest import flip_byte
 
 
 class TinyNet(nn.Module):
@@ -310,11 +315,12 @@ def test_checkpoint_is_written_to_a_dot_tmp_file_then_renamed(tmp_path, monkeypa
 
     monkeypatch.setattr(training.os, "replace", spy)
     save_checkpoint(tmp_path / "ckpt-00000005.pt", step=5, weights=torch.ones(2))
-    (src, dst), = renames
+    (src, dst), (_, record) = renames  # the checkpoint, then its record
     assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path)
     assert re.fullmatch(rf"\.ckpt-00000005\.pt\.tmp-{os.getpid()}-\d+-\S+", os.path.basename(src))  # PID-TID-HOST
+    assert record == str(tmp_path / "ckpt-00000005.pt.json")
     assert load_checkpoint(dst)["step"] == 5
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005.pt", "ckpt-00000005.pt.json"]
 
 
 def test_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -336,7 +342,7 @@ def test_checkpointer_keeps_the_newest_two_and_ignores_temp_files(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoints.save(step, model, None, optimizer, extra={"step_seen": step})
     (tmp_path / ".ckpt-00000099.pt.tmp-1234").write_bytes(b"half written")
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
     assert checkpoints.latest() == tmp_path / "ckpt-00000004.pt"
     assert checkpoints.restore(TinyNet(), None, None) == (4, {"step_seen": 4})
     assert [checkpoints.due(s) for s in (0, 1, 2)] == [False, True, True]
@@ -356,10 +362,35 @@ def test_load_checkpoint_errors_are_one_line_and_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint") as missing:
         load_checkpoint(tmp_path / "absent.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint") as unrecorded:  # no record: parsed as it is
+        load_checkpoint(tmp_path / "junk.pt")
+    junk_crc = f"{crc32c.crc32c(b'not a checkpoint'):08x}"
+    (tmp_path / "junk.pt.json").write_text(json.dumps({"bytes": 16, "crc32c": junk_crc}))
     with pytest.raises(CheckpointError, match="unreadable checkpoint") as junk:
         load_checkpoint(tmp_path / "junk.pt")
-    for e in (missing, junk):
+    (tmp_path / "junk.pt.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"unreadable record junk\.pt\.json") as bad_record:
+        load_checkpoint(tmp_path / "junk.pt")
+    for e in (missing, unrecorded, junk, bad_record):
         assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_checkpoint_is_loaded_only_from_the_bytes_its_record_names(tmp_path):
+    """A byte flipped in place (size and mtime kept) in the newest checkpoint: restore stops in one line naming
+    it and the repair; nothing is loaded into the model."""
+    model = TinyNet()
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoints = Checkpointer(tmp_path, every=1, keep=2)
+    for step in (1, 2):
+        checkpoints.save(step, model, None, optimizer)
+    newest = tmp_path / "ckpt-00000002.pt"
+    flip_byte(newest, newest.stat().st_size // 2)
+    fresh = TinyNet()
+    before = [p.detach().clone() for p in fresh.parameters()]
+    with pytest.raises(CheckpointError, match="the checkpoint is damaged; delete it") as e:
+        Checkpointer(tmp_path, every=1).restore(fresh, None, None)
+    assert str(newest) in str(e.value) and "\n" not in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters(), strict=True))
 
 
 def test_checkpointer_unwraps_ddp_and_restores_into_a_bare_model(tmp_path):
@@ -616,3 +647,20 @@ def test_the_three_training_stages_stop_with_the_one_exception_the_sweep_recogni
 
     assert fit_decoder.TrainingStopped is fit_src.TrainingStopped is train_flow.TrainingStopped is TrainingStopped
     assert sweep.stopped(TrainingStopped("fit_decoder: stopped by signal 15 at step 6/12"))
+
+
+def test_a_full_disk_inside_a_checkpoint_write_names_the_file_and_enospc(tmp_path):
+    """torch.save on a full disk said `RuntimeError: ... unexpected pos`; the checkpoint write names its file and
+    the cause, as the other writers do, and leaves no temp file. Skipped where this sandbox cannot mount a tmpfs."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        model = nn.Linear(256, 256)  # 257 KB of weights: more than the disk holds
+        with pytest.raises(OSError) as e:
+            Checkpointer(small / "checkpoints", every=1).save(1, model, None, torch.optim.SGD(model.parameters()))
+        assert e.value.errno == errno.ENOSPC and str(small / "checkpoints" / "ckpt-00000001.pt") in str(e.value)
+        assert "\n" not in str(e.value) and os.listdir(small / "checkpoints") == []
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

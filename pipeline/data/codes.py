@@ -27,18 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
 from pipeline.data.zarr_store import read_rows as read_store_rows
+from pipeline.integrity import CheckedGroup, open_checked
 from storage_schemas.zarr_layouts import CODES
 
 
-def open_codes(store: Path) -> tuple[zarr.Group, dict]:
-    """The validated group and its attrs; refuses a store of another layout or version."""
+def open_codes(store: Path) -> tuple[CheckedGroup, dict]:
+    """The validated group (every read checks its chunks' CRC-32C) and its attrs; refuses a store of another
+    layout or version."""
     attrs = CODES.validate(store)
-    return zarr.open_group(str(store), mode="r"), attrs
+    return open_checked(store), attrs
 
 
 def split_rows(attrs: dict, split: str) -> tuple[int, int]:
@@ -46,7 +47,7 @@ def split_rows(attrs: dict, split: str) -> tuple[int, int]:
     return int(start), int(stop)
 
 
-def read_rows(group: zarr.Group, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def read_rows(group: CheckedGroup, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """codes (n, T, d) float32 and labels (n,) int64 of rows [start, stop)."""
     return group["codes"][start:stop], group["labels"][start:stop].astype(np.int64)
 

@@ -7,17 +7,18 @@ TrainFeatures streams the train rows in shuffle windows for fit_src's training l
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
 from pipeline.data.zarr_store import read_rows
+from pipeline.integrity import CheckedGroup, open_checked, read_input
 from storage_schemas.zarr_layouts import FEATURES
 
 EPS = 1e-5
@@ -43,7 +44,7 @@ class FeatureNormalizer:
 
 def load_normalizer(store: Path, stats: str = "computed", stats_file: str | None = None) -> FeatureNormalizer:
     if stats == "computed":
-        group = zarr.open_group(str(store), mode="r")
+        group = open_checked(store)
         return FeatureNormalizer(torch.from_numpy(group["stats_mean"][...]), torch.from_numpy(group["stats_var"][...]))
     return FeatureNormalizer(*load_released_stats(stats_file))
 
@@ -56,7 +57,7 @@ def load_released_stats(path: str | None) -> tuple[torch.Tensor | None, torch.Te
     if not path or not Path(path).is_file():
         raise FileNotFoundError(f"encode.stats_file: {path} does not exist (expected RAE's released statistics, "
                                 f"a torch file holding {{'mean': tensor or None, 'var': tensor}})")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(io.BytesIO(read_input(path, "encode.stats_file")), map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "var" not in obj:
         held = list(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"encode.stats_file: {path} holds no 'var' entry (keys: {held})")
@@ -71,18 +72,16 @@ def folder_stats(path: str) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A diffusers AutoencoderRAE folder's `_latents_mean` / `_latents_std` as RAE's (mean, var). diffusers' converter
     stored latents_std = sqrt(var + 1e-5) (convert_rae_to_diffusers.py), so var = std^2 - 1e-5 gives back RAE's
     z / sqrt(var + 1e-5) here; diffusers itself divides by std + 1e-5, a relative 1e-5 / std from RAE. A mean of
-    zeros(1) is diffusers' "none" (RAE's DINOv2 statistics carry no mean)."""
-    import safetensors
-
-    from pipeline.models.rae_family import read_weights_folder
+    zeros(1) is diffusers' "none" (RAE's DINOv2 statistics carry no mean). The folder's safetensors is read once and
+    checked against the sha256 the fingerprint holds; the two tensors are taken from those bytes."""
+    from pipeline.models.rae_family import read_weights_folder, safetensors_tensors
 
     folder = read_weights_folder(path, "encode.stats_file")
-    with safetensors.safe_open(str(folder.weights), framework="pt") as f:
-        names = set(f.keys())
-        if not {"_latents_mean", "_latents_std"} <= names:
-            raise ValueError(f"encode.stats_file: {folder.weights} holds no _latents_mean/_latents_std (expected a "
-                             f"diffusers AutoencoderRAE folder)")
-        mean, std = f.get_tensor("_latents_mean").double(), f.get_tensor("_latents_std").double()
+    found = safetensors_tensors(read_input(folder.weights, "encode.stats_file"), ("_latents_mean", "_latents_std"))
+    if len(found) < 2:
+        raise ValueError(f"encode.stats_file: {folder.weights} holds no _latents_mean/_latents_std (expected a "
+                         f"diffusers AutoencoderRAE folder)")
+    mean, std = (torch.from_numpy(found[name]).double() for name in ("_latents_mean", "_latents_std"))
     if std.numel() == 1:
         raise ValueError(f"encode.stats_file: {path} carries no latent statistics (its latents_std is diffusers' "
                          f"default, a single 1); use encode.stats: computed")
@@ -91,13 +90,14 @@ def folder_stats(path: str) -> tuple[torch.Tensor | None, torch.Tensor]:
     return mean, var
 
 
-def open_features(store: Path) -> tuple[zarr.Group, dict]:
-    """The validated group and its attrs; refuses a store of an unknown layout or version."""
+def open_features(store: Path) -> tuple[CheckedGroup, dict]:
+    """The validated group (every read checks its chunks' CRC-32C) and its attrs; refuses a store of an unknown
+    layout or version."""
     attrs = FEATURES.validate(store)
-    return zarr.open_group(str(store), mode="r"), attrs
+    return open_checked(store), attrs
 
 
-def read_features(group: zarr.Group, rows: slice | np.ndarray) -> torch.Tensor:
+def read_features(group: CheckedGroup, rows: slice | np.ndarray) -> torch.Tensor:
     """Rows of `features` as float32 tensors."""
     values = group["features"][rows] if isinstance(rows, slice) else group["features"].get_orthogonal_selection((rows,))
     return torch.from_numpy(widen(values))
@@ -118,7 +118,7 @@ class TrainFeatures:
     those rows of a window, held in the stored dtype while a thread reads the next window's, so memory is two
     windows / world_size, independent of N. `rows_read` counts the rows read from the store."""
 
-    def __init__(self, group: zarr.Group, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int,
+    def __init__(self, group: CheckedGroup, rows: tuple[int, int], normalizer: FeatureNormalizer, batch_size: int,
                  seed: int, window_batches: int, rank: int = 0, world_size: int = 1):
         self.features, self.start, self.normalizer = group["features"], rows[0], normalizer
         self.schedule = WindowShuffle(rows[1] - rows[0], batch_size, seed, rank, world_size,

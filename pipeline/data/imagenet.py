@@ -112,7 +112,8 @@ def detect_layout(root: str | os.PathLike) -> Layout:
 
 
 def list_synsets(root: str | os.PathLike, layout: Layout) -> list[str]:
-    """Sorted train synsets (their labels: synset_labels)."""
+    """Sorted train synsets (their labels: synset_labels). A train synset folder without an image is refused, as
+    torchvision's ImageFolder refuses it: it would be a class with a label and no data."""
     _check_layout(layout)
     if layout in ARCHIVE_LAYOUTS:
         from pipeline.data.imagenet_archives import scan_archive_split
@@ -126,6 +127,11 @@ def list_synsets(root: str | os.PathLike, layout: Layout) -> list[str]:
         synsets = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not synsets:
         raise ValueError(f"{train_dir} has no synset folders; expected train/<synset>/<images>")
+    empty = [s for s in synsets if not _holds_an_image(train_dir / s)]
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{train_dir / empty[0]}{more} holds no train images: an empty class folder would be a class "
+                         f"with a label and no data; remove it or add its images")
     return synsets
 
 
@@ -135,6 +141,11 @@ def synset_labels(synsets: list[str]) -> dict[str, int]:
     if all(s in ILSVRC_LABELS for s in synsets):
         return {s: ILSVRC_LABELS[s] for s in synsets}
     return {s: i for i, s in enumerate(sorted(synsets))}
+
+
+def _holds_an_image(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return any(_skip_reason(e) is None for e in entries)
 
 
 def scan_split(
@@ -190,7 +201,7 @@ def listing_digest(images: list[SourceImage], root: str | os.PathLike) -> str:
     h = hashlib.sha256()
     containers = set()
     for im in images:
-        size = im.size if im.container else os.stat(root / im.rel_path).st_size
+        size = im.size if im.container else source_size(root / im.rel_path)
         h.update(f"{im.split}\t{im.rel_path}\t{im.label}\t{size}\n".encode())
         containers.add(im.container)
     for container in sorted(containers - {""}):  # a parquet row's size is its file's business
@@ -198,10 +209,20 @@ def listing_digest(images: list[SourceImage], root: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def source_size(path: Path) -> int:
+    """A listed file's size; -1 for one that cannot be read (a symlink loop, a dangling symlink): `shard` lists it
+    in rejected.parquet with the reason, it never stops planning."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 def source_file_size(root: str | os.PathLike, im: SourceImage) -> int:
-    """The image's stored bytes (a parquet row: its file's size over its rows, estimated from the file)."""
+    """The image's stored bytes (a parquet row: its file's size over its rows, estimated from the file); -1 for a
+    file that cannot be read (source_size)."""
     if not im.container:
-        return os.stat(Path(root) / im.rel_path).st_size
+        return source_size(Path(root) / im.rel_path)
     if im.size >= 0:
         return im.size
     path = Path(root) / im.container
@@ -343,9 +364,15 @@ def _count(ignored: dict[str, int], reason: str) -> None:
 
 
 def _skip_reason(entry: os.DirEntry) -> str | None:
+    """Why a folder entry is not an image to list, or None. A symlink that leads nowhere (dangling, or a loop) is
+    listed, so that `shard` rejects it with its reason, like any other unreadable file."""
     if entry.name.startswith("."):
         return "hidden"
-    if not entry.is_file():
+    try:
+        is_file = entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:  # a symlink loop
+        is_file = True
+    if not is_file:
         return "not_a_file"
     if not _is_image_name(entry.name):
         return "not_an_image_extension"

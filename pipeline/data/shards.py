@@ -1,24 +1,32 @@
-"""Reading the shard set: manifest rows in store order, and samples streamed from the tars."""
+"""Reading the shard set: manifest rows in store order, and the JPEGs of the tars, each checked against its
+sha256 in the manifest."""
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Iterable, Iterator
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from storage_schemas.shards import MANIFEST_SCHEMA, read_table, validate_shard_set
+from pipeline.integrity import check_file, damage_in
+from storage_schemas.shards import INDEX, MANIFEST_SCHEMA, read_table, validate_shard_set
 
 
 def manifest_rows(shard_dir: Path, splits: Iterable[str] = ("train", "val"), subset_per_class: int | None = None,
                   ) -> list[dict]:
-    """Manifest rows of `splits` in shard order; `subset_per_class` keeps the first K train images per class."""
+    """Manifest rows (key, split, label, shard, sha256) of `splits` in shard order; `subset_per_class` keeps the
+    first K train images per class."""
+    for name in (INDEX, "manifest.parquet"):  # the labels, keys and digests every reader trusts: checked first
+        check_file(Path(shard_dir) / name)
     validate_shard_set(shard_dir)
     rows = read_table(Path(shard_dir) / "manifest.parquet", MANIFEST_SCHEMA).select(
-        ["key", "split", "label", "shard"]).to_pylist()
+        ["key", "split", "label", "shard", "sha256"]).to_pylist()
     out = []
     for split in splits:
         seen: dict[int, int] = {}
@@ -33,13 +41,55 @@ def manifest_rows(shard_dir: Path, splits: Iterable[str] = ("train", "val"), sub
     return out
 
 
-def iter_jpegs(tar_paths: list[str], keys: set[str]) -> Iterator[tuple[str, bytes]]:
-    """(key, jpeg bytes) for the wanted keys, in tar order; fixed shard order, no shuffling."""
-    # this job was handed exactly these shards: no node or worker splitting on top
-    dataset = wds.WebDataset(tar_paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    for sample in dataset:
-        if sample["__key__"] in keys:
-            yield sample["__key__"], sample["jpg"]
+def jpeg_members(tar_path: str | Path) -> dict[str, tuple[int, int]]:
+    """key -> (data offset, size) of every `<key>.jpg` member of a shard tar, from its headers alone. The one rule
+    of every tar reader (encode, fit_decoder, fit_src, reference), WebDataset's: a member's key is its full name
+    up to the first dot of its file name, directories included. A key with two JPEGs is a damaged tar: refused
+    in one line (the shard stage never writes one)."""
+    members: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, ext = base_plus_ext(m.name)
+                if not m.isfile() or ext is None or ext.lower() != "jpg":
+                    continue
+                if key in members:
+                    raise tarfile.TarError(f"holds the key {key!r} twice (a shard names each image once)")
+                members[key] = (m.offset_data, m.size)
+    except (tarfile.TarError, EOFError) as e:
+        raise damage_in([Path(tar_path)], f"unreadable tar ({e})") from None
+    return members
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member name, as WebDataset splits it: at the first dot of the file name."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def read_jpeg(tar_path: str | Path, key: str, location: tuple[int, int], sha256: str) -> bytes:
+    """The JPEG of `key` at `location` (data offset, size) in a shard tar, checked against its manifest sha256: a
+    mismatch is one line naming the tar and the repair (pipeline.integrity), never bytes handed on."""
+    offset, size = location
+    with open(tar_path, "rb") as f:
+        data = os.pread(f.fileno(), int(size), int(offset))
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise damage_in([Path(tar_path)], f"image {key} differs from its sha256 in manifest.parquet")
+    return data
+
+
+def iter_jpegs(tar_paths: list[str], wanted: Mapping[str, str]) -> Iterator[tuple[str, bytes]]:
+    """(key, jpeg bytes) of the `wanted` keys (key -> manifest sha256), tar by tar in member order, each checked
+    against its sha256; a wanted key in none of the tars is a damaged shard set (one line)."""
+    found: set[str] = set()
+    for tar in tar_paths:
+        members = jpeg_members(tar)
+        for key in sorted(members.keys() & wanted.keys() - found, key=lambda k: members[k][0]):
+            found.add(key)
+            yield key, read_jpeg(tar, key, members[key], wanted[key])
+    if missing := sorted(wanted.keys() - found):
+        raise damage_in([Path(t) for t in tar_paths], f"{len(missing)} images of manifest.parquet are not in the "
+                                                      f"tars (e.g. {missing[0]})")
 
 
 def decode_crop(jpeg: bytes, resolution: int, method: str = "pil", device: str | None = None) -> np.ndarray:

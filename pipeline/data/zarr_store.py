@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.artifacts import Commits
 from pipeline.parallel import map_jobs
@@ -86,12 +86,15 @@ class UnlessCommitted:
 
 
 def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int, rows_per_chunk: int,
-                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict) -> None:
-    """A fresh group: `row_shapes[name] = (shape after the row axis, on-disk dtype)` for each per-row array."""
+                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict, checksums: bool = True) -> None:
+    """A fresh group: `row_shapes[name] = (shape after the row axis, on-disk dtype)` for each per-row array.
+    `checksums=False`: schema 1's layout, without chunk CRC-32Cs (what benchmarks/integrity.py compares against)."""
     if Path(path).exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", attributes={"srcflow_schema": layout.kind,
-                                                               "schema_version": SCHEMA_VERSION, **attrs})
+                                                               "schema_version": SCHEMA_VERSION if checksums else 1,
+                                                               **attrs})
+    crc = [Crc32cCodec()] if checksums else []
     chunk = min(rows_per_chunk, rows_per_shard)
     for name, spec in layout.arrays.items():
         if not spec.per_row:
@@ -103,8 +106,9 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
             chunks=(chunk if big else rows_per_shard, *tail),
             # one chunk per shard needs no sharding codec (it would copy the whole shard once more)
             shards=(rows_per_shard, *tail) if big and chunk < rows_per_shard else None,
-            # features and codes are incompressible float (STACK.md): spend no CPU on them
-            compressors=None if big else BloscCodec(cname="zstd", clevel=3),
+            # features and codes are incompressible float (STACK.md): spend no CPU on them; every chunk carries
+            # its CRC-32C, which Zarr checks on every read (pipeline.integrity)
+            compressors=(crc or None) if big else [BloscCodec(cname="zstd", clevel=3), *crc],
             dimension_names=spec.dims, fill_value="" if dtype == "str" else 0,
             # every chunk is written: no per-chunk emptiness check (half the write time), predictable sizes
             config={"write_empty_chunks": True},
@@ -139,52 +143,70 @@ def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray], direct: bo
 # --- whole shard files without the sharding codec -------------------------------------------------
 # Zarr 3.1's sharding codec copies every inner chunk and concatenates the shard on one event-loop thread
 # per process (0.27-0.48 of the raw write rate, benchmarks/encode.py). For an uncompressed array whose
-# chunks span every axis but the rows, a shard file is just its rows' bytes, zero rows up to its last inner
-# chunk, and the index of (offset, nbytes) pairs with its CRC-32C: written here in one pass, byte for byte
-# what Zarr writes (tests/test_parallel.py compares the files), so every reader reads it unchanged.
+# chunks span every axis but the rows, a shard file is just its rows' bytes in inner chunks (zero rows up
+# to the last one's end), each followed by its CRC-32C (schema 2; a schema-1 store's chunks have none), and
+# the index of (offset, nbytes) pairs with its CRC-32C: written here in one pass, byte for byte what Zarr
+# writes (tests/test_parallel.py compares the files), so every reader reads it unchanged.
+
+PLAIN = [{"name": "bytes", "configuration": {"endian": "little"}}]
+CRC32C = {"name": "crc32c"}
 
 
 def raw_layout(arr) -> bool:
-    """An array whose shard files `shard_file_parts` can write: fixed-size dtype, fill 0, no compressor or filter,
-    chunks (and shards) spanning every axis but the rows, Zarr's default shard index (little-endian + CRC-32C,
-    at the end)."""
-    meta = arr.metadata.to_dict()
-    plain = [{"name": "bytes", "configuration": {"endian": "little"}}]
-    codecs = [c if isinstance(c, dict) else c.to_dict() for c in meta.get("codecs", ())]
+    """An array whose shard files `shard_file_parts` can write: fixed-size dtype, fill 0, no compressor or filter
+    (a crc32c after the bytes, or nothing), chunks (and shards) spanning every axis but the rows, Zarr's default
+    shard index (little-endian + CRC-32C, at the end)."""
     if arr.dtype.kind not in "fiub" or arr.metadata.fill_value != 0 or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
         return False
     if arr.shards is None:
-        return codecs == plain
+        return chunk_codecs(arr) in (PLAIN, [*PLAIN, CRC32C])
+    codecs = as_dicts(arr.metadata.to_dict().get("codecs", ()))
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         return False
     config = codecs[0]["configuration"]
+    return (tuple(arr.shards[1:]) == tuple(arr.shape[1:]) and chunk_codecs(arr) in (PLAIN, [*PLAIN, CRC32C])
+            and as_dicts(config["index_codecs"]) == [*PLAIN, CRC32C] and config.get("index_location", "end") == "end")
 
-    def as_list(items) -> list[dict]:
-        return [i if isinstance(i, dict) else i.to_dict() for i in items]
 
-    return (tuple(arr.shards[1:]) == tuple(arr.shape[1:]) and as_list(config["codecs"]) == plain
-            and as_list(config["index_codecs"]) == [*plain, {"name": "crc32c"}]
-            and config.get("index_location", "end") == "end")
+def as_dicts(codecs) -> list[dict]:
+    return [c if isinstance(c, dict) else c.to_dict() for c in codecs]
+
+
+def chunk_codecs(arr) -> list[dict]:
+    """The codecs of one (inner) chunk, as dicts."""
+    codecs = as_dicts(arr.metadata.to_dict().get("codecs", ()))
+    if arr.shards is not None and len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
+        return as_dicts(codecs[0]["configuration"]["codecs"])
+    return codecs
 
 
 def shard_file_parts(arr, rows: np.ndarray) -> list[memoryview | bytes]:
     """The bytes of the storage file holding `rows` (a whole shard, or the array's last rows), as Zarr writes
     them: unsharded, the chunk padded to its full row count; sharded, the inner chunks that hold rows (the
     last padded with zero rows), then the index (offset, nbytes per inner chunk; 2^64 - 1 for absent ones)
-    and the CRC-32C of the index."""
+    and the CRC-32C of the index. With the crc32c codec, every (inner) chunk is followed by its CRC-32C."""
     import crc32c
 
     unit = (arr.shards or arr.chunks)[0]
     chunk = arr.chunks[0] if arr.shards is not None else unit
+    checksummed = chunk_codecs(arr)[-1] == CRC32C
     row_bytes = rows[:1].nbytes if len(rows) else 0
     n_chunks = -(-len(rows) // chunk)
-    parts: list[memoryview | bytes] = [memoryview(rows).cast("B"), bytes((n_chunks * chunk - len(rows)) * row_bytes)]
+    data = memoryview(rows).cast("B")
+    chunk_bytes = chunk * row_bytes
+    parts: list[memoryview | bytes] = []
+    for k in range(n_chunks):
+        held = data[k * chunk_bytes:(k + 1) * chunk_bytes]
+        padding = bytes(chunk_bytes - len(held))
+        parts += [held, padding]
+        if checksummed:
+            parts.append(crc32c.crc32c(padding, crc32c.crc32c(held)).to_bytes(4, "little"))
     if arr.shards is None:
         return parts
-    chunk_bytes = chunk * row_bytes
+    stored = chunk_bytes + 4 * checksummed
     index = np.full((unit // chunk, 2), np.iinfo(np.uint64).max, dtype="<u8")
-    index[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
-    index[:n_chunks, 1] = chunk_bytes
+    index[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * stored
+    index[:n_chunks, 1] = stored
     index_bytes = index.tobytes()
     return [*parts, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
 
@@ -237,7 +259,7 @@ def write_file(path: Path, parts: list[memoryview | bytes]) -> None:
 def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
     group = zarr.open_group(str(path), mode="r+")
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                             dimension_names=dims, overwrite=True)
+                             compressors=[Crc32cCodec()], dimension_names=dims, overwrite=True)
     arr[...] = values
 
 

@@ -54,10 +54,12 @@ def load_dinov2(weights: str | Path, device="cpu", meta: bool = False) -> DinoV2
     LayerScale); device "meta": only check that the file is such a network (no weights read)."""
     import timm
 
+    from pipeline.integrity import read_input
     from pipeline.models.rae import check_state_dict, hf_to_timm, read_state_dict
 
     path = weights_file(weights)
-    state = hf_to_timm(read_state_dict(str(path), "evaluate.dinov2_weights", WEIGHTS_EXPECTED, meta))
+    data = None if meta else read_input(path, "evaluate.dinov2_weights")  # read once, checked against the plan's sha256
+    state = hf_to_timm(read_state_dict(str(path), "evaluate.dinov2_weights", WEIGHTS_EXPECTED, meta, data))
     state.pop("mask_token", None)
     try:
         width, depth = state["patch_embed.proj.weight"].shape[0], 1 + max(

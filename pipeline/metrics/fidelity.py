@@ -41,6 +41,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from pipeline.artifacts import file_sha256
+from pipeline.integrity import read_with_sha256
 from storage_schemas.evaluation import ADM_KEYS, check_adm_reference, check_inception_file
 from storage_schemas.samples import open_npz_array
 from storage_schemas.success import write_atomic
@@ -180,12 +181,18 @@ def inception_features(images, weights_path, device="cpu", batch_size: int = 64,
 
 class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
     """torch-fidelity's InceptionV3 that also returns ADM's sFID features (SPATIAL_LAYER, see SPATIAL_DIM's
-    comment) from the same forward pass: its outputs are torch-fidelity's features, then `spatial`."""
+    comment) from the same forward pass: its outputs are torch-fidelity's features, then `spatial`. Built from
+    `empty_state()` (torch-fidelity's constructor loads what it is given); the weights are loaded after."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tapped = None
         self.get_submodule(SPATIAL_LAYER).register_forward_hook(self._tap)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if not state_dict:  # torch-fidelity's own load in __init__, of empty_state(): the weights come after
+            return None
+        return super().load_state_dict(state_dict, strict, assign)
 
     def _tap(self, module, inputs, output):
         self._tapped = output
@@ -204,13 +211,17 @@ class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
 
 
 def load_inception(weights_path, device="cpu", verbose: bool = False) -> InceptionV3WithSpatial:
-    """torch-fidelity's inception-v3-compat (with the spatial tap) from a local weights file, float64 inside."""
+    """torch-fidelity's inception-v3-compat (with the spatial tap) from a local weights file, float64 inside. The
+    file is read once, its bytes checked against the sha256 the fingerprint holds and loaded with
+    torch.load(weights_only=True); torch-fidelity gets the tensors, never the path (it would unpickle the file
+    again, without restrictions)."""
+    data = read_with_sha256(weights_path, check_inception_weights(weights_path), "evaluate.inception_weights")
     try:
-        # torch-fidelity unpickles the file without restrictions: only hand it one that is plain tensors
-        torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         extractor = InceptionV3WithSpatial(
             FEATURE_EXTRACTOR, list(FIDELITY_FEATURES), verbose=verbose,
-            feature_extractor_weights_path=str(weights_path), feature_extractor_internal_dtype="float64")
+            feature_extractor_weights_path=empty_state(), feature_extractor_internal_dtype="float64")
+        nn.Module.load_state_dict(extractor, state)  # strict: every key and shape of torch-fidelity's Inception
     except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:  # multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"evaluate.inception_weights: {weights_path} is not a torch-fidelity InceptionV3 "
@@ -368,12 +379,17 @@ class _UnloadedInceptionV3(FeatureExtractorInceptionV3):
         return None
 
 
-def _standin_inception() -> FeatureExtractorInceptionV3:
-    """torch-fidelity's Inception with PyTorch's initialisation (no checkpoint read)."""
+def empty_state() -> io.BytesIO:
+    """A torch file of an empty dict: what torch-fidelity's constructor is given to load instead of a path."""
     empty = io.BytesIO()
     torch.save({}, empty)
     empty.seek(0)
-    return _UnloadedInceptionV3(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+    return empty
+
+
+def _standin_inception() -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception with PyTorch's initialisation (no checkpoint read)."""
+    return _UnloadedInceptionV3(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty_state())
 
 
 def make_standin_inception_weights(path, seed: int = 0) -> str:

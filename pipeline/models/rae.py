@@ -20,6 +20,7 @@ Plain torch + timm + PIL + safetensors: no storage, orchestration or config obje
 """
 
 import inspect
+import io
 import math
 import re
 from functools import partial
@@ -179,6 +180,7 @@ def build_rae_encoder(
     arch: dict | None = None,
     seed: int = 0,
     device: str | None = None,
+    data: bytes | None = None,
 ) -> RAEEncoder:
     """weights: "random" (init under torch.manual_seed(seed)) or a local checkpoint: timm names
     (.safetensors/.pth), transformers names (Dinov2WithRegistersModel, SiglipVisionModel, ViTMAEModel), the
@@ -188,7 +190,8 @@ def build_rae_encoder(
     num_heads, patch_size, mlp_ratio) for small test models. pos_embed is resampled to the grid by timm's
     checkpoint_filter_fn with the antialias transformers uses for this type at run time (bicubic, DINOv2:
     antialiased), so the tokens are RAE's. device "meta": only check that the file fits the architecture (its
-    tensors' shapes; no weights read)."""
+    tensors' shapes; no weights read). data: the weights file's bytes (a folder's: its safetensors), already read
+    and checked by the caller, parsed instead of opening the file."""
     meta = device == "meta"
     etype = encoder_type(model_name)
     state = None
@@ -196,9 +199,9 @@ def build_rae_encoder(
         if Path(weights).is_dir():
             folder = read_weights_folder(weights, "encoder.weights")
             check_encoder_folder(folder, "encoder.weights", model_name, arch or {}, input_size)
-            state = _folder_state(folder, "encoder.", "encoder.weights", meta)
+            state = _folder_state(folder, "encoder.", "encoder.weights", meta, data)
         else:
-            state = read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta)  # before building
+            state = read_state_dict(weights, "encoder.weights", ENCODER_WEIGHTS_EXPECTED, meta, data)  # before building
         state = hf_to_timm(_unwrap(state, ("state_dict", "model")))
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
@@ -395,19 +398,22 @@ class RAEDecoder(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], 3, g * p, g * p)
 
 
-def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str | None = None, **arch) -> RAEDecoder:
+def build_rae_decoder(weights: str | None = None, *, seed: int = 0, device: str | None = None,
+                      data: bytes | None = None, **arch) -> RAEDecoder:
     """weights: None / "random" (init under torch.manual_seed(seed): PyTorch defaults, zero CLS, as
     RAE's GeneralDecoder) or a released / training checkpoint, loaded strictly. arch: RAEDecoder kwargs
     (see DECODER_SIZES). Returned in eval mode; freezing is the caller's choice. device "meta": only check
-    that the file fits the architecture (its tensors' shapes; no weights read)."""
+    that the file fits the architecture (its tensors' shapes; no weights read). data: the file's bytes, already
+    read (and checked) by the caller."""
     state = None
     if weights not in (None, "random") and Path(weights).is_dir():
         folder = read_weights_folder(weights, "decoder.weights")
         defaults = {k: p.default for k, p in inspect.signature(RAEDecoder).parameters.items()}
         check_decoder_folder(folder, "decoder.weights", {**defaults, **arch})
-        state = diffusers_decoder_to_rae(_folder_state(folder, "decoder.", "decoder.weights", device == "meta"))
+        state = diffusers_decoder_to_rae(_folder_state(folder, "decoder.", "decoder.weights", device == "meta",
+                                                              data))
     elif weights not in (None, "random"):
-        state = load_rae_decoder_state(weights, meta=device == "meta")  # before building
+        state = load_rae_decoder_state(weights, meta=device == "meta", data=data)  # before building
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         decoder = RAEDecoder(**arch)
@@ -433,13 +439,13 @@ def diffusers_decoder_to_rae(state: dict) -> dict:
     return out
 
 
-def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
+def load_rae_decoder_state(path: str, meta: bool = False, data: bytes | None = None) -> dict:
     """A decoder state dict from .pt/.pth (torch.load weights_only=True) or .safetensors: a plain
     state_dict (the release's model.pt) or a training checkpoint {ema (preferred), model, state_dict,
     ...}; 'module.' / '_orig_mod.' prefixes (DDP, torch.compile) are stripped; of a whole RAE stage-1
     model (`encoder.*` and `decoder.*` keys, RAE's train_stage1.py) the `decoder.` subset is taken;
     'n_averaged' (torch AveragedModel EMA counter) is dropped."""
-    state = _unwrap(read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta),
+    state = _unwrap(read_state_dict(path, "decoder.weights", DECODER_WEIGHTS_EXPECTED, meta, data),
                     ("ema", "model", "state_dict"))
     out = {}
     for k, v in state.items():
@@ -456,23 +462,27 @@ def load_rae_decoder_state(path: str, meta: bool = False) -> dict:
 # Checkpoint files.
 
 
-def _folder_state(folder: WeightsFolder, prefix: str, key: str, meta: bool) -> dict:
+def _folder_state(folder: WeightsFolder, prefix: str, key: str, meta: bool, data: bytes | None = None) -> dict:
     """The state dict of a weights folder; of a diffusers AutoencoderRAE, the tensors under `prefix` (encoder. or
     decoder.) without it."""
     state = read_state_dict(str(folder.weights), key, ENCODER_WEIGHTS_EXPECTED if key.startswith("encoder")
-                             else DECODER_WEIGHTS_EXPECTED, meta)
+                             else DECODER_WEIGHTS_EXPECTED, meta, data)
     if folder.kind == "diffusers":
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
-def read_state_dict(path: str, key: str, expected: str, meta: bool = False) -> dict:
+def read_state_dict(path: str, key: str, expected: str, meta: bool = False, data: bytes | None = None) -> dict:
     """Read a checkpoint without executing code: safetensors, or torch.load(weights_only=True). meta: tensors
-    with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file)."""
-    if not Path(path).is_file():
+    with the file's shapes and dtypes but no data (the safetensors header; a memory-mapped torch file). data: the
+    file's bytes, read by the caller, parsed instead of the file."""
+    if data is None and not Path(path).is_file():
         raise WeightsError(f"{key}: {path} does not exist (expected {expected})")
     try:
-        if str(path).endswith(".safetensors") and meta:
+        if data is not None:
+            obj = (safetensors.torch.load(data) if str(path).endswith(".safetensors")
+                   else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        elif str(path).endswith(".safetensors") and meta:
             with safetensors.safe_open(path, framework="pt") as f:
                 obj = {}
                 for name in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)

@@ -114,6 +114,36 @@ def read_weights_folder(path: str | Path, key: str) -> WeightsFolder:
     return WeightsFolder(kind, config, weights, config_path)
 
 
+def weights_file(path: str | Path, key: str) -> Path:
+    """The file that holds a weights source's tensors, whose sha256 the fingerprint holds: the file itself, or a
+    folder's safetensors."""
+    return read_weights_folder(path, key).weights if Path(path).is_dir() else Path(path)
+
+
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4"}
+
+
+def safetensors_tensors(data: bytes, names: tuple[str, ...]) -> dict:
+    """name -> numpy array of the named tensors of a safetensors file's bytes (8-byte header length, JSON header,
+    data), without decoding the others; bf16 widened to float32."""
+    import numpy as np
+
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    found = {}
+    for name in names:
+        if name not in header:
+            continue
+        info = header[name]
+        start, stop = (8 + size + k for k in info["data_offsets"])
+        values = np.frombuffer(data, _NUMPY_DTYPES[info["dtype"]], offset=start, count=(stop - start) //
+                               np.dtype(_NUMPY_DTYPES[info["dtype"]]).itemsize).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        found[name] = values.copy()
+    return found
+
+
 def check_encoder_folder(folder: WeightsFolder, key: str, name: str, arch: dict, input_size: int) -> None:
     """The folder's config against the configured encoder (encoder.name, encoder.arch, encoder.input_size): a
     one-line error naming the first key that disagrees."""

@@ -80,7 +80,7 @@ def _counts_from_listing(cfg: Config) -> Dataset:
     listing = source_listing(cfg)
     images = [im for split in listing.images.values() for im in split]
     step = max(1, len(images) // 512)  # stat an even sample of the files, not all of them
-    sizes = [source_file_size(cfg.data.root, im) for im in images[::step]]
+    sizes = [n for im in images[::step] if (n := source_file_size(cfg.data.root, im)) >= 0]
     train = listing.images.get("train", [])
     return Dataset(len(train), len(listing.images.get("val", [])), len(listing.synsets),
                    sum(sizes) / max(len(sizes), 1), f"listing of {cfg.data.root}",

@@ -13,9 +13,10 @@ TAR_BLOCK, TAR_RECORD, TAR_MEMBER_HEADERS = 512, 10_240, 3 * 512
 TAR_SAMPLE_OVERHEAD = 3 * TAR_MEMBER_HEADERS + 2 * TAR_BLOCK
 
 # Zarr v3 sharding (pipeline/data/zarr_store.py: features and codes are stored uncompressed): a
-# shard file holds its written inner chunks back to back, then the index, (offset, nbytes) as two
-# uint64 per inner chunk, and its crc32c (4 B). Inner chunks wholly past the last row are not written.
-ZARR_INDEX_BYTES_PER_CHUNK, ZARR_INDEX_CRC = 16, 4
+# shard file holds its written inner chunks back to back, each followed by its crc32c (4 B, schema 2), then the
+# index, (offset, nbytes) as two uint64 per inner chunk, and its crc32c (4 B). Inner chunks wholly past the last
+# row are not written.
+ZARR_INDEX_BYTES_PER_CHUNK, ZARR_INDEX_CRC, ZARR_CHUNK_CRC = 16, 4, 4
 # A commit marker of encode and compress (np.savez of count, sum, sumsq, _files): 992 B of zip and .npy
 # headers, plus the int64 count, plus the JSON records of the shard's files (`commit_records`).
 COMMIT_OVERHEAD = 992 + 8
@@ -39,13 +40,13 @@ def sharded_array(rows: int, row_bytes: int, rows_per_shard: int, rows_per_chunk
     chunk = min(rows_per_chunk, rows_per_shard)
     if chunk == rows_per_shard:  # one chunk per shard: no sharding codec, no index; a last chunk is full size
         shards = math.ceil(rows / rows_per_shard)
-        return shards * rows_per_shard * row_bytes, shards
+        return shards * (rows_per_shard * row_bytes + ZARR_CHUNK_CRC), shards
     chunks_per_shard = math.ceil(rows_per_shard / chunk)
     index = ZARR_INDEX_BYTES_PER_CHUNK * chunks_per_shard + ZARR_INDEX_CRC
     full, rest = divmod(rows, rows_per_shard)
-    total = full * (chunks_per_shard * chunk * row_bytes + index)
+    total = full * (chunks_per_shard * (chunk * row_bytes + ZARR_CHUNK_CRC) + index)
     if rest:
-        total += math.ceil(rest / chunk) * chunk * row_bytes + index
+        total += math.ceil(rest / chunk) * (chunk * row_bytes + ZARR_CHUNK_CRC) + index
     return total, full + (rest > 0)
 
 
