@@ -80,11 +80,13 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
 
 
 def plan_jobs(cfg: Config, listing: Listing, out_dir: Path) -> tuple[list[ShardJob], list[tuple[SourceImage, str]]]:
-    """Fixed runs of the sorted listing -> shards. Files whose key repeats an earlier key are rejected."""
+    """Fixed runs of the sorted listing -> shards. Files whose key repeats an earlier key, in this split or an
+    earlier one, are rejected: every reader finds an image by its key alone (a val `1.jpg` beside a train `1.jpg`
+    handed the train image's bytes a val sha256)."""
     jobs, duplicates = [], []
     n = cfg.shard.samples_per_shard
+    seen: dict[str, str] = {}
     for split in cfg.shard.splits:
-        seen: dict[str, str] = {}
         kept = []
         for im in listing.images[split]:
             key = sample_key(im)

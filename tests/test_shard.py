@@ -184,3 +184,23 @@ def test_worker_count_does_not_change_the_output(make_config, tmp_path):
     two = run_pipeline(make_config(f"storage.root={tmp_path / 'two'}", "shard.workers=2"), until="shard")["shard"]
     assert one.fingerprint == two.fingerprint  # workers is operational
     assert _shard_outputs(one.dir) == _shard_outputs(two.dir)
+
+
+def test_a_val_file_named_like_a_train_file_is_rejected_and_encode_reads_the_rest(make_config, tmp_path):
+    """Keys were unique per split only: a val `x_1.JPEG` beside a train `x_1.JPEG` (different pixels) made two
+    manifest rows of one key, and encode refused the train tar as damaged. One key namespace: the later file is
+    rejected with the one it collides with, and the rest encodes."""
+    root = tmp_path / "collide"
+    for split, color in (("train", (200, 30, 30)), ("val", (30, 30, 200))):
+        for syn in ("n01440764", "n01443537"):
+            (root / split / syn).mkdir(parents=True)
+            (root / split / syn / f"{syn}_1.JPEG").write_bytes(_jpeg(color=color))
+            (root / split / syn / f"{syn}_{split}.JPEG").write_bytes(_jpeg(color=color))
+    outs = run_pipeline(make_config(root=root), until="encode")
+    rejected = pq.read_table(outs["shard"].dir / "rejected.parquet").to_pylist()
+    assert sorted(r["source_path"] for r in rejected) == ["val/n01440764/n01440764_1.JPEG",
+                                                          "val/n01443537/n01443537_1.JPEG"]
+    assert all("duplicate key" in r["reason"] and "train/" in r["reason"] for r in rejected)
+    keys = [r["key"] for r in pq.read_table(outs["shard"].dir / "manifest.parquet").to_pylist()]
+    assert len(keys) == len(set(keys)) == 6
+    assert outs["encode"].metrics
