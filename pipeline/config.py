@@ -358,6 +358,28 @@ class Config(Section):
         if self.src.dim > channels:
             raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "
                              "(encoder.arch.embed_dim, DINOv2-B: 768)")
+        self.check_shapes(channels)
+
+    def check_shapes(self, channels: int) -> None:
+        """The model shapes fit each other: widths split into whole heads, the encoder's patches tile its input, and
+        the decoder's tokens x patch give back the crop (data.resolution)."""
+        a, d, s = self.encoder.arch, self.decoder, self.src
+        patch, heads = a.patch_size or 14, a.num_heads or 12  # DINOv2-B: patch 14, 12 heads
+        if self.encoder.input_size % patch:
+            raise ValueError(f"encoder.input_size={self.encoder.input_size} is not a multiple of the encoder's patch "
+                             f"{patch} (encoder.arch.patch_size; DINOv2-B: 14, 224 or 448)")
+        if channels % heads:
+            raise ValueError(f"encoder.arch.embed_dim={channels} is not divisible by the encoder's {heads} heads "
+                             "(encoder.arch.num_heads)")
+        if d.hidden_size % d.num_heads:
+            raise ValueError(f"decoder.hidden_size={d.hidden_size} is not divisible by decoder.num_heads={d.num_heads}")
+        grid = self.encoder.input_size // patch
+        if grid * d.patch_size != self.data.resolution:
+            raise ValueError(f"decoder.patch_size: {grid}x{grid} tokens x patch {d.patch_size} decode to "
+                             f"{grid * d.patch_size} px but data.resolution is {self.data.resolution} (patch_size "
+                             f"{self.data.resolution / grid:g} would match)")
+        if s.kind == "learned" and s.arch == "transformer" and s.hidden % s.heads:
+            raise ValueError(f"src.hidden={s.hidden} is not divisible by src.heads={s.heads} (src.arch: transformer)")
 
     @model_validator(mode="after")
     def relations(self) -> Config:
