@@ -281,6 +281,8 @@ class SampleConfig(Section):
     cfg_anneal: bool = Field(False, description="tarflow mode: ramp w linearly over each block's token steps")
     denoise: Literal["none", "tweedie"] = Field("none", description="tweedie: x + sigma^2 grad log p(x | y), "
                                                 "sigma = flow.noise_sigma")
+    classes: int | None = added(None, "sample only the flow's first K classes (a rehearsal's handful); null = every "
+                                      "class, as the evaluation protocol needs", gt=0)
     seed: int = Field(0, description="sample i's noise is seeded by (seed, i): any sharding gives the same samples")
     solver: Literal["sequential", "jacobi"] = added("sequential", "the inverse of each flow block: one token per "
                                                     "step (exact), or block-wise Jacobi fixed-point iterations")

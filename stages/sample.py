@@ -77,7 +77,7 @@ class SampleJob:
 
 def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     s = cfg.sample
-    num_classes = flow_info(upstream["train_flow"])["arch"]["num_classes"]
+    num_classes = sampled_classes(s, flow_info(upstream["train_flow"])["arch"]["num_classes"])
     total = num_classes * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
     sources = ModelSources(cfg, dict(upstream), str(resolve_device(cfg.runtime.device)))
@@ -131,6 +131,11 @@ def chunk_path(out_dir: Path, cfg_scale: float, k: int) -> Path:
 
 def samples_path(out_dir: Path, cfg_scale: float) -> Path:
     return out_dir / f"samples-cfg{cfg_scale}.npz"
+
+
+def sampled_classes(s, flow_classes: int) -> int:
+    """The classes sampled: the flow's first `sample.classes` (a rehearsal's few), else all of them."""
+    return min(s.classes or flow_classes, flow_classes)
 
 
 def class_labels(num_classes: int, per_class: int, seed: int) -> np.ndarray:
@@ -194,7 +199,7 @@ def sample_chunk(job: SampleJob) -> int:
     flow, src, normalizer, decoder = load_models(job.sources)
     info = flow_info(job.sources.upstream["train_flow"])
     sigma = info["noise_sigma"]
-    labels = labels_of(job.start, job.stop, info["arch"]["num_classes"], s.per_class, s.seed)
+    labels = labels_of(job.start, job.stop, sampled_classes(s, info["arch"]["num_classes"]), s.per_class, s.seed)
     tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
     images, nonfinite = [], []
     for a in range(job.start, job.stop, s.batch_size):
