@@ -375,14 +375,20 @@ def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manif
 
 @app.command("plan")
 def plan_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+             gpus: int | None = typer.Option(None, "--gpus", help="GPUs in all (one process each); default: "
+                                                                  "runtime.nproc x --nodes"),
+             nodes: int | None = typer.Option(None, "--nodes", help="nodes the GPUs are spread over; default: "
+                                                                    "train.torchrun_args' --nnodes, else 1"),
              as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
-    """Per stage: bytes written, files per directory, measured device-hours, peak memory. Runs nothing."""
+    """Per stage: bytes written, files per directory, device-hours and wall-clock at the scale (each term measured or
+    estimated, with its source), peak memory per process and per node. Runs nothing."""
     from srcflow.tables import print_plan
     from stages.plan import capacity_plan
+    from stages.plan.scale import scale_of
 
     cfg = _load(config, set_)
     with one_line_errors():
-        report = capacity_plan(cfg)
+        report = capacity_plan(cfg, scale=scale_of(cfg, gpus, nodes))
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.models.configured import build, encoder_geometry
@@ -17,6 +18,7 @@ from stages.plan.layouts import (
     sharded_array,
     tar_set,
 )
+from stages.plan.scale import Scale
 
 # A worker process with python, torch, timm and zarr imported (ru_maxrss measured on the CPU box).
 BASE_RSS = 800 * 2**20
@@ -31,11 +33,11 @@ class StagePlan:
     processes: int
     outputs: list[Output]
     memory: dict  # per process, estimates: host_bytes, device_bytes, basis
-    hours: dict | None  # device-hours for `work` on one measured device: hours, device, rate, unit, source
-    hours_note: str = ""
+    hours: dict | None  # stages.plan.compute.stage_hours: device and wall-clock hours, each term with its source
     timed_in: dict[str, int] | None = None  # the work in the units a measured rate may use (default: work)
     written_bytes: int | None = None  # what a done stage holds on disk (its _SUCCESS.json)
     batch_key: str = ""  # the config key that sizes the memory: a refusal names it
+    jobs: int = 1  # independent jobs (shards, chunks) that processes share: no more of them can work at once
 
     @property
     def bytes(self) -> int:
@@ -65,7 +67,7 @@ def param_count(model: str, cfg: Config) -> int:
 # --- per stage: outputs, work, memory -----------------------------------------------------------
 
 
-def plan_shard(cfg: Config, data: Dataset) -> StagePlan:
+def plan_shard(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     per_tar = cfg.shard.samples_per_shard
     tars = {"train": data.train, "val": data.val}
     if data.tar_files is not None:
@@ -84,7 +86,7 @@ def plan_shard(cfg: Config, data: Dataset) -> StagePlan:
                       "basis": "one image at a time per worker"}, None, batch_key="shard.workers")
 
 
-def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
+def plan_encode(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     e = cfg.encode
     tokens, channels = geometry(cfg)
     views = len(e.views)
@@ -105,8 +107,9 @@ def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
     params = param_count("encoder", cfg)
     batch = e.batch_size
     seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
-    images_per_job = math.ceil(e.rows_per_shard / views)
-    shard_values = e.rows_per_shard * tokens * channels
+    shard_rows = min(e.rows_per_shard, rows)  # a store smaller than one shard holds only its rows
+    images_per_job = math.ceil(shard_rows / views)
+    shard_values = shard_rows * tokens * channels
     on_cpu = cfg.runtime.device == "cpu"
     # each of the encode.jobs_per_worker jobs in flight holds, per stored value of its shard: the float16
     # features (2 B) and their float64 copy and square for the statistics (16 B), on the job's device; on
@@ -121,29 +124,29 @@ def plan_encode(cfg: Config, data: Dataset) -> StagePlan:
                      {"host_bytes": int(host), "device_bytes": int(device),
                       "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {e.jobs_per_worker} jobs in flight, "
                                f"each: a shard's features, float64 statistics temporaries, JPEGs and crops"}, None,
-                     batch_key="encode.batch_size")
+                     batch_key="encode.batch_size", jobs=shards)
 
 
-def plan_fit_decoder(cfg: Config, data: Dataset) -> StagePlan:
+def plan_fit_decoder(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     d = cfg.fit_decoder
     tokens, _ = geometry(cfg)
     params = param_count("decoder", cfg)
     # augment resize_random_crop: the frozen encoder runs every step (fp32 weights; no-grad activations are freed)
     extra = 4 * param_count("encoder", cfg) if d.augment == "resize_random_crop" else 0
     return _training("fit_decoder", cfg, d.steps, params, d.batch_size, tokens + 1, cfg.decoder.hidden_size,
-                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", extra_device=extra)
+                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", scale, extra_device=extra)
 
 
-def plan_fit_src(cfg: Config, data: Dataset) -> StagePlan:
+def plan_fit_src(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     s = cfg.src
     tokens, _ = geometry(cfg)
     extra = 4 * param_count("decoder", cfg) if s.pixel_loss_weight > 0 else 0  # the frozen RAE decoder
     # encoder and decoder branches of `depth` blocks each, at width `hidden`
     return _training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden, 2 * s.depth,
-                     "src.safetensors", "src.batch_size", extra_device=extra)
+                     "src.safetensors", "src.batch_size", scale, extra_device=extra)
 
 
-def plan_compress(cfg: Config, data: Dataset) -> StagePlan:
+def plan_compress(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     """codes.zarr has the feature store's rows and Zarr shards (stages/compress.py)."""
     e, s = cfg.encode, cfg.src
     tokens, channels = geometry(cfg)
@@ -162,26 +165,26 @@ def plan_compress(cfg: Config, data: Dataset) -> StagePlan:
     ]
     batch = cfg.compress.batch_size
     params = param_count("src", cfg)
-    host = BASE_RSS + e.rows_per_shard * tokens * (channels * 2 + s.dim * 4)  # a shard of features and its codes
+    host = BASE_RSS + min(e.rows_per_shard, rows) * tokens * (channels * 2 + s.dim * 4)  # a shard and its codes
     device = 4 * params + batch * tokens * (channels * 2 + max(s.hidden, channels) * 4 * 4)
     return StagePlan("compress", "", rows, "rows", cfg.runtime.workers, outputs,
                      {"host_bytes": int(host), "device_bytes": int(device),
                       "basis": f"{params / 1e6:.1f}M-param SRC, batch {batch}, one shard in memory"}, None,
-                     batch_key="compress.batch_size")
+                     batch_key="compress.batch_size", jobs=shards)
 
 
-def plan_train_flow(cfg: Config, data: Dataset) -> StagePlan:
+def plan_train_flow(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     f, t = cfg.flow, cfg.train
     tokens, _ = geometry(cfg)
     layers = layers_of(cfg)
     return _training("train_flow", cfg, t.steps, param_count("flow", cfg), t.batch_size, tokens + 1, f.width,
-                     sum(layers), "flow.safetensors", "train.batch_size")
+                     sum(layers), "flow.safetensors", "train.batch_size", scale)
 
 
-def plan_sample(cfg: Config, data: Dataset) -> StagePlan:
+def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     s, f = cfg.sample, cfg.flow
     tokens, _ = geometry(cfg)
-    per_scale = data.classes * s.per_class
+    per_scale = min(s.classes or data.labels, data.labels) * s.per_class  # classes: of the flow's label space
     r = cfg.data.resolution
     scales = len(s.cfg_scale)
     outputs = [Output("samples-*.npz", scales * per_scale * r * r * 3, scales, scales, False,
@@ -195,20 +198,34 @@ def plan_sample(cfg: Config, data: Dataset) -> StagePlan:
     return StagePlan("sample", "", scales * per_scale, "samples", cfg.runtime.workers, outputs,
                      {"host_bytes": int(BASE_RSS + 2 * batch * r * r * 3), "device_bytes": int(device),
                       "basis": f"{flow / 1e6:.0f}M flow + {dec / 1e6:.0f}M RAE decoder + KV cache at batch {batch} "
-                               f"x 2 CFG branches"}, None, batch_key="sample.batch_size")
+                               f"x 2 CFG branches"}, None, batch_key="sample.batch_size",
+                     jobs=scales * math.ceil(per_scale / s.chunk_size))
 
 
 INCEPTION_PARAMS = 27_000_000  # the FID Inception-v3 (pool3 2048)
+ADM_REFERENCE_IMAGES = 10_000
 
 
-def plan_reference(cfg: Config, data: Dataset) -> StagePlan:
-    images = 0 if cfg.reference.kind == "adm_npz" else (cfg.reference.max_images or data.train)
+def plan_reference(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
+    images = adm_images(cfg.reference.path) if cfg.reference.kind == "adm_npz" else \
+        (cfg.reference.max_images or data.train)
     stats = Output("reference stats", (2048 + 2048 ** 2 + 2023 + 2023 ** 2) * 8, 1, 1, False,
                    "Inception pool3 mu + sigma and the sFID spatial mu_s + sigma_s (float64)")
     return _inception("reference", cfg, images, [stats])
 
 
-def plan_evaluate(cfg: Config, data: Dataset) -> StagePlan:
+def adm_images(path: str | None) -> int:
+    """The images of an ADM reference batch (the Inception runs over its arr_0), from the file's header when it is
+    here; else ADM's 10,000 (VIRTUAL_imagenet256_labeled.npz, VIRTUAL_imagenet512.npz)."""
+    from storage_schemas.samples import npz_array_shape
+
+    try:
+        return npz_array_shape(Path(path), "arr_0")[0]
+    except (OSError, ValueError, TypeError, IndexError):
+        return ADM_REFERENCE_IMAGES
+
+
+def plan_evaluate(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     images = len(cfg.sample.cfg_scale) * data.classes * cfg.sample.per_class
     plan = _inception("evaluate", cfg, images, [Output("metrics", 0, 1, 1, False, "small JSON")])
     flow = param_count("flow", cfg)  # the Bayes-rule pass holds the flow beside the Inception
@@ -226,16 +243,17 @@ def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> St
 
 
 def _training(name: str, cfg: Config, steps: int, params: int, batch: int, seq: int, width: int, layers: int,
-              weights: str, batch_key: str, extra_device: int = 0) -> StagePlan:
-    """Checkpoints and per-process memory of an AdamW + EMA training stage under DDP (runtime.nproc)."""
-    local = math.ceil(batch / max(cfg.runtime.nproc, 1))
+              weights: str, batch_key: str, scale: Scale, extra_device: int = 0) -> StagePlan:
+    """Checkpoints and per-process memory of an AdamW + EMA training stage under DDP: `scale.per_node` processes on
+    each of `scale.nodes` nodes, each with its share of the global batch."""
+    local = scale.local_batch(batch)
     # fp32 weights, grads, AdamW m and v, EMA: 20 B/param; activations of a transformer layer without
     # recomputation, 16-bit, flash attention: ~34 x seq x batch x width B (Korthikanti et al. 2022).
     device = 20 * params + 34 * seq * local * width * layers + extra_device
     outputs = [Output(weights, 4 * params, 1, 1, False, "EMA weights, fp32 safetensors"),
                Output("checkpoints/ckpt-*.pt", 2 * 16 * params, 2, 2, False,
                       "2 kept checkpoints: model, EMA, AdamW m + v (fp32)")]
-    return StagePlan(name, "", steps, "steps", cfg.runtime.nproc, outputs,
+    return StagePlan(name, "", steps, "steps", scale.per_node, outputs,
                      {"host_bytes": int(BASE_RSS + 4 * params), "device_bytes": int(device),
                       "basis": f"{params / 1e6:.1f}M params, {local} per process x {seq} tokens x {layers} layers "
                                f"of width {width}"}, None, timed_in={"samples": steps * batch}, batch_key=batch_key)
