@@ -396,6 +396,50 @@ def plan_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
 
 
 @app.command()
+def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+             classes: int = typer.Option(8, "--classes", help="classes whose images are read (spread over all of the "
+                                                              "config's, which the data keeps)"),
+             images_per_class: int = typer.Option(2, "--images-per-class", help="train images read per class"),
+             val_per_class: int = typer.Option(1, "--val-per-class", help="val images read per class"),
+             steps: int = typer.Option(2, "--steps", help="steps of every training stage"),
+             samples_per_class: int = typer.Option(1, "--samples-per-class", help="samples per class and CFG scale"),
+             sample_classes: int = typer.Option(4, "--sample-classes", help="the flow's first classes sampled"),
+             reference_images: int = typer.Option(16, "--reference-images", help="reference images (or of the ADM "
+                                                                                 "batch)"),
+             eval_images: int = typer.Option(2, "--eval-images", help="held-out images of the fit reports and the "
+                                                                      "flow's Bayes-rule classifier"),
+             weights: str = typer.Option("auto", "--weights", help="auto (the config's files, random ones in the "
+                                                                   "released forms where missing) | real | random"),
+             scratch: Path | None = typer.Option(None, "--scratch", help="folder for the scratch store, data and "
+                                                                        "weights (default: a temporary one, removed)"),
+             keep: bool = typer.Option(False, "--keep", help="keep the temporary scratch folder"),
+             memory_gb: float | None = typer.Option(None, "--memory-gb", help="memory one stage may plan to use "
+                                                                              "(default: 80% of what is free)"),
+             as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Run every stage of the config once at its real model shapes, in a scratch store (never storage.root), with
+    small amounts; per stage: seconds, unit rate, peak memory and bytes beside the planner's prediction for the same
+    work, then the whole run re-estimated from the measured rates (README "Rehearsal")."""
+    from stages.rehearse import Amounts
+    from stages.rehearse import rehearse as run_rehearsal
+    from stages.rehearse.measure import log_to_stderr
+
+    log_to_stderr()
+    _load(config, set_)  # a bad key or shapes that do not fit: one line, before anything runs
+    amounts = Amounts(classes=classes, images_per_class=images_per_class, val_per_class=val_per_class, steps=steps,
+                      samples_per_class=samples_per_class, sample_classes=sample_classes,
+                      reference_images=reference_images, eval_images=eval_images)
+    with one_line_errors():  # a stage that fails or cannot fit (RehearsalError) is one line naming it
+        report = run_rehearsal(config, set_ or [], amounts, weights=weights, scratch=scratch, keep=keep,
+                               memory_gb=memory_gb)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from srcflow.tables import print_rehearsal
+
+        print_rehearsal(report)
+
+
+@app.command()
 def score(paths: list[Path] = typer.Argument(..., help="image files or folders (searched recursively)"),
           config: str = ConfigOpt, set_: list[str] | None = SetOpt,
           as_json: bool = typer.Option(False, "--json", help="print {rows, summary} as JSON"),

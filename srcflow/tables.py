@@ -64,3 +64,66 @@ def print_plan(report: dict, title: str = "srcflow plan") -> None:
             outputs.add_row(s["stage"], o["path"], ("" if o["exact"] else "~") + human_bytes(o["bytes"]),
                             f"{o['files']:,}", o["basis"])
     out.print(outputs)
+
+
+def print_rehearsal(report: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+    low, high = report["ratio_bounds"]
+    a, dev = report["amounts"], report["device"]
+
+    def ratio(r) -> str:
+        if r is None:
+            return ""
+        text = f"{r:.2f}"
+        return text if low <= r <= high else f"[red]{text}[/red]"
+
+    out.print(f"[bold]srcflow rehearse[/bold] ({report['config']}) on {dev['name']}  ({dev['source']})",
+              highlight=False)
+    if dev["note"]:
+        out.print(f"[yellow]{dev['note']}[/yellow]", highlight=False)
+    out.print(f"data: {report['data']['source']}; {report['data'].get('classes_read')} of "
+              f"{report['data'].get('classes')} classes read, {a['images_per_class']} train + {a['val_per_class']} val "
+              f"images each; {a['steps']} steps per training stage; {a['samples_per_class']} sample(s) of each of "
+              f"{a['sample_classes']} classes per CFG scale; {a['reference_images']} reference images", highlight=False)
+    for key, w in report["weights"].items():
+        out.print(f"{key}: {'[yellow]RANDOM[/yellow] ' if w['random'] else ''}{w['form']} ({w['path']})",
+                  highlight=False)
+    table = Table(title=f"per stage, measured vs planned for the same work (ratio = measured / planned; "
+                        f"outside {low}-{high} in red; * rests on random weights)")
+    cols = ["stage", "seconds", "planned", "ratio", "rate", "planned rate", "peak RSS", "planned", "ratio"]
+    if dev["kind"] == "gpu":
+        cols += ["peak device", "planned", "ratio"]
+    cols += ["bytes", "planned", "ratio", "batch (config's per process)"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("stage", "batch (config's per process)") else "right")
+    for name, s in report["stages"].items():
+        b = s["batch"]
+        batch = f"{b['key']}={b['used']} ({b['config']}: {b['why']})" if b else ""
+        row = [name + ("*" if s["random_weights"] else ""), f"{s['seconds']:.1f}", f"{s['planned_seconds']:.1f}",
+               ratio(s["seconds_ratio"]), f"{s['rate']:.3g} {s['unit']}/s",
+               f"{s['planned_rate']:.3g}" if s["planned_rate"] else "", human_bytes(s["peak_rss_bytes"]),
+               human_bytes(s["planned_peak_rss_bytes"]), ratio(s["peak_rss_ratio"])]
+        if dev["kind"] == "gpu":
+            row += [human_bytes(s["peak_device_bytes"] or 0), human_bytes(s["planned_peak_device_bytes"]),
+                    ratio(s["peak_device_ratio"])]
+        row += [human_bytes(s["bytes_written"]), human_bytes(s["planned_bytes"]), ratio(s["bytes_ratio"]), batch]
+        table.add_row(*row)
+    out.print(table)
+    w = report["whole_run"]
+    whole = Table(title=f"the whole run of the config on {w['device']} ({w['scale']['source']}): the plan, and the "
+                        f"plan recomputed from the rates measured here")
+    for col in ("stage", "work", "planned device-hours", "recomputed", "planned wall-clock", "recomputed wall-clock"):
+        whole.add_column(col, justify="left" if col == "stage" else "right")
+    for name, s in w["stages"].items():
+        rec = s["recomputed_device_hours"]
+        whole.add_row(name, f"{s['work']:,} {s['unit']}", human_hours(s["planned_device_hours"]),
+                      human_hours(rec) if rec is not None else "not rehearsed", human_hours(s["planned_wall_hours"]),
+                      human_hours(s["recomputed_wall_hours"]) if rec is not None else "")
+    whole.add_row("total", "", "", "", human_hours(w["planned_wall_hours"]), human_hours(w["recomputed_wall_hours"]))
+    out.print(whole)
+    verdict = ", ".join(f"{k.replace('_', ' ')} {'within' if v else '[red]outside[/red]'}"
+                        for k, v in report["within_bounds"].items())
+    out.print(f"ratios: {verdict} {low}-{high}; rehearsal wall {report['wall_seconds']:.0f} s; scratch "
+              f"{report['scratch']}", highlight=False)
