@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from pipeline.config import load_config
 from srcflow.cli import app
 from stages.plan import capacity_plan
-from stages.plan.compute import gpu_target
+from stages.plan.compute import cpu_name, cpu_target, gpu_target
 from stages.plan.measured import device_hours, identity, load_measurements
 from stages.plan.scale import Scale, scale_of
 from stages.runner import run_pipeline
@@ -152,7 +152,7 @@ def test_device_hours_come_only_from_a_matching_measurement(make_config, tmp_pat
     assert [t["kind"] for t in train["terms"]] == ["measured", "estimate"] and train["allreduce_seconds"] == 0
     # the same records do not time a CPU run: its hours are estimates
     on_cpu = next(s for s in capacity_plan(cfg, results_dir=tmp_path)["stages"] if s["stage"] == "train_flow")
-    assert on_cpu["hours"]["terms"][0]["kind"] == "estimate" and on_cpu["hours"]["device"] == "this CPU"
+    assert on_cpu["hours"]["terms"][0]["kind"] == "estimate" and on_cpu["hours"]["device"] == cpu_name()
 
     # benchmarks/sample.py's layout: models.<name>.kv_cache.samples_per_s, model fields one level up
     f = cfg.flow
@@ -239,8 +239,12 @@ def test_encode_is_timed_by_the_device_and_precision_it_runs_at():
     gpu = _stage(capacity_plan(load_config(path)), "encode")["hours"]
     assert gpu["device"] == "NVIDIA H200" and gpu["estimate"] and 2 < gpu["device_hours"] < 4
     assert "encode-cuda.json at another encode.precision" in gpu["terms"][0]["source"]
-    cpu = _stage(capacity_plan(load_config(path, ["runtime.device=cpu"])), "encode")["hours"]
+    xeon = cpu_target(name="Intel(R) Xeon(R) Processor (2 cores)")  # the CPU benchmarks/results measured
+    cpu = _stage(capacity_plan(load_config(path, ["runtime.device=cpu"]), target=xeon), "encode")["hours"]
     assert not cpu["estimate"] and "encode-cpu-dinov2-b.json" in cpu["terms"][0]["source"] and cpu["device_hours"] > 100
+    other = _stage(capacity_plan(load_config(path, ["runtime.device=cpu"]), target=cpu_target(name="AMD EPYC")),
+                   "encode")["hours"]
+    assert other["estimate"]  # another CPU model: the record does not time it
     bf16 = _stage(capacity_plan(load_config(path, ["encode.precision=bf16"])), "encode")["hours"]
     assert not bf16["estimate"] and bf16["terms"][0]["source"] == "benchmarks/results/encode-cuda.json"
 
@@ -252,7 +256,7 @@ def test_cli_plan_at_scale_prints_wall_clock_gpu_hours_and_each_term():
     assert result.exit_code == 0, result.output
     assert "64 processes = 8 node(s) x 8" in result.output and "wall-clock" in result.output
     assert "DDP all-reduce" in result.output and "ring all-reduce" in result.output
-    report = json.loads(runner.invoke(app, args + ["--json"]).stdout)
+    report = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     assert report["total"]["wall_hours"] == pytest.approx(sum(s["hours"]["wall_hours"] for s in report["stages"]))
-    bad = runner.invoke(app, args[:-4] + ["--gpus", "63", "--nodes", "8"])
+    bad = runner.invoke(app, [*args[:-4], "--gpus", "63", "--nodes", "8"])
     assert bad.exit_code == 2 and "--gpus 63 must be a positive multiple of --nodes 8" in bad.output

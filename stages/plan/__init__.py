@@ -76,7 +76,7 @@ def capacity_plan(cfg: Config, results_dir: Path = RESULTS_DIR, scale: Scale | N
                   "source": scale.source, "intra_node_gbs": scale.intra_node_gbs,
                   "inter_node_gbs": scale.inter_node_gbs},
         "device": {"name": target.name, "kind": target.kind, "peak_tflops": target.tflops, "source": target.source},
-        "stages": [{**asdict(p), "bytes": p.bytes} for p in plans],
+        "stages": [{**asdict(p), "bytes": p.bytes, "peak_bytes": p.peak_bytes} for p in plans],
         "total_bytes": sum(p.bytes for p in plans),
         "total": {"wall_hours": wall,
                   "device_hours": sum(p.hours["device_hours"] for p in gpu_stages),

@@ -8,7 +8,9 @@ check the arithmetic. The assumptions are named constants below, each with where
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import Config
 from stages.plan.measured import Measurement, device_hours, identity
@@ -43,6 +45,13 @@ class Target:
     tflops: dict[str, float]  # precision -> peak TFLOP/s
     source: str
 
+    def runs(self, m: Measurement) -> bool:
+        """A record times this device: any GPU record for a GPU (their speed is the model's and the precision's,
+        both in the record's identity); for a CPU, only one of the same CPU model (CPUs differ several-fold)."""
+        if self.kind == "gpu":
+            return m.kind == "gpu"
+        return m.kind == "cpu" and m.device != "unknown device" and m.device in self.name
+
     def estimate(self, flops: float, precision: str, mfu: float) -> tuple[float, str]:
         """Seconds for `flops` at `mfu` of the peak at `precision`, and how."""
         peak = self.tflops[precision if self.kind == "gpu" else "fp32"]
@@ -60,11 +69,23 @@ def gpu_target(measured: list[Measurement]) -> Target:
                   f"{name} dense peak, data sheet" + ("" if names else "; no GPU record: assumed"))
 
 
-def cpu_target(gflops: float | None = None, name: str = "this CPU") -> Target:
+def cpu_target(gflops: float | None = None, name: str | None = None) -> Target:
+    """This machine's CPU (its model name; its records apply), at `gflops` (a probe's) or CPU_GFLOPS."""
     measured = gflops is not None
     gflops = gflops if measured else CPU_GFLOPS
-    return Target(name, "cpu", {"fp32": gflops / 1e3}, f"{gflops:.0f} GFLOP/s " +
+    return Target(name or cpu_name(), "cpu", {"fp32": gflops / 1e3}, f"{gflops:.0f} GFLOP/s " +
                   ("measured by a matmul probe" if measured else "assumed per process"))
+
+
+def cpu_name() -> str:
+    """The CPU's model name and this machine's cores (/proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def peak_of(name: str) -> tuple[float, float, float] | None:
@@ -141,7 +162,7 @@ TRAINING = {"fit_decoder": "fit_decoder", "fit_src": "src", "train_flow": "train
 def stage_hours(plan, cfg: Config, data, measured: list[Measurement], target: Target, scale: Scale) -> dict:
     """Device-hours and wall-clock hours of a StagePlan at `scale` on `target`, with every term's source."""
     if plan.stage in TRAINING:
-        return _training_hours(plan, cfg, measured, target, scale)
+        return _training_hours(plan, cfg, measured, target, scale, data)
     terms, parallel = _run_terms(plan, cfg, data, measured, target, scale)
     device_seconds = sum(t.seconds for t in terms)
     return {"device": target.name if plan.stage != "shard" else "CPU worker", "processes": parallel,
@@ -174,7 +195,7 @@ def _run_terms(plan, cfg: Config, data, measured: list[Measurement], target: Tar
 
 
 def _measured(stage: str, work: dict, cfg: Config, measured: list[Measurement], target: Target) -> Term | None:
-    found, _ = device_hours(stage, work, identity(cfg, stage), measured, target.kind)
+    found, _ = device_hours(stage, work, identity(cfg, stage), measured, target.runs)
     if found is None:
         return None
     return Term(f"{stage} at {found['rate']:,.4g} {found['unit']} on {found['device']}", found["hours"] * 3600,
@@ -217,7 +238,7 @@ def _encode_terms(plan, cfg: Config, measured: list[Measurement], target: Target
         return [forward, Term("JPEG decode and ADM crop per image", images * DECODE_SECONDS_PER_IMAGE, "run",
                               "estimate", f"{images:,} images x {DECODE_SECONDS_PER_IMAGE * 1e3:g} ms (assumed)")]
     expect = {k: v for k, v in identity(cfg, "encode").items() if k != "encode_precision"}
-    other, _ = device_hours("encode", {plan.unit: plan.work}, expect, measured, target.kind)
+    other, _ = device_hours("encode", {plan.unit: plan.work}, expect, measured, target.runs)
     if other is not None and other["hours"] * 3600 > forward.seconds:
         threads = f", with {other['cpu_count']} CPU threads decoding for one GPU" if other.get("cpu_count") else ""
         return [Term(f"encode's whole path (JPEG decode, crop, forward, write) at {other['rate']:,.4g} "
@@ -239,7 +260,36 @@ def _bayes_terms(cfg: Config, data, target: Target) -> list[Term]:
     return [_flops_term("flow log-likelihood per (val image, class)", images * classes, flops, "fp32", target)]
 
 
-def _training_hours(plan, cfg: Config, measured: list[Measurement], target: Target, scale: Scale) -> dict:
+GRID_IMAGES = 8  # the TensorBoard grids of fit_src and train_flow (their GRID_IMAGES)
+
+
+def _once_terms(plan, cfg: Config, data, target: Target) -> list[Term]:
+    """What a training stage does once, in one process, besides its steps: fit_src's reconstruction report (the RAE
+    decoder on each report image, clean and from the SRC's and the PCA's codes, each clean and noisy) and its
+    grids; train_flow's sample grids (8 flow inverses and decodes) and its held-out bits/dim (val rows and as
+    many train rows, conditional and unconditional, fp32)."""
+    from stages.plan.sizers import geometry
+
+    tokens, _ = geometry(cfg)
+    decode = decoder_flops(cfg)
+    if plan.stage == "fit_src":
+        grids = cfg.src.steps // cfg.src.image_every + 1
+        report = min(cfg.src.report_images, data.val)
+        return [_flops_term(f"RAE decodes: the report ({report} images x 5) and {grids} grid(s)",
+                            5 * report + 2 * GRID_IMAGES * grids, decode, "bf16", target)]
+    if plan.stage == "train_flow":
+        grids = cfg.train.steps // cfg.train.image_every + 1
+        flow = flow_flops(_meta("flow", cfg), tokens, cfg.src.dim)["forward"]
+        rows = data.val * len(cfg.encode.views)
+        return [_flops_term(f"{grids} sample grid(s): flow inverse + RAE decode", grids * GRID_IMAGES, flow + decode,
+                            "bf16", target),
+                _flops_term("held-out bits/dim: val rows and as many train rows, with and without the label",
+                            4 * rows, flow, "fp32", target)]
+    return []
+
+
+def _training_hours(plan, cfg: Config, measured: list[Measurement], target: Target, scale: Scale,
+                    data=None) -> dict:
     """Per step: the per-process batch's compute plus the all-reduce of the fp32 gradients (no overlap with the
     backward assumed: an upper bound; DDP overlaps buckets, so the truth lies between the larger and the sum)."""
     from stages.plan.sizers import param_count
@@ -263,13 +313,15 @@ def _training_hours(plan, cfg: Config, measured: list[Measurement], target: Targ
     comm_seconds, how = at.allreduce_seconds(4 * params)
     comm = Term(f"DDP all-reduce of {params / 1e6:,.0f}M fp32 gradients", comm_seconds, "step", "estimate", how)
     step = compute.seconds + comm.seconds
-    wall = steps * step
+    once = _once_terms(plan, cfg, data, target) if data is not None else []
+    extra = sum(t.seconds for t in once)
+    wall = steps * step + extra
     return {"device": target.name, "processes": procs, "per_process_batch": local,
             "step_seconds": step, "compute_seconds": compute.seconds, "allreduce_seconds": comm.seconds,
             "scaling_efficiency": compute.seconds / step if step else 1.0,
-            "device_hours": wall * procs / 3600, "wall_hours": wall / 3600,
-            "estimate": True if comm.seconds else compute.kind == "estimate",
-            "terms": [compute.asdict(steps * procs), comm.asdict(steps * procs)]}
+            "device_hours": (steps * step * procs + extra) / 3600, "wall_hours": wall / 3600,
+            "estimate": True if comm.seconds or once else compute.kind == "estimate",
+            "terms": [compute.asdict(steps * procs), comm.asdict(steps * procs), *(t.asdict() for t in once)]}
 
 
 def _forward_per_sample(model: str, cfg: Config) -> float:

@@ -98,10 +98,10 @@ def _records(node, context: dict, source: str, key: str | None) -> list[Measurem
 
 
 def device_hours(stage: str, work: dict[str, int], expect: dict, measured: list[Measurement],
-                 kind: str | None = None) -> tuple[dict | None, str]:
-    """Hours of `work` ({unit: amount}) on one measured device of `kind` (cpu or gpu; None: either, a GPU first);
-    else (None, why not)."""
-    fits = [m for m in measured if m.stage == stage and m.unit in work and kind in (None, m.kind)
+                 accept: Callable[[Measurement], bool] | None = None) -> tuple[dict | None, str]:
+    """Hours of `work` ({unit: amount}) on one measured device that `accept`s (None: any, a GPU first); else
+    (None, why not)."""
+    fits = [m for m in measured if m.stage == stage and m.unit in work and (accept is None or accept(m))
             and all(m.fields.get(k) == v if k in m.fields else v is None for k, v in expect.items())]
     if not fits:
         others = sorted({m.source for m in measured if m.stage == stage})

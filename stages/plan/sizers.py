@@ -41,6 +41,12 @@ class StagePlan:
 
     @property
     def bytes(self) -> int:
+        """What the committed output holds."""
+        return sum(o.bytes for o in self.outputs if not o.transient)
+
+    @property
+    def peak_bytes(self) -> int:
+        """What the output folder holds at most while the stage runs (its checkpoints too)."""
         return sum(o.bytes for o in self.outputs)
 
 
@@ -59,9 +65,10 @@ def layers_of(cfg: Config) -> list[int]:
     return layers
 
 
-def param_count(model: str, cfg: Config) -> int:
-    """Exact parameter count of a configured model, built on the meta device (no memory, no weights)."""
-    return sum(p.numel() for p in build(model, cfg, IMAGENET_CLASSES).parameters())
+def param_count(model: str, cfg: Config, classes: int = IMAGENET_CLASSES) -> int:
+    """Exact parameter count of a configured model, built on the meta device (no memory, no weights); the flow's
+    class embeddings are `classes` (its labels' range)."""
+    return sum(p.numel() for p in build(model, cfg, classes).parameters())
 
 
 # --- per stage: outputs, work, memory -----------------------------------------------------------
@@ -105,24 +112,29 @@ def plan_encode(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
                "float64 sum + sumsq per shard and its files' records (np.savez)"),
     ]
     params = param_count("encoder", cfg)
-    batch = e.batch_size
     seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
+    heads = cfg.encoder.arch.num_heads or 12
     shard_rows = min(e.rows_per_shard, rows)  # a store smaller than one shard holds only its rows
     images_per_job = math.ceil(shard_rows / views)
+    jobs, batch = min(e.jobs_per_worker, shards), min(e.batch_size, images_per_job)
     shard_values = shard_rows * tokens * channels
     on_cpu = cfg.runtime.device == "cpu"
-    # each of the encode.jobs_per_worker jobs in flight holds, per stored value of its shard: the float16
-    # features (2 B) and their float64 copy and square for the statistics (16 B), on the job's device; on
-    # the host, the features handed to Zarr (2 B, a view on CPU) and Zarr's shard assembly (~4 B); plus
-    # its JPEGs and crops, all decoded up front
-    host_job = (shard_values * (4 + (18 if on_cpu else 2))
+    bf16 = e.precision == "bf16" and not on_cpu
+    act = 2 if bf16 else 4
+    # each job in flight holds, per stored value of its shard: the float16 features (2 B) and their float64 copy
+    # and square for the statistics (16 B), on the job's device; on the host, the features handed to Zarr (2 B;
+    # the same tensor on CPU) and Zarr's shard assembly (~4 B); plus its JPEGs and crops, all decoded up front.
+    # Its forward holds, per image of a batch: the encoder's input, ~10 activations of seq x width and, on the
+    # CPU (no fused attention kernel) every head's attention matrix.
+    host_job = (shard_values * (4 + (0 if on_cpu else 2))
                 + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3))
-    host = BASE_RSS + e.jobs_per_worker * host_job + (4 * params if on_cpu else 0)
-    device = (6 * params + batch * seq * width * 2 * 12  # fp32 weights + bf16 copies, ~12 live activations
-              + e.jobs_per_worker * shard_values * 18)
+    host = BASE_RSS + jobs * host_job
+    per_image = 3 * cfg.encoder.input_size**2 * 4 + seq * width * act * 10 + (heads * seq**2 * act if on_cpu else 0)
+    device = (4 * params + (2 * params if bf16 else 0)  # fp32 weights (+ their bf16 copies under autocast)
+              + jobs * (batch * per_image + shard_values * 18))
     return StagePlan("encode", "", rows, "rows", cfg.runtime.workers, outputs,
                      {"host_bytes": int(host), "device_bytes": int(device),
-                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {e.jobs_per_worker} jobs in flight, "
+                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {jobs} job(s) in flight, "
                                f"each: a shard's features, float64 statistics temporaries, JPEGs and crops"}, None,
                      batch_key="encode.batch_size", jobs=shards)
 
@@ -134,16 +146,18 @@ def plan_fit_decoder(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     # augment resize_random_crop: the frozen encoder runs every step (fp32 weights; no-grad activations are freed)
     extra = 4 * param_count("encoder", cfg) if d.augment == "resize_random_crop" else 0
     return _training("fit_decoder", cfg, d.steps, params, d.batch_size, tokens + 1, cfg.decoder.hidden_size,
-                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", scale, extra_device=extra)
+                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", scale, extra_device=extra,
+                     heads=cfg.decoder.num_heads)
 
 
 def plan_fit_src(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     s = cfg.src
     tokens, _ = geometry(cfg)
-    extra = 4 * param_count("decoder", cfg) if s.pixel_loss_weight > 0 else 0  # the frozen RAE decoder
+    extra = 4 * param_count("decoder", cfg)  # the frozen RAE decoder: the pixel loss, the grids and the report
     # encoder and decoder branches of `depth` blocks each, at width `hidden`
     return _training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden, 2 * s.depth,
-                     "src.safetensors", "src.batch_size", scale, extra_device=extra)
+                     "src.safetensors", "src.batch_size", scale, extra_device=extra,
+                     heads=s.heads if s.kind == "learned" and s.arch == "transformer" else 0)
 
 
 def plan_compress(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -177,8 +191,10 @@ def plan_train_flow(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     f, t = cfg.flow, cfg.train
     tokens, _ = geometry(cfg)
     layers = layers_of(cfg)
-    return _training("train_flow", cfg, t.steps, param_count("flow", cfg), t.batch_size, tokens + 1, f.width,
-                     sum(layers), "flow.safetensors", "train.batch_size", scale)
+    grid = 4 * (param_count("decoder", cfg) + param_count("src", cfg))  # the TensorBoard grids' decoding models
+    return _training("train_flow", cfg, t.steps, param_count("flow", cfg, data.labels), t.batch_size, tokens + 1,
+                     f.width, sum(layers), "flow.safetensors", "train.batch_size", scale, extra_device=grid,
+                     heads=f.heads)
 
 
 def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -190,7 +206,7 @@ def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     outputs = [Output("samples-*.npz", scales * per_scale * r * r * 3, scales, scales, False,
                       f"{per_scale:,} uint8 {r}x{r}x3 images (arr_0) per cfg_scale value, one .npz each")]
     batch = s.batch_size
-    flow, dec, src = param_count("flow", cfg), param_count("decoder", cfg), param_count("src", cfg)
+    flow, dec, src = param_count("flow", cfg, data.labels), param_count("decoder", cfg), param_count("src", cfg)
     # KV cache of the widest block, both CFG branches, fp32: layers x (k, v) x 2B x T x width
     cache = max(layers_of(cfg)) * 2 * 2 * batch * (tokens + 1) * f.width * 4
     decode = batch * (tokens + 1) * cfg.decoder.hidden_size * 2 * 12
@@ -228,7 +244,7 @@ def adm_images(path: str | None) -> int:
 def plan_evaluate(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     images = len(cfg.sample.cfg_scale) * data.classes * cfg.sample.per_class
     plan = _inception("evaluate", cfg, images, [Output("metrics", 0, 1, 1, False, "small JSON")])
-    flow = param_count("flow", cfg)  # the Bayes-rule pass holds the flow beside the Inception
+    flow = param_count("flow", cfg, data.labels)  # the Bayes-rule pass holds the flow beside the Inception
     plan.memory["device_bytes"] += 4 * flow
     plan.memory["basis"] += f" + the {flow / 1e6:.0f}M flow (fp32) for the Bayes-rule pass"
     return plan
@@ -243,18 +259,24 @@ def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> St
 
 
 def _training(name: str, cfg: Config, steps: int, params: int, batch: int, seq: int, width: int, layers: int,
-              weights: str, batch_key: str, scale: Scale, extra_device: int = 0) -> StagePlan:
+              weights: str, batch_key: str, scale: Scale, extra_device: int = 0, heads: int = 0) -> StagePlan:
     """Checkpoints and per-process memory of an AdamW + EMA training stage under DDP: `scale.per_node` processes on
-    each of `scale.nodes` nodes, each with its share of the global batch."""
+    each of `scale.nodes` nodes, each with its share of the global batch. `extra_device`: frozen models it holds."""
     local = scale.local_batch(batch)
-    # fp32 weights, grads, AdamW m and v, EMA: 20 B/param; activations of a transformer layer without
-    # recomputation, 16-bit, flash attention: ~34 x seq x batch x width B (Korthikanti et al. 2022).
-    device = 20 * params + 34 * seq * local * width * layers + extra_device
+    on_cpu = cfg.runtime.device == "cpu"
+    # fp32 weights, grads, AdamW m and v, EMA: 20 B/param, + 4 on the CPU for the multi-tensor AdamW's sqrt(v)
+    # (fused on CUDA). Activations of a transformer layer without recomputation, 16-bit (bf16 autocast), flash
+    # attention: ~34 x seq x batch x width B (Korthikanti et al. 2022); in fp32 on the CPU twice that, and the
+    # attention's scores and probabilities of every head (no fused kernel there).
+    state = (24 if on_cpu else 20) * params
+    per_layer = 68 * seq * width + 2 * 4 * heads * seq**2 if on_cpu else 34 * seq * width
+    device = state + local * layers * per_layer + extra_device
     outputs = [Output(weights, 4 * params, 1, 1, False, "EMA weights, fp32 safetensors"),
                Output("checkpoints/ckpt-*.pt", 2 * 16 * params, 2, 2, False,
-                      "2 kept checkpoints: model, EMA, AdamW m + v (fp32)")]
+                      "2 kept checkpoints: model, EMA, AdamW m + v (fp32); deleted when the stage commits",
+                      transient=True)]
     return StagePlan(name, "", steps, "steps", scale.per_node, outputs,
-                     {"host_bytes": int(BASE_RSS + 4 * params), "device_bytes": int(device),
+                     {"host_bytes": int(BASE_RSS + (0 if on_cpu else 4 * params)), "device_bytes": int(device),
                       "basis": f"{params / 1e6:.1f}M params, {local} per process x {seq} tokens x {layers} layers "
                                f"of width {width}"}, None, timed_in={"samples": steps * batch}, batch_key=batch_key)
 
