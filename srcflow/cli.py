@@ -397,16 +397,18 @@ def plan_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
 
 @app.command()
 def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
-             classes: int = typer.Option(8, "--classes", help="classes whose images are read (spread over all of the "
+             classes: int = typer.Option(2, "--classes", help="classes whose images are read (spread over all of the "
                                                               "config's, which the data keeps)"),
              images_per_class: int = typer.Option(2, "--images-per-class", help="train images read per class"),
              val_per_class: int = typer.Option(1, "--val-per-class", help="val images read per class"),
-             steps: int = typer.Option(2, "--steps", help="steps of every training stage"),
+             steps: int = typer.Option(1, "--steps", help="steps of every training stage"),
              samples_per_class: int = typer.Option(1, "--samples-per-class", help="samples per class and CFG scale"),
              sample_classes: int = typer.Option(4, "--sample-classes", help="the flow's first classes sampled"),
-             reference_images: int = typer.Option(16, "--reference-images", help="reference images (or of the ADM "
+             cfg_scales: int = typer.Option(1, "--cfg-scales", help="of sample.cfg_scale: the first (2: and the "
+                                                                    "last; more: evenly between)"),
+             reference_images: int = typer.Option(8, "--reference-images", help="reference images (or of the ADM "
                                                                                  "batch)"),
-             eval_images: int = typer.Option(2, "--eval-images", help="held-out images of the fit reports and the "
+             eval_images: int = typer.Option(1, "--eval-images", help="held-out images of the fit reports and the "
                                                                       "flow's Bayes-rule classifier"),
              weights: str = typer.Option("auto", "--weights", help="auto (the config's files, random ones in the "
                                                                    "released forms where missing) | real | random"),
@@ -426,7 +428,7 @@ def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
     log_to_stderr()
     _load(config, set_)  # a bad key or shapes that do not fit: one line, before anything runs
     amounts = Amounts(classes=classes, images_per_class=images_per_class, val_per_class=val_per_class, steps=steps,
-                      samples_per_class=samples_per_class, sample_classes=sample_classes,
+                      samples_per_class=samples_per_class, sample_classes=sample_classes, cfg_scales=cfg_scales,
                       reference_images=reference_images, eval_images=eval_images)
     with one_line_errors():  # a stage that fails or cannot fit (RehearsalError) is one line naming it
         report = run_rehearsal(config, set_ or [], amounts, weights=weights, scratch=scratch, keep=keep,

@@ -92,7 +92,7 @@ def print_rehearsal(report: dict) -> None:
                   highlight=False)
     table = Table(title=f"per stage, measured vs planned for the same work (ratio = measured / planned; "
                         f"outside {low}-{high} in red; * rests on random weights)")
-    cols = ["stage", "seconds", "planned", "ratio", "rate", "planned rate", "peak RSS", "planned", "ratio"]
+    cols = ["stage", "seconds", "cpu s", "planned", "ratio", "rate", "planned rate", "peak RSS", "planned", "ratio"]
     if dev["kind"] == "gpu":
         cols += ["peak device", "planned", "ratio"]
     cols += ["bytes", "planned", "ratio", "batch (config's per process)"]
@@ -101,7 +101,8 @@ def print_rehearsal(report: dict) -> None:
     for name, s in report["stages"].items():
         b = s["batch"]
         batch = f"{b['key']}={b['used']} ({b['config']}: {b['why']})" if b else ""
-        row = [name + ("*" if s["random_weights"] else ""), f"{s['seconds']:.1f}", f"{s['planned_seconds']:.1f}",
+        row = [name + ("*" if s["random_weights"] else ""), f"{s['seconds']:.1f}", f"{s['cpu_seconds'] or 0:.0f}",
+               f"{s['planned_seconds']:.1f}",
                ratio(s["seconds_ratio"]), f"{s['rate']:.3g} {s['unit']}/s",
                f"{s['planned_rate']:.3g}" if s["planned_rate"] else "", human_bytes(s["peak_rss_bytes"]),
                human_bytes(s["planned_peak_rss_bytes"]), ratio(s["peak_rss_ratio"])]

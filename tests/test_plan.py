@@ -16,6 +16,8 @@ from stages.plan.scale import Scale, scale_of
 from stages.runner import run_pipeline
 from tests.conftest import REPO
 
+PAPER = REPO / "configs" / "imagenet256.yaml"
+
 # The test dataset (4 classes x 12 train + 4 val at 32 px) through the smoke encoder (8x8 tokens x 64),
 # with uneven shards (the last Zarr shard and the last tar are partial) and tiny decoder / PCA SRC fits.
 SMALL = ("encode.rows_per_shard=12", "encode.rows_per_chunk=4", "runtime.device=cpu", "decoder.hidden_size=32",
@@ -148,8 +150,10 @@ def test_device_hours_come_only_from_a_matching_measurement(make_config, tmp_pat
     plan = capacity_plan(cfg, results_dir=tmp_path, target=gpu_target(load_measurements(tmp_path)))
     train = next(s for s in plan["stages"] if s["stage"] == "train_flow")["hours"]
     steps, batch = cfg.train.steps, cfg.train.batch_size
-    assert train["device_hours"] == pytest.approx(steps * batch / 16.0 / 3600)  # one process: no all-reduce
-    assert [t["kind"] for t in train["terms"]] == ["measured", "estimate"] and train["allreduce_seconds"] == 0
+    once = sum(t["hours"] for t in train["terms"][2:])  # the grids and the held-out bits/dim, once per run
+    assert train["device_hours"] == pytest.approx(steps * batch / 16.0 / 3600 + once)  # one process: no all-reduce
+    assert [t["kind"] for t in train["terms"][:2]] == ["measured", "estimate"] and train["allreduce_seconds"] == 0
+    assert [t["term"].split()[1:3] for t in train["terms"][2:]] == [["sample", "grid(s):"]] * 2 + [["bits/dim:", "val"]]
     # the same records do not time a CPU run: its hours are estimates
     on_cpu = next(s for s in capacity_plan(cfg, results_dir=tmp_path)["stages"] if s["stage"] == "train_flow")
     assert on_cpu["hours"]["terms"][0]["kind"] == "estimate" and on_cpu["hours"]["device"] == cpu_name()
@@ -227,9 +231,10 @@ def test_the_allreduce_moves_twice_the_gradients_at_the_slowest_link():
     h = _stage(capacity_plan(cfg, scale=scale_of(cfg, 64, 8)), "train_flow")["hours"]
     assert h["per_process_batch"] == 16 and h["allreduce_seconds"] > h["compute_seconds"]
     assert h["step_seconds"] == pytest.approx(h["compute_seconds"] + h["allreduce_seconds"])
-    assert h["device_hours"] == pytest.approx(h["wall_hours"] * 64)
-    assert h["wall_hours"] == pytest.approx(cfg.train.steps * h["step_seconds"] / 3600)
-    assert [t["term"].split()[0] for t in h["terms"]] == ["compute", "DDP"]
+    once = sum(t["hours"] for t in h["terms"][2:])  # one process: the grids, the held-out bits/dim
+    assert h["wall_hours"] == pytest.approx(cfg.train.steps * h["step_seconds"] / 3600 + once)
+    assert h["device_hours"] == pytest.approx(cfg.train.steps * h["step_seconds"] * 64 / 3600 + once)
+    assert [t["term"].split()[0] for t in h["terms"][:2]] == ["compute", "DDP"]
 
 
 def test_encode_is_timed_by_the_device_and_precision_it_runs_at():
@@ -260,3 +265,12 @@ def test_cli_plan_at_scale_prints_wall_clock_gpu_hours_and_each_term():
     assert report["total"]["wall_hours"] == pytest.approx(sum(s["hours"]["wall_hours"] for s in report["stages"]))
     bad = runner.invoke(app, [*args[:-4], "--gpus", "63", "--nodes", "8"])
     assert bad.exit_code == 2 and "--gpus 63 must be a positive multiple of --nodes 8" in bad.output
+
+
+def test_the_sampler_is_bound_by_weight_reads_at_small_batches_and_by_flops_at_large_ones():
+    """Token by token, each step of the inverse reads every weight of its block: at batch 1 those reads bound it
+    (1000 classes x 50 x 5 scales batches x 257 steps x 2.2 GB), at 250 per batch the FLOPs do."""
+    large = _stage(capacity_plan(load_config(PAPER)), "sample")["hours"]["terms"][0]
+    small = _stage(capacity_plan(load_config(PAPER, ["sample.batch_size=1"])), "sample")["hours"]["terms"][0]
+    assert "bound by the reads" not in large["source"] and "bound by the reads" in small["source"]
+    assert small["hours"] > 10 * large["hours"]

@@ -77,7 +77,8 @@ def test_a_rehearsal_runs_every_stage_in_a_scratch_store_and_reports_each_beside
     whole = report["whole_run"]
     assert set(whole["stages"]) == set(stages) and whole["recomputed_wall_hours"] > 0
     for name, w in whole["stages"].items():
-        assert w["recomputed_device_hours"] == pytest.approx(w["planned_device_hours"] * w["rate_factor"]), name
+        assert w["factor"] == stages[name]["seconds_ratio"], name
+        assert w["recomputed_device_hours"] == pytest.approx(w["planned_device_hours"] * w["factor"]), name
     assert not (tmp_path / "not-here").exists()  # never the config's storage.root, data or weights paths
 
     table = CliRunner().invoke(app, [a for a in args if a != "--json"])  # the same again, as a table

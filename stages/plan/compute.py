@@ -16,11 +16,14 @@ from pipeline.config import Config
 from stages.plan.measured import Measurement, device_hours, identity
 from stages.plan.scale import Scale
 
-# Dense peak TFLOP/s (no sparsity) by device name, first match wins (NVIDIA data sheets): bf16, tf32, fp32.
-PEAK_TFLOPS = (("GH200", 989.0, 494.7, 66.9), ("H200", 989.0, 494.7, 66.9), ("H100 PCIe", 756.0, 378.0, 51.2),
-               ("H100 NVL", 835.0, 417.5, 60.0), ("H100", 989.0, 494.7, 66.9), ("H800", 989.0, 494.7, 66.9),
-               ("B200", 2250.0, 1100.0, 80.0), ("A100", 312.0, 156.0, 19.5), ("A800", 312.0, 156.0, 19.5),
-               ("L40S", 362.0, 183.0, 91.6), ("L4", 121.0, 60.0, 30.3), ("A10", 125.0, 62.5, 31.2))
+# By device name, first match wins (NVIDIA data sheets): dense peak TFLOP/s (no sparsity) at bf16, tf32 and fp32,
+# and memory bandwidth in GB/s.
+PEAK_TFLOPS = (("GH200", 989.0, 494.7, 66.9, 4000.0), ("H200", 989.0, 494.7, 66.9, 4800.0),
+               ("H100 PCIe", 756.0, 378.0, 51.2, 2000.0), ("H100 NVL", 835.0, 417.5, 60.0, 3900.0),
+               ("H100", 989.0, 494.7, 66.9, 3350.0), ("H800", 989.0, 494.7, 66.9, 3350.0),
+               ("B200", 2250.0, 1100.0, 80.0, 8000.0), ("A100", 312.0, 156.0, 19.5, 2039.0),
+               ("A800", 312.0, 156.0, 19.5, 2039.0), ("L40S", 362.0, 183.0, 91.6, 864.0),
+               ("L4", 121.0, 60.0, 30.3, 300.0), ("A10", 125.0, 62.5, 31.2, 600.0))
 DEFAULT_GPU = "NVIDIA H100"  # the GPU estimates assume when no record names one
 # Share of the peak a stage's matmuls reach. train_flow measured 0.35 of an H200's bf16 peak at batch 256
 # (benchmarks/results/train_flow-cuda.json); we assume the same for the other batched GPU passes, and less for
@@ -28,7 +31,7 @@ DEFAULT_GPU = "NVIDIA H100"  # the GPU estimates assume when no record names one
 GPU_MFU, GPU_SAMPLE_MFU = 0.35, 0.2
 # A CPU process: effective fp32 GFLOP/s of a transformer pass (2 cores with AVX2/AVX-512, ~50 % of the large
 # matmul rate). `srcflow rehearse` measures it on the machine (a matmul probe) instead of assuming.
-CPU_GFLOPS = 60.0
+CPU_GFLOPS, CPU_GBS = 60.0, 10.0  # and its memory bandwidth (GB/s); a rehearsal probes both
 CPU_MFU = 0.5  # of the probed large-matmul rate, for the stages' mixed passes
 # shard: a full JPEG decode validates every image (~4 ms at ImageNet's ~400x350 with libjpeg-turbo), plus its
 # read, sha256 and tar write: about this many images per second per worker process (assumed).
@@ -44,6 +47,7 @@ class Target:
     kind: str  # gpu | cpu
     tflops: dict[str, float]  # precision -> peak TFLOP/s
     source: str
+    gbs: float  # memory bandwidth, GB/s
 
     def runs(self, m: Measurement) -> bool:
         """A record times this device: any GPU record for a GPU (their speed is the model's and the precision's,
@@ -53,28 +57,41 @@ class Target:
         return m.kind == "cpu" and m.device != "unknown device" and m.device in self.name
 
     def estimate(self, flops: float, precision: str, mfu: float) -> tuple[float, str]:
-        """Seconds for `flops` at `mfu` of the peak at `precision`, and how."""
-        peak = self.tflops[precision if self.kind == "gpu" else "fp32"]
+        """Seconds for `flops` at `mfu` of the peak at `precision` (bf16, tf32, fp32 or fp64), and how. A CPU runs the
+        first three at its fp32 rate and fp64 at half of it; a GPU's fp64 is taken at its fp32 peak (the fp64
+        tensor cores of an H100, H200 or A100 match it; other parts are slower)."""
         share = mfu if self.kind == "gpu" else CPU_MFU
+        wide = precision == "fp64"
+        if self.kind == "gpu":
+            peak, at = self.tflops["fp32" if wide else precision], precision
+        else:
+            peak, at = self.tflops["fp32"] / (2 if wide else 1), "fp64" if wide else "fp32"
         return flops / (peak * 1e12 * share), f"{flops / 1e9:,.1f} GFLOP at {share:g} x {peak:g} TFLOP/s " \
-                                              f"({precision if self.kind == 'gpu' else 'fp32'}, {self.source})"
+                                              f"({at}, {self.source})"
+
+
+    def read(self, nbytes: float) -> tuple[float, str]:
+        """Seconds to read `nbytes` from memory, and how: what bounds a sampler's token-by-token steps, which read
+        every weight of a block for each token."""
+        return nbytes / (self.gbs * 1e9), f"{nbytes / 1e9:,.1f} GB of weight reads at {self.gbs:g} GB/s"
 
 
 def gpu_target(measured: list[Measurement]) -> Target:
     """The GPU named by the GPU records (their peak from PEAK_TFLOPS), else DEFAULT_GPU's."""
     names = [m.device for m in measured if m.kind == "gpu" and peak_of(m.device)]
     name = max(set(names), key=names.count) if names else DEFAULT_GPU
-    bf16, tf32, fp32 = peak_of(name)
+    bf16, tf32, fp32, gbs = peak_of(name)
     return Target(name, "gpu", {"bf16": bf16, "tf32": tf32, "fp32": fp32},
-                  f"{name} dense peak, data sheet" + ("" if names else "; no GPU record: assumed"))
+                  f"{name} dense peak, data sheet" + ("" if names else "; no GPU record: assumed"), gbs)
 
 
-def cpu_target(gflops: float | None = None, name: str | None = None) -> Target:
-    """This machine's CPU (its model name; its records apply), at `gflops` (a probe's) or CPU_GFLOPS."""
+def cpu_target(gflops: float | None = None, name: str | None = None, gbs: float | None = None) -> Target:
+    """This machine's CPU (its model name; its records apply), at `gflops` and `gbs` (a probe's) or CPU_GFLOPS and
+    CPU_GBS."""
     measured = gflops is not None
-    gflops = gflops if measured else CPU_GFLOPS
-    return Target(name or cpu_name(), "cpu", {"fp32": gflops / 1e3}, f"{gflops:.0f} GFLOP/s " +
-                  ("measured by a matmul probe" if measured else "assumed per process"))
+    gflops, gbs = gflops if measured else CPU_GFLOPS, gbs or CPU_GBS
+    return Target(name or cpu_name(), "cpu", {"fp32": gflops / 1e3}, f"{gflops:.0f} GFLOP/s, {gbs:.0f} GB/s " +
+                  ("measured by probes" if measured else "assumed per process"), gbs)
 
 
 def cpu_name() -> str:
@@ -88,7 +105,7 @@ def cpu_name() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def peak_of(name: str) -> tuple[float, float, float] | None:
+def peak_of(name: str) -> tuple[float, float, float, float] | None:
     for key, *peaks in PEAK_TFLOPS:
         if key in name:
             return tuple(peaks)
@@ -184,10 +201,12 @@ def _run_terms(plan, cfg: Config, data, measured: list[Measurement], target: Tar
     procs = 1 if single else min(scale.gpus if target.kind == "gpu" else cfg.runtime.workers, jobs)
     if stage == "evaluate":
         inception = [t for t in [record] if t] or [_flops_term("Inception-v3 (pool, logits, spatial)", plan.work,
-                                                               INCEPTION_FLOPS, "fp32", target, GPU_MFU)]
+                                                               INCEPTION_FLOPS, "fp64", target, GPU_MFU)]
         return inception + _bayes_terms(cfg, data, target), procs
     if record is not None:
         return [record], procs
+    if stage == "sample":
+        return _sample_terms(plan, cfg, target), procs
     if stage == "encode":
         return _encode_terms(plan, cfg, measured, target), procs
     what, per_unit, precision, mfu = _per_unit(stage, cfg)
@@ -216,14 +235,37 @@ def _per_unit(stage: str, cfg: Config) -> tuple[str, float, str, float]:
     if stage == "compress":  # the SRC encoder branch: about half its parameters, per token
         return "SRC encoder forward per row", param_count("src", cfg) * tokens, "bf16", GPU_MFU
     if stage == "reference":
-        return "Inception-v3 per image", INCEPTION_FLOPS, "fp32", GPU_MFU
-    if stage == "sample":
-        branches = 2  # the conditional and unconditional passes of classifier-free guidance
-        flow = flow_flops(_meta("flow", cfg), tokens, cfg.src.dim)["forward"]
-        per = branches * flow + decoder_flops(cfg) + param_count("src", cfg) * tokens
-        return ("flow inverse (2 CFG branches, KV cache) + SRC and RAE decoders per sample", per, "bf16",
-                GPU_SAMPLE_MFU)
+        return "Inception-v3 per image (float64)", INCEPTION_FLOPS, "fp64", GPU_MFU
     raise ValueError(f"no FLOP model for stage {stage!r}")
+
+
+def _inverse_term(what: str, samples: int, batches: int, cfg: Config, target: Target, branches: int) -> Term:
+    """The flow's inverse with its KV cache: token by token, each step reads every weight of the block it is in, so
+    it is bound by the larger of its FLOPs (`branches` passes: 2 with classifier-free guidance) and those reads."""
+    from stages.plan.sizers import geometry, param_count
+
+    tokens, _ = geometry(cfg)
+    flops = samples * branches * flow_flops(_meta("flow", cfg), tokens, cfg.src.dim)["forward"]
+    compute, how = target.estimate(flops, "bf16", GPU_SAMPLE_MFU)
+    reads, read_how = target.read(batches * tokens * 4 * param_count("flow", cfg))
+    if reads > compute:
+        return Term(what, reads, "run", "estimate", f"{batches:,} batches x {tokens} token steps: {read_how} (bound "
+                                                    f"by the reads; its FLOPs, {how}, take {compute:,.0f} s)")
+    return Term(what, compute, "run", "estimate", f"{samples:,} samples: {how} (the weight reads, {read_how}, "
+                                                  f"take {reads:,.0f} s)")
+
+
+def _sample_terms(plan, cfg: Config, target: Target) -> list[Term]:
+    from stages.plan.sizers import geometry, param_count
+
+    tokens, _ = geometry(cfg)
+    s = cfg.sample
+    scales = len(s.cfg_scale)
+    per_scale = plan.work // max(scales, 1)
+    batches = scales * math.ceil(per_scale / s.batch_size)
+    decode = decoder_flops(cfg) + param_count("src", cfg) * tokens
+    return [_inverse_term("flow inverse, 2 CFG branches", plan.work, batches, cfg, target, 2),
+            _flops_term("SRC and RAE decoders per sample", plan.work, decode, "bf16", target)]
 
 
 def _encode_terms(plan, cfg: Config, measured: list[Measurement], target: Target) -> list[Term]:
@@ -273,16 +315,16 @@ def _once_terms(plan, cfg: Config, data, target: Target) -> list[Term]:
     tokens, _ = geometry(cfg)
     decode = decoder_flops(cfg)
     if plan.stage == "fit_src":
-        grids = cfg.src.steps // cfg.src.image_every + 1
+        grids = cfg.src.steps // cfg.src.image_every  # every image_every steps
         report = min(cfg.src.report_images, data.val)
         return [_flops_term(f"RAE decodes: the report ({report} images x 5) and {grids} grid(s)",
                             5 * report + 2 * GRID_IMAGES * grids, decode, "bf16", target)]
     if plan.stage == "train_flow":
-        grids = cfg.train.steps // cfg.train.image_every + 1
+        grids = math.ceil(cfg.train.steps / cfg.train.image_every)  # every image_every steps, and at the end
         flow = flow_flops(_meta("flow", cfg), tokens, cfg.src.dim)["forward"]
         rows = data.val * len(cfg.encode.views)
-        return [_flops_term(f"{grids} sample grid(s): flow inverse + RAE decode", grids * GRID_IMAGES, flow + decode,
-                            "bf16", target),
+        return [_inverse_term(f"{grids} sample grid(s): flow inverse", grids * GRID_IMAGES, grids, cfg, target, 1),
+                _flops_term(f"{grids} sample grid(s): RAE decodes", grids * GRID_IMAGES, decode, "bf16", target),
                 _flops_term("held-out bits/dim: val rows and as many train rows, with and without the label",
                             4 * rows, flow, "fp32", target)]
     return []

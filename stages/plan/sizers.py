@@ -113,7 +113,6 @@ def plan_encode(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     ]
     params = param_count("encoder", cfg)
     seq, width = tokens + 5, cfg.encoder.arch.embed_dim or 768  # patch tokens + CLS + 4 registers
-    heads = cfg.encoder.arch.num_heads or 12
     shard_rows = min(e.rows_per_shard, rows)  # a store smaller than one shard holds only its rows
     images_per_job = math.ceil(shard_rows / views)
     jobs, batch = min(e.jobs_per_worker, shards), min(e.batch_size, images_per_job)
@@ -124,12 +123,12 @@ def plan_encode(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     # each job in flight holds, per stored value of its shard: the float16 features (2 B) and their float64 copy
     # and square for the statistics (16 B), on the job's device; on the host, the features handed to Zarr (2 B;
     # the same tensor on CPU) and Zarr's shard assembly (~4 B); plus its JPEGs and crops, all decoded up front.
-    # Its forward holds, per image of a batch: the encoder's input, ~10 activations of seq x width and, on the
-    # CPU (no fused attention kernel) every head's attention matrix.
+    # Its forward holds, per image of a batch: the encoder's input and ~10 activations of seq x width (fused
+    # attention, on the CPU too: no seq x seq scores).
     host_job = (shard_values * (4 + (0 if on_cpu else 2))
                 + images_per_job * (data.mean_jpeg + cfg.data.resolution**2 * 3))
     host = BASE_RSS + jobs * host_job
-    per_image = 3 * cfg.encoder.input_size**2 * 4 + seq * width * act * 10 + (heads * seq**2 * act if on_cpu else 0)
+    per_image = 3 * cfg.encoder.input_size**2 * 4 + seq * width * act * 10
     device = (4 * params + (2 * params if bf16 else 0)  # fp32 weights (+ their bf16 copies under autocast)
               + jobs * (batch * per_image + shard_values * 18))
     return StagePlan("encode", "", rows, "rows", cfg.runtime.workers, outputs,
@@ -146,8 +145,7 @@ def plan_fit_decoder(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     # augment resize_random_crop: the frozen encoder runs every step (fp32 weights; no-grad activations are freed)
     extra = 4 * param_count("encoder", cfg) if d.augment == "resize_random_crop" else 0
     return _training("fit_decoder", cfg, d.steps, params, d.batch_size, tokens + 1, cfg.decoder.hidden_size,
-                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", scale, extra_device=extra,
-                     heads=cfg.decoder.num_heads)
+                     cfg.decoder.depth, "decoder.safetensors", "fit_decoder.batch_size", scale, extra_device=extra)
 
 
 def plan_fit_src(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -156,8 +154,7 @@ def plan_fit_src(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     extra = 4 * param_count("decoder", cfg)  # the frozen RAE decoder: the pixel loss, the grids and the report
     # encoder and decoder branches of `depth` blocks each, at width `hidden`
     return _training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden, 2 * s.depth,
-                     "src.safetensors", "src.batch_size", scale, extra_device=extra,
-                     heads=s.heads if s.kind == "learned" and s.arch == "transformer" else 0)
+                     "src.safetensors", "src.batch_size", scale, extra_device=extra)
 
 
 def plan_compress(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -177,10 +174,14 @@ def plan_compress(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
         Output("commits/*.npz", shards * commit, shards, shards, False,
                "float64 sum + sumsq per shard and its files' records (np.savez)"),
     ]
-    batch = cfg.compress.batch_size
+    shard_rows = min(e.rows_per_shard, rows)  # a store smaller than one shard holds only its rows
+    batch = min(cfg.compress.batch_size, shard_rows)
     params = param_count("src", cfg)
-    host = BASE_RSS + min(e.rows_per_shard, rows) * tokens * (channels * 2 + s.dim * 4)  # a shard and its codes
-    device = 4 * params + batch * tokens * (channels * 2 + max(s.hidden, channels) * 4 * 4)
+    host = BASE_RSS + shard_rows * tokens * (channels * 2 + s.dim * 4)  # a shard of features and its codes
+    # per token of a batch: its features widened and normalized (4 + 2 B per channel) and, in a learned SRC's
+    # encoder, the MLP's hidden layer (4 x src.hidden) before and after its GELU, fp32
+    hidden = 2 * 4 * 4 * s.hidden if s.kind == "learned" else s.dim * 4
+    device = 4 * params + batch * tokens * (channels * 6 + hidden)
     return StagePlan("compress", "", rows, "rows", cfg.runtime.workers, outputs,
                      {"host_bytes": int(host), "device_bytes": int(device),
                       "basis": f"{params / 1e6:.1f}M-param SRC, batch {batch}, one shard in memory"}, None,
@@ -193,8 +194,7 @@ def plan_train_flow(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     layers = layers_of(cfg)
     grid = 4 * (param_count("decoder", cfg) + param_count("src", cfg))  # the TensorBoard grids' decoding models
     return _training("train_flow", cfg, t.steps, param_count("flow", cfg, data.labels), t.batch_size, tokens + 1,
-                     f.width, sum(layers), "flow.safetensors", "train.batch_size", scale, extra_device=grid,
-                     heads=f.heads)
+                     f.width, sum(layers), "flow.safetensors", "train.batch_size", scale, extra_device=grid)
 
 
 def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -203,8 +203,11 @@ def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     per_scale = min(s.classes or data.labels, data.labels) * s.per_class  # classes: of the flow's label space
     r = cfg.data.resolution
     scales = len(s.cfg_scale)
+    shown = min(s.grid_classes, per_scale // s.per_class) * min(s.grid_per_class, s.per_class)
     outputs = [Output("samples-*.npz", scales * per_scale * r * r * 3, scales, scales, False,
-                      f"{per_scale:,} uint8 {r}x{r}x3 images (arr_0) per cfg_scale value, one .npz each")]
+                      f"{per_scale:,} uint8 {r}x{r}x3 images (arr_0) per cfg_scale value, one .npz each"),
+               Output("grid-cfg*.png", scales * shown * r * r * 3, scales, scales, False,
+                      f"{shown} samples per scale (sample.grid_classes x grid_per_class), PNG ~ raw size")]
     batch = s.batch_size
     flow, dec, src = param_count("flow", cfg, data.labels), param_count("decoder", cfg), param_count("src", cfg)
     # KV cache of the widest block, both CFG branches, fp32: layers x (k, v) x 2B x T x width
@@ -219,6 +222,8 @@ def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
 
 
 INCEPTION_PARAMS = 27_000_000  # the FID Inception-v3 (pool3 2048)
+EVALUATE_GRID = (8, 4)  # stages/evaluate.py GRID_CLASSES, GRID_PER_CLASS
+FID_SQRTM_BYTES = 6 * 2048**2 * 16  # scipy's sqrtm of 2048 x 2048 covariances: a few complex128 matrices
 ADM_REFERENCE_IMAGES = 10_000
 
 
@@ -242,34 +247,42 @@ def adm_images(path: str | None) -> int:
 
 
 def plan_evaluate(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
-    images = len(cfg.sample.cfg_scale) * data.classes * cfg.sample.per_class
-    plan = _inception("evaluate", cfg, images, [Output("metrics", 0, 1, 1, False, "small JSON")])
+    s, r = cfg.sample, cfg.data.resolution
+    classes = min(s.classes or data.labels, data.labels)
+    scales = len(s.cfg_scale)
+    grid = min(EVALUATE_GRID[0], classes) * min(EVALUATE_GRID[1], s.per_class) * r * r * 3
+    plan = _inception("evaluate", cfg, scales * classes * s.per_class,
+                      [Output("grid-cfg*.png", scales * grid, scales, scales, False,
+                              f"{EVALUATE_GRID[0]} classes x {EVALUATE_GRID[1]} samples per scale, PNG ~ raw size"),
+                       Output("metrics.json, report.md", 0, 2, 2, False, "small")])
     flow = param_count("flow", cfg, data.labels)  # the Bayes-rule pass holds the flow beside the Inception
-    plan.memory["device_bytes"] += 4 * flow
-    plan.memory["basis"] += f" + the {flow / 1e6:.0f}M flow (fp32) for the Bayes-rule pass"
+    plan.memory["device_bytes"] += 4 * flow + FID_SQRTM_BYTES
+    plan.memory["basis"] += f" + the {flow / 1e6:.0f}M flow (fp32) for the Bayes-rule pass + FID's matrix square roots"
     return plan
 
 
 def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> StagePlan:
-    batch = cfg.evaluate.batch_size
-    device = 4 * INCEPTION_PARAMS + batch * 3 * 299 * 299 * 4 * 12
+    """torch-fidelity's Inception runs in float64 here (pipeline/metrics/fidelity.py): 8 B per weight and value."""
+    batch = min(cfg.evaluate.batch_size, max(images, 1))
+    # its largest activations, 64 x 147 x 147 per image, a few alive at once; its weights also once in fp32
+    device = 12 * INCEPTION_PARAMS + batch * 64 * 147 * 147 * 8 * 6
     return StagePlan(name, "", images, "images", 1, outputs,
                      {"host_bytes": int(BASE_RSS + batch * cfg.data.resolution**2 * 3 * 2), "device_bytes": int(device),
-                      "basis": f"Inception-v3 at 299 px, batch {batch}"}, None, batch_key="evaluate.batch_size")
+                      "basis": f"float64 Inception-v3 at 299 px, batch {batch}"}, None, batch_key="evaluate.batch_size")
 
 
 def _training(name: str, cfg: Config, steps: int, params: int, batch: int, seq: int, width: int, layers: int,
-              weights: str, batch_key: str, scale: Scale, extra_device: int = 0, heads: int = 0) -> StagePlan:
+              weights: str, batch_key: str, scale: Scale, extra_device: int = 0) -> StagePlan:
     """Checkpoints and per-process memory of an AdamW + EMA training stage under DDP: `scale.per_node` processes on
     each of `scale.nodes` nodes, each with its share of the global batch. `extra_device`: frozen models it holds."""
     local = scale.local_batch(batch)
     on_cpu = cfg.runtime.device == "cpu"
-    # fp32 weights, grads, AdamW m and v, EMA: 20 B/param, + 4 on the CPU for the multi-tensor AdamW's sqrt(v)
-    # (fused on CUDA). Activations of a transformer layer without recomputation, 16-bit (bf16 autocast), flash
-    # attention: ~34 x seq x batch x width B (Korthikanti et al. 2022); in fp32 on the CPU twice that, and the
-    # attention's scores and probabilities of every head (no fused kernel there).
-    state = (24 if on_cpu else 20) * params
-    per_layer = 68 * seq * width + 2 * 4 * heads * seq**2 if on_cpu else 34 * seq * width
+    # fp32 weights, grads, AdamW m and v, EMA: 20 B/param (AdamW is fused on CUDA and one tensor at a time on the
+    # CPU: no whole-model temporaries). Activations of a transformer layer without recomputation, 16-bit (bf16
+    # autocast), flash attention: ~34 x seq x batch x width B (Korthikanti et al. 2022); in fp32 on the CPU twice
+    # that (torch's CPU attention is a flash kernel too: no seq x seq scores are kept).
+    state = 20 * params
+    per_layer = (68 if on_cpu else 34) * seq * width
     device = state + local * layers * per_layer + extra_device
     outputs = [Output(weights, 4 * params, 1, 1, False, "EMA weights, fp32 safetensors"),
                Output("checkpoints/ckpt-*.pt", 2 * 16 * params, 2, 2, False,

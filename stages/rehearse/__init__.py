@@ -40,14 +40,15 @@ class RehearsalError(ValueError):
 class Amounts:
     """What a rehearsal reads and makes: small, at the config's real shapes."""
 
-    classes: int = 8  # classes whose images are read, spread over all of the config's (first and last included)
+    classes: int = 2  # classes whose images are read, spread over all of the config's (first and last included)
     images_per_class: int = 2  # train images of each class read
     val_per_class: int = 1
-    steps: int = 2  # of every training stage
+    steps: int = 1  # of every training stage
     samples_per_class: int = 1
     sample_classes: int = 4  # the flow's first classes sampled, per CFG scale
-    reference_images: int = 16  # reference.max_images, or the images of the ADM batch
-    eval_images: int = 2  # held-out images of the fit reports and of the flow's Bayes-rule classifier
+    cfg_scales: int = 1  # of the config's sample.cfg_scale: its first (2: and last; more: evenly between)
+    reference_images: int = 8  # reference.max_images, or the images of the ADM batch
+    eval_images: int = 1  # held-out images of the fit reports and of the flow's Bayes-rule classifier
 
     def check(self) -> None:
         for name, value in asdict(self).items():
@@ -73,6 +74,7 @@ def rehearse(config: str | Path, overrides: list[str] | tuple[str, ...] = (), am
         raise ValueError(f"--weights: {weights!r} is not auto, real or random")
     full = load_config(config, overrides)  # a bad key or shapes that do not fit: one line, before anything runs
     work = _scratch(scratch, full)
+    cache = os.environ.get("SRCFLOW_CACHE_DIR")
     os.environ["SRCFLOW_CACHE_DIR"] = str(work / "cache")  # listing and weight-check caches stay in the scratch
     try:
         device, device_note = _device(full)
@@ -99,6 +101,10 @@ def rehearse(config: str | Path, overrides: list[str] | tuple[str, ...] = (), am
         (work / MARKER).write_text(json.dumps(report, indent=1, default=str))
         return report
     finally:
+        if cache is None:
+            os.environ.pop("SRCFLOW_CACHE_DIR", None)
+        else:
+            os.environ["SRCFLOW_CACHE_DIR"] = cache
         if not keep and scratch is None:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -143,20 +149,37 @@ def _target(device: str):
 
         name = torch.cuda.get_device_name()
         return gpu_target([Measurement("", "", 1.0, name, "this GPU", {"device": "cuda"})])
-    return cpu_target(cpu_gflops())
+    return cpu_target(cpu_gflops(), gbs=cpu_gbs())
 
 
-def cpu_gflops(seconds: float = 0.5) -> float:
-    """This process's fp32 matmul rate (1024 x 1024, torch's threads): the CPU's peak that estimates scale."""
+def cpu_gflops(windows: int = 5, n: int = 2048) -> float:
+    """This process's fp32 matmul rate (n x n, torch's threads), the best of a few windows (on a shared machine
+    the others are other processes' time): the CPU's peak that the estimates scale."""
     import torch
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm the kernels and the threads
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    best = 0.0
+    for _ in range(windows):
+        t0 = time.perf_counter()
         a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def cpu_gbs(windows: int = 5, megabytes: int = 256) -> float:
+    """This process's memory bandwidth (a copy of `megabytes` reads and writes each byte), the best of a few windows."""
+    import torch
+
+    a = torch.ones(megabytes * 2**18)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = 0.0
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def _budget(device: str, memory_gb: float | None) -> int:
@@ -291,12 +314,14 @@ def rehearsal_config(full: Config, store: Path, device: str, data_root: Path, cl
     put("fit_decoder.report_images", min(full.fit_decoder.report_images or report, report))
     put("src.report_images", min(full.src.report_images, report))
     from stages.evaluate import PR_K
+    from stages.rehearse.standin import spread
 
     # samples for evaluate's precision/recall: more than its k neighbours, from the flow's first classes
     sampled = min(amounts.sample_classes, flow_classes)
     per_class = max(amounts.samples_per_class, math.ceil((PR_K + 1) / sampled))
     put("sample.per_class", per_class)
     put("sample.classes", amounts.sample_classes)
+    put("sample.cfg_scale", spread(list(dict.fromkeys(full.sample.cfg_scale)), amounts.cfg_scales))
     samples = per_class * sampled
     put("sample.batch_size", min(full.sample.batch_size, samples))
     put("reference.max_images", max(2, min(full.reference.max_images or amounts.reference_images,
@@ -339,7 +364,9 @@ def fit_batches(cfg: Config, full: Config, budget: int, target, results_dir: Pat
                     if value < per_process:
                         chosen[name]["why"].append(f"{rows} training rows here")
                     _put(raw, key, value)
-                    changed = changed or value != select(cfg, key)
+                    if value != select(cfg, key):
+                        changed = True
+                        continue  # its plan is for the config's batch: planned again next round
             need = planned_peak(s, target)
             if need > budget and value > 1:
                 _put(raw, key, max(1, value // 2))
@@ -449,7 +476,7 @@ def _compare(name: str, result: dict, s: dict, target, report: dict) -> dict:
     unit, amount = next(iter(work.items()))
     rate = _stage_rate(result["metrics"], unit, s) or amount / max(result["seconds"], 1e-9)
     out = {
-        "seconds": result["seconds"], "planned_seconds": planned_seconds,
+        "seconds": result["seconds"], "cpu_seconds": result.get("cpu_seconds"), "planned_seconds": planned_seconds,
         "seconds_ratio": _ratio(result["seconds"], planned_seconds),
         "work": amount, "unit": unit, "rate": rate,
         "planned_rate": amount / planned_seconds if planned_seconds else None,
@@ -493,9 +520,10 @@ def _rests_on_random(stage: str, report: dict) -> bool:
 
 
 def whole_run(full: Config, stages: dict[str, dict], target, results_dir: Path) -> dict:
-    """The planner's estimate of the config's whole run on this machine's device, and the same recomputed from the
-    rates measured here: each stage's compute terms scaled by planned rate / measured rate (communication terms
-    kept). On a GPU at the config's scale; on a CPU for one process (a CPU is not a cluster)."""
+    """The planner's estimate of the config's whole run on this machine's device, and the same recomputed from what
+    was measured here: each stage's compute terms scaled by its measured / planned seconds for the rehearsal's work
+    (the same terms at a smaller amount; communication terms kept). On a GPU at the config's scale; on a CPU for
+    one process (a CPU is not a cluster)."""
     from stages.plan import capacity_plan
     from stages.plan.scale import Scale, scale_of
 
@@ -505,13 +533,13 @@ def whole_run(full: Config, stages: dict[str, dict], target, results_dir: Path) 
     for s in plan["stages"]:
         m = stages.get(s["stage"])
         h = s["hours"]
-        factor = (m["planned_rate"] / m["rate"]) if m and m["rate"] and m["planned_rate"] else None
+        factor = m["seconds_ratio"] if m else None
         comm = sum(t["hours"] for t in h["terms"] if t["term"].startswith("DDP"))
         recomputed = None if factor is None else (h["device_hours"] - comm) * factor + comm
         wall = None if recomputed is None else h["wall_hours"] * recomputed / max(h["device_hours"], 1e-12)
         out[s["stage"]] = {"work": s["work"], "unit": s["unit"], "planned_device_hours": h["device_hours"],
                            "planned_wall_hours": h["wall_hours"], "recomputed_device_hours": recomputed,
-                           "recomputed_wall_hours": wall, "rate_factor": factor}
+                           "recomputed_wall_hours": wall, "factor": factor}
     done = [v for v in out.values() if v["recomputed_device_hours"] is not None]
     return {"device": target.name, "scale": plan["scale"], "stages": out,
             "planned_wall_hours": plan["total"]["wall_hours"],

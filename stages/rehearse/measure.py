@@ -30,6 +30,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def log_to_stderr() -> None:
     """The srcflow log's INFO lines on stderr (a rehearsal's stdout may hold its JSON)."""
     import logging
@@ -71,9 +77,10 @@ def main(request_path: str, result_path: str) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         result["startup_seconds"] = time.perf_counter() - started
         result["rss_before_bytes"] = peak_rss_bytes()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         manifest = run_stage(planned, cfg)
         result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = cpu_seconds() - cpu0  # beside `seconds`: how much of the machine the stage had
         result["metrics"] = manifest.metrics
         result["bytes_written"] = manifest.bytes
         result["path"] = str(planned.path)
