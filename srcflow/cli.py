@@ -425,12 +425,11 @@ def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
     from stages.rehearse import rehearse as run_rehearsal
     from stages.rehearse.measure import log_to_stderr
 
-    log_to_stderr()
     _load(config, set_)  # a bad key or shapes that do not fit: one line, before anything runs
     amounts = Amounts(classes=classes, images_per_class=images_per_class, val_per_class=val_per_class, steps=steps,
                       samples_per_class=samples_per_class, sample_classes=sample_classes, cfg_scales=cfg_scales,
                       reference_images=reference_images, eval_images=eval_images)
-    with one_line_errors():  # a stage that fails or cannot fit (RehearsalError) is one line naming it
+    with one_line_errors(), log_to_stderr():  # a stage that fails or cannot fit: one line naming it
         report = run_rehearsal(config, set_ or [], amounts, weights=weights, scratch=scratch, keep=keep,
                                memory_gb=memory_gb)
     if as_json:

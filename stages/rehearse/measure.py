@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,16 +38,19 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def log_to_stderr() -> None:
-    """The srcflow log's INFO lines on stderr (a rehearsal's stdout may hold its JSON)."""
-    import logging
-
+@contextmanager
+def log_to_stderr():
+    """The srcflow log's INFO lines on stderr while it lasts (a rehearsal's stdout may hold its JSON)."""
     logger = logging.getLogger("srcflow")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
     logger.setLevel("INFO")
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def one_line(stage: str, e: BaseException) -> str:
@@ -59,7 +64,6 @@ def main(request_path: str, result_path: str) -> int:
     request = json.loads(Path(request_path).read_text())
     stage = request["stage"]
     result: dict = {"stage": stage}
-    log_to_stderr()
     device = None
     try:
         from pipeline.config import validate_config
@@ -98,4 +102,6 @@ def main(request_path: str, result_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    with log_to_stderr():
+        status = main(*sys.argv[1:3])
+    sys.exit(status)
