@@ -438,6 +438,8 @@ def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
         from srcflow.tables import print_rehearsal
 
         print_rehearsal(report)
+    if report.get("stopped"):  # the stages before it are reported above; the stop is the usual one line
+        fail(report["stopped"]["error"])
 
 
 @app.command()

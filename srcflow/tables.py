@@ -112,6 +112,9 @@ def print_rehearsal(report: dict) -> None:
         row += [human_bytes(s["bytes_written"]), human_bytes(s["planned_bytes"]), ratio(s["bytes_ratio"]), batch]
         table.add_row(*row)
     out.print(table)
+    for name, s in report.get("not_run", {}).items():
+        out.print(f"[red]not run[/red]: {name}: planned {human_bytes(s['planned_peak_rss_bytes'])} peak, "
+                  f"{s['planned_seconds']:.0f} s ({s['memory_basis']})", highlight=False)
     w = report["whole_run"]
     whole = Table(title=f"the whole run of the config on {w['device']} ({w['scale']['source']}): the plan, and the "
                         f"plan recomputed from the rates measured here")

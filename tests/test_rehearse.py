@@ -114,6 +114,22 @@ def test_the_scratch_is_never_the_real_store(tmp_path):
     assert result.exit_code == 2 and "overlaps storage.root" in result.output
 
 
+def test_a_stage_that_cannot_fit_the_budget_stops_the_rehearsal_with_its_plan_and_one_line(tmp_path):
+    """Below the planned peak of one worker process (its imports alone), not even shard fits: nothing runs, the
+    report says what each stage would have needed, and the last line names the stage."""
+    result = CliRunner().invoke(app, ["rehearse", "--config", str(SMOKE), *_sets(tmp_path), "--scratch",
+                                      str(tmp_path / "scratch"), "--memory-gb", "0.25", "--json"])
+    assert result.exit_code == 2, result.output[-2000:]
+    report = json.loads(result.stdout)
+    assert report["stages"] == {} and report["stopped"]["stage"] == "shard"
+    assert list(report["not_run"]) == ["shard", "encode", "fit_src", "compress", "train_flow", "sample", "reference",
+                                       "evaluate"]
+    assert all(s["planned_peak_rss_bytes"] > 0.25 * 2**30 for s in report["not_run"].values())
+    last = result.stderr.strip().splitlines()[-1]
+    assert "shard: cannot fit this machine: the planner predicts" in last and "0.2 GiB budget" in last
+    assert not (tmp_path / "scratch" / "store" / "shard").exists()
+
+
 def test_too_few_samples_for_precision_recall_is_one_line():
     with pytest.raises(ValueError, match="must exceed 3"):
         Amounts(sample_classes=3).check()

@@ -32,10 +32,6 @@ RATIO_BOUNDS = (0.67, 1.5)  # planned vs measured: outside these, the planner is
 MARKER = "rehearsal.json"  # in a scratch folder a rehearsal may clear and reuse
 
 
-class RehearsalError(ValueError):
-    """A rehearsal stopped: a stage failed, or cannot fit this machine. One line naming the stage."""
-
-
 @dataclass(frozen=True)
 class Amounts:
     """What a rehearsal reads and makes: small, at the config's real shapes."""
@@ -408,29 +404,40 @@ def planned_peak(stage_plan: dict, target) -> int:
 
 def run_stages(cfg: Config, work: Path, target, results_dir: Path, report: dict) -> dict[str, dict]:
     """Preflight (the real checks of `srcflow run`), then each stage in its own process, beside its plan. A stage
-    that fails, or whose plan cannot fit this machine at batch 1, stops the rehearsal in one line."""
+    that fails, or whose plan cannot fit this machine even at batch 1, stops the rehearsal: `report["stopped"]`
+    holds its one-line error and `report["not_run"]` the plan of it and of every stage after it."""
     from stages.runner import plan, preflight
 
     planned_stages = plan(cfg)
     preflight(planned_stages, cfg)
     plans = {s["stage"]: s for s in _plan(cfg, target, results_dir)["stages"]}  # the listing counts the images
     measured = {}
-    for p in planned_stages:
+    for i, p in enumerate(planned_stages):
         s = plans[p.name]
         need = planned_peak(s, target)
         if need > report["memory_budget_bytes"]:
-            report["stages"] = measured
-            raise RehearsalError(f"{p.name}: cannot fit this machine: the planner predicts {need / 2**30:.1f} GiB per "
-                                 f"process at {s['batch_key']}={_value(cfg, s['batch_key'])} ({s['memory']['basis']}),"
-                                 f" over the {report['memory_budget_bytes'] / 2**30:.1f} GiB budget (--memory-gb)")
-        log.info("rehearse: %s (planned %s, %.1f GiB peak)", p.name, _hours_text(s), need / 2**30)
-        result = _run_one(cfg, p.name, work)
-        if "error" in result:
-            raise RehearsalError(f"rehearse: stage {result['error']}")
+            error = (f"{p.name}: cannot fit this machine: the planner predicts {need / 2**30:.1f} GiB per process at "
+                     f"{s['batch_key']}={_value(cfg, s['batch_key'])} ({s['memory']['basis']}), over the "
+                     f"{report['memory_budget_bytes'] / 2**30:.1f} GiB budget (--memory-gb)")
+        else:
+            log.info("rehearse: %s (planned %s, %.1f GiB peak)", p.name, _hours_text(s), need / 2**30)
+            result = _run_one(cfg, p.name, work)
+            error = f"rehearse: stage {result['error']}" if "error" in result else None
+        if error:
+            report["stopped"] = {"stage": p.name, "error": error}
+            report["not_run"] = {q.name: _planned_only(plans[q.name], target, report) for q in planned_stages[i:]}
+            return measured
         measured[p.name] = _compare(p.name, result, s, target, report)
         log.info("rehearse: %s done in %.1f s, peak %.2f GiB (planned %.2f GiB)", p.name, result["seconds"],
                  result["peak_rss_bytes"] / 2**30, need / 2**30)
     return measured
+
+
+def _planned_only(s: dict, target, report: dict) -> dict:
+    """What the planner predicts for a stage the rehearsal could not run."""
+    return {"planned_seconds": s["hours"]["device_hours"] * 3600, "planned_peak_rss_bytes": planned_peak(s, target),
+            "planned_bytes": s["bytes"], "memory_basis": s["memory"]["basis"],
+            "batch": report["batches"].get(s["stage"]), "hours_terms": s["hours"]["terms"]}
 
 
 def _value(cfg: Config, key: str):
