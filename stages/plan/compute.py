@@ -29,10 +29,12 @@ DEFAULT_GPU = "NVIDIA H100"  # the GPU estimates assume when no record names one
 # (benchmarks/results/train_flow-cuda.json); we assume the same for the other batched GPU passes, and less for
 # the sampler's token-by-token KV-cache steps (small matmuls, one kernel chain per token).
 GPU_MFU, GPU_SAMPLE_MFU = 0.35, 0.2
-# A CPU process: effective fp32 GFLOP/s of a transformer pass (2 cores with AVX2/AVX-512, ~50 % of the large
-# matmul rate). `srcflow rehearse` measures it on the machine (a matmul probe) instead of assuming.
-CPU_GFLOPS, CPU_GBS = 60.0, 10.0  # and its memory bandwidth (GB/s); a rehearsal probes both
-CPU_MFU = 0.5  # of the probed large-matmul rate, for the stages' mixed passes
+# A CPU process: its fp32 matmul rate (GFLOP/s) and memory bandwidth (GB/s), assumed for a 2-core machine;
+# `srcflow rehearse` measures both on the machine (probes) instead.
+CPU_GFLOPS, CPU_GBS = 60.0, 10.0
+# Of the probed 2048 x 2048 matmul rate, what the stages' passes reach (their matmuls are as large): measured by
+# `srcflow rehearse` at 0.9-1.1 for encode, fit_src and compress on a quiet 2-core EPYC (a busy one gives them less).
+CPU_MFU = 0.9
 # shard: a full JPEG decode validates every image (~4 ms at ImageNet's ~400x350 with libjpeg-turbo), plus its
 # read, sha256 and tar write: about this many images per second per worker process (assumed).
 SHARD_IMAGES_PER_S = 150.0

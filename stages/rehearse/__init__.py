@@ -271,60 +271,44 @@ def rehearsal_config(full: Config, store: Path, device: str, data_root: Path, cl
                      files: dict[str, dict], amounts: Amounts, flow_classes: int) -> Config:
     """The config with the amounts shrunk and the rehearsal's store, data and weights; every shape kept.
     `classes`: the synsets read (None: the first of a generated tiny set); `flow_classes`: the labels' range."""
-    raw = config_dict(full)
-    steps = amounts.steps
-
-    def put(key: str, value) -> None:
-        section, _, name = key.rpartition(".")
-        node = raw
-        for part in section.split("."):
-            node = node.setdefault(part, {})
-        node[name] = value
-
-    put("storage.root", str(store))
-    for key, value in {"runtime.device": device, "runtime.workers": 1, "runtime.nproc": 1,
-                       "runtime.dask_address": None, "runtime.progress": False, "shard.workers": 1,
-                       "train.torchrun_args": None}.items():
-        put(key, value)
-    if classes is None:  # the generated tiny set: made in the scratch, its classes as configured
-        put("data.root", str(data_root))
-        put("data.classes", min(amounts.classes, full.data.generate_tiny.classes))
-        put("data.max_per_class", amounts.images_per_class)
-    else:
-        put("data.root", str(data_root))
-        put("data.generate_tiny", None)
-        put("data.classes", classes)
-        put("data.max_per_class", amounts.images_per_class if Path(data_root) == Path(full.data.root) else None)
-    for key, f in files.items():
-        put(key, f["path"])
-    put("evaluate.make_standin", False)
-    val = amounts.classes * amounts.val_per_class
-    for section in ("fit_decoder", "src", "train"):
-        put(f"{section}.steps", steps)
-        put(f"{section}.ckpt_every", steps)
-        put(f"{section}.log_every", 1)
-    put("fit_decoder.warmup_steps", min(full.fit_decoder.warmup_steps or steps // 16, steps))
-    put("src.warmup_steps", min(full.src.warmup_steps, steps))
-    put("train.warmup_steps", min(full.train.warmup_steps, steps))
-    report = min(amounts.eval_images, val)
-    put("fit_decoder.report_images", min(full.fit_decoder.report_images or report, report))
-    put("src.report_images", min(full.src.report_images, report))
     from stages.evaluate import PR_K
     from stages.rehearse.standin import spread
 
+    steps, val = amounts.steps, amounts.classes * amounts.val_per_class
+    report = min(amounts.eval_images, val)
     # samples for evaluate's precision/recall: more than its k neighbours, from the flow's first classes
     sampled = min(amounts.sample_classes, flow_classes)
     per_class = max(amounts.samples_per_class, math.ceil((PR_K + 1) / sampled))
-    put("sample.per_class", per_class)
-    put("sample.classes", amounts.sample_classes)
-    put("sample.cfg_scale", spread(list(dict.fromkeys(full.sample.cfg_scale)), amounts.cfg_scales))
     samples = per_class * sampled
-    put("sample.batch_size", min(full.sample.batch_size, samples))
-    put("reference.max_images", max(2, min(full.reference.max_images or amounts.reference_images,
-                                           amounts.reference_images)))
-    put("reference.pr_images", max(4, min(full.reference.pr_images, amounts.reference_images)))
-    put("evaluate.kid_subset_size", max(2, min(full.evaluate.kid_subset_size, samples, amounts.reference_images)))
-    put("evaluate.bayes_max_images", min(full.evaluate.bayes_max_images or report, report))
+    real_data = classes is not None and Path(data_root) == Path(full.data.root)
+    values = {
+        "storage.root": str(store), "runtime.device": device, "runtime.workers": 1, "runtime.nproc": 1,
+        "runtime.dask_address": None, "runtime.progress": False, "shard.workers": 1, "train.torchrun_args": None,
+        "data.root": str(data_root),
+        # the generated tiny set: made in the scratch, its first classes; else the synsets read
+        "data.classes": min(amounts.classes, full.data.generate_tiny.classes) if classes is None else classes,
+        "data.max_per_class": amounts.images_per_class if classes is None or real_data else None,
+        **({} if classes is None else {"data.generate_tiny": None}),
+        **{key: f["path"] for key, f in files.items()}, "evaluate.make_standin": False,
+        **{f"{section}.{key}": value for section in ("fit_decoder", "src", "train")
+           for key, value in (("steps", steps), ("ckpt_every", steps), ("log_every", 1))},
+        "fit_decoder.warmup_steps": min(full.fit_decoder.warmup_steps or steps // 16, steps),
+        "src.warmup_steps": min(full.src.warmup_steps, steps),
+        "train.warmup_steps": min(full.train.warmup_steps, steps),
+        "fit_decoder.report_images": min(full.fit_decoder.report_images or report, report),
+        "src.report_images": min(full.src.report_images, report),
+        "sample.per_class": per_class, "sample.classes": amounts.sample_classes,
+        "sample.cfg_scale": spread(list(dict.fromkeys(full.sample.cfg_scale)), amounts.cfg_scales),
+        "sample.batch_size": min(full.sample.batch_size, samples),
+        "reference.max_images": max(2, min(full.reference.max_images or amounts.reference_images,
+                                           amounts.reference_images)),
+        "reference.pr_images": max(4, min(full.reference.pr_images, amounts.reference_images)),
+        "evaluate.kid_subset_size": max(2, min(full.evaluate.kid_subset_size, samples, amounts.reference_images)),
+        "evaluate.bayes_max_images": min(full.evaluate.bayes_max_images or report, report),
+    }
+    raw = config_dict(full)
+    for key, value in values.items():
+        _put(raw, key, value)
     return validate_config(raw, source="the rehearsal config")
 
 
@@ -382,8 +366,11 @@ TRAINING_BATCH = ("fit_decoder", "fit_src", "train_flow")
 
 
 def _put(raw: dict, key: str, value) -> None:
-    section, _, name = key.rpartition(".")
-    raw.setdefault(section, {})[name] = value
+    """raw["a"]["b"] = value for key "a.b"."""
+    *sections, name = key.split(".")
+    for part in sections:
+        raw = raw.setdefault(part, {})
+    raw[name] = value
 
 
 def _plan(cfg: Config, target, results_dir: Path) -> dict:
