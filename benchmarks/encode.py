@@ -70,6 +70,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.plan.compute import encoder_flops
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = {
@@ -168,7 +170,7 @@ def run(args, tmp: Path) -> dict:
     decode = {} if args.throughput_only else {"decode": decode_comparison(args, photos)}
     forward_first = forward_rate(cfg, encoder, images, cfg.encode.precision)
     views = len(cfg.encode.views)
-    flops = forward_flops(encoder)
+    flops = encoder_flops(encoder)
     peak = args.peak_tflops or {"bf16": 989.4, "fp32": 494.7}[cfg.encode.precision]  # H100/H200 SXM, dense
 
     def mfu(rate: float) -> float | None:
@@ -347,20 +349,6 @@ def pixel_difference(reference: np.ndarray, other: np.ndarray) -> dict:
     d = np.abs(reference.astype(np.int16) - other.astype(np.int16))
     return {"max_level": int(d.max()), "mean_level": round(float(d.mean()), 5),
             "fraction_differing": round(float((d > 0).mean()), 5), "fraction_over_1": round(float((d > 1).mean()), 6)}
-
-
-def forward_flops(encoder) -> dict:
-    """Matmul FLOPs (2 x multiply-adds) of one view through the ViT: patch embedding, qkv, attention scores and
-    values, output projection, MLP; LayerNorms, softmax and GELU left out (a few per cent at DINOv2-B)."""
-    vit = encoder.vit
-    d, patches = vit.embed_dim, vit.patch_embed.num_patches
-    n = patches + vit.num_prefix_tokens
-    hidden = vit.blocks[0].mlp.fc1.out_features
-    proj = vit.patch_embed.proj
-    patch = 2 * patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * d
-    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
-    return {"per_view": patch + len(vit.blocks) * block, "patch_embed": patch, "per_block": block,
-            "blocks": len(vit.blocks), "tokens_with_prefix": n, "width": d, "mlp_hidden": hidden}
 
 
 # --- the data set, the config and the stage -----------------------------------------------------

@@ -13,7 +13,11 @@
 #                              #       samples at the best batch size (train + sample parts: 4 minutes at most)
 #   benchmarks/gpu.sh encode   # only the encode parts (issue #14's device check, ~4 minutes)
 #   benchmarks/gpu.sh train    # only the train_flow and sample parts (issue #15's device check, ~4 minutes)
-#   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this)
+#   benchmarks/gpu.sh rehearse # only `srcflow rehearse` of configs/imagenet256.yaml with random weights on one GPU
+#                              #       (issue #24's device check, 5 minutes at most): every stage at paper shapes,
+#                              #       its peak device memory and seconds beside the plan's (not part of `all`)
+#   benchmarks/gpu.sh --cpu    # the same scripts at smoke size on CPU (CI runs this; the rehearsal of the smoke
+#                              #       config with the fewest images it takes)
 #
 # Each part also lands as JSON in $SRCFLOW_BENCH_OUT (default: benchmarks/results on CUDA, a temp dir
 # with --cpu), where `srcflow plan` reads measured throughputs from.
@@ -27,6 +31,7 @@ mode=cuda parts=all
 [ "${1:-}" = "--cpu" ] && mode=cpu
 [ "${1:-}" = "train" ] && parts=train
 [ "${1:-}" = "encode" ] && parts=encode
+[ "${1:-}" = "rehearse" ] && parts=rehearse
 if [ "$mode" = cpu ]; then out=${SRCFLOW_BENCH_OUT:-$(mktemp -d)}; else out=${SRCFLOW_BENCH_OUT:-benchmarks/results}; fi
 mkdir -p "$out"
 
@@ -42,7 +47,11 @@ run() {  # name, limit (s), command...: a part that fails or times out is record
 
 if [ "$mode" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || true
-  if [ "$parts" != train ]; then
+  if [ "$parts" = rehearse ]; then
+    # every stage of the 256 config at its shapes on this GPU, device memory against the plan (stages.rehearse)
+    run rehearse-cuda 300 "$PY" -m srcflow.cli rehearse --config configs/imagenet256.yaml --weights random --json
+  fi
+  if [ "$parts" = all ] || [ "$parts" = encode ]; then
     # encode, 240 s at most: every decode path per core and on the device, the stage once per path, the writers
     run encode-cuda 120 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 2048 --batch 256 \
         --decode pil,tensor,nvjpeg --rss-images 256 --write-mb 300 --repeats 2 --writers 1,3
@@ -53,7 +62,7 @@ if [ "$mode" = cuda ]; then
     run encode-cuda-workers3 60 "$PY" -m benchmarks.encode --device cuda --arch dinov2-b --images 1024 \
         --batch 256 --workers 3 --decode tensor,nvjpeg --throughput-only
   fi
-  if [ "$parts" != encode ]; then
+  if [ "$parts" = all ] || [ "$parts" = train ]; then
     # eager, then the compiled loss (its compile in warmup_seconds, outside the timing; its loss against eager's)
     run train_flow-cuda 45 "$PY" benchmarks/train_flow.py --config configs/imagenet256.yaml --device cuda \
         --batch 256 --steps 10 --warmup 3
@@ -68,6 +77,8 @@ else
   run train_flow-cpu-smoke 120 "$PY" benchmarks/train_flow.py --config configs/smoke.yaml --device cpu --steps 3
   run sample-cpu-smoke 300 "$PY" -m benchmarks.sample --device cpu --batch 1 --width 32 --heads 2 --blocks 2 \
       --layers 1 --tokens 16 --channels 4 --jacobi-chunk 8
+  run rehearse-cpu-smoke 300 "$PY" -m srcflow.cli rehearse --config configs/smoke.yaml --classes 2 --steps 1 \
+      --reference-images 4 --set 'sample.cfg_scale=[1.0]' --json
 fi
 
 "$PY" - "$out" "$mode" <<'PYEOF'

@@ -12,14 +12,10 @@ the untimed warm-up steps (warmup_seconds), and the compiled loss of one fixed b
 eager loss on the same weights (compiled_probe_loss_diff). The top-level figures are the compiled run's when
 there is one (what train.compile: auto trains with on CUDA). Prints one JSON object.
 
-MFU = model FLOPs per step / step time / the device's dense bf16 peak. The FLOPs are written out (flow_flops):
-per block of L input tokens (T - 1, + 1 with a start token, + 1 for a prefix label token), width w, n layers,
-D channels, MLP ratio r, a forward pass is
-    2 L D w + 2 L w 2D                     proj_in, proj_out
-  + n (2 L w^2 (4 + 2r)                    qkv (3), attention out (1), MLP (2r) matmuls
-       + 2 L^2 w)                          QK^T and AV, 4 L^2 w, halved: causal, as flash attention computes it
-and training is 3x the forward (backward = 2x), whatever activation checkpointing recomputes. On CPU the MFU
-is null (no meaningful peak).
+MFU = model FLOPs per step / step time / the device's dense bf16 peak. The FLOPs are written out in
+stages/plan/compute.py flow_flops (the planner's estimates use the same count): per block, the matmuls of
+proj_in / proj_out, qkv, attention out and the MLP, plus the causal attention's QK^T and AV; training is 3x the
+forward (backward = 2x), whatever activation checkpointing recomputes. On CPU the MFU is null (no meaningful peak).
 """
 
 from __future__ import annotations
@@ -35,25 +31,7 @@ from pipeline.config import load_config
 from pipeline.device import autocast
 from pipeline.models.flow import TARFlow
 from pipeline.training import EMA, adamw
-
-# dense bf16 peak TFLOP/s (no sparsity) by device name, first match wins (NVIDIA data sheets)
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-                    ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-                    ("L4", 121.0), ("A10", 125.0))
-
-
-def flow_flops(model: TARFlow, tokens: int, channels: int) -> dict:
-    """Forward FLOPs per sample of the flow (module docstring), split into matmuls and attention."""
-    matmul = attention = 0
-    for block in model.blocks:
-        w = block.proj_in.out_features
-        length = tokens - 1 + (block.start is not None)
-        attn_length = length + (block.cond == "prefix")  # the label token goes through the layers too
-        ratio = block.layers[0].mlp.fc1.out_features / w
-        matmul += 2 * length * channels * w + 2 * length * w * 2 * channels
-        matmul += len(block.layers) * 2 * attn_length * w * w * (4 + 2 * ratio)
-        attention += len(block.layers) * 2 * attn_length**2 * w
-    return {"matmul": matmul, "attention": attention, "forward": matmul + attention}
+from stages.plan.compute import flow_flops, peak_of
 
 
 def device_peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
@@ -62,9 +40,9 @@ def device_peak_tflops(device: torch.device, override: float | None) -> tuple[fl
     if device.type != "cuda":
         return None, "cpu: no peak"
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops, f"table: {key}"
+    peaks = peak_of(name)
+    if peaks:
+        return peaks[0], "table: stages/plan/compute.py PEAK_TFLOPS"
     return None, f"unknown device {name!r}: pass --peak-tflops"
 
 

@@ -317,6 +317,8 @@ class SampleConfig(Section):
         "auto", description="tweedie: x + sigma^2 grad log p(x | y), sigma = flow.noise_sigma; none: decode the noisy "
                             "codes; auto: tweedie when the SRC decoder was trained on clean codes (PCA) and the flow "
                             "on noisy ones, else none (a learned SRC decoder already decodes that noise)")
+    classes: int | None = added(None, "sample only the flow's first K classes (a rehearsal's handful); null = every "
+                                      "class, as the evaluation protocol needs", gt=0)
     seed: int = Field(0, description="sample i's noise is seeded by (seed, i): any sharding gives the same samples")
     solver: Literal["sequential", "jacobi"] = added("sequential", "the inverse of each flow block: one token per "
                                                     "step (exact), or block-wise Jacobi fixed-point iterations")
@@ -349,6 +351,8 @@ class ReferenceConfig(Section):
     pr_images: int = Field(10000, ge=4, description="kind train: images whose pool features are kept for KID and "
                                                     "precision/recall, the first of the class-balanced order (ADM: "
                                                     "10k)")
+    allow_class_subset: bool = operational(False, "rehearsals only: accept kind adm_npz (all 1,000 classes) with a "
+                                                  "data.classes subset; its scores are not the protocol's")
     loader_threads: int = operational(4, "threads reading and decoding train shards ahead of the Inception", gt=0)
 
 
@@ -403,7 +407,7 @@ class Config(Section):
         if d.warmup_steps is not None and d.warmup_steps > d.steps:
             raise ValueError(f"fit_decoder.warmup_steps={d.warmup_steps} exceeds fit_decoder.steps={d.steps}")
         classes = self.data.classes
-        if self.reference.kind == "adm_npz" and classes is not None and (
+        if self.reference.kind == "adm_npz" and classes is not None and not self.reference.allow_class_subset and (
                 len(classes) if isinstance(classes, list) else classes) < IMAGENET_CLASSES:
             raise ValueError("reference.kind=adm_npz: ADM's reference batch holds all 1,000 ImageNet classes, but "
                              "data.classes selects a subset; samples of the subset would be scored against all "
@@ -423,6 +427,31 @@ class Config(Section):
         if self.src.dim > channels:
             raise ValueError(f"src.dim={self.src.dim} exceeds the encoder's {channels} channels "
                              f"(encoder.arch.embed_dim, {self.encoder.name})")
+        self.check_shapes(channels)
+
+    def check_shapes(self, channels: int) -> None:
+        """The model shapes fit each other: widths split into whole heads, the encoder's patches tile its input, and
+        the decoder's tokens x patch give back the crop (data.resolution)."""
+        from pipeline.models.rae_family import encoder_shape
+
+        a, d, s = self.encoder.arch, self.decoder, self.src
+        shape = encoder_shape(self.encoder.name)
+        patch, heads = a.patch_size or shape.patch_size, a.num_heads or shape.num_heads
+        if self.encoder.input_size % patch:
+            raise ValueError(f"encoder.input_size={self.encoder.input_size} is not a multiple of the encoder's patch "
+                             f"{patch} (encoder.arch.patch_size, {self.encoder.name})")
+        if channels % heads:
+            raise ValueError(f"encoder.arch.embed_dim={channels} is not divisible by the encoder's {heads} heads "
+                             f"(encoder.arch.num_heads, {self.encoder.name})")
+        if d.hidden_size % d.num_heads:
+            raise ValueError(f"decoder.hidden_size={d.hidden_size} is not divisible by decoder.num_heads={d.num_heads}")
+        grid = self.encoder.input_size // patch
+        if grid * d.patch_size != self.data.resolution:
+            raise ValueError(f"decoder.patch_size: {grid}x{grid} tokens x patch {d.patch_size} decode to "
+                             f"{grid * d.patch_size} px but data.resolution is {self.data.resolution} (patch_size "
+                             f"{self.data.resolution / grid:g} would match)")
+        if s.kind == "learned" and s.arch == "transformer" and s.hidden % s.heads:
+            raise ValueError(f"src.hidden={s.hidden} is not divisible by src.heads={s.heads} (src.arch: transformer)")
 
     @model_validator(mode="after")
     def relations(self) -> Config:

@@ -375,18 +375,71 @@ def inspect(path: Path = typer.Argument(..., help="a shard set, a .parquet manif
 
 @app.command("plan")
 def plan_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+             gpus: int | None = typer.Option(None, "--gpus", help="GPUs in all (one process each); default: "
+                                                                  "runtime.nproc x --nodes"),
+             nodes: int | None = typer.Option(None, "--nodes", help="nodes the GPUs are spread over; default: "
+                                                                    "train.torchrun_args' --nnodes, else 1"),
              as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
-    """Per stage: bytes written, files per directory, measured device-hours, peak memory. Runs nothing."""
+    """Per stage: bytes written, files per directory, device-hours and wall-clock at the scale (each term measured or
+    estimated, with its source), peak memory per process and per node. Runs nothing."""
     from srcflow.tables import print_plan
     from stages.plan import capacity_plan
+    from stages.plan.scale import scale_of
 
     cfg = _load(config, set_)
     with one_line_errors():
-        report = capacity_plan(cfg)
+        report = capacity_plan(cfg, scale=scale_of(cfg, gpus, nodes))
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print_plan(report, title=f"srcflow plan ({config})")
+
+
+@app.command()
+def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+             classes: int = typer.Option(2, "--classes", help="classes whose images are read (spread over all of the "
+                                                              "config's, which the data keeps)"),
+             images_per_class: int = typer.Option(2, "--images-per-class", help="train images read per class"),
+             val_per_class: int = typer.Option(1, "--val-per-class", help="val images read per class"),
+             steps: int = typer.Option(1, "--steps", help="steps of every training stage"),
+             samples_per_class: int = typer.Option(1, "--samples-per-class", help="samples per class and CFG scale"),
+             sample_classes: int = typer.Option(4, "--sample-classes", help="the flow's first classes sampled"),
+             cfg_scales: int = typer.Option(1, "--cfg-scales", help="of sample.cfg_scale: the first (2: and the "
+                                                                    "last; more: evenly between)"),
+             reference_images: int = typer.Option(8, "--reference-images", help="reference images (or of the ADM "
+                                                                                 "batch)"),
+             eval_images: int = typer.Option(1, "--eval-images", help="held-out images of the fit reports and the "
+                                                                      "flow's Bayes-rule classifier"),
+             weights: str = typer.Option("auto", "--weights", help="auto (the config's files, random ones in the "
+                                                                   "released forms where missing) | real | random"),
+             scratch: Path | None = typer.Option(None, "--scratch", help="folder for the scratch store, data and "
+                                                                        "weights (default: a temporary one, removed)"),
+             keep: bool = typer.Option(False, "--keep", help="keep the temporary scratch folder"),
+             memory_gb: float | None = typer.Option(None, "--memory-gb", help="memory one stage may plan to use "
+                                                                              "(default: 80% of what is free)"),
+             as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Run every stage of the config once at its real model shapes, in a scratch store (never storage.root), with
+    small amounts; per stage: seconds, unit rate, peak memory and bytes beside the planner's prediction for the same
+    work, then the whole run re-estimated from the measured rates (README "Rehearsal")."""
+    from stages.rehearse import Amounts
+    from stages.rehearse import rehearse as run_rehearsal
+    from stages.rehearse.measure import log_to_stderr
+
+    _load(config, set_)  # a bad key or shapes that do not fit: one line, before anything runs
+    amounts = Amounts(classes=classes, images_per_class=images_per_class, val_per_class=val_per_class, steps=steps,
+                      samples_per_class=samples_per_class, sample_classes=sample_classes, cfg_scales=cfg_scales,
+                      reference_images=reference_images, eval_images=eval_images)
+    with one_line_errors(), log_to_stderr():  # a stage that fails or cannot fit: one line naming it
+        report = run_rehearsal(config, set_ or [], amounts, weights=weights, scratch=scratch, keep=keep,
+                               memory_gb=memory_gb)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from srcflow.tables import print_rehearsal
+
+        print_rehearsal(report)
+    if report.get("stopped"):  # the stages before it are reported above; the stop is the usual one line
+        fail(report["stopped"]["error"])
 
 
 @app.command()

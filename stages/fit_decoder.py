@@ -43,7 +43,7 @@ from pipeline.device import autocast, inference_precision, resolve_device
 from pipeline.images import grid_image, save_grid
 from pipeline.integrity import read_input
 from pipeline.metrics.reconstruction import mean_image_sse, psnr_from_mse
-from pipeline.models.configured import decoder_arch, encoder_geometry, pixel_norm
+from pipeline.models.configured import decoder_arch, pixel_norm
 from pipeline.progress import progress
 from pipeline.training import (
     EMA,
@@ -80,7 +80,6 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     fd, resolution = cfg.fit_decoder, cfg.data.resolution
     device = resolve_device(cfg.runtime.device)
     arch = decoder_arch(cfg)
-    check_resolution(cfg)
     lpips = load_lpips(fd.lpips_weights, device)  # a bad LPIPS setting fails here, before any work
     group, attrs = open_features(upstream["encode"].dir / "features.zarr")
     train = range(*attrs["splits"]["train"])
@@ -384,16 +383,6 @@ def reconstruction_grid(decoder, features: torch.Tensor, crops: np.ndarray, devi
 
 
 # --- what other stages use -------------------------------------------------------------------------
-
-
-def check_resolution(cfg: Config) -> None:
-    """The decoder's output side (grid x patch) must be the image crop's (data.resolution)."""
-    grid, _ = encoder_geometry(cfg)
-    side = grid * cfg.decoder.patch_size
-    if side != cfg.data.resolution:
-        raise ValueError(f"decoder.patch_size: {grid}x{grid} tokens x patch {cfg.decoder.patch_size} decode to {side} "
-                         f"px but data.resolution is {cfg.data.resolution} (patch_size "
-                         f"{cfg.data.resolution / grid:g} would match)")
 
 
 def load_decoder(cfg: Config, upstream: dict[str, Manifest], device: torch.device | str = "cpu"):

@@ -1,10 +1,10 @@
 """Stage `sample`: class-balanced samples of the trained flow, decoded to pixels (SRC-FLOW.md, "The chain").
 
     labels   every class the flow was trained on (flow.json `classes`: under a data.classes subset the labels keep
-             their ImageNet numbers, and the flow's other class embeddings were never trained) sample.per_class
-             times, in the order of a permutation seeded by sample.seed alone (class_labels): sample i's class is
-             a pure function of (seed, classes, per_class, i), so chunks, workers and resumes agree, and the file
-             is not class-sorted (ADM's IS splits)
+             their ImageNet numbers, and the flow's other class embeddings were never trained; sample.classes: K
+             keeps their first K, a rehearsal's few) sample.per_class times, in the order of a permutation seeded
+             by sample.seed alone (class_labels): sample i's class is a pure function of (seed, classes,
+             per_class, i), so chunks, workers and resumes agree, and the file is not class-sorted (ADM's IS splits)
     z_i      a standard normal (T, d) seeded by (sample.seed, i): the same whatever the chunking,
              the workers or a resume; the same z_i at every CFG scale
     codes    flow.reverse(z, y) with CFG w (sample.cfg_mode tarflow|starflow, sample.cfg_anneal), both CFG
@@ -92,7 +92,7 @@ class SampleJob:
 
 def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     s = cfg.sample
-    classes = np.asarray(flow_info(upstream["train_flow"])["classes"], np.int64)
+    classes = sampled_classes(s, flow_info(upstream["train_flow"])["classes"])
     total = len(classes) * s.per_class
     scales = list(dict.fromkeys(float(w) for w in s.cfg_scale))
     sources = ModelSources(cfg, dict(upstream), cfg.runtime.device)  # each job resolves it where it runs
@@ -153,6 +153,12 @@ def samples_path(out_dir: Path, cfg_scale: float) -> Path:
     return out_dir / f"samples-cfg{cfg_scale}.npz"
 
 
+def sampled_classes(s, trained: Iterable[int]) -> np.ndarray:
+    """The labels sampled: the flow's trained classes (flow.json `classes`), or their first `sample.classes` (a
+    rehearsal's few)."""
+    return np.asarray(list(trained), np.int64)[:s.classes]
+
+
 def class_labels(classes: Iterable[int], per_class: int, seed: int) -> np.ndarray:
     """The labels of all samples: each of `classes` (the flow's trained labels) per_class times, in a permutation
     seeded by `seed` only.
@@ -192,8 +198,8 @@ def sampling_record(cfg: Config, upstream: dict[str, Manifest], device: str) -> 
     if s.solver == "jacobi":
         solver |= {"jacobi_chunk": s.jacobi_chunk, "jacobi_tol": s.jacobi_tol, "jacobi_max_iters": s.jacobi_max_iters,
                    "jacobi_precision": "fp32"}
-    return {"classes": len(flow["classes"]), "per_class": s.per_class, "seed": s.seed, "cfg_rule": s.cfg_mode,
-            "cfg_anneal": s.cfg_anneal, **solver,
+    return {"classes": len(sampled_classes(s, flow["classes"])), "per_class": s.per_class, "seed": s.seed,
+            "cfg_rule": s.cfg_mode, "cfg_anneal": s.cfg_anneal, **solver,
             "network_precision": precision, "cuda_graph": s.cuda_graph,
             "denoise": denoise, "denoise_setting": s.denoise, "flow_noise_sigma": float(flow["noise_sigma"]),
             "decoder_noise_sigma": decoder_sigma, "pixel_rounding": s.pixel_rounding, "warnings": notes}
@@ -272,7 +278,7 @@ def sample_chunk(job: SampleJob) -> int:
     flow, src, normalizer, decoder = load_models(job.sources)
     info = flow_info(job.sources.upstream["train_flow"])
     sigma = info["noise_sigma"]
-    labels = labels_of(job.start, job.stop, info["classes"], s.per_class, s.seed)
+    labels = labels_of(job.start, job.stop, sampled_classes(s, info["classes"]), s.per_class, s.seed)
     tokens, channels = flow.blocks[0].pos_embed.shape[0], flow.blocks[0].proj_in.in_features
     images, nonfinite, solver_stats, raised = [], [], {}, []
     with recorded_warnings(raised):

@@ -134,6 +134,10 @@ def test_fit_decoder_grad_clip_and_the_curve_keys_keep_stored_fingerprints_at_th
     ("sample.cfg_scale=[.nan]", "sample.cfg_scale"), ("train.lr=.inf", "train.lr"),
     ("src.noise_sigma=.nan", "src.noise_sigma"), ("fit_decoder.ema_decay=-0.1", "fit_decoder.ema_decay"),
     ("train.weight_decay=-1", "train.weight_decay"), ("sample.chunk_size=0", "sample.chunk_size"),
+    # shapes that do not fit each other (issue #24 "Bad input"): the smoke encoder is 56 px / patch 7, 64 wide, 2 heads
+    ("decoder.patch_size=7", "decoder.patch_size"), ("decoder.num_heads=3", "decoder.num_heads"),
+    ("encoder.input_size=60", "encoder.input_size"), ("encoder.arch.num_heads=3", "encoder.arch.num_heads"),
+    ("data.resolution=256", "decoder.patch_size"), ("sample.classes=0", "sample.classes"),
 ])
 def test_bad_values_and_relations_fail_before_work_in_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -153,6 +157,12 @@ def test_the_world_size_is_nodes_times_processes_and_splits_every_trained_batch(
                                           r"x 2 node\(s\) of train.torchrun_args\)"):
         load_config(SMOKE, ["runtime.nproc=2", two_nodes, "train.batch_size=64", "src.batch_size=30"])
     load_config(SMOKE, ["runtime.nproc=2", two_nodes, "src.kind=pca", "src.batch_size=30"])  # pca: no training
+
+
+def test_a_transformer_src_whose_width_does_not_split_into_its_heads_is_refused():
+    with pytest.raises(ConfigError, match=r"src.hidden=128 is not divisible by src.heads=3 \(src.arch: transformer\)"):
+        load_config(SMOKE, ["src.arch=transformer", "src.heads=3"])
+    load_config(SMOKE, ["src.arch=mlp", "src.heads=3"])  # heads are the transformer's only
 
 
 def test_an_unknown_stage_for_force_is_one_line_naming_the_stages(tmp_path, tiny_root):

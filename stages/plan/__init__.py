@@ -6,8 +6,13 @@ Runs nothing and needs no dataset. Every figure says how it was obtained:
   shard tars listed in its `_SUCCESS.json`); otherwise they are an `estimate` (JPEG sizes,
   compressed arrays, checkpoints, samples);
 - peak memory per process is always an estimate, from batch sizes and parameter counts;
-- device-hours come only from measured throughputs in `benchmarks/results/*.json`, never from a
-  model: a stage without an applicable measurement says "not measured".
+- hours come from measured throughputs in `benchmarks/results/*.json` where a record matches the config and the
+  device kind (a GPU for `runtime.device` cuda or auto, the CPU for cpu); otherwise they are an `estimate` from the
+  model's FLOPs at a stated share of the device's peak (stages/plan/compute.py). Each stage's hours are a list of
+  terms, each labelled measured or estimate with its source;
+- at a scale (`srcflow plan --gpus G --nodes N`, else runtime.nproc x train.torchrun_args' --nnodes) the training
+  stages are planned per process (the global batch over G processes) with DDP's gradient all-reduce per step, and
+  every stage gets its wall-clock hours besides its device-hours.
 
 Image counts come from, in this order: the shard stage's index when it is done; the listing of
 `data.root` when it exists; the parameters of the generated tiny dataset; ImageNet's 1,281,167
@@ -28,38 +33,55 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import Config
+from stages.plan.compute import Target, cpu_target, gpu_target, stage_hours
 from stages.plan.dataset import dataset_counts
-from stages.plan.measured import RESULTS_DIR, device_hours, identity, load_measurements
+from stages.plan.measured import RESULTS_DIR, load_measurements
+from stages.plan.scale import Scale, scale_of
 from stages.plan.sizers import SIZERS
 
 
-def capacity_plan(cfg: Config, results_dir: Path = RESULTS_DIR) -> dict:
-    """The whole plan as JSON-ready data: dataset counts, then one entry per enabled stage."""
+def capacity_plan(cfg: Config, results_dir: Path = RESULTS_DIR, scale: Scale | None = None,
+                  target: Target | None = None) -> dict:
+    """The whole plan as JSON-ready data: dataset counts, the scale and device, one entry per enabled stage, totals.
+    `scale` defaults to the config's (scale_of), `target` to a GPU (the one the records name) unless
+    runtime.device is cpu."""
     from stages import STAGES
 
+    scale = scale or scale_of(cfg)
     states, note = stage_states(cfg)
     data = dataset_counts(cfg, states.get("shard"))
     measured = load_measurements(results_dir)
+    target = target or (cpu_target() if cfg.runtime.device == "cpu" else gpu_target(measured))
     plans = []
     for stage in STAGES:
         if not stage.enabled(cfg):
             continue
-        p = SIZERS[stage.name](cfg, data)
+        p = SIZERS[stage.name](cfg, data, scale)
         planned = states.get(stage.name)
         p.state = planned.state if planned else "unknown"
         if planned is not None and planned.state == "done":
             from pipeline.artifacts import ArtifactStore
 
             p.written_bytes = ArtifactStore(cfg.storage.root).manifest(stage.name, planned.fingerprint).bytes
-        p.hours, p.hours_note = device_hours(stage.name, p.timed_in or {p.unit: p.work}, identity(cfg, stage.name),
-                                             measured)
+        p.hours = stage_hours(p, cfg, data, measured, target, scale)
+        p.memory["node_host_bytes"] = p.memory["host_bytes"] * p.processes
         plans.append(p)
+    gpu_stages = [p for p in plans if p.stage != "shard"]
+    wall = sum(p.hours["wall_hours"] for p in plans)
     return {
         "storage_root": cfg.storage.root,
         "dataset": {k: v for k, v in asdict(data).items() if k not in ("train_per_class", "tar_files")},
         "states_note": note,
-        "stages": [{**asdict(p), "bytes": p.bytes} for p in plans],
+        "scale": {"nodes": scale.nodes, "processes_per_node": scale.per_node, "gpus": scale.gpus,
+                  "source": scale.source, "intra_node_gbs": scale.intra_node_gbs,
+                  "inter_node_gbs": scale.inter_node_gbs},
+        "device": {"name": target.name, "kind": target.kind, "peak_tflops": target.tflops, "source": target.source},
+        "stages": [{**asdict(p), "bytes": p.bytes, "peak_bytes": p.peak_bytes} for p in plans],
         "total_bytes": sum(p.bytes for p in plans),
+        "total": {"wall_hours": wall,
+                  "device_hours": sum(p.hours["device_hours"] for p in gpu_stages),
+                  "allocated_device_hours": sum(p.hours["wall_hours"] for p in gpu_stages) * scale.gpus,
+                  "estimate": any(p.hours["estimate"] for p in plans)},
     }
 
 

@@ -28,6 +28,13 @@ class Dataset:
     source: str
     train_per_class: tuple[int, ...] | None = None  # known from a listing or the shard manifest
     tar_files: dict[str, int] | None = field(default=None, compare=False)  # done shard stage: tar -> bytes
+    label_space: int | None = None  # the highest label + 1 (the flow's classes), when it is not `classes`
+
+    @property
+    def labels(self) -> int:
+        """The classes the flow is built for: labels are indices among every train synset, so a subset of classes
+        (data.classes) keeps the labels of the whole set."""
+        return self.label_space or self.classes
 
     def encoded_train(self, subset_per_class: int | None) -> int:
         """Train images `encode` reads with `encode.subset_per_class`."""
@@ -61,7 +68,8 @@ def dataset_counts(cfg: Config, shard=None) -> Dataset:
     train = IMAGENET_TRAIN if whole else round(classes * _capped(IMAGENET_TRAIN / IMAGENET_CLASSES, cfg))
     val = classes * _capped(IMAGENET_VAL_PER_CLASS, cfg)
     return Dataset(train if "train" in splits else 0, val if "val" in splits else 0, classes, IMAGENET_MEAN_JPEG,
-                   "ImageNet-1k constants (1,281,167 train / 50,000 val)")
+                   "ImageNet-1k constants (1,281,167 train / 50,000 val)",
+                   label_space=IMAGENET_CLASSES if isinstance(cfg.data.classes, list) else None)
 
 
 def _selected_classes(cfg: Config, available: int) -> int:
@@ -84,7 +92,8 @@ def _counts_from_listing(cfg: Config) -> Dataset:
     train = listing.images.get("train", [])
     return Dataset(len(train), len(listing.images.get("val", [])), len(listing.synsets),
                    sum(sizes) / max(len(sizes), 1), f"listing of {cfg.data.root}",
-                   tuple(Counter(im.label for im in train).values()))
+                   tuple(Counter(im.label for im in train).values()),
+                   label_space=max((im.label + 1 for im in images), default=None))
 
 
 def _counts_from_shards(shard_dir: Path) -> Dataset:
@@ -101,5 +110,6 @@ def _counts_from_shards(shard_dir: Path) -> Dataset:
     n = max(sum(samples.values()), 1)
     mean = (sum(tars.values()) / n) - TAR_SAMPLE_OVERHEAD  # only informative: the tar bytes are read
     return Dataset(samples.get("train", 0), samples.get("val", 0), len(index["synsets"]), mean,
-                   "shard stage index (done)", tuple(Counter(train_labels).values()), tars)
+                   "shard stage index (done)", tuple(Counter(train_labels).values()), tars,
+                   label_space=max(manifest["label"].to_pylist(), default=-1) + 1 or None)
 

@@ -32,6 +32,7 @@ class Output:
     per_dir: int  # entries in the fullest directory of this output
     exact: bool
     basis: str
+    transient: bool = False  # written while the stage runs and deleted when it commits (training checkpoints)
 
 
 

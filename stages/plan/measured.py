@@ -24,6 +24,11 @@ class Measurement:
     source: str
     fields: dict
 
+    @property
+    def kind(self) -> str:
+        """cpu or gpu: a record says `"device": "cpu"` when it ran on the CPU (else it names the GPU or says cuda)."""
+        return "cpu" if self.fields.get("device") == "cpu" else "gpu"
+
 
 def _params_m(model: str, cfg: Config) -> float:  # as the benchmarks print it
     return round(param_count(model, cfg) / 1e6, 2)
@@ -94,15 +99,16 @@ def _records(node, context: dict, source: str, key: str | None) -> list[Measurem
 
 
 def device_hours(stage: str, work: dict[str, int], expect: dict, measured: list[Measurement],
-                 ) -> tuple[dict | None, str]:
-    """Hours of `work` ({unit: amount}) on one measured device, a GPU first; else (None, why not)."""
-    fits = [m for m in measured if m.stage == stage and m.unit in work
+                 accept: Callable[[Measurement], bool] | None = None) -> tuple[dict | None, str]:
+    """Hours of `work` ({unit: amount}) on one measured device that `accept`s (None: any, a GPU first); else
+    (None, why not)."""
+    fits = [m for m in measured if m.stage == stage and m.unit in work and (accept is None or accept(m))
             and all(m.fields.get(k) == v if k in m.fields else v is None for k, v in expect.items())]
     if not fits:
         others = sorted({m.source for m in measured if m.stage == stage})
-        why = f" (other models only: {', '.join(others)})" if others else ""
+        why = f" (other models or devices only: {', '.join(others)})" if others else ""
         return None, "not measured" + why
-    best = min(fits, key=lambda m: (m.device == "cpu", -m.rate))  # a GPU first, then the fastest
+    best = min(fits, key=lambda m: (m.kind == "cpu", -m.rate))  # a GPU first, then the fastest
     return ({"hours": work[best.unit] / best.rate / 3600, "device": best.device, "rate": best.rate,
-             "unit": f"{best.unit}/s", "source": best.source}, "")
+             "unit": f"{best.unit}/s", "source": best.source, "cpu_count": best.fields.get("cpu_count")}, "")
 
