@@ -59,6 +59,7 @@ from pipeline.training import (
 from stages.encode import encoder_spec, load_encoder
 from storage_schemas.model_files import model_info
 from storage_schemas.success import Manifest, write_atomic
+from storage_schemas.zarr_layouts import array_name
 
 WEIGHTS = "decoder.safetensors"
 ARCH = "decoder.json"
@@ -237,7 +238,7 @@ class PairSource:
         self.group, self.resolution = group, resolution
         self.pool = ThreadPoolExecutor(max(1, threads))
         self.tars = sorted(str(t) for t in (Path(shard_dir) / "shards").glob("*.tar"))
-        self.tar, self.offset, self.size = jpeg_locations(group["keys"], self.tars, self.pool)
+        self.tar, self.offset, self.size = jpeg_locations(group[array_name(group, "key")], self.tars, self.pool)
         self.view = group["view"][:]
         self.held: tuple[range, torch.Tensor, np.ndarray] | None = None
 

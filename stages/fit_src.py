@@ -70,6 +70,7 @@ from pipeline.training import (
 from stages.fit_decoder import load_decoder
 from storage_schemas.model_files import model_info, read_model_info
 from storage_schemas.success import Manifest, write_atomic
+from storage_schemas.zarr_layouts import array_name
 
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
@@ -296,7 +297,8 @@ def reconstruction_report(cfg: Config, upstream: dict[str, Manifest], group, att
     SRC_dec(SRC_enc(z)), pixel PSNR of RAE_dec(SRC(z)) vs RAE_dec(z) and vs the image crop, clean and with
     codes + sigma * eps (the same eps for every model). Writes recon_grid.png."""
     rows, split = report_rows(group, attrs, cfg.src.report_images)
-    keys, views = group["keys"].get_coordinate_selection(rows), group["view"].get_coordinate_selection(rows)
+    keys = group[array_name(group, "key")].get_coordinate_selection(rows)
+    views = group["view"].get_coordinate_selection(rows)
     images = load_images(upstream["shard"].dir, keys, views, cfg.data.resolution)
     decoder = load_decoder(cfg, upstream, device)
     models = {name: m.to(device).eval() for name, m in models.items()}

@@ -47,9 +47,9 @@ def test_store_layout_shapes_and_dimension_names(encoded):
     # smoke encoder: input 56, patch 7 -> 8x8 tokens of 64 channels; views plain + flip side by side
     assert group["features"].shape == (n_images * 2, 64, 64) and group["features"].dtype == np.float16
     assert tuple(group["features"].metadata.dimension_names) == ("row", "token", "channel")
-    for name in ("labels", "keys", "view", "split"):
+    for name in ("labels", "key", "view", "split"):
         assert group[name].shape == (n_images * 2,) and tuple(group[name].metadata.dimension_names) == ("row",)
-    assert list(group["view"][:4]) == [0, 1, 0, 1] and group["keys"][0] == group["keys"][1]
+    assert list(group["view"][:4]) == [0, 1, 0, 1] and group["key"][0] == group["key"][1]
     assert attrs["splits"] == {"train": [0, 96], "val": [96, 128]} and attrs["grid_size"] == 8
     assert group["stats_var"].shape == (64, 8, 8)
     # the flipped view is the encoding of the mirrored image, not a copy

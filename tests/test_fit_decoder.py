@@ -78,7 +78,7 @@ def held_out(cfg, manifests):
     val = manifest_rows(manifests["shard"].dir, ("val",))
     jpegs = dict(iter_jpegs(sorted(str(manifests["shard"].dir / "shards" / r["shard"]) for r in val),
                             {r["key"] for r in val}))
-    keys = group["keys"].get_orthogonal_selection((rows,))
+    keys = group["key"].get_orthogonal_selection((rows,))
     crops = np.stack([decode_crop(jpegs[k], cfg.data.resolution) for k in keys])
     return read_features(group, rows), crops
 
