@@ -13,6 +13,7 @@ from stages import STAGE_NAMES, STAGES, Stage
 from storage_schemas.success import Manifest
 
 log = logging.getLogger("srcflow")
+STOPPED_NOTE = "stopped stage: "  # the note run_stage adds to a KeyboardInterrupt that stopped a stage
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
             if e.errno is None or (e.filename is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT)):
                 raise
             raise OSError(e.errno, f"{p.name}: {e.strerror} (writing {e.filename or f'into {out.path}'})") from e
+        except BaseException as e:  # a signal that stopped no training loop (KeyboardInterrupt, SystemExit, ...)
+            if not isinstance(e, Exception):
+                e.add_note(STOPPED_NOTE + p.name)  # which stage it stopped
+            raise
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {})
     if built is not None:
