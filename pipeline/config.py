@@ -319,6 +319,9 @@ class EvaluateConfig(Section):
     make_standin: bool = operational(
         False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
                "time; every metric computed with it is marked inception_weights: stand-in")
+    inception_dtype: Literal["float64", "float32"] = added(
+        "float64", "the Inception's arithmetic: float64 (this project's reportable metrics), or float32, "
+                   "torch-fidelity's own default and ~3x faster on a CPU (the smoke config's stand-in code-path check)")
     kid_subset_size: int = 1000
     bayes_max_images: int | None = Field(
         None, ge=1, description="the flow as a Bayes-rule classifier on at most this many val images, class-balanced "

@@ -63,7 +63,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         device = resolve_device(cfg.runtime.device)
         if cfg.reference.kind == "adm_npz":
             reference = import_adm_reference_npz(cfg.reference.path, weights, device, cfg.evaluate.batch_size,
-                                                 resolution=cfg.data.resolution)
+                                                 resolution=cfg.data.resolution, dtype=cfg.evaluate.inception_dtype)
         else:
             reference = train_reference(cfg, upstream["shard"], weights, weights_sha256, device, out)
         save_reference(path, reference["mu"], reference["sigma"], reference["pr_features"], reference["meta"],
@@ -91,7 +91,7 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
 
     acc = Accumulator.load(out.path / ACCUMULATOR_FILE)
     todo = [s for s in by_shard if s not in acc.shards]
-    extractor = load_inception(weights, device)
+    extractor = load_inception(weights, device, dtype=cfg.evaluate.inception_dtype)
     resolution, batch_size = cfg.data.resolution, cfg.evaluate.batch_size
     threads = max(1, cfg.reference.loader_threads)
 
@@ -100,9 +100,8 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
                                  pool)
 
     saved = time.monotonic()
-    with progress("reference", len(chosen), "img") as meter, ThreadPoolExecutor(threads) as pool, \
+    with progress("reference", len(chosen), "img", done=acc.count) as meter, ThreadPoolExecutor(threads) as pool, \
             closing(read_ahead(read, todo, depth=2)) as shards:
-        meter.advance(acc.count)
         # the next shards are read ahead of the Inception, their JPEGs decoded in `threads` threads
         for shard, crops in shards:
             keep = np.array([i in keep_pr for i in by_shard[shard]])
