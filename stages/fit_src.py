@@ -75,6 +75,9 @@ from storage_schemas.zarr_layouts import array_name
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
 GRID_IMAGES = 8
+# recon_grid.png's rows, written beside them: the image crop, RAE_dec(z), RAE_dec(SRC(z)) and
+# RAE_dec(SRC_dec(SRC_enc(z) + sigma * eps)) (src.noise_sigma)
+GRID_ROWS = ("image", "RAE", "RAE(SRC)", "RAE(SRC+noise)")
 WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 rows, 6.4 GB of fp16 features)
 
 log = logging.getLogger("srcflow")
@@ -100,7 +103,8 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         decoder = load_decoder(cfg, upstream, device) if cfg.src.pixel_loss_weight > 0 else None
         data = TrainFeatures(group, train, normalizer, cfg.src.batch_size, cfg.src.seed, WINDOW_BATCHES)
         grid_decoder = functools.cache(lambda: decoder if decoder is not None else load_decoder(cfg, upstream, device))
-        src = train_src(cfg, pca, data, decoder, normalizer, device, out, grid_decoder)
+        held_out = normalizer(read_features(group, report_rows(group, attrs, cfg.src.eval_batch_size)[0]))
+        src = train_src(cfg, pca, data, decoder, normalizer, device, out, grid_decoder, held_out)
         save_src(src, cfg, upstream, out.path)
     shutil.rmtree(out.path / "checkpoints", ignore_errors=True)  # the weights are written: done with them
 
@@ -180,9 +184,10 @@ def write_explained_variance(pca: PCAResult, dim: int, out_dir: Path) -> float:
 
 
 def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normalizer: FeatureNormalizer,
-              device: torch.device, out: StageOutput, grid_decoder: Callable) -> SRC:
+              device: torch.device, out: StageOutput, grid_decoder: Callable, held_out: torch.Tensor) -> SRC:
     """The training loop; returns the EMA model. The data order and the code noise are pure functions of
-    (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one."""
+    (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one.
+    `held_out`: normalized held-out features, whose reconstruction is logged as val/ at every log line."""
     s = cfg.src
     seed_all(s.seed)
     model = SRC.from_pca(pca, dim=s.dim, num_tokens=data.features.shape[1], **src_arch(cfg)).to(device).train()
@@ -194,7 +199,7 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
     if step:
         log.info("fit_src: resumed at step %d from %s", step, checkpoints.latest())
 
-    with StopSignal() as stop, progress("fit_src", s.steps - step, "steps") as meter, \
+    with StopSignal() as stop, progress("fit_src", s.steps, "steps", done=step) as meter, \
             Curves(out.path, step, images_per_step=s.batch_size) as curves, \
             closing(data.batches(range(step, s.steps))) as batches:  # the next batch assembled while one trains
         for z in batches:
@@ -217,7 +222,8 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
                 out.report_progress(step, s.steps, "steps")
                 curves.scalars(step, loss=loss.item(), lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
                                **{k: v.item() for k, v in parts.items()})
-            if step % s.image_every == 0:
+                curves.validation(step, **held_out_reconstruction(ema.module, held_out.to(device)))
+            if step % s.image_every == 0 or step == s.steps:
                 curves.image("reconstructions", step, reconstruction_grid(ema.module, grid_decoder(), normalizer,
                                                                            z[:GRID_IMAGES]))
             if checkpoints.due(step) or stop.agreed(device):
@@ -250,6 +256,15 @@ def calibrate_code_statistics(model: SRC, data: TrainFeatures, device: torch.dev
     return model
 
 
+@torch.no_grad()
+def held_out_reconstruction(model: SRC, z: torch.Tensor) -> dict[str, float]:
+    """The EMA SRC on held-out rows (eval mode, clean codes): feature MSE and per-token cosine of SRC_dec(SRC_enc(z))
+    against z, as the report computes them."""
+    z_hat = model.decode(model.encode(z)).float()
+    return {"feature_mse": (z_hat - z).square().mean().item(),
+            "feature_cosine": torch.nn.functional.cosine_similarity(z_hat, z, dim=-1).mean().item()}
+
+
 def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The code noise eps of step `step`: its own generator, so resuming needs nothing but the step."""
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, bits=32))
@@ -259,7 +274,8 @@ def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 def reconstruction_grid(model: SRC, decoder, normalizer: FeatureNormalizer, z: torch.Tensor) -> np.ndarray:
     """The training-curve grid: RAE_dec(z) (top) and RAE_dec(SRC_dec(SRC_enc(z))) of a few train rows."""
     return grid_image(np.concatenate([decode_pixels(decoder, normalizer, z),
-                                      decode_pixels(decoder, normalizer, model(z)[1])]), ncol=len(z))
+                                      decode_pixels(decoder, normalizer, model.decode(model.encode(z)))]), ncol=len(z),
+                      row_labels=list(GRID_ROWS[1:3]))
 
 
 def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
@@ -346,9 +362,9 @@ def reconstruction_report(cfg: Config, upstream: dict[str, Manifest], group, att
             report[f"{name}/{variant}feature_cosine"] = sums[f"{name}/{variant}cosine_sum"] / sums["tokens"]
             report[f"{name}/{variant}psnr_vs_rae"] = to_psnr(sums[f"{name}/{variant}sse_vs_rae"])
             report[f"{name}/{variant}psnr_vs_image"] = to_psnr(sums[f"{name}/{variant}sse_vs_image"])
-    # rows of the grid: image, RAE_dec(z), RAE_dec(SRC(z)), RAE_dec(SRC_dec(SRC_enc(z) + sigma * eps))
     rows_of_grid = [np.concatenate(grid[k]) for k in ("image", "rae", "src/clean_", "src/noisy_")]
-    save_grid(np.concatenate(rows_of_grid), out_dir / "recon_grid.png", ncol=len(rows_of_grid[0]))
+    save_grid(np.concatenate(rows_of_grid), out_dir / "recon_grid.png", ncol=len(rows_of_grid[0]),
+              row_labels=list(GRID_ROWS))
     return report
 
 

@@ -109,6 +109,7 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
         upstream = {u: store.manifest(u, fp) for u, fp in p.upstream.items()}
         out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
         log.info("%s: running -> %s", p.name, out.path)
+        name_training_runs(p, store)
         started = now()
         try:
             metrics = p.stage.run(cfg, upstream, out)
@@ -122,10 +123,28 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
             raise
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {})
+    name_training_runs(p, store)
     if built is not None:
         built.append(p.name)
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
     return manifest
+
+
+def name_training_runs(p: PlannedStage, store: ArtifactStore) -> None:
+    """The TensorBoard names of a training stage's outputs (pipeline.curves.name_runs), this one's included; a store
+    where the links cannot be made loses only the names."""
+    if p.name not in TRAINING_BATCHES:
+        return
+    from pipeline.config import flatten
+    from pipeline.curves import name_runs, semantic_chain
+
+    try:
+        chain: dict = {}
+        for name, fp in p.upstream.items():
+            chain |= semantic_chain(store.root, name, fp)
+        name_runs(store.root, p.name, running=(p.fingerprint, chain | flatten(p.semantic)))
+    except OSError as e:
+        log.warning("%s: no readable TensorBoard run names (%s)", p.name, e)
 
 
 def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] | tuple[str, ...] = ()) -> None:
