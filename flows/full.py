@@ -120,7 +120,8 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
         # in this process (signals reach the stage: SIGTERM checkpoints), or on the flow's task runner
         if on_task_runner:
             runs[p.name] = task_fn.submit(*args, **kwargs)
-            state = runs[p.name].wait() or runs[p.name].state
+            runs[p.name].wait()
+            state = runs[p.name].state
         else:
             runs[p.name] = state = task_fn(*args, **kwargs, return_state=True)
         if not state.is_completed():  # (Cached is completed) and never load a result: Prefect would link it by id

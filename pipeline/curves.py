@@ -20,6 +20,7 @@ import io
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Self
 
@@ -144,13 +145,11 @@ def name_runs(root: Path, stage: str, running: tuple[str, dict[str, Any]] | None
         chains[running[0]] = running[1]
     differ = sorted({k for c in chains.values() for k in c
                      if len({json.dumps(c.get(k), sort_keys=True) for c in chains.values()}) > 1})
-    names = {}
-    for fingerprint, chain in chains.items():
-        keys = [f"{k}={run_value(chain.get(k))}" for k in differ[:NAMED_KEYS]]
-        names[fingerprint] = " ".join([stage, *keys, *(["..."] if len(differ) > NAMED_KEYS else [])])
-    for fingerprint, name in names.items():
-        if list(names.values()).count(name) > 1:
-            names[fingerprint] = f"{name} {fingerprint[:8]}"
+    names = {fingerprint: " ".join([stage, *[f"{k}={run_value(chain.get(k))}" for k in differ[:NAMED_KEYS]],
+                                    *(["..."] if len(differ) > NAMED_KEYS else [])])
+             for fingerprint, chain in chains.items()}
+    alike = Counter(names.values())
+    names = {fp: f"{name} {fp[:8]}" if alike[name] > 1 else name for fp, name in names.items()}
     links = root / RUNS
     links.mkdir(exist_ok=True)
     wanted = {name: f"../{stage}/{fingerprint[:16]}/{DIRECTORY}" for fingerprint, name in names.items()}

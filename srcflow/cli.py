@@ -112,8 +112,7 @@ def run(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
         stage: list[str] | None = typer.Option(None, "--stage", help=f"run only this stage (repeatable): {STAGES}"),
         until: str | None = typer.Option(None, "--until", help="run every stage up to this one"),
         force: list[str] | None = typer.Option(None, "--force", help="rebuild this stage even if done (repeatable)"),
-        use_prefect: bool = flag("--prefect", help="run the Prefect flow even when every stage is "
-                                                                  "done")):
+        use_prefect: bool = flag("--prefect", help="run the Prefect flow even when every stage is done")):
     """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set). When every
     selected stage is done, nothing starts: each is reported done (--prefect runs the flow anyway)."""
     cfg = _load(config, set_)
@@ -129,14 +128,15 @@ def run(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
         print("nothing to run: every selected stage is done; Prefect was not started (--prefect runs the flow)")
         return
     start_prefect()
-    with prefect_api(), SignalsReceived() as received:
-        from flows.full import srcflow
+    with prefect_api():
+        from flows.full import srcflow  # sets up Prefect's logging: its console handler, which SignalsReceived filters
 
-        try:
-            state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
-                            return_state=True)
-        except (KeyboardInterrupt, SystemExit) as e:  # a stop between tasks, or in one that is no training loop
-            state = e
+        with SignalsReceived() as received:
+            try:
+                state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
+                                return_state=True)
+            except (KeyboardInterrupt, SystemExit) as e:  # a stop between tasks, or in one that is no training loop
+                state = e
     stopped(received, state)
     if not state.is_completed():
         fail(f"flow run {state.name}: {state.message}")
@@ -305,8 +305,8 @@ def sweep(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
           until: str | None = typer.Option(None, "--until", help="run every point up to this stage"),
           parallel: int = typer.Option(1, "--parallel", help="points at once, each in its own process, through the "
                                                              "Prefect flow"),
-          use_prefect: bool = flag("--prefect", help="run the Prefect flow even with --parallel 1 or "
-                                                                    "when every point is done"),
+          use_prefect: bool = flag("--prefect", help="run the Prefect flow even with --parallel 1 or when every "
+                                                     "point is done"),
           as_json: bool = flag("--json", help="print the summary as JSON")):
     """A grid of overrides x seeds over one artifact store (README "Ablations"): every point planned and checked
     before any work, each output several points share built once, then the points; writes
