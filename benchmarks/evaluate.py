@@ -3,7 +3,7 @@
     python -m benchmarks.evaluate                              # CPU, 16 images -> prints JSON
     python -m benchmarks.evaluate --device cuda --out          # -> results/evaluate-cuda.json
 
-- `images_per_s`: torch-fidelity's Inception (float64 inside, as the stages run it; pool features,
+- `images_per_s`: torch-fidelity's Inception (float64 inside, as the stages run it, or `--dtype float32`; pool features,
   logits and the sFID spatial features from one pass) on uint8 images at `--resolution`, batch
   `--batch-size`, the stages' own batch loop (stages.reference.pool_features), after one warm-up batch.
   Both stages are this loop, so the figure serves `reference` and `evaluate`.
@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--samples", type=int, default=None, help="samples for the metrics (cpu 500, cuda 50000)")
     parser.add_argument("--reference", type=int, default=None, help="reference images (cpu 500, cuda 10000)")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                        help="the Inception's arithmetic (evaluate.inception_dtype)")
     parser.add_argument("--out", action="store_true", help="also write results/evaluate-<device>.json")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -53,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "standin-inception.pth"
         sha = make_standin_inception_weights(weights)
-        extractor = load_inception(weights, device)
+        extractor = load_inception(weights, device, dtype=args.dtype)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (batch, args.resolution, args.resolution, 3), dtype=np.uint8)
     pool_features(extractor, pixels, device)  # warm-up (cuDNN autotuning, allocations)
@@ -83,7 +85,7 @@ def main() -> None:
         "stage": "evaluate", "images_per_s": rate, "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__, "resolution": args.resolution, "batch_size": batch, "images": done,
-        "inception_dtype": "float64",
+        "inception_dtype": args.dtype,
         "metrics_seconds": round(metrics_seconds, 2), "metrics_samples": n_samples, "metrics_reference": n_reference,
         "records": [{"stage": "reference", "images_per_s": rate}],
         "date": datetime.date.today().isoformat(), "weights": "stand-in (same architecture; timing only)",

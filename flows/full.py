@@ -20,32 +20,59 @@ from urllib.parse import urlparse
 
 from PIL import Image
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import config_dict, load_config, validate_config
-from pipeline.progress import set_mode
+from pipeline.progress import Meter, set_mode, set_reporter
 from stages.runner import last_needed, plan, preflight, run_stage, select_stages
 from storage_schemas.success import Manifest
 
+# 2: stage_task returns None. The manifests that version 1 returned and cached, Prefect links (a Cached one too) to
+# later tasks' arguments by id(), even once freed: a new key never loads them.
+RESULT_VERSION = 2
+
 
 def fingerprint_key(context, parameters) -> str:
-    return f"{parameters['stage']}-{parameters['fingerprint']}"
+    return f"{parameters['stage']}-{parameters['fingerprint']}-r{RESULT_VERSION}"
 
 
 @task(cache_key_fn=fingerprint_key, persist_result=True)
 def stage_task(stage: str, fingerprint: str, config: dict, upstream: dict[str, str], force: bool = False,
-               built: list[str] | None = None) -> dict:
-    """Runs one stage (`upstream`: the fingerprints it reads, found through this root); returns its small manifest
-    (never arrays). `built` (called as a function) gets the stage appended when this call built it."""
+               built: list[str] | None = None) -> None:
+    """Runs one stage (`upstream`: the fingerprints it reads, found through this root). `built` (called as a
+    function) gets the stage appended when this call built it. It returns nothing: Prefect links the objects a task
+    returns to later tasks' arguments by their id() (and by ids Python has reused since), which drew an edge from
+    nearly every stage to every later one; the flow passes the real edges as `wait_for`."""
     cfg = validate_config(config)
     (p,) = [p for p in plan(cfg, last=stage) if p.name == stage]
     if p.fingerprint != fingerprint:
         raise RuntimeError(f"{stage}: fingerprint changed between planning and running ({fingerprint[:16]} -> "
                            f"{p.fingerprint[:16]}); an input changed during the run")
-    return run_stage(p, cfg, force=force, built=built).model_dump()
+    set_reporter(progress_artifact)
+    try:
+        run_stage(p, cfg, force=force, built=built)
+    finally:
+        set_reporter(None)
+
+
+def progress_artifact(meter: Meter) -> None:
+    """A long loop's progress in the Prefect UI: a progress artifact per meter (its percentage), whose description is
+    the done/total, rate and ETA; keyed by the meter, so the Artifacts page keeps each one's history."""
+    percent = 100.0 * min(meter.done, meter.total) / max(meter.total, 1)
+    description = f"{meter.desc}: {meter.summary()}"
+    if "artifact" not in meter.state:
+        key = "srcflow-progress-" + re.sub(r"[^a-z0-9]+", "-", meter.desc.lower()).strip("-")
+        meter.state["artifact"] = create_progress_artifact(percent, key=key, description=description)
+    else:
+        update_progress_artifact(meter.state["artifact"], percent, description=description)
 
 
 @flow(name="srcflow", log_prints=True)
@@ -92,22 +119,31 @@ def run_stages(config: str, overrides: list[str] | None, stages: list[str] | Non
     manifests: dict[str, Manifest] = {}
     selected = select_stages(plan(cfg, last_needed(stages, until)), stages, until)
     todo = preflight(selected, cfg, force)
+    runs = {}  # stage -> its task run's future or final state: what a later stage waits for (the graph's edges)
     for p in selected:
         # checked again: a stage rebuilt above with other bytes makes the outputs built from it stale
         rerun = p in todo or store.state(p.name, p.fingerprint) != "done"
         task_fn = stage_task.with_options(name=p.name, task_run_name=p.name, refresh_cache=rerun,
                                           result_storage=results_dir)
         # in this process: signals reach the stage (SIGTERM checkpoints); jobs fan out as runtime says
-        task_fn(p.name, p.fingerprint, config_dict(cfg), p.upstream, force=p.name in force)
+        runs[p.name] = state = task_fn(p.name, p.fingerprint, config_dict(cfg), p.upstream, force=p.name in force,
+                                       wait_for=[runs[u] for u in p.upstream if u in runs], return_state=True)
+        if not state.is_completed():  # (Cached is completed) and never load a result: Prefect would link it by id
+            state.result()  # raises the stage's exception
         # what is on disk under this root, not a cached task result (which may name another root's output)
         manifests[p.name] = store.manifest(p.name, p.fingerprint)
     create_table_artifact(key="srcflow-stages", table=[
-        {"stage": name, "fingerprint": m.fingerprint[:16], "path": str(m.dir),
-         "metrics": ", ".join(f"{k}={v}" for k, v in m.metrics.items() if isinstance(v, (int, float)))}
-        for name, m in manifests.items()], description="srcflow stage outputs")
+        {"stage": name, "output": m.path, "metrics": short_metrics(m.metrics)} for name, m in manifests.items()],
+        description=f"srcflow stage outputs under {store.root}")
     if "evaluate" in manifests:
         publish_evaluation(manifests["evaluate"].dir)
     return {name: m.model_dump() for name, m in manifests.items()}
+
+
+def short_metrics(metrics: dict, count: int = 3) -> str:
+    """A stage's first `count` numbers as `k=v` to 4 digits: a table cell that fits the Prefect UI's artifact pane."""
+    numbers = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    return ", ".join(f"{k}={v:.4g}" for k, v in numbers[:count])
 
 
 def publish_evaluation(out_dir: Path) -> None:

@@ -78,11 +78,28 @@ def fingerprint(stage: str, code_version: str, semantic: dict, upstream: dict[st
 # --- digests of external inputs (weights): sha256, remembered outside the store --------------------
 
 _DIGESTS: dict[str, str] = {}  # per process, for when the cache directory cannot be written
+_READ_ONLY = False  # inside `read_only()`
+
+
+@contextmanager
+def read_only():
+    """`status`, `plan`, `verify`: inside, planning reads the local caches but writes none, and creates no input
+    (the tiny dataset, the stand-in Inception: `stages.inputs` gives those a `pending` digest instead)."""
+    global _READ_ONLY
+    _READ_ONLY = True
+    try:
+        yield
+    finally:
+        _READ_ONLY = False
+
+
+def writes_allowed() -> bool:
+    return not _READ_ONLY
 
 
 def local_cache_dir() -> Path:
     """Project-local cache (`.srcflow/` in the working directory, beside `.prefect/`; SRCFLOW_CACHE_DIR overrides).
-    Never inside storage.root: `status` must not write into the store."""
+    Never inside storage.root: `status` must not write into the store, nor here (`read_only`)."""
     return Path(os.environ.get("SRCFLOW_CACHE_DIR") or ".srcflow").absolute()
 
 
@@ -100,8 +117,9 @@ def file_sha256(path: str | Path, cache_dir: Path | None = None) -> str:
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cached, digest)
+            if writes_allowed():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(cached, digest)
         except OSError:
             pass
     _DIGESTS[key] = digest
@@ -144,8 +162,9 @@ def check_once(path: str | Path, spec: str, check: Callable[[], None]) -> str:
     check()
     _PASSED.add(key)
     try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(marker, f"{Path(path).resolve()}\n{spec}\n")
+        if writes_allowed():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, f"{Path(path).resolve()}\n{spec}\n")
     except OSError:
         pass
     return digest

@@ -82,8 +82,11 @@ class RuntimeConfig(Section):
 
 
 class TinyImageNetConfig(Section):
-    """Parameters of the procedural dataset generated at `data.root` when it is missing."""
+    """Parameters of the procedural dataset generated at `data.root` when it is missing and is `root`."""
 
+    root: str | None = Field(None, description="the one path the set is generated at (when data.root is this path "
+                                               "and missing): a mistyped data.root is an error, not a new dataset; "
+                                               "null: never generated")
     classes: int = 4
     per_class: int = Field(32, gt=0)
     val_per_class: int = Field(8, ge=0)
@@ -364,6 +367,9 @@ class EvaluateConfig(Section):
     make_standin: bool = operational(
         False, "smoke/CI only: when inception_weights is missing, write a seeded stand-in Inception there at plan "
                "time; every metric computed with it is marked inception_weights: stand-in")
+    inception_dtype: Literal["float64", "float32"] = added(
+        "float64", "the Inception's arithmetic: float64 (this project's reportable metrics), or float32, "
+                   "torch-fidelity's own default and ~3x faster on a CPU (the smoke config's stand-in code-path check)")
     kid_subset_size: int = Field(1000, gt=1)
     dinov2_weights: str | None = added(
         None, "a local DINOv2-L/14 file (dinov2_vitl14_pretrain.pth, or timm / transformers names): adds FD_DINOv2 "
@@ -498,7 +504,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, source=str(path) if path else "defaults")
+    return validate_config(raw, source=str(path) if path else "defaults", overrides=overrides)
 
 
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -529,7 +535,9 @@ def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+def validate_config(raw: dict[str, Any], source: str = "config", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`overrides`: the `--set` items applied to `raw`; an error in a key one of them set names that item, not
+    `source`."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -538,13 +546,22 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
         if not key:  # a relation between sections: the message names its keys
             raise ConfigError(f"{source}: {err['msg'].removeprefix('Value error, ')}{more}") from None
+        where = next((f"--set {item}" for item in overrides if overlaps(item.partition("=")[0].strip(), key)), source)
         if err["type"] == "extra_forbidden":
-            raise ConfigError(f"{source}: unknown key {key}{known_keys_hint(err['loc'])}{more}") from None
+            raise ConfigError(f"{where}: unknown key {key}{known_keys_hint(err['loc'])}{more}") from None
         message = err["msg"].removeprefix("Value error, ")  # a field validator's own message
-        raise ConfigError(f"{source}: {key}: {message} (got {err.get('input')!r}){more}") from None
+        raise ConfigError(f"{where}: {key}: {message} (got {err.get('input')!r}){more}") from None
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Dotted keys of which one is the other or inside it (`data` and `data.root`)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def known_keys_hint(loc: tuple) -> str:
+    """`(did you mean encode.batch_size?); known: ...` for an unknown key at `loc`."""
+    import difflib
+
     model: type[BaseModel] = Config
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
@@ -553,7 +570,55 @@ def known_keys_hint(loc: tuple) -> str:
         if not candidates:
             return ""
         model = candidates[0]
-    return f"; known: {', '.join(model.model_fields)}"
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    guess = f" (did you mean {'.'.join(map(str, [*loc[:-1], close[0]]))}?)" if close else ""
+    return f"{guess}; known: {', '.join(model.model_fields)}"
+
+
+def config_sources(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every leaf of the resolved config (`srcflow config`): {key, value, source, operational}, where source is the
+    `--set` item that set it, the config file, `default`, or `derived` (a value the validator filled in: a null
+    flow.noise_sigma takes src.noise_sigma)."""
+    cfg = load_config(path, overrides)
+    in_file = flatten(yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
+    defaults = flatten(config_dict(Config()))
+    rows = []
+    for key, value in flatten(config_dict(cfg)).items():
+        item = next((i for i in reversed(overrides) if overlaps(i.partition("=")[0].strip(), key)), None)
+        if item is not None:
+            source = f"--set {item}"
+        else:  # the validator fills in only nulls (flow.noise_sigma)
+            source, said = (str(path), in_file[key]) if key in in_file else ("default", defaults.get(key, value))
+            source = f"derived (null in {source})" if said is None and value is not None else source
+        rows.append({"key": key, "value": value, "source": source, "operational": is_operational(cfg, key)})
+    return rows
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists, nulls and empty mappings are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def is_operational(cfg: Config, key: str) -> bool:
+    """Whether the dotted key (aliases allowed: compress.from) is, or lies inside, an operational field."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, BaseModel):
+            return False
+        fields = type(node).model_fields
+        name = next((n for n, f in fields.items() if part in (n, f.alias)), None)
+        if name is None:
+            return False
+        if (fields[name].json_schema_extra or {}).get("operational") or type(node) in (StorageConfig, RuntimeConfig):
+            return True
+        node = getattr(node, name)
+    return False
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

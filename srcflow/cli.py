@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import typer
@@ -23,6 +23,24 @@ console = Console(stderr=True)
 DEFAULT_CONFIG = "configs/smoke.yaml"
 ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="YAML config")
 SetOpt = typer.Option(None, "--set", "-s", help="override: section.key=value (repeatable)")
+
+
+def stage_names() -> str:
+    """The stage table's names, for the help of --stage, --until and --force. The table imports numpy and pydantic
+    (~0.35 s of CPU), which no other command's start pays for: it is read only when help is asked for."""
+    if "--help" not in sys.argv[1:]:
+        return "see --help"
+    from stages import STAGE_NAMES
+
+    return ", ".join(STAGE_NAMES)
+
+
+STAGES = stage_names()
+
+
+def flag(name: str, help: str):
+    """A switch that takes no value (`--json`, not `--json true`); typer 0.29 would show it as `<bool>`."""
+    return typer.Option(False, name, help=help, metavar="")
 
 
 def start_prefect() -> None:
@@ -50,7 +68,7 @@ def debug() -> bool:
 
 
 @app.callback()
-def main_options(debug_: bool = typer.Option(False, "--debug", help="show tracebacks (also SRCFLOW_DEBUG=1)")):
+def main_options(debug_: bool = flag("--debug", help="show tracebacks (also SRCFLOW_DEBUG=1)")):
     if debug_:
         os.environ["SRCFLOW_DEBUG"] = "1"
 
@@ -91,11 +109,10 @@ def _load(config: str, overrides: list[str] | None):
 
 @app.command()
 def run(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
-        stage: list[str] | None = typer.Option(None, "--stage", help="run only this stage (repeatable)"),
+        stage: list[str] | None = typer.Option(None, "--stage", help=f"run only this stage (repeatable): {STAGES}"),
         until: str | None = typer.Option(None, "--until", help="run every stage up to this one"),
         force: list[str] | None = typer.Option(None, "--force", help="rebuild this stage even if done (repeatable)"),
-        use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even when every stage is "
-                                                                  "done")):
+        use_prefect: bool = flag("--prefect", help="run the Prefect flow even when every stage is done")):
     """Run what is stale, as the Prefect flow `srcflow` (ephemeral server unless PREFECT_API_URL is set). When every
     selected stage is done, nothing starts: each is reported done (--prefect runs the flow anyway)."""
     cfg = _load(config, set_)
@@ -111,33 +128,171 @@ def run(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
         print("nothing to run: every selected stage is done; Prefect was not started (--prefect runs the flow)")
         return
     start_prefect()
-    from flows.full import srcflow
+    with prefect_api():
+        from flows.full import srcflow  # sets up Prefect's logging: its console handler, which SignalsReceived filters
 
-    state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
-                    return_state=True)
+        with SignalsReceived() as received:
+            try:
+                state = srcflow(config=config, overrides=set_ or [], stages=stage, until=until, force=force or [],
+                                return_state=True)
+            except (KeyboardInterrupt, SystemExit) as e:  # a stop between tasks, or in one that is no training loop
+                state = e
+    stopped(received, state)
     if not state.is_completed():
         fail(f"flow run {state.name}: {state.message}")
 
 
+STARTUP_TIMEOUT_S = 300  # Prefect's own 20 s is too short on a loaded machine (starts of 17-39 s were measured)
+STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+class SignalsReceived:
+    """`with SignalsReceived() as received:` collects the numbers of the signals this process receives inside,
+    whoever handles them (a training stage's StopSignal, Prefect's SIGTERM bridge, Python's KeyboardInterrupt): Python
+    writes one byte per signal to the wakeup fd. Inside, a SIGTERM that no stage handles raises SystemExit as SIGINT
+    raises KeyboardInterrupt (by default it would end the process without a word, Prefect's bridge passing it on). As a
+    logging filter on the console, it drops Prefect's run-state lines once a signal arrived (each repeated the
+    stopped stage's line; the API keeps them)."""
+
+    RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+    def __enter__(self):
+        import signal
+        import socket
+
+        self.numbers: list[int] = []
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        self.previous_term = signal.signal(signal.SIGTERM, self.terminate)
+        self.consoles = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+        for handler in self.consoles:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.set_wakeup_fd(self.previous)
+        signal.signal(signal.SIGTERM, self.previous_term)
+        for handler in self.consoles:
+            handler.removeFilter(self)
+        with suppress(BlockingIOError):
+            self.numbers += list(self.reader.recv(64))
+        self.reader.close()
+        self.writer.close()
+
+    @staticmethod
+    def terminate(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    def arrived(self) -> bool:
+        import socket
+
+        try:
+            return bool(self.reader.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, OSError):
+            return False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return debug() or not record.name.startswith(self.RUN_LOGGERS) or not self.arrived()
+
+
+def stopped(received: SignalsReceived, outcome) -> None:
+    """A run stopped by SIGINT or SIGTERM ends with one line, the stopped stage's own where it gave one, and exit
+    code 128 + the signal (130, 143), as a shell reports a process its signal ended."""
+    import signal
+
+    if not received.numbers:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return
+    from stages.runner import STOPPED_NOTE
+
+    signum = received.numbers[0]
+    cause = outcome if isinstance(outcome, BaseException) else outcome.result(raise_on_failure=False)
+    notes, link = [], cause
+    while link is not None:  # the note may sit on an exception that a later one's handling replaced
+        notes += getattr(link, "__notes__", [])
+        link = link.__context__
+    stage = [n.removeprefix(STOPPED_NOTE) for n in notes if n.startswith(STOPPED_NOTE)]
+    line = str(cause) if "stopped by" in str(cause) else \
+        f"{stage[0] + ': ' if stage else ''}stopped by {signal.Signals(signum).name}"
+    resumes = "" if "run again to resume" in line else "; `srcflow run` resumes from what is done"
+    console.print(f"[red]error:[/red] {line}{resumes}", highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + signum)
+
+
 @contextmanager
 def prefect_api():
-    """PREFECT_API_URL for a flow whose tasks run in other processes: the configured one, else a temporary server
-    started here, whose URL those processes inherit (each would otherwise start its own). The server stops when
-    this process exits (Prefect's atexit hook, after its log workers have flushed)."""
-    if os.environ.get("PREFECT_API_URL"):
+    """PREFECT_API_URL for the flow: the configured one, after a quick check that it answers, else a temporary server
+    started here, whose URL the flow's other processes inherit (each would otherwise start its own). A server that
+    does not answer is one line naming what to set. The temporary server is started with SIGINT and SIGTERM blocked:
+    a Ctrl-C (or a SIGTERM to the whole process group) stops the run, whose stage then reports its one line to a
+    server that is still there; without it Prefect retried its log and state calls for minutes. It is stopped when
+    this process exits, after Prefect's log and event workers have drained."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        check_api(url)
         yield
         return
+    import atexit
+    import signal
+
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
-    server.start()
+    class ShieldedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:  # a child inherits its parent's signal mask, and uvicorn never unblocks these
+                return super()._run_uvicorn_command()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    server, timeout = ShieldedServer(), startup_timeout()
+    try:
+        server.start(timeout=timeout)
+    except RuntimeError as e:
+        if "Timed out" not in str(e):
+            raise
+        fail(f"Prefect's temporary server did not answer within {timeout} s; set {STARTUP_SETTING} higher (a "
+             "loaded machine), or PREFECT_API_URL to a running server (`prefect server start`)")
+    # atexit runs this before Prefect's own stop, which would wait 5 s for a SIGTERM the server blocks
+    atexit.register(lambda process=server.server_process: process.kill() or process.wait())
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def startup_timeout() -> int:
+    """Seconds the temporary server may take to start: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (environment
+    or Prefect profile) where the user set it, else STARTUP_TIMEOUT_S."""
+    from prefect.settings import get_current_settings
+    from prefect.settings.models.server.ephemeral import ServerEphemeralSettings
+
+    configured = get_current_settings().server.ephemeral.startup_timeout_seconds
+    prefect_default = ServerEphemeralSettings.model_fields["startup_timeout_seconds"].default
+    return configured if STARTUP_SETTING in os.environ or configured != prefect_default else STARTUP_TIMEOUT_S
+
+
+def check_api(url: str) -> None:
+    """One line, before any work, when PREFECT_API_URL names a server that does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except OSError as e:  # refused, unknown host, timeout, an HTTP error status
+        problem = str(getattr(e, "reason", None) or e)
+    fail(f"PREFECT_API_URL={url}: no Prefect server answers ({problem}); start one (`prefect server start`) or unset "
+         "PREFECT_API_URL to run on a temporary server")
 
 
 @app.command()
@@ -150,9 +305,9 @@ def sweep(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
           until: str | None = typer.Option(None, "--until", help="run every point up to this stage"),
           parallel: int = typer.Option(1, "--parallel", help="points at once, each in its own process, through the "
                                                              "Prefect flow"),
-          use_prefect: bool = typer.Option(False, "--prefect", help="run the Prefect flow even with --parallel 1 or "
-                                                                    "when every point is done"),
-          as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")):
+          use_prefect: bool = flag("--prefect", help="run the Prefect flow even with --parallel 1 or when every "
+                                                     "point is done"),
+          as_json: bool = flag("--json", help="print the summary as JSON")):
     """A grid of overrides x seeds over one artifact store (README "Ablations"): every point planned and checked
     before any work, each output several points share built once, then the points; writes
     <storage.root>/sweeps/<id>/ (summary.json/.csv/.md, plots). Exit 1 when a point failed (the others ran)."""
@@ -220,7 +375,7 @@ def compare(outputs: list[Path] | None = typer.Argument(None, help="two stage ou
             config: str = ConfigOpt, set_: list[str] | None = SetOpt,
             a: str | None = typer.Option(None, "--a", help='side a: overrides on --config/--set, "k=v k2=v2"'),
             b: str | None = typer.Option(None, "--b", help='side b: overrides on --config/--set, "k=v k2=v2"'),
-            as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON")):
+            as_json: bool = flag("--json", help="print the comparison as JSON")):
     """Two configs (--a/--b) or two stage outputs side by side: the semantic fields that differ, the stages they
     share (the same fingerprint: one output), and their headline metrics where done. Runs nothing."""
     import shlex
@@ -267,18 +422,19 @@ def compare(outputs: list[Path] | None = typer.Argument(None, help="two stage ou
 
 @app.command()
 def status(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
-           as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
+           as_json: bool = flag("--json", help="print a JSON list")):
     """Per stage: state (done, damaged, partial, stale, missing), fingerprint, path and size. Runs nothing and
-    writes nothing: it works on a read-only store."""
-    from pipeline.artifacts import ArtifactStore, dir_bytes
+    writes nothing (no data, weights or caches either): it works on a read-only store."""
+    from pipeline.artifacts import ArtifactStore, dir_bytes, read_only
+    from stages.inputs import PENDING
     from stages.runner import plan
     from storage_schemas.success import read_manifest
 
     cfg = _load(config, set_)
-    with one_line_errors():
+    with one_line_errors(), read_only():
         planned = plan(cfg)
     store = ArtifactStore(cfg.storage.root)
-    rows = []
+    rows, waits = [], {}  # stage -> the input `srcflow run` creates first, that it reads (or its upstream does)
     for p in planned:
         row = {"stage": p.name, "state": p.state, "fingerprint": p.fingerprint, "path": str(p.path),
                "bytes": dir_bytes(p.path) if p.path.exists() else 0}
@@ -288,6 +444,10 @@ def status(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
             row["metrics"] = read_manifest(p.path).metrics
         if p.problem:
             row["problem"] = p.problem
+        pending = [v.removeprefix(PENDING) for v in p.external.values() if v.startswith(PENDING)]
+        pending += [waits[u] for u in p.upstream if u in waits]
+        if pending:
+            waits[p.name] = row["waits_for"] = pending[0]
         rows.append(row)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -297,7 +457,7 @@ def status(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
         table.add_column(col)
     colours = {"done": "green", "damaged": "bold red", "partial": "yellow", "stale": "magenta", "missing": "red"}
     for r in rows:
-        detail = r.get("problem", "")
+        detail = r.get("problem", "") or (f"waits for {r['waits_for']}" if r.get("waits_for") else "")
         if r.get("progress"):
             detail = "{done}/{total} {unit}".format(**r["progress"])
         elif r.get("metrics"):
@@ -307,21 +467,57 @@ def status(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+@app.command("config")
+def config_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
+               as_json: bool = flag("--json", help="print [{key, value, source, operational}]")):
+    """The resolved config, each value followed by where it came from: the config file, a --set, a default, or
+    derived (a null the config fills in). The output is YAML that `--config` reads. Runs nothing."""
+    from pipeline.config import ConfigError, config_sources
+
+    try:
+        rows = config_sources(config, set_ or [])
+    except ConfigError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"# srcflow config --config {config}" + "".join(f" --set {s}" for s in set_ or []))
+    print(config_yaml(rows))
+
+
+def config_yaml(rows: list[dict]) -> str:
+    """Nested YAML of dotted keys, each leaf with its source as a comment."""
+    import yaml
+
+    lines, open_sections = [], []
+    for r in rows:
+        *sections, leaf = r["key"].split(".")
+        same = 0
+        while same < min(len(sections), len(open_sections)) and sections[same] == open_sections[same]:
+            same += 1
+        lines += [f"{'  ' * depth}{sections[depth]}:" for depth in range(same, len(sections))]
+        open_sections = sections
+        value = yaml.safe_dump(r["value"], default_flow_style=True, width=1 << 30).removesuffix("...\n").strip()
+        text = f"{'  ' * len(sections)}{leaf}: {value}"
+        lines.append(f"{text:<44} # {r['source']}{' (operational)' if r['operational'] else ''}")
+    return "\n".join(lines)
+
+
 @app.command()
 def verify(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
            stage: list[str] | None = typer.Option(None, "--stage", help="verify only this stage (repeatable)"),
-           deep: bool = typer.Option(False, "--deep", help="also compare every file's CRC-32C (reads every byte)")):
+           deep: bool = flag("--deep", help="also compare every file's CRC-32C (reads every byte)")):
     """Check every complete output against its `_SUCCESS.json`: each listed file exists with its size (and, --deep,
     its checksum). Prints the first bad file of each damaged output; exit 1 if any. A deep check records what it
     finds in `_DAMAGED.json`, so the next `srcflow run` rebuilds it (row stores: only the bad shards)."""
     import time
 
-    from pipeline.artifacts import ArtifactStore
+    from pipeline.artifacts import ArtifactStore, read_only
     from stages.runner import check_stage_names, plan
     from storage_schemas.success import write_damage
 
     cfg = _load(config, set_)
-    with one_line_errors():
+    with one_line_errors(), read_only():
         check_stage_names(stage or [], "--stage")
         planned = [p for p in plan(cfg) if not stage or p.name in stage]  # whatever the state of their upstream
     store = ArtifactStore(cfg.storage.root)
@@ -379,15 +575,16 @@ def plan_cmd(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
                                                                   "runtime.nproc x --nodes"),
              nodes: int | None = typer.Option(None, "--nodes", help="nodes the GPUs are spread over; default: "
                                                                     "train.torchrun_args' --nnodes, else 1"),
-             as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
+             as_json: bool = flag("--json", help="print the plan as JSON")):
     """Per stage: bytes written, files per directory, device-hours and wall-clock at the scale (each term measured or
     estimated, with its source), peak memory per process and per node. Runs nothing."""
+    from pipeline.artifacts import read_only
     from srcflow.tables import print_plan
     from stages.plan import capacity_plan
     from stages.plan.scale import scale_of
 
     cfg = _load(config, set_)
-    with one_line_errors():
+    with one_line_errors(), read_only():
         report = capacity_plan(cfg, scale=scale_of(cfg, gpus, nodes))
     if as_json:
         print(json.dumps(report, indent=2))
@@ -445,7 +642,7 @@ def rehearse(config: str = ConfigOpt, set_: list[str] | None = SetOpt,
 @app.command()
 def score(paths: list[Path] = typer.Argument(..., help="image files or folders (searched recursively)"),
           config: str = ConfigOpt, set_: list[str] | None = SetOpt,
-          as_json: bool = typer.Option(False, "--json", help="print {rows, summary} as JSON"),
+          as_json: bool = flag("--json", help="print {rows, summary} as JSON"),
           csv_file: Path | None = typer.Option(None, "--csv", help="also write the rows to this CSV file"),
           max_images: int | None = typer.Option(None, "--max-images", help="score at most this many images"),
           noise_samples: int = typer.Option(0, "--noise-samples",
@@ -492,7 +689,7 @@ ClassOpt = typer.Option(None, "--class", help="the class y (a label or a synset)
 def invert(images: list[Path] = typer.Argument(..., help="image files"),
            out: Path = typer.Option(..., "--out", help="folder for the z files and the grid"),
            config: str = ConfigOpt, set_: list[str] | None = SetOpt, class_: str | None = ClassOpt,
-           as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+           as_json: bool = flag("--json", help="print the report as JSON")):
     """image -> code c -> z = f(c | y) -> c' = f^-1(z | y) -> pixels: writes each z (.npz with its class) and
     invert-grid.png (original | RAE reconstruction | SRC reconstruction | flow round trip); reports max |c - c'| and
     the PSNR of decode(c') against decode(c)."""
@@ -518,7 +715,7 @@ def interpolate(image_a: Path = typer.Argument(..., help="the first image"),
                 out: Path = typer.Option(..., "--out", help="folder for the frames and the grid"),
                 steps: int = typer.Option(8, "--steps", help="frames, end points included"),
                 config: str = ConfigOpt, set_: list[str] | None = SetOpt, class_: str | None = ClassOpt,
-                as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+                as_json: bool = flag("--json", help="print the report as JSON")):
     """Invert both images under one class (--class, else image A's Bayes-rule class), slerp between their latents,
     and write the decoded frames and interpolation.png."""
     cfg = _load(config, set_)
@@ -552,8 +749,30 @@ def make_tiny_imagenet_cmd(out: Path, classes: int = 4, per_class: int = 32, val
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    """The `srcflow` command. Once a command is over (Prefect's log and event workers drained and its server stopped:
+    threading's and atexit's hooks), the process exits without the interpreter's teardown of every module and object,
+    which took 2-20 s on a loaded 2-core machine once torch and Prefect were imported, and kept a stopped run's
+    prompt away for as long."""
+    import atexit
+
+    code = 1  # an uncaught exception, whose traceback the interpreter has printed
+
+    def exit_now() -> None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    atexit.register(exit_now)  # registered first, so it runs after every other exit hook
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -69,11 +69,12 @@ STAGES: tuple[Stage, ...] = (
           sections=("sample", "decoder"),
           upstream=("encode", "fit_src", "compress", "train_flow", "fit_decoder"), external=inputs.decoder_inputs),
     Stage("reference", "2",  # 2: mu_s/sigma_s (reference schema 2)
-          sections=("reference", "data.resolution", "evaluate.dinov2_weights"),
+          sections=("reference", "data.resolution", "evaluate.dinov2_weights", "evaluate.inception_dtype"),
           upstream=("shard",), external=inputs.reference_inputs),
     Stage("evaluate", "4",  # 2: sfid (metrics.json schema 2); 3: the flow as a classifier (schema 3);
           # 4: how the samples were made (schema 4), the Bayes rule over the trained classes
-          sections=("evaluate.kid_subset_size", "evaluate.bayes_max_images", "evaluate.dinov2_weights"),
+          sections=("evaluate.kid_subset_size", "evaluate.bayes_max_images", "evaluate.dinov2_weights",
+                    "evaluate.inception_dtype"),
           upstream=("compress", "train_flow", "sample", "reference"), external=inputs.evaluate_inputs),
 )
 

@@ -51,7 +51,7 @@ from stages.encode import (
 )
 from stages.fit_src import load_src
 from storage_schemas.success import Manifest
-from storage_schemas.zarr_layouts import CODES, SPLIT_IDS
+from storage_schemas.zarr_layouts import CODES, SPLIT_IDS, array_name
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
 
     count, mean, var = reduce_statistics(commits, shard_ranges(n_rows, cfg.encode.rows_per_shard), stage="compress")
     std = np.sqrt(var)
-    write_small_array(store, "code_mean", mean, ("code_channel",))
-    write_small_array(store, "code_std", std, ("code_channel",))
+    for name, values in (("code_mean", mean), ("code_std", std)):
+        write_small_array(store, name, values, CODES.arrays[name].dims, CODES.arrays[name].attributes)
     consolidate(store)
     CODES.validate(store)
     return {"rows": n_rows, "train_rows": splits["train"][1] - splits["train"][0], "tokens": tokens,
@@ -129,7 +129,8 @@ def compress_shard(job: CompressJob) -> int:
     start, stop = job.shard.start, job.shard.stop
     if job.images is None:
         group = open_checked(job.features)
-        arrays = {name: group[name][start:stop] for name in ("features", "labels", "keys", "view", "split")}
+        arrays = {name: group[array_name(group, name)][start:stop] for name in ("features", "labels", "key", "view",
+                                                                               "split")}
     else:
         arrays, _ = encode_rows(job.images, job.encoder)  # stored-dtype features, as encode would have written them
     device = str(resolve_device(job.device))  # where this job runs

@@ -151,8 +151,8 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput,
     count, mean, var = reduce_statistics(commits, shard_ranges(n_rows, cfg.encode.rows_per_shard))
     grid = encoder.grid_size
     to_chw = lambda a: a.T.reshape(encoder.channels, grid, grid)  # noqa: E731  (T, C) -> (C, H, W)
-    write_small_array(store, "stats_mean", to_chw(mean), ("channel", "y", "x"))
-    write_small_array(store, "stats_var", to_chw(var), ("channel", "y", "x"))
+    for name, values in (("stats_mean", to_chw(mean)), ("stats_var", to_chw(var))):
+        write_small_array(store, name, values, FEATURES.arrays[name].dims, FEATURES.arrays[name].attributes)
     import zarr
 
     zarr.open_group(str(store), mode="r+").attrs["stats_count"] = int(count)
@@ -329,7 +329,7 @@ def encode_rows(rows: ShardImages, encoder: EncoderRun, seconds: dict[str, float
             stored = stored_array(mine)
     return {
         "features": stored, "labels": labels, "split": splits,
-        "keys": np.repeat([k for k, *_ in rows.images], n_views)[lo:hi],
+        "key": np.repeat([k for k, *_ in rows.images], n_views)[lo:hi],
         "view": np.tile(np.array(rows.views, dtype=np.uint8), len(rows.images))[lo:hi],
     }, sums
 

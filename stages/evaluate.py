@@ -61,6 +61,8 @@ METRICS_FILE = "metrics.json"  # layout: storage_schemas/evaluation.py
 PR_K = 3  # precision/recall neighbourhood, as ADM's evaluator
 SAMPLES_GLOB = "samples-cfg*.npz"
 GRID_CLASSES, GRID_PER_CLASS = 8, 4
+REPORT_ROWS = (("fid", "FID"), ("sfid", "sFID"), ("inception_score_mean", "Inception Score"), ("kid_mean", "KID"),
+               ("precision", "precision"), ("recall", "recall"))  # metrics.json key, report.md row
 # metrics.json key -> the short name of the flattened stage metric (`fid_cfg1.0`)
 FLAT_NAMES = {"fid": "fid", "sfid": "sfid", "inception_score_mean": "is", "kid_mean": "kid", "precision": "precision",
               "recall": "recall"}
@@ -86,7 +88,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
             continue
         samples, labels, nonfinite = open_samples(check_file(path))  # memory-mapped: checked whole first
         check_resolution(samples, reference, path)
-        extractor = extractor or load_inception(weights, device)
+        extractor = extractor or load_inception(weights, device, dtype=cfg.evaluate.inception_dtype)
         features = sample_features(extractor, samples, device, cfg.evaluate.batch_size, out, f"evaluate cfg "
                                                                                              f"{cfg_scale}")
         metrics = metrics_from_features(features, reference, weights_sha256, device, cfg.evaluate.kid_subset_size, PR_K)
@@ -269,11 +271,14 @@ def report_markdown(evaluations: list[dict], classifier: dict) -> str:
     if e0["inception_weights"] != "official":
         lines += [f"**Stand-in Inception weights** (sha256 {e0['inception_weights_sha256'][:12]}..): these numbers "
                   "check the code path and are not FIDs of the method.", ""]
-    lines += [f"{e0['evaluator']} {e0['evaluator_version']}, {e0['feature_extractor']}, reference: "
-              f"{e0['reference']['source']} ({e0['reference']['num_images']} images).", ""]
-    rows = metrics_table(evaluations)
-    lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(str(v) if k == "cfg_scale" else _fmt(v) for k, v in r.items()) + " |" for r in rows]
+    lines += [f"{e0['evaluator']} {e0['evaluator_version']}, {e0['feature_extractor']}, Inception weights "
+              f"{e0['inception_weights']}; {e0['num_samples']} samples per CFG scale against "
+              f"{e0['reference']['source']} ({e0['reference']['num_images']} images, {e0['num_reference']} for KID "
+              "and precision/recall).", ""]
+    # a metric per row and a CFG scale per column: narrow enough for the Prefect UI's artifact pane
+    lines += ["| metric | " + " | ".join(f"cfg {e['cfg_scale']}" for e in evaluations) + " |",
+              "|---|" + "---|" * len(evaluations)]
+    lines += [f"| {name} | " + " | ".join(_fmt(e[key]) for e in evaluations) + " |" for key, name in REPORT_ROWS]
     if "fd_dinov2" in e0:
         lines += ["", f"FD_DINOv2 ({e0['fd_dinov2_extractor']}, torch-fidelity's DINOv2 extractor, weights sha256 "
                   f"{e0['dinov2_weights_sha256'][:12]}.., reference: {e0['fd_dinov2_reference']}), "
@@ -290,7 +295,11 @@ def report_markdown(evaluations: list[dict], classifier: dict) -> str:
                   "|---|---|---|---|",
                   "| " + " | ".join(_fmt(c[k]) for k in ("accuracy", "mean_bits_per_dim", "mean_bits_per_dim_marginal",
                                                       "mean_bits_per_dim_uncond")) + " |"]
-    lines += [""] + [f"![samples, cfg {e['cfg_scale']}](grid-cfg{e['cfg_scale']}.png)" for e in evaluations]
+    for e in evaluations:
+        classes = f"the first {min(GRID_CLASSES, e['num_classes'])} classes" if e["num_classes"] else "unlabelled"
+        lines += ["", f"![samples, cfg {e['cfg_scale']}](grid-cfg{e['cfg_scale']}.png)", "",
+                  f"*Samples at CFG scale {e['cfg_scale']} ({e['samples_file']}): up to {GRID_PER_CLASS} of each of "
+                  f"{classes}, one class per row, in label order.*"]
     return "\n".join(lines) + "\n"
 
 

@@ -61,11 +61,13 @@ from pipeline.training import (
 from stages.encode import encoder_spec, load_encoder
 from storage_schemas.model_files import model_info
 from storage_schemas.success import Manifest, write_atomic
+from storage_schemas.zarr_layouts import array_name
 
 WEIGHTS = "decoder.safetensors"
 ARCH = "decoder.json"
 GRID = "recon_grid.png"
 GRID_COLUMNS = 8
+GRID_ROWS = ["image", "decoder"]  # the grids' rows: held-out crops, the decoder's reconstruction of their features
 PREFETCH = 2  # batches loaded ahead of the step that trains
 
 log = logging.getLogger("srcflow")
@@ -107,16 +109,17 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         log.info("fit_decoder: resuming at step %d/%d from %s", step, fd.steps, checkpoints.latest())
     grid_rows = held_out_rows(group, attrs, GRID_COLUMNS)  # the images of the training-curve grids
     shown = pairs(grid_rows) if len(grid_rows) else None
+    val_rows = held_out_rows(group, attrs, fd.eval_batch_size)  # val/ scalars at every log line
+    held_out = pairs(val_rows) if len(val_rows) else None
 
     def load(s: int):
         """The batch of step s: RAE crops (the features are computed in the loop), or stored features and crops."""
         rows = train.start + batches.indices(s)
         return (None, pairs.random_crops(rows, (fd.seed, s, 1))) if augment else pairs(rows)
 
-    with StopSignal() as stop, progress("fit_decoder", fd.steps, "steps") as bar, \
+    with StopSignal() as stop, progress("fit_decoder", fd.steps, "steps", done=step) as bar, \
             Curves(out.path, step, images_per_step=fd.batch_size) as curves, \
             closing(read_ahead(load, range(step, fd.steps), PREFETCH)) as stream:
-        bar.advance(step)
         for features, crops in stream:
             pixels = torch.from_numpy(crops).to(device)
             if features is None:
@@ -139,7 +142,9 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
             if step % fd.log_every == 0 or step == fd.steps:
                 curves.scalars(step, loss=loss.item(), l1=l1.item(), lr=scheduler.get_last_lr()[0],
                                grad_norm=grad_norm.item())
-            if step % fd.image_every == 0 and shown is not None:
+                if held_out is not None:
+                    curves.validation(step, **held_out_reconstruction(ema.module, *held_out, device))
+            if (step % fd.image_every == 0 or step == fd.steps) and shown is not None:
                 curves.image("reconstructions", step, reconstruction_grid(ema.module, *shown, device))
             if checkpoints.due(step) or step == fd.steps or stop.agreed(device):
                 checkpoints.save(step, model, ema, optimizer, scheduler, extra={"l1": losses})
@@ -156,7 +161,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
     write_atomic(out.path / ARCH, model_info("decoder", arch=arch, weights=WEIGHTS, steps=fd.steps,
                                              pixels="ImageNet-normalized (B, 3, R, R); to_uint8_pixels"))
     if len(originals):
-        save_grid(np.concatenate([originals, recons]), out.path / GRID, ncol=len(originals))  # top: images
+        save_grid(np.concatenate([originals, recons]), out.path / GRID, ncol=len(originals), row_labels=GRID_ROWS)
     shutil.rmtree(checkpoints.directory, ignore_errors=True)  # the weights are written: the output keeps none
     head = max(1, len(losses) // 10)
     return {"steps": fd.steps, **metrics,
@@ -242,7 +247,8 @@ class PairSource:
         self.group, self.resolution = group, resolution
         self.pool = ThreadPoolExecutor(max(1, threads))
         self.tars = sorted(str(t) for t in (Path(shard_dir) / "shards").glob("*.tar"))
-        self.tar, self.offset, self.size, self.sha256 = jpeg_locations(group["keys"], shard_dir, self.tars, self.pool)
+        self.tar, self.offset, self.size, self.sha256 = jpeg_locations(group[array_name(group, "key")], shard_dir,
+                                                                       self.tars, self.pool)
         self.view = group["view"][:]
         self.held: tuple[range, torch.Tensor, np.ndarray] | None = None
 
@@ -372,6 +378,19 @@ def report(decoder, pairs: PairSource, rows: np.ndarray, cfg: Config, device: to
 
 
 @torch.no_grad()
+def held_out_reconstruction(decoder, features: torch.Tensor, crops: np.ndarray, device: torch.device) -> dict:
+    """The EMA decoder on clean held-out features: L1 on [0, 1] pixels (the training loss) and PSNR (uint8 pixels)
+    against the image crops, as the report computes them."""
+    from pipeline.models.rae import to_uint8_pixels, to_unit_pixels
+
+    with autocast(device):
+        recon = decoder(features.to(device)).float()
+    l1 = (to_unit_pixels(recon) - unit_pixels(torch.from_numpy(crops).to(device))).abs().mean().item()
+    pixels = to_uint8_pixels(recon).cpu().numpy().astype(np.float64)
+    return {"l1": l1, "psnr": psnr_from_mse(float(np.square(pixels - crops).mean()))}
+
+
+@torch.no_grad()
 def reconstruction_grid(decoder, features: torch.Tensor, crops: np.ndarray, device: torch.device) -> np.ndarray:
     """The training-curve grid: the images (top) and the decoder's reconstructions of their clean features."""
     from pipeline.models.rae import to_uint8_pixels
@@ -379,7 +398,7 @@ def reconstruction_grid(decoder, features: torch.Tensor, crops: np.ndarray, devi
     with autocast(device):
         recon = to_uint8_pixels(decoder(features.to(device)).float(), mean=decoder.pixel_mean, std=decoder.pixel_std)
     recon = recon.cpu().numpy()
-    return grid_image(np.concatenate([crops, recon]), ncol=len(crops))
+    return grid_image(np.concatenate([crops, recon]), ncol=len(crops), row_labels=GRID_ROWS)
 
 
 # --- what other stages use -------------------------------------------------------------------------

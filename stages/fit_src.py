@@ -75,11 +75,15 @@ from pipeline.training import (
 from stages.fit_decoder import load_decoder
 from storage_schemas.model_files import model_info, read_model_info
 from storage_schemas.success import Manifest, read_manifest, write_atomic
+from storage_schemas.zarr_layouts import array_name
 
 WEIGHTS, INFO, PCA_FILE = "src.safetensors", "src.json", "pca.safetensors"
 WORKER = "stages.fit_src:train_worker"
 PCA_BLOCK_BYTES = 64 << 20  # float64 bytes of one Dask block of the PCA pass
 GRID_IMAGES = 8
+# recon_grid.png's rows, written beside them: the image crop, RAE_dec(z), RAE_dec(SRC(z)) and
+# RAE_dec(SRC_dec(SRC_enc(z) + sigma * eps)) (src.noise_sigma)
+GRID_ROWS = ("image", "RAE", "RAE(SRC)", "RAE(SRC+noise)")
 WINDOW_BATCHES = 64  # rows of a shuffle window, in batches (real scale: 16384 rows, 6.4 GB of fp16 features)
 
 log = logging.getLogger("srcflow")
@@ -221,7 +225,9 @@ def fit_learned(cfg: Config, upstream: dict[str, Manifest], out: StageOutput, de
     data = TrainFeatures(group, train, normalizer, s.batch_size, s.seed, WINDOW_BATCHES, distributed.rank(),
                          distributed.world_size())
     grid_decoder = functools.cache(lambda: decoder if decoder is not None else load_decoder(cfg, upstream, device))
-    ema = train_src(cfg, load_pca(out.path / PCA_FILE), data, decoder, normalizer, device, out, grid_decoder)
+    held_out = normalizer(read_features(group, report_rows(group, attrs, s.eval_batch_size)[0]))
+    ema = train_src(cfg, load_pca(out.path / PCA_FILE), data, decoder, normalizer, device, out, grid_decoder,
+                    held_out)
     if distributed.rank() == 0:  # over the rows of the first window, as one process reads them
         whole = TrainFeatures(group, train, normalizer, s.batch_size, s.seed, WINDOW_BATCHES)
         save_src(calibrate_code_statistics(ema, whole, device), cfg, upstream, out.path)
@@ -229,12 +235,13 @@ def fit_learned(cfg: Config, upstream: dict[str, Manifest], out: StageOutput, de
 
 
 def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normalizer: FeatureNormalizer,
-              device: torch.device, out: StageOutput, grid_decoder: Callable) -> SRC:
+              device: torch.device, out: StageOutput, grid_decoder: Callable, held_out: torch.Tensor) -> SRC:
     """The training loop; returns the EMA model. The data order and the code noise are pure functions of
     (seed, step), the rest of the state is in the checkpoints: a resumed run equals an uninterrupted one.
     Under DDP each rank trains on its slice of the global batch (its rows, its rows of the global noise draw)
     and the codes are normalized with the global batch's statistics (distributed.global_moments), so W
-    processes compute what one does, up to the order of float sums."""
+    processes compute what one does, up to the order of float sums.
+    `held_out`: normalized held-out features, whose reconstruction is logged as val/ at every log line."""
     s = cfg.src
     rank = distributed.rank()
     size = distributed.current_world_text(cfg.runtime.nproc, cfg.train.torchrun_args)
@@ -253,7 +260,7 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
     local = slice(rank * data.schedule.local_batch_size, (rank + 1) * data.schedule.local_batch_size)
     codes_shape = (s.batch_size, data.features.shape[1], s.dim)
 
-    with StopSignal() as stop, progress("fit_src", s.steps - step, "steps") as meter, \
+    with StopSignal() as stop, progress("fit_src", s.steps, "steps", done=step) as meter, \
             Curves(out.path, step, images_per_step=s.batch_size, enabled=rank == 0) as curves, \
             closing(data.batches(range(step, s.steps))) as batches:  # the next batch assembled while one trains
         for z in batches:
@@ -275,10 +282,11 @@ def train_src(cfg: Config, pca: PCAResult, data: TrainFeatures, decoder, normali
                 values = {k: distributed.all_reduce_mean(v.detach()).item() for k, v in {"loss": loss, **parts}.items()}
                 check_finite_loss(values["loss"], "fit_src", step, checkpoints)  # the global mean: every rank stops
                 log.info("fit_src: step %d/%d %s", step, s.steps, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                curves.scalars(step, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), **values)
                 if rank == 0:
                     out.report_progress(step, s.steps, "steps")
-                curves.scalars(step, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(), **values)
-            if step % s.image_every == 0 and rank == 0:
+                    curves.validation(step, **held_out_reconstruction(ema.module, held_out.to(device)))
+            if (step % s.image_every == 0 or step == s.steps) and rank == 0:
                 curves.image("reconstructions", step, reconstruction_grid(ema.module, grid_decoder(), normalizer,
                                                                            z[:GRID_IMAGES]))
             stopping = stop.agreed(device)  # a signal on any rank stops every rank at this step
@@ -320,10 +328,21 @@ def code_noise(seed: int, step: int, shape: tuple[int, ...], device: torch.devic
 
 
 @torch.no_grad()
+def held_out_reconstruction(model: SRC, z: torch.Tensor) -> dict[str, float]:
+    """The EMA SRC on held-out rows (eval mode, clean codes): feature MSE and per-token cosine of SRC_dec(SRC_enc(z))
+    against z, as the report computes them."""
+    z_hat = model.decode(model.encode(z)).float()
+    return {"feature_mse": (z_hat - z).square().mean().item(),
+            "feature_cosine": torch.nn.functional.cosine_similarity(z_hat, z, dim=-1).mean().item()}
+
+
+
+@torch.no_grad()
 def reconstruction_grid(model: SRC, decoder, normalizer: FeatureNormalizer, z: torch.Tensor) -> np.ndarray:
     """The training-curve grid: RAE_dec(z) (top) and RAE_dec(SRC_dec(SRC_enc(z))) of a few train rows."""
     return grid_image(np.concatenate([decode_pixels(decoder, normalizer, z),
-                                      decode_pixels(decoder, normalizer, model(z)[1])]), ncol=len(z))
+                                      decode_pixels(decoder, normalizer, model.decode(model.encode(z)))]), ncol=len(z),
+                      row_labels=list(GRID_ROWS[1:3]))
 
 
 def pixel_loss(decoder, normalizer: FeatureNormalizer, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
@@ -363,7 +382,8 @@ def reconstruction_report(cfg: Config, upstream: dict[str, Manifest], group, att
     SRC_dec(SRC_enc(z)), pixel PSNR of RAE_dec(SRC(z)) vs RAE_dec(z) and vs the image crop, clean and with
     codes + sigma * eps (the same eps for every model). Writes recon_grid.png."""
     rows, split = report_rows(group, attrs, cfg.src.report_images)
-    keys, views = group["keys"].get_coordinate_selection(rows), group["view"].get_coordinate_selection(rows)
+    keys = group[array_name(group, "key")].get_coordinate_selection(rows)
+    views = group["view"].get_coordinate_selection(rows)
     images = load_images(upstream["shard"].dir, keys, views, cfg.data.resolution)
     decoder = load_decoder(cfg, upstream, device)
     models = {name: m.to(device).eval() for name, m in models.items()}
@@ -411,9 +431,9 @@ def reconstruction_report(cfg: Config, upstream: dict[str, Manifest], group, att
             report[f"{name}/{variant}feature_cosine"] = sums[f"{name}/{variant}cosine_sum"] / sums["tokens"]
             report[f"{name}/{variant}psnr_vs_rae"] = to_psnr(sums[f"{name}/{variant}sse_vs_rae"])
             report[f"{name}/{variant}psnr_vs_image"] = to_psnr(sums[f"{name}/{variant}sse_vs_image"])
-    # rows of the grid: image, RAE_dec(z), RAE_dec(SRC(z)), RAE_dec(SRC_dec(SRC_enc(z) + sigma * eps))
     rows_of_grid = [np.concatenate(grid[k]) for k in ("image", "rae", "src/clean_", "src/noisy_")]
-    save_grid(np.concatenate(rows_of_grid), out_dir / "recon_grid.png", ncol=len(rows_of_grid[0]))
+    save_grid(np.concatenate(rows_of_grid), out_dir / "recon_grid.png", ncol=len(rows_of_grid[0]),
+              row_labels=list(GRID_ROWS))
     return report
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.artifacts import check_once, file_sha256, input_digest, local_cache_dir
+from pipeline.artifacts import check_once, file_sha256, input_digest, local_cache_dir, writes_allowed
 from pipeline.config import Config
 from pipeline.data.imagenet import SourceImage, detect_layout, listing_digest, scan_split
 from pipeline.models.configured import decoder_arch, encoder_arch
@@ -34,6 +34,9 @@ ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-20
                     "VIRTUAL_imagenet256_labeled.npz"
 STANDIN_SEED = 0
 LISTING_CACHE_VERSION = 1
+# The digest of an input that `srcflow run` creates before it reads it (the tiny dataset, the stand-in Inception), as
+# planned by `status`, `plan` and `verify`, which create nothing: the stages that read it plan as missing.
+PENDING = "pending: "
 
 
 # --- the dataset -------------------------------------------------------------------------------
@@ -61,22 +64,30 @@ def source_listing(cfg: Config) -> Listing:
     return listing
 
 
-def prepare_source(cfg: Config) -> None:
-    """The smoke config's dataset is generated on first use; a real one must be a directory."""
+def prepare_source(cfg: Config) -> str | None:
+    """The smoke config's dataset is generated on first use, and only at `data.generate_tiny.root` (a mistyped
+    data.root is an error, never a new dataset); any other data.root must be a directory. Returns a PENDING digest
+    where the set is still to be generated and nothing may be written (`artifacts.read_only`)."""
     from pipeline.data.tiny_imagenet import make_tiny_imagenet
 
     root = Path(cfg.data.root)
     tiny = cfg.data.generate_tiny
     expected = "a directory holding ImageNet in one of the data.layout forms"
-    if tiny is not None:
+    if tiny is not None and tiny.root is not None and os.path.abspath(tiny.root) == os.path.abspath(root):
+        if not writes_allowed():
+            return None if root.is_dir() else f"{PENDING}{root} (`srcflow run` generates it)"
         make_tiny_imagenet(root, classes=tiny.classes, per_class=tiny.per_class, val_per_class=tiny.val_per_class,
                            size=tiny.size, seed=tiny.seed, kind=tiny.kind)
     elif root.is_file():
         raise ValueError(f"data.root: {root} is a file (expected {expected})")
     elif not root.is_dir():
-        raise FileNotFoundError(f"data.root: {root} does not exist (expected {expected})")
+        generated = "" if tiny is None else (
+            f"; data.generate_tiny generates the tiny set only at {tiny.root}" if tiny.root is not None else
+            "; data.generate_tiny generates the tiny set only where data.generate_tiny.root names")
+        raise FileNotFoundError(f"data.root: {root} does not exist (expected {expected}){generated}")
     elif not any(root.iterdir()):
         raise ValueError(f"data.root: {root} is empty (expected {expected})")
+    return None
 
 
 @lru_cache(maxsize=4)
@@ -102,7 +113,9 @@ def dataset_inputs(cfg: Config) -> dict[str, str]:
     """The listing's digest (names, labels, sizes of every selected image). Listing ImageNet takes seconds, so
     the digest is remembered by the mtimes of the directories it scans (and the val csv): adding, removing or
     renaming a file changes one. A file rewritten in place, keeping its name, is seen by `--force shard`."""
-    prepare_source(cfg)
+    pending = prepare_source(cfg)
+    if pending is not None:
+        return {"dataset_listing": pending}
     key = _listing_key(cfg)
     cached = local_cache_dir() / "listings" / key[:32] if key else None
     if cached is not None:
@@ -111,7 +124,7 @@ def dataset_inputs(cfg: Config) -> dict[str, str]:
         except (OSError, ValueError, KeyError):
             pass
     digest = source_listing(cfg).digest
-    if cached is not None:
+    if cached is not None and writes_allowed():
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(cached, json.dumps({"digest": digest, "root": str(Path(cfg.data.root).absolute())}))
@@ -239,6 +252,8 @@ def inception_weights_digest(cfg: Config) -> str:
     writes the seeded stand-in first when `evaluate.make_standin` asks for it."""
     path = cfg.evaluate.inception_weights
     if cfg.evaluate.make_standin and path and not Path(path).exists():
+        if not writes_allowed():
+            return f"{PENDING}{path} (`srcflow run` writes this stand-in)"
         from pipeline.metrics.fidelity import make_standin_inception_weights
 
         make_standin_inception_weights(path, seed=STANDIN_SEED)

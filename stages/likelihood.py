@@ -33,6 +33,7 @@ from pipeline.device import autocast, resolve_device
 from pipeline.images import save_grid
 from pipeline.metrics.reconstruction import psnr
 from pipeline.models.flow import class_posterior, slerp
+from pipeline.progress import progress
 from pipeline.training import step_seed
 from stages import STAGE_NAMES
 from stages.train_flow import flow_info, load_flow
@@ -124,15 +125,22 @@ def open_chain(cfg: Config, config_path: str, decoder: bool = False) -> Chain:
     from stages.sample import ModelSources, load_models
     from storage_schemas.shards import MANIFEST_SCHEMA, read_table
 
-    manifests = done_manifests(cfg, config_path)
-    device = resolve_device(cfg.runtime.device)
-    if decoder:
-        upstream = {k: manifests[k] for k in ("train_flow", "fit_src", "encode", "fit_decoder") if k in manifests}
-        flow, src, normalizer, rae_decoder = load_models(ModelSources(cfg, upstream, str(device)))
-    else:
-        flow, src = load_flow(manifests["train_flow"], device), cached_src(str(manifests["fit_src"].dir), str(device))
-        normalizer = load_normalizer(manifests["encode"].dir / "features.zarr", cfg.encode.stats, cfg.encode.stats_file)
-        rae_decoder = None
+    with progress(f"loading the models of {config_path}", 3, "parts") as meter:
+        manifests = done_manifests(cfg, config_path)
+        device = resolve_device(cfg.runtime.device)
+        meter.advance()
+        if decoder:
+            upstream = {k: manifests[k] for k in ("train_flow", "fit_src", "encode", "fit_decoder") if k in manifests}
+            flow, src, normalizer, rae_decoder = load_models(ModelSources(cfg, upstream, str(device)))
+        else:
+            flow, src = load_flow(manifests["train_flow"], device), cached_src(str(manifests["fit_src"].dir),
+                                                                              str(device))
+            normalizer = load_normalizer(manifests["encode"].dir / "features.zarr", cfg.encode.stats,
+                                         cfg.encode.stats_file)
+            rae_decoder = None
+        meter.advance()
+        encoder = load_encoder(encoder_spec(cfg), str(device))
+        meter.advance()
     table = read_table(manifests["shard"].dir / "manifest.parquet", MANIFEST_SCHEMA).select(["synset", "label"])
     synsets = dict(sorted(zip(table["label"].to_pylist(), table["synset"].to_pylist(), strict=True)))
     info = flow_info(manifests["train_flow"])
@@ -141,8 +149,8 @@ def open_chain(cfg: Config, config_path: str, decoder: bool = False) -> Chain:
     if unknown:
         raise ValueError(f"{manifests['train_flow'].dir}: the flow was trained on labels {unknown[:5]} that the shard "
                          f"set does not have")
-    return Chain(cfg, manifests, device, flow, src, normalizer, load_encoder(encoder_spec(cfg), str(device)),
-                 rae_decoder, classes, synsets, float(info["noise_sigma"]))
+    return Chain(cfg, manifests, device, flow, src, normalizer, encoder, rae_decoder, classes, synsets,
+                 float(info["noise_sigma"]))
 
 
 # --- images -> codes ------------------------------------------------------------------------------
@@ -224,8 +232,6 @@ def score_codes(flow, codes: torch.Tensor, classes: np.ndarray, *, eps: torch.Te
 def score_images(chain: Chain, paths: list[str | Path], *, max_images: int | None = None, noise_samples: int = 0,
                  batch_size: int = 64) -> tuple[list[dict], dict]:
     """One row per image file (FIELDS; an unreadable file is a row with `error`), and their summary."""
-    from pipeline.progress import progress
-
     if noise_samples < 0:
         raise ValueError(f"--noise-samples: {noise_samples} is negative")
     files = list_images(paths, max_images)
@@ -356,19 +362,23 @@ def invert(chain: Chain, images: list[str | Path], out_dir: str | Path, class_: 
     """Each image -> c -> z = f(c | y) -> c' -> pixels. Writes `<stem>.npz` (z, class, synset, source) per image and
     `invert-grid.png` (one row per image: original | RAE reconstruction | SRC reconstruction | flow round trip);
     reports max |c - c'| and the PSNR of decode(c') against decode(c)."""
+    from stages.compress import encode_codes
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [Path(p) for p in images]
-    crops = np.stack([load_crop(p, *chain.crop_args) for p in files])
-    features = image_features(chain, crops)
-    from stages.compress import encode_codes
-
-    codes = torch.from_numpy(encode_codes(chain.src, chain.normalizer, features, chain.cfg.compress.batch_size,
-                                          str(chain.device)))
-    labels, posteriors = _classes_for(chain, codes, chain.class_of(class_))
-    z, back = round_trip(chain, codes, labels)
-    src_pixels, flow_pixels = _decode(chain, codes), _decode(chain, back)
-    rae_pixels = _rae_reconstruction(chain, features)
+    with progress("invert: codes, z and back, pixels", 3, "phases") as meter:
+        crops = np.stack([load_crop(p, *chain.crop_args) for p in files])
+        features = image_features(chain, crops)
+        codes = torch.from_numpy(encode_codes(chain.src, chain.normalizer, features, chain.cfg.compress.batch_size,
+                                              str(chain.device)))
+        meter.advance()
+        labels, posteriors = _classes_for(chain, codes, chain.class_of(class_))
+        z, back = round_trip(chain, codes, labels)
+        meter.advance()
+        src_pixels, flow_pixels = _decode(chain, codes), _decode(chain, back)
+        rae_pixels = _rae_reconstruction(chain, features)
+        meter.advance()
     from stages.fit_src import resize_like
 
     originals = resize_like(crops, src_pixels.shape[1])
@@ -407,14 +417,19 @@ def interpolate(chain: Chain, image_a: str | Path, image_b: str | Path, out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [Path(image_a), Path(image_b)]
-    codes = torch.from_numpy(image_codes(chain, np.stack([load_crop(p, *chain.crop_args) for p in files])))
-    labels, posteriors = _classes_for(chain, codes, chain.class_of(class_))
-    label = int(labels[0])
-    z, _ = round_trip(chain, codes, np.full(2, label))
-    ts = [i / (steps - 1) for i in range(steps)]
-    zs = torch.stack([slerp(z[0], z[1], t) for t in ts])
-    back = chain.flow.reverse(zs, torch.full((steps,), label, dtype=torch.long, device=chain.device))
-    frames = _decode(chain, back)
+    with progress("interpolate: codes, z, frames, pixels", 4, "phases") as meter:
+        codes = torch.from_numpy(image_codes(chain, np.stack([load_crop(p, *chain.crop_args) for p in files])))
+        labels, posteriors = _classes_for(chain, codes, chain.class_of(class_))
+        label = int(labels[0])
+        meter.advance()
+        z, _ = round_trip(chain, codes, np.full(2, label))
+        meter.advance()
+        ts = [i / (steps - 1) for i in range(steps)]
+        zs = torch.stack([slerp(z[0], z[1], t) for t in ts])
+        back = chain.flow.reverse(zs, torch.full((steps,), label, dtype=torch.long, device=chain.device))
+        meter.advance()
+        frames = _decode(chain, back)
+        meter.advance()
     paths = [save_grid(frame[None], out_dir / f"frame-{i:03d}.png", ncol=1) for i, frame in enumerate(frames)]
     grid = save_grid(frames, out_dir / "interpolation.png", ncol=steps)
     a64, b64 = z[0].double().flatten(), z[1].double().flatten()

@@ -70,7 +70,7 @@ def run(cfg: Config, upstream: dict[str, Manifest], out: StageOutput) -> dict:
         device = resolve_device(cfg.runtime.device)
         if cfg.reference.kind == "adm_npz":
             reference = import_adm_reference_npz(cfg.reference.path, weights, device, cfg.evaluate.batch_size,
-                                                 resolution=cfg.data.resolution)
+                                                 resolution=cfg.data.resolution, dtype=cfg.evaluate.inception_dtype)
             if dinov2:
                 reference["dinov2"] = adm_dinov2_statistics(cfg, dinov2, device)
         else:
@@ -131,7 +131,7 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
 
     acc = Accumulator.load(out.path / ACCUMULATOR_FILE)
     todo = [s for s in by_shard if s not in acc.shards]
-    extractor = load_inception(weights, device)
+    extractor = load_inception(weights, device, dtype=cfg.evaluate.inception_dtype)
     dinov2 = None
     if cfg.evaluate.dinov2_weights:
         from pipeline.metrics.fd_dinov2 import dinov2_features, load_dinov2
@@ -145,9 +145,8 @@ def train_reference(cfg: Config, shard_manifest, weights, weights_sha256: str, d
                                                                 by_shard[shard]}, resolution, pool)
 
     saved = time.monotonic()
-    with progress("reference", len(chosen), "img") as meter, ThreadPoolExecutor(threads) as pool, \
+    with progress("reference", len(chosen), "img", done=acc.count) as meter, ThreadPoolExecutor(threads) as pool, \
             closing(read_ahead(read, todo, depth=2)) as shards:
-        meter.advance(acc.count)
         # the next shards are read ahead of the Inception, their JPEGs decoded in `threads` threads
         for shard, crops in shards:
             keep = np.array([i in keep_pr for i in by_shard[shard]])

@@ -13,6 +13,7 @@ from stages import STAGE_NAMES, STAGES, Stage
 from storage_schemas.success import Manifest
 
 log = logging.getLogger("srcflow")
+STOPPED_NOTE = "stopped stage: "  # the note run_stage adds to a KeyboardInterrupt that stopped a stage
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
         out = store.open_output(p.name, p.fingerprint, rebuild=rebuild)
         store.begin(out, content)  # a partial begun from other upstream bytes starts again
         log.info("%s: running -> %s", p.name, out.path)
+        name_training_runs(p, store)
         started = now()
         from pipeline.device import fresh_numerics  # imports torch: only when a stage runs
 
@@ -123,13 +125,35 @@ def run_stage(p: PlannedStage, cfg: Config, force: bool = False, built: list[str
             if e.errno is None or (e.filename is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT)):
                 raise
             raise OSError(e.errno, f"{p.name}: {e.strerror} (writing {e.filename or f'into {out.path}'})") from e
+        except BaseException as e:  # a signal that stopped no training loop (KeyboardInterrupt, SystemExit, ...)
+            if not isinstance(e, Exception):
+                e.add_note(STOPPED_NOTE + p.name)  # which stage it stopped
+            raise
         manifest = store.commit(out, code_version=p.stage.code_version, semantic=p.semantic, upstream=p.upstream,
                                 external=p.external, started=started, metrics=metrics or {},
                                 upstream_content=content)
+    name_training_runs(p, store)
     if built is not None:
         built.append(p.name)
     log.info("%s: done in %.1f s", p.name, (now() - started).total_seconds())
     return manifest
+
+
+def name_training_runs(p: PlannedStage, store: ArtifactStore) -> None:
+    """The TensorBoard names of a training stage's outputs (pipeline.curves.name_runs), this one's included; a store
+    where the links cannot be made loses only the names."""
+    if p.name not in TRAINING_BATCHES:
+        return
+    from pipeline.config import flatten
+    from pipeline.curves import name_runs, semantic_chain
+
+    try:
+        chain: dict = {}
+        for name, fp in p.upstream.items():
+            chain |= semantic_chain(store.root, name, fp)
+        name_runs(store.root, p.name, running=(p.fingerprint, chain | flatten(p.semantic)))
+    except OSError as e:
+        log.warning("%s: no readable TensorBoard run names (%s)", p.name, e)
 
 
 def refuse_damaged(selected: list[PlannedStage], cfg: Config, force: list[str] | tuple[str, ...] = ()) -> None:

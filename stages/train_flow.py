@@ -161,6 +161,8 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
              sum(p.numel() for p in flow.parameters()) / 1e6, size, t.batch_size)
 
     grid = sample_grid(cfg, codes_fingerprint, device, data) if rank == 0 else None
+    val_start, val_stop = split_rows(open_codes(codes)[1], "val")
+    held_out = rank == 0 and val_stop > val_start  # val/bits_per_dim in TensorBoard
     data_wait = 0.0  # seconds the step waited for its batch
     with StopSignal() as stop, \
             closing(code_batches(data, schedule, t.seed, range(step, t.steps), prefetch=t.prefetch,
@@ -194,6 +196,12 @@ def train(cfg: Config, codes: Path, out_dir: Path, device: torch.device, codes_f
                     metrics.append(record)
                 curves.scalars(step, loss=nll, bits_per_dim=record["bits_per_dim"], lr=record["lr"],
                                grad_norm=grad_norm.item())
+                if held_out:  # the EMA flow on the first eval_batch_size val rows (fixed noise): one batch
+                    with torch.no_grad():
+                        val = likelihood(ema.module, codes, "val", f.noise_sigma, t.seed, t.eval_batch_size, device,
+                                         max_rows=t.eval_batch_size)
+                    curves.validation(step, bits_per_dim=val["bits_per_dim"],
+                                      bits_per_dim_uncond=val["bits_per_dim_uncond"])
                 if out is not None:
                     log_record(record, t.steps)
                     out.report_progress(step, t.steps, "steps")

@@ -122,7 +122,10 @@ def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], object], f
     try:
         with open(tmp, "wb") as f:
             if callable(data):
+                mode = os.fstat(f.fileno()).st_mode & 0o777  # the umask's, as every file opened here
                 data(f)
+                if os.stat(tmp).st_mode & 0o777 != mode:  # a writer by name replaced it (safetensors: 0600)
+                    os.chmod(tmp, mode)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
             if fsync:

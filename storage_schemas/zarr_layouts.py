@@ -35,17 +35,30 @@ its own CRC-32C already). Measured against the alternative, the CRC-32C of each 
 against its commit record before a read (benchmarks/integrity.py `zarr_read`): the same cost on sequential
 reads, and the only one of the two that a random row read can use without reading its whole shard.
 Version 1 stores (no chunk checksums) are read as before; `srcflow verify --deep` still checks their files.
+
+Version 3 (2026-12): the image key array is `key` (versions 1-2's `keys` shadowed `Dataset.keys()` in xarray); the
+`features` and `codes` arrays name the per-row arrays as their coordinates (CF `coordinates`, so xarray opens
+`labels`, `split`, `view` and `key` as coordinates of `row`: `ds.features.groupby("labels")`); every array has a
+`long_name` and `units` ("1": dimensionless), `split` and `view` their `flag_values` / `flag_meanings`. Nothing
+else changed: a version 1 or 2 store is read as before (`array_name` spells its arrays), and a resumed or
+repaired one keeps its version.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage_schemas import SchemaError, check_version
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: without chunk checksums, read as before
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: without chunk checksums, 2: the key array named `keys`; both read as before
+RENAMED = {1: {"key": "keys"}, 2: {"key": "keys"}}  # version -> {array: its name in stores of that version}
+
+
+def array_name(group, name: str) -> str:
+    """`name` as the store `group` spells it (versions 1 and 2 named the image key array `keys`)."""
+    return RENAMED.get(group.attrs.get("schema_version"), {}).get(name, name)
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,13 @@ class ArraySpec:
     dtype: str  # numpy dtype name, or "str" for variable-length UTF-8
     also: tuple[str, ...] = ()  # other accepted on-disk dtypes
     per_row: bool = True  # sharded along rows; False = a small whole array (statistics)
-    doc: str = ""
+    doc: str = ""  # its `long_name` attribute
+    attrs: dict = field(default_factory=dict)  # further attributes: units, flag_values, coordinates
+
+    @property
+    def attributes(self) -> dict:
+        """Its attributes in the store: long_name, units ("1": dimensionless; none for text), and `attrs`."""
+        return {"long_name": self.doc, **({} if self.dtype == "str" else {"units": "1"}), **self.attrs}
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,7 @@ class ZarrLayout:
         if missing:
             raise SchemaError(f"{path}: missing attributes {missing}")
         for name, spec in self.arrays.items():
+            name = array_name(group, name)
             if name not in group:
                 raise SchemaError(f"{path}: missing array {name!r}")
             arr = group[name]
@@ -105,18 +125,22 @@ def check_shard_files(path: str | Path, name: str, arr) -> None:
 
 ROW_ARRAYS = {
     "labels": ArraySpec(("row",), "int32", doc="class label (index among the sorted train synsets)"),
-    "keys": ArraySpec(("row",), "str", doc="WebDataset key of the source image"),
-    "view": ArraySpec(("row",), "uint8", doc="0 = as is, 1 = horizontally flipped"),
-    "split": ArraySpec(("row",), "uint8", doc="0 = train, 1 = val"),
+    "key": ArraySpec(("row",), "str", doc="WebDataset key of the source image"),
+    "view": ArraySpec(("row",), "uint8", doc="view of the image: 0 = as is, 1 = horizontally flipped",
+                      attrs={"flag_values": [0, 1], "flag_meanings": "plain flip"}),
+    "split": ArraySpec(("row",), "uint8", doc="split: 0 = train, 1 = val",
+                       attrs={"flag_values": [0, 1], "flag_meanings": "train val"}),
 }
 SPLIT_IDS = {"train": 0, "val": 1}
+ROW_COORDINATES = {"coordinates": " ".join(ROW_ARRAYS)}  # xarray: these are coordinates of `row`
 
 FEATURES = ZarrLayout(
     kind="features",
     arrays={
         "features": ArraySpec(("row", "token", "channel"), "float16", also=("uint16",),
                               doc="RAE encoder tokens after the affine-free LayerNorm, BEFORE the per-position "
-                                  "normalization; bf16 is stored as uint16 with attrs.logical_dtype = bfloat16"),
+                                  "normalization; bf16 is stored as uint16 with attrs.logical_dtype = bfloat16",
+                              attrs=ROW_COORDINATES),
         **ROW_ARRAYS,
         "stats_mean": ArraySpec(("channel", "y", "x"), "float64", per_row=False,
                                 doc="exact per-position mean over the train rows"),
@@ -131,7 +155,8 @@ CODES = ZarrLayout(
     kind="codes",
     arrays={
         "codes": ArraySpec(("row", "token", "code_channel"), "float32",
-                           doc="SRC codes, unit variance per channel on the train rows (before any noise)"),
+                           doc="SRC codes, unit variance per channel on the train rows (before any noise)",
+                           attrs=ROW_COORDINATES),
         **ROW_ARRAYS,
         "code_mean": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel mean over train rows"),
         "code_std": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel std over train rows"),

@@ -49,11 +49,11 @@ def test_codes_store_layout_lineage_and_statistics(compressed):
     group = zarr.open_group(str(store), mode="r")
     assert tuple(group["codes"].metadata.dimension_names) == ("row", "token", "code_channel")
     assert group["codes"].shards[0] == cfg.encode.rows_per_shard == 8  # the feature store's shards
-    for name in ("labels", "keys", "view", "split"):
+    for name in ("labels", "key", "view", "split"):
         assert np.array_equal(codes[name], features[name]), name
     assert attrs["features_fingerprint"] == m["encode"].fingerprint
     assert attrs["src_fingerprint"] == m["fit_src"].fingerprint
-    assert attrs["schema_version"] == 2 and attrs["splits"] == {"train": [0, 96], "val": [96, 128]}
+    assert attrs["schema_version"] == 3 and attrs["splits"] == {"train": [0, 96], "val": [96, 128]}
     assert attrs["src_noise_sigma"] == 0.2 and attrs["source"] == "features"
 
     train = codes["codes"][codes["split"] == 0].astype(np.float64).reshape(-1, 6)
@@ -119,7 +119,7 @@ def test_images_and_features_paths_give_equal_codes(compressed):
     assert out["fit_src"].fingerprint == m["fit_src"].fingerprint  # the same SRC, another compress output
     via_images, via_features = _arrays(out["compress"].dir / "codes.zarr"), _arrays(m["compress"].dir / "codes.zarr")
     np.testing.assert_allclose(via_images["codes"], via_features["codes"], rtol=0, atol=1e-6)
-    for name in ("labels", "keys", "view", "split"):
+    for name in ("labels", "key", "view", "split"):
         assert np.array_equal(via_images[name], via_features[name]), name
     np.testing.assert_allclose(via_images["code_std"], via_features["code_std"], rtol=1e-6)
     assert zarr.open_group(str(out["compress"].dir / "codes.zarr")).attrs["source"] == "images"
@@ -133,7 +133,7 @@ def test_images_path_codes_every_image_when_only_a_subset_was_encoded(stores):
     assert features["features"].shape[0] == (4 * 6 + 4 * 4) * 2  # the fitting subset: 6 train images per class
     assert codes["codes"].shape[0] == (4 * 12 + 4 * 4) * 2  # every image of the shard set, both views
     assert codes.attrs["splits"] == {"train": [0, 96], "val": [96, 128]}
-    assert set(features["keys"][...]) < set(codes["keys"][...])
+    assert set(features["key"][...]) < set(codes["key"][...])
 
 
 def test_changing_the_compressor_marks_fit_src_and_downstream_stale(compressed):

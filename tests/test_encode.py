@@ -47,9 +47,9 @@ def test_store_layout_shapes_and_dimension_names(encoded):
     # smoke encoder: input 56, patch 7 -> 8x8 tokens of 64 channels; views plain + flip side by side
     assert group["features"].shape == (n_images * 2, 64, 64) and group["features"].dtype == np.float16
     assert tuple(group["features"].metadata.dimension_names) == ("row", "token", "channel")
-    for name in ("labels", "keys", "view", "split"):
+    for name in ("labels", "key", "view", "split"):
         assert group[name].shape == (n_images * 2,) and tuple(group[name].metadata.dimension_names) == ("row",)
-    assert list(group["view"][:4]) == [0, 1, 0, 1] and group["keys"][0] == group["keys"][1]
+    assert list(group["view"][:4]) == [0, 1, 0, 1] and group["key"][0] == group["key"][1]
     assert attrs["splits"] == {"train": [0, 96], "val": [96, 128]} and attrs["grid_size"] == 8
     assert group["stats_var"].shape == (64, 8, 8)
     # the flipped view is the encoding of the mirrored image, not a copy
@@ -133,7 +133,7 @@ def test_kill_at_a_random_point_then_rerun_is_bit_identical(make_config, tmp_pat
     killed = make_config(*SMALL, f"storage.root={tmp_path / 'killed'}")
     args = [str(SMOKE)]  # the smoke config file, then the same overrides make_config applied
     overrides = [f"storage.root={tmp_path / 'killed'}", f"data.root={killed.data.root}", "data.generate_tiny=null",
-                 "data.resolution=32", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16",
+                 "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16",
                  *SMALL]
     script = KILL_SCRIPT.replace("load_config(None, sys.argv[2:])", "load_config(sys.argv[2], sys.argv[3:])")
     proc = subprocess.run([sys.executable, "-c", script, str(seed), *args, *overrides], cwd=REPO,

@@ -130,7 +130,8 @@ def test_reference_is_class_balanced_train_statistics_at_the_data_resolution(eva
     assert evaluated.by_scale[1.0]["fid"] == pytest.approx(0, abs=1e-3 * np.trace(evaluated.reference["sigma"]))
     assert evaluated.manifests["reference"].metrics["inception_weights"] == "stand-in"
     # mu_s/sigma_s: the streamed statistics of the same images' spatial features
-    expected = fid_statistics(inception_features(evaluated.crops, weights.path, "cpu", batch_size=4)["spatial"])
+    expected = fid_statistics(inception_features(evaluated.crops, weights.path, "cpu", batch_size=4,
+                                                 dtype=evaluated.cfg.evaluate.inception_dtype)["spatial"])
     np.testing.assert_allclose(evaluated.reference["mu_s"], expected["mu"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(evaluated.reference["sigma_s"], expected["sigma"], rtol=1e-5, atol=1e-9)
 
@@ -200,7 +201,11 @@ def test_stage_metrics_are_flat_per_cfg_scale_and_status_shows_the_fid(evaluated
     assert metrics["inception_weights"] == "stand-in" and metrics["sample.bits_per_dim"] == 1.25
     assert headline(metrics).startswith("fid_cfg0.0=")
     report = (out / "report.md").read_text()
-    assert "Stand-in Inception weights" in report and "| sfid |" in report
+    assert "Stand-in Inception weights" in report and "| sFID |" in report
+    assert f"| metric | {' | '.join(f'cfg {w}' for w in evaluated.by_scale)} |" in report  # a column per scale
+    lines = report.splitlines()
+    for i in [i for i, line in enumerate(lines) if line.startswith("![")]:  # a caption under every grid
+        assert lines[i + 1] == "" and lines[i + 2].startswith("*Samples at CFG scale"), lines[i:i + 3]
     rows = evaluate.metrics_table(evaluated.report["evaluations"])
     assert [(r["sfid"], r["inception_weights"]) for r in rows] == [(e["sfid"], "stand-in")
                                                                   for e in evaluated.report["evaluations"]]

@@ -22,6 +22,7 @@ from pipeline.artifacts import file_sha256
 from pipeline.config import config_dict
 from pipeline.data.features import read_features
 from pipeline.data.shards import decode_crop, iter_jpegs, manifest_rows
+from pipeline.images import label_width
 from pipeline.metrics.reconstruction import psnr
 from pipeline.models.configured import decoder_arch
 from pipeline.models.rae import build_rae_decoder, resize_random_crop, to_encoder_input, to_uint8_pixels, to_unit_pixels
@@ -78,7 +79,7 @@ def held_out(cfg, manifests):
     val = manifest_rows(manifests["shard"].dir, ("val",))
     jpegs = dict(iter_jpegs(sorted(str(manifests["shard"].dir / "shards" / r["shard"]) for r in val),
                             {r["key"]: r["sha256"] for r in val}))
-    keys = group["keys"].get_orthogonal_selection((rows,))
+    keys = group["key"].get_orthogonal_selection((rows,))
     crops = np.stack([decode_crop(jpegs[k], cfg.data.resolution) for k in keys])
     return read_features(group, rows), crops
 
@@ -128,7 +129,8 @@ def test_outputs_weights_arch_and_reconstruction_grid(trained):
     state = safetensors.torch.load_file(str(out / fit_decoder.WEIGHTS))
     assert "decoder_layers.0.attention.attention.query.weight" in state  # RAE key names
     grid = np.asarray(Image.open(out / fit_decoder.GRID))
-    assert grid.shape == (2 * (32 + 2) + 2, 8 * (32 + 2) + 2, 3)  # top: 8 images, bottom: their reconstructions
+    # top: 8 images, bottom: their reconstructions, each row labelled on its left
+    assert grid.shape == (2 * (32 + 2) + 2, label_width(fit_decoder.GRID_ROWS) + 8 * (32 + 2) + 2, 3)
 
 
 def test_the_committed_output_keeps_no_checkpoint(trained):

@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.data.features import load_normalizer, read_features
+from pipeline.images import label_width
 from pipeline.training import TrainingStopped
 from stages import fit_src
 from stages.fit_src import load_pca, load_src
@@ -76,8 +77,8 @@ def test_learned_src_beats_pca_at_the_same_dim_and_reports_everything(learned):
     out = manifests["fit_src"].dir
     from PIL import Image
 
-    with Image.open(out / "recon_grid.png") as grid:  # 4 rows of 8 images of 32 px, 2 px padding
-        assert grid.size == (8 * 34 + 2, 4 * 34 + 2)
+    with Image.open(out / "recon_grid.png") as grid:  # 4 labelled rows of 8 images of 32 px, 2 px padding
+        assert grid.size == (label_width(list(fit_src.GRID_ROWS)) + 8 * 34 + 2, 4 * 34 + 2)
     info = json.loads((out / "src.json").read_text())
     assert info["kind"] == "learned" and info["model"]["arch"] == "mlp" and info["model"]["dim"] == 6
 

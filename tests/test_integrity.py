@@ -24,7 +24,7 @@ from pipeline.data.zarr_store import CRC32C, chunk_codecs, create_row_store, wri
 from stages.runner import plan, run_pipeline
 from storage_schemas.success import DAMAGED
 from storage_schemas.success import FILENAME as SUCCESS
-from storage_schemas.zarr_layouts import CODES
+from storage_schemas.zarr_layouts import CODES, array_name
 from tests.conftest import flip_byte
 
 FIT = ("src.steps=4",)
@@ -163,13 +163,13 @@ def test_outputs_of_the_previous_layouts_are_read_as_before(stores):
     attrs = {k: v for k, v in new.attrs.items() if k != "schema_version"}
     create_row_store(v1, CODES, new["codes"].shape[0], rows_per_shard=8, rows_per_chunk=4,
                      row_shapes={"codes": (new["codes"].shape[1:], "float32")}, attrs=attrs, checksums=False)
-    write_rows(v1, 0, {name: new[name][...] for name in ("codes", "labels", "keys", "view", "split")})
+    write_rows(v1, 0, {name: new[name][...] for name in ("codes", "labels", "key", "view", "split")})
     for name in ("code_mean", "code_std"):
         write_small_array(v1, name, new[name][...], ("code_channel",))
     group, attrs = open_codes(v1)
     assert attrs["schema_version"] == 1 and CRC32C not in chunk_codecs(group["codes"]._array)
-    for name in ("codes", "labels", "keys", "code_mean"):
-        assert np.array_equal(group[name][...], new[name][...]), name
+    for name in ("codes", "labels", "key", "code_mean"):  # version 1 names the key array `keys`
+        assert np.array_equal(group[array_name(group, name)][...], new[name][...]), name
 
 
 def test_one_tar_reader_rule_full_member_names_and_a_key_twice_refused(tmp_path):

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from flows.full import inline_images
+from stages import STAGES
 from tests.conftest import REPO
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -155,7 +156,11 @@ async def main():
     async with get_client() as c:
         runs = await c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
         tasks = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
-        print(json.dumps({"flow": runs[0].state.name, "tasks": {t.name: t.state.name for t in tasks}}))
+        names = {t.id: t.name for t in tasks}  # the graph's edges: a task run's inputs that are task runs
+        edges = sorted({(names.get(i.id, str(i.id)), t.name) for t in tasks for inputs in t.task_inputs.values()
+                        for i in inputs if i.input_type == "task_run"})
+        print(json.dumps({"flow": runs[0].state.name, "tasks": {t.name: t.state.name for t in tasks},
+                          "edges": edges}))
 asyncio.run(main())
 """
 
@@ -221,6 +226,9 @@ def test_deployment_runs_the_smoke_chain_on_a_real_server_then_caches(tmp_path, 
         assert first["flow"] == "Completed" and set(first["tasks"].values()) == {"Completed"}
         assert second["flow"] == "Completed" and set(second["tasks"].values()) == {"Cached"}
         assert set(second["tasks"]) == set(first["tasks"]) and "shard" in first["tasks"]
+        # the run graph draws the stage table's edges, and no others (fit_decoder runs: no decoder.weights)
+        table = sorted([u, s.name] for s in STAGES for u in s.upstream)
+        assert first["edges"] == second["edges"] == table, (first["edges"], table)
 
         # the prefect-dask deployment: the stages as tasks on a Dask LocalCluster, into a fresh store
         dask_overrides = [f"storage.root={tmp_path / 'artifacts-dask'}", *overrides[1:]]

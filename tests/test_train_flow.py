@@ -60,7 +60,7 @@ def make_codes(path: Path, rows_per_shard: int = 16, rows_per_chunk: int = 4) ->
                             "splits": {"train": [0, TRAIN * VIEWS], "val": [TRAIN * VIEWS, n]},
                             "grid_size": 2})
     write_rows(path, 0, {"codes": codes, "labels": np.repeat(labels, VIEWS).astype(np.int32),
-                         "keys": np.repeat([f"img{i}" for i in range(images)], VIEWS),
+                         "key": np.repeat([f"img{i}" for i in range(images)], VIEWS),
                          "view": np.tile(np.arange(VIEWS, dtype=np.uint8), images),
                          "split": np.repeat((np.arange(images) >= TRAIN).astype(np.uint8), VIEWS)})
     train = codes[:TRAIN * VIEWS].astype(np.float64)

@@ -26,7 +26,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline.artifacts import Commits
 from pipeline.parallel import map_jobs
 from storage_schemas.success import write_atomic
-from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout
+from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout, array_name
 
 Job = TypeVar("Job")
 
@@ -102,14 +102,14 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
         tail, dtype = row_shapes.get(name, ((), spec.dtype))
         big = len(tail) > 0
         group.create_array(
-            name, shape=(n_rows, *tail), dtype=str if dtype == "str" else dtype,
+            array_name(group, name), shape=(n_rows, *tail), dtype=str if dtype == "str" else dtype,
             chunks=(chunk if big else rows_per_shard, *tail),
             # one chunk per shard needs no sharding codec (it would copy the whole shard once more)
             shards=(rows_per_shard, *tail) if big and chunk < rows_per_shard else None,
             # features and codes are incompressible float (STACK.md): spend no CPU on them; every chunk carries
             # its CRC-32C, which Zarr checks on every read (pipeline.integrity)
             compressors=(crc or None) if big else [BloscCodec(cname="zstd", clevel=3), *crc],
-            dimension_names=spec.dims, fill_value="" if dtype == "str" else 0,
+            dimension_names=spec.dims, fill_value="" if dtype == "str" else 0, attributes=spec.attributes,
             # every chunk is written: no per-chunk emptiness check (half the write time), predictable sizes
             config={"write_empty_chunks": True},
         )
@@ -123,6 +123,7 @@ def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray], direct: bo
     group = zarr.open_group(str(path), mode="r+")
     files = []
     for name, values in arrays.items():
+        name = array_name(group, name)  # a version 1 store being resumed or repaired keeps its names
         # the runtime config is not stored with the array: say again that no chunk is checked for emptiness
         arr = group[name].with_config({"write_empty_chunks": True})
         unit = (arr.shards or arr.chunks)[0]
@@ -256,10 +257,12 @@ def write_file(path: Path, parts: list[memoryview | bytes]) -> None:
     write_atomic(path, lambda f: f.writelines(parts), fsync=False)
 
 
-def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+def write_small_array(path: Path, name: str, values: np.ndarray, dims: tuple[str, ...],
+                      attributes: dict | None = None) -> None:
     group = zarr.open_group(str(path), mode="r+")
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                             compressors=[Crc32cCodec()], dimension_names=dims, overwrite=True)
+                             compressors=[Crc32cCodec()], dimension_names=dims, overwrite=True,
+                             attributes=attributes)
     arr[...] = values
 
 

@@ -75,6 +75,6 @@ def commit_records(store: str, array: str, shard_bytes: int, shards: int) -> int
     `array` and of the 4 small row arrays (their compressed sizes guessed at 3 digits)."""
     k = "0" * len(str(max(shards - 1, 0)))
     paths = [(f"{store}/{array}/c/{k}/0/0", len(str(shard_bytes)))] + \
-        [(f"{store}/{name}/c/{k}", 3) for name in ("labels", "keys", "view", "split")]
+        [(f"{store}/{name}/c/{k}", 3) for name in ("labels", "key", "view", "split")]
     return sum(len('{"path": "", "bytes": , "crc32c": "00000000"}, ') + len(p) + digits for p, digits in paths)
 
