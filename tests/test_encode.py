@@ -133,8 +133,8 @@ def test_kill_at_a_random_point_then_rerun_is_bit_identical(make_config, tmp_pat
     killed = make_config(*SMALL, f"storage.root={tmp_path / 'killed'}")
     args = [str(SMOKE)]  # the smoke config file, then the same overrides make_config applied
     overrides = [f"storage.root={tmp_path / 'killed'}", f"data.root={killed.data.root}", "data.generate_tiny=null",
-                 "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false", "shard.workers=1", "shard.samples_per_shard=16",
-                 *SMALL]
+                 "data.resolution=32", "decoder.patch_size=4", "runtime.progress=false", "shard.workers=1",
+                 "shard.samples_per_shard=16", *SMALL]
     script = KILL_SCRIPT.replace("load_config(None, sys.argv[2:])", "load_config(sys.argv[2], sys.argv[3:])")
     proc = subprocess.run([sys.executable, "-c", script, str(seed), *args, *overrides], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
