@@ -35,6 +35,14 @@ its own CRC-32C already). Measured against the alternative, the CRC-32C of each 
 against its commit record before a read (benchmarks/integrity.py `zarr_read`): the same cost on sequential
 reads, and the only one of the two that a random row read can use without reading its whole shard.
 Version 1 stores (no chunk checksums) are read as before; `srcflow verify --deep` still checks their files.
+
+Schema version 3 adds, beside each large per-row array (`features`, `codes`), `<name>_crc32c`: the CRC-32C of each
+row's bytes as stored (uint32, dims (row,), one per row; `row_crc_name`), written with the rows by the one writer
+(pipeline.data.zarr_store.write_rows, so in the shard's commit unit) and itself read through Zarr (its chunks carry
+their CRC-32C). A reader of scattered rows (`zarr_store.read_rows`: a DDP rank's share of a shuffle window) reads
+part of an inner chunk, whose CRC it cannot check without reading the whole chunk (10-15x its share at world sizes
+8-64); it checks every row it returns against its row CRC instead. Version 1 and 2 stores (no row CRCs) are read as
+before, their scattered rows unchecked; a writer repairing or resuming one writes its layout (the arrays it has).
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ from pathlib import Path
 
 from storage_schemas import SchemaError, check_version
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: without chunk checksums, read as before
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: without chunk checksums, 2: without row checksums; both read as before
+ROW_CRC_SUFFIX = "_crc32c"
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,12 @@ class ArraySpec:
     also: tuple[str, ...] = ()  # other accepted on-disk dtypes
     per_row: bool = True  # sharded along rows; False = a small whole array (statistics)
     doc: str = ""
+    since: int = 1  # the first schema version that has this array
+
+
+def row_crc_name(name: str) -> str:
+    """The array holding the CRC-32C of each row of array `name` (schema 3)."""
+    return name + ROW_CRC_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,10 @@ class ZarrLayout:
     kind: str
     arrays: dict[str, ArraySpec]
     required_attrs: tuple[str, ...]
+
+    def arrays_of(self, version: int) -> dict[str, ArraySpec]:
+        """The arrays a store of schema `version` has."""
+        return {name: spec for name, spec in self.arrays.items() if spec.since <= version}
 
     def validate(self, path: str | Path) -> dict:
         """Refuse a store of another kind, version, or with missing/misshapen arrays. Returns its attrs."""
@@ -79,7 +98,7 @@ class ZarrLayout:
         missing = [a for a in self.required_attrs if a not in attrs]
         if missing:
             raise SchemaError(f"{path}: missing attributes {missing}")
-        for name, spec in self.arrays.items():
+        for name, spec in self.arrays_of(attrs["schema_version"]).items():
             if name not in group:
                 raise SchemaError(f"{path}: missing array {name!r}")
             arr = group[name]
@@ -110,6 +129,7 @@ ROW_ARRAYS = {
     "split": ArraySpec(("row",), "uint8", doc="0 = train, 1 = val"),
 }
 SPLIT_IDS = {"train": 0, "val": 1}
+ROW_CRC_DOC = "CRC-32C of each row of `{}` as stored (its little-endian bytes), checked by readers of single rows"
 
 FEATURES = ZarrLayout(
     kind="features",
@@ -117,6 +137,7 @@ FEATURES = ZarrLayout(
         "features": ArraySpec(("row", "token", "channel"), "float16", also=("uint16",),
                               doc="RAE encoder tokens after the affine-free LayerNorm, BEFORE the per-position "
                                   "normalization; bf16 is stored as uint16 with attrs.logical_dtype = bfloat16"),
+        row_crc_name("features"): ArraySpec(("row",), "uint32", since=3, doc=ROW_CRC_DOC.format("features")),
         **ROW_ARRAYS,
         "stats_mean": ArraySpec(("channel", "y", "x"), "float64", per_row=False,
                                 doc="exact per-position mean over the train rows"),
@@ -132,6 +153,7 @@ CODES = ZarrLayout(
     arrays={
         "codes": ArraySpec(("row", "token", "code_channel"), "float32",
                            doc="SRC codes, unit variance per channel on the train rows (before any noise)"),
+        row_crc_name("codes"): ArraySpec(("row",), "uint32", since=3, doc=ROW_CRC_DOC.format("codes")),
         **ROW_ARRAYS,
         "code_mean": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel mean over train rows"),
         "code_std": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel std over train rows"),
