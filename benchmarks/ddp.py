@@ -107,7 +107,7 @@ def reader(cfg, images: int, worlds: list[int], directory: str) -> dict:
     for start in range(0, rows, 1024):
         n = min(1024, rows - start)
         write_rows(store, start, {"codes": rng.standard_normal((n, tokens, dim), dtype=np.float32),
-                                  "labels": np.zeros(n, np.int32), "keys": np.array([f"k{i}" for i in range(n)]),
+                                  "labels": np.zeros(n, np.int32), "key": np.array([f"k{i}" for i in range(n)]),
                                   "view": (np.arange(n) % 2).astype(np.uint8), "split": np.zeros(n, np.uint8)})
     write_small_array(store, "code_mean", np.zeros(dim), ("code_channel",))
     write_small_array(store, "code_std", np.ones(dim), ("code_channel",))

@@ -14,8 +14,9 @@ timed warm (page cache) and, where this process may drop the page cache (root on
   checked against its manifest sha256 (`iter_jpegs`), against the same reads unchecked; beside the PIL decode and
   ADM crop of the same JPEGs on one core, which the reader feeds;
 - `compress_reader`: compress's read of a feature shard (features, labels, keys, view, split), both layouts;
-- `train_flow_reader`: train_flow's streamed batches (`code_batches`, shuffle windows read from codes.zarr),
-  codes of 256 tokens x 32 float32, both layouts;
+- `train_flow_reader`: train_flow's streamed batches (`code_batches`, shuffle windows read from codes.zarr, a
+  rank's rows as their bytes alone), codes of 256 tokens x 32 float32: schema 1 and 2 (those rows unchecked) and
+  3 (each row against its row CRC-32C);
 - `weights`: a `--weights-mb` safetensors file loaded as before (by path) and from bytes checked against a
   CRC-32C record (a store output's) or a sha256 (an external input).
 All read figures are per CPU second of the reading process (`interleaved`: the least of `--repeats`, the variants in
@@ -117,7 +118,7 @@ def store_checks(args, tmp: Path) -> dict:
 # --- the read path ---------------------------------------------------------------------------------
 
 
-def row_store(path: Path, layout, rows: int, tokens: int, channels: int, dtype: str, checksums: bool) -> Path:
+def row_store(path: Path, layout, rows: int, tokens: int, channels: int, dtype: str, schema: int) -> Path:
     """A features- or codes-shaped row store (256-row shards of 16-row chunks) of random rows, in schema 2's layout
     (chunk CRC-32Cs) or schema 1's, written by the stages' own writer."""
     from pipeline.data.zarr_store import create_row_store, write_rows, write_small_array
@@ -130,12 +131,12 @@ def row_store(path: Path, layout, rows: int, tokens: int, channels: int, dtype: 
                  "normalization": "", "logical_dtype": dtype, "source_fingerprint": "", "stats_count": rows}
                 if name == "features" else {"features_fingerprint": "", "src_fingerprint": ""})}
     create_row_store(path, layout, rows, rows_per_shard=256, rows_per_chunk=16,
-                     row_shapes={name: ((tokens, channels), dtype)}, attrs=attrs, checksums=checksums)
+                     row_shapes={name: ((tokens, channels), dtype)}, attrs=attrs, schema=schema)
     for start in range(0, rows, 256):
         n = min(256, rows - start)
         write_rows(path, start, {name: rng.standard_normal((n, tokens, channels)).astype(dtype),
                                  "labels": (np.arange(start, start + n) % 10).astype(np.int32),
-                                 "keys": np.array([f"n{i:09d}" for i in range(start, start + n)]),
+                                 "key": np.array([f"n{i:09d}" for i in range(start, start + n)]),
                                  "view": np.zeros(n, np.uint8), "split": np.zeros(n, np.uint8)})
     stats = ("stats_mean", "stats_var") if name == "features" else ("code_mean", "code_std")
     for stat in stats:
@@ -149,8 +150,8 @@ def zarr_read(args, tmp: Path) -> dict:
     from storage_schemas.zarr_layouts import FEATURES
 
     rows, tokens, channels = args.rows, 256, 768
-    v1 = row_store(tmp / "v1.zarr", FEATURES, rows, tokens, channels, "float16", checksums=False)
-    v2 = row_store(tmp / "v2.zarr", FEATURES, rows, tokens, channels, "float16", checksums=True)
+    v1 = row_store(tmp / "v1.zarr", FEATURES, rows, tokens, channels, "float16", schema=1)
+    v2 = row_store(tmp / "v2.zarr", FEATURES, rows, tokens, channels, "float16", schema=2)
     row_mb = tokens * channels * 2 / 1e6
     shards = range(0, rows, 256)
     chunks = np.random.default_rng(1).integers(0, rows // 16, args.random_chunks)
@@ -231,19 +232,19 @@ def encode_reader(args, tmp: Path) -> dict:
 
 def compress_reader(args, tmp: Path) -> dict:
     from pipeline.data.features import open_features
-    from storage_schemas.zarr_layouts import FEATURES
+    from storage_schemas.zarr_layouts import FEATURES, array_name
 
     rows, tokens, channels = args.rows, 256, 768
     stores = {"v1_plain": tmp / "v1.zarr", "v2_chunk_crc32c": tmp / "v2.zarr"}  # zarr_read's, when it ran
-    for checksums, store in ((False, stores["v1_plain"]), (True, stores["v2_chunk_crc32c"])):
+    for schema, store in ((1, stores["v1_plain"]), (2, stores["v2_chunk_crc32c"])):
         if not store.exists():
-            row_store(store, FEATURES, rows, tokens, channels, "float16", checksums)
+            row_store(store, FEATURES, rows, tokens, channels, "float16", schema)
 
     def read(store: Path):
         group, _ = open_features(store)
         for start in range(0, rows, 256):
-            for name in ("features", "labels", "keys", "view", "split"):
-                group[name][start:start + 256]
+            for name in ("features", "labels", "key", "view", "split"):
+                group[array_name(group, name)][start:start + 256]
 
     seconds = interleaved({k: lambda s=s: read(s) for k, s in stores.items()}, args.repeats)
     mb = rows * tokens * channels * 2 / 1e6
@@ -259,8 +260,10 @@ def train_flow_reader(args, tmp: Path) -> dict:
 
     rows, tokens, dim, batch, steps = args.code_rows, 256, 32, 256, args.steps
     out = {"rows": rows, "row_shape": [tokens, dim], "batch": batch, "steps": steps}
-    stores = {name: row_store(tmp / f"codes-{name}.zarr", CODES, rows, tokens, dim, "float32", checksums)
-              for name, checksums in (("v1_plain", False), ("v2_chunk_crc32c", True))}
+    # a rank's rows of each window are read as their bytes alone (zarr_store.read_rows): v1 and v2 unchecked,
+    # v3 each row against its row CRC-32C
+    stores = {name: row_store(tmp / f"codes-{name}.zarr", CODES, rows, tokens, dim, "float32", schema)
+              for name, schema in (("v1_plain", 1), ("v2_chunk_crc32c", 2), ("v3_row_crc32c", 3))}
 
     def stream(store: Path):
         data = TrainCodes(store, in_memory_limit_gb=0)  # streamed: shuffle windows read from the store
@@ -272,7 +275,7 @@ def train_flow_reader(args, tmp: Path) -> dict:
     mb = steps * batch * tokens * dim * 4 / 1e6
     out["steps_per_cpu_s"] = {k: round(steps / s, 1) for k, s in seconds.items()}
     out["mb_per_cpu_s"] = {k: round(mb / s, 1) for k, s in seconds.items()}
-    out["ratio_to_plain"] = round(seconds["v1_plain"] / seconds["v2_chunk_crc32c"], 3)
+    out["ratio_to_plain"] = {k: round(seconds["v1_plain"] / seconds[k], 3) for k in stores if k != "v1_plain"}
     return out
 
 

@@ -5,6 +5,8 @@ digested when the run was planned):
 - Zarr chunks: each inner chunk of `features.zarr` / `codes.zarr` carries its CRC-32C (Zarr v3's crc32c codec,
   storage_schemas/zarr_layouts.py), which Zarr checks on every read; `CheckedGroup` turns a mismatch into one
   line naming the shard file;
+- scattered rows read as their bytes alone (`CheckedArray.read_rows`, a DDP rank's share of a shuffle window): each
+  row is checked against its CRC-32C in the store's `<name>_crc32c` (schema 3), the same way;
 - images: a JPEG read from a shard tar is checked against its sha256 in manifest.parquet
   (pipeline.data.shards);
 - whole files of an output (weights, tables): `read_verified` checks them against the CRC-32C their output's
@@ -28,6 +30,7 @@ from pipeline.artifacts import DamagedError, file_problem, file_sha256, forget_d
 from storage_schemas import SchemaError
 from storage_schemas.success import FILENAME as SUCCESS
 from storage_schemas.success import OutputFile, read_damage, read_manifest, write_damage
+from storage_schemas.zarr_layouts import row_crc_name
 
 OUTPUT_DEPTH = 6  # how far above a file its output directory can be (encode: features.zarr/features/c/k/0/0)
 
@@ -176,12 +179,20 @@ def checksum_error(e: BaseException) -> bool:
     return isinstance(e, ValueError) and "checksum" in str(e).lower()
 
 
-class CheckedArray:
-    """A Zarr array whose reads turn a chunk checksum mismatch into a DamagedError naming the shard file (and
-    recording it); everything else is the array's."""
+class RowChecksumError(Exception):
+    """A row read from `path` differs from its row CRC-32C (pipeline.data.zarr_store.read_rows)."""
 
-    def __init__(self, array, path: Path):
-        self._array, self._path = array, Path(path)
+    def __init__(self, path: Path, row: int):
+        super().__init__(f"{path}: row {row} fails its CRC-32C")
+        self.path, self.row = Path(path), row
+
+
+class CheckedArray:
+    """A Zarr array whose reads turn a chunk checksum mismatch (or, in `read_rows`, a row checksum mismatch) into a
+    DamagedError naming the shard file (and recording it); everything else is the array's."""
+
+    def __init__(self, array, path: Path, group: CheckedGroup | None = None):
+        self._array, self._path, self._group = array, Path(path), group
 
     def __getattr__(self, name: str):
         return getattr(self._array, name)
@@ -195,9 +206,23 @@ class CheckedArray:
     def get_coordinate_selection(self, selection):
         return self._read(lambda: self._array.get_coordinate_selection(selection), selection)
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Sorted, unique rows as their bytes alone (pipeline.data.zarr_store.read_rows), each checked against its
+        CRC-32C where the store keeps them (schema 3: `<name>_crc32c`, itself read through Zarr, chunks checked);
+        stores of schema 1 and 2 are read as before."""
+        from pipeline.data import zarr_store
+
+        rows = np.asarray(rows, dtype=np.int64)
+        crcs = None
+        if self._group is not None and row_crc_name(self._array.basename) in self._group:
+            crcs = self._group[row_crc_name(self._array.basename)].get_orthogonal_selection((rows,))
+        return self._read(lambda: zarr_store.read_rows(self._array, rows, crcs), (rows,))
+
     def _read(self, read, selection):
         try:
             return read()
+        except RowChecksumError as e:
+            raise damage_in([e.path], f"row {e.row} fails its CRC-32C") from None
         except ValueError as e:
             if not checksum_error(e):
                 raise
@@ -229,7 +254,7 @@ class CheckedGroup:
         return getattr(self._group, name)
 
     def __getitem__(self, name: str) -> CheckedArray:
-        return CheckedArray(self._group[name], self._path / name)
+        return CheckedArray(self._group[name], self._path / name, self)
 
     def __contains__(self, name: str) -> bool:
         return name in self._group

@@ -39,9 +39,16 @@ Version 1 stores (no chunk checksums) are read as before; `srcflow verify --deep
 Version 3 (2026-12): the image key array is `key` (versions 1-2's `keys` shadowed `Dataset.keys()` in xarray); the
 `features` and `codes` arrays name the per-row arrays as their coordinates (CF `coordinates`, so xarray opens
 `labels`, `split`, `view` and `key` as coordinates of `row`: `ds.features.groupby("labels")`); every array has a
-`long_name` and `units` ("1": dimensionless), `split` and `view` their `flag_values` / `flag_meanings`. Nothing
-else changed: a version 1 or 2 store is read as before (`array_name` spells its arrays), and a resumed or
-repaired one keeps its version.
+`long_name` and `units` ("1": dimensionless), `split` and `view` their `flag_values` / `flag_meanings`. A version 1
+or 2 store is read as before (`array_name` spells its arrays), and a resumed or repaired one keeps its version.
+
+Version 3 also adds, beside each large per-row array (`features`, `codes`), `<name>_crc32c`: the CRC-32C of each
+row's bytes as stored (uint32, dims (row,), one per row; `row_crc_name`), written with the rows by the one writer
+(pipeline.data.zarr_store.write_rows, so in the shard's commit unit) and itself read through Zarr (its chunks carry
+their CRC-32C). A reader of scattered rows (`zarr_store.read_rows`: a DDP rank's share of a shuffle window) reads
+part of an inner chunk, whose CRC it cannot check without reading the whole chunk (10-15x its share at world sizes
+8-64); it checks every row it returns against its row CRC instead. Version 1 and 2 stores (no row CRCs) are read as
+before, their scattered rows unchecked; a writer repairing or resuming one writes its layout (the arrays it has).
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ from pathlib import Path
 from storage_schemas import SchemaError, check_version
 
 SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1: without chunk checksums, 2: the key array named `keys`; both read as before
+READABLE_VERSIONS = (1, 2, 3)  # 1: no chunk checksums; 2: no row checksums; both: the key array named `keys`
 RENAMED = {1: {"key": "keys"}, 2: {"key": "keys"}}  # version -> {array: its name in stores of that version}
+ROW_CRC_SUFFIX = "_crc32c"
 
 
 def array_name(group, name: str) -> str:
@@ -69,6 +77,7 @@ class ArraySpec:
     per_row: bool = True  # sharded along rows; False = a small whole array (statistics)
     doc: str = ""  # its `long_name` attribute
     attrs: dict = field(default_factory=dict)  # further attributes: units, flag_values, coordinates
+    since: int = 1  # the first schema version that has this array
 
     @property
     def attributes(self) -> dict:
@@ -76,11 +85,20 @@ class ArraySpec:
         return {"long_name": self.doc, **({} if self.dtype == "str" else {"units": "1"}), **self.attrs}
 
 
+def row_crc_name(name: str) -> str:
+    """The array holding the CRC-32C of each row of array `name` (schema 3)."""
+    return name + ROW_CRC_SUFFIX
+
+
 @dataclass(frozen=True)
 class ZarrLayout:
     kind: str
     arrays: dict[str, ArraySpec]
     required_attrs: tuple[str, ...]
+
+    def arrays_of(self, version: int) -> dict[str, ArraySpec]:
+        """The arrays a store of schema `version` has."""
+        return {name: spec for name, spec in self.arrays.items() if spec.since <= version}
 
     def validate(self, path: str | Path) -> dict:
         """Refuse a store of another kind, version, or with missing/misshapen arrays. Returns its attrs."""
@@ -98,7 +116,7 @@ class ZarrLayout:
         missing = [a for a in self.required_attrs if a not in attrs]
         if missing:
             raise SchemaError(f"{path}: missing attributes {missing}")
-        for name, spec in self.arrays.items():
+        for name, spec in self.arrays_of(attrs["schema_version"]).items():
             name = array_name(group, name)
             if name not in group:
                 raise SchemaError(f"{path}: missing array {name!r}")
@@ -133,6 +151,7 @@ ROW_ARRAYS = {
 }
 SPLIT_IDS = {"train": 0, "val": 1}
 ROW_COORDINATES = {"coordinates": " ".join(ROW_ARRAYS)}  # xarray: these are coordinates of `row`
+ROW_CRC_DOC = "CRC-32C of each row of `{}` as stored (its little-endian bytes), checked by readers of single rows"
 
 FEATURES = ZarrLayout(
     kind="features",
@@ -141,6 +160,7 @@ FEATURES = ZarrLayout(
                               doc="RAE encoder tokens after the affine-free LayerNorm, BEFORE the per-position "
                                   "normalization; bf16 is stored as uint16 with attrs.logical_dtype = bfloat16",
                               attrs=ROW_COORDINATES),
+        row_crc_name("features"): ArraySpec(("row",), "uint32", since=3, doc=ROW_CRC_DOC.format("features")),
         **ROW_ARRAYS,
         "stats_mean": ArraySpec(("channel", "y", "x"), "float64", per_row=False,
                                 doc="exact per-position mean over the train rows"),
@@ -157,6 +177,7 @@ CODES = ZarrLayout(
         "codes": ArraySpec(("row", "token", "code_channel"), "float32",
                            doc="SRC codes, unit variance per channel on the train rows (before any noise)",
                            attrs=ROW_COORDINATES),
+        row_crc_name("codes"): ArraySpec(("row",), "uint32", since=3, doc=ROW_CRC_DOC.format("codes")),
         **ROW_ARRAYS,
         "code_mean": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel mean over train rows"),
         "code_std": ArraySpec(("code_channel",), "float64", per_row=False, doc="per-channel std over train rows"),

@@ -41,6 +41,19 @@ def flip_byte(path: Path, offset: int) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def byte_in_row(store: Path, name: str, row: int) -> tuple[Path, int]:
+    """The shard file of row-store array `name` that holds `row`, and the offset of a byte in the middle of that row
+    (for flip_byte; the direct writer's layout: inner chunks back to back, each followed by its CRC-32C)."""
+    import numpy as np
+    import zarr
+
+    arr = zarr.open_group(str(store), mode="r")[name]
+    unit, chunk, row_bytes = arr.shards[0], arr.chunks[0], arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
+    k, r = divmod(row, unit)
+    offset = r // chunk * (chunk * row_bytes + 4) + r % chunk * row_bytes + row_bytes // 2
+    return Path(store) / name / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1)), offset
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models are dominated by per-op overhead: one intra-op thread is faster and immune to a busy CPU."""

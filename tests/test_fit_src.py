@@ -181,12 +181,15 @@ def test_each_rank_reads_only_its_rows_of_the_features(tmp_path, monkeypatch, wo
     import zarr
 
     from pipeline.data.features import FeatureNormalizer, TrainFeatures
+    from pipeline.integrity import open_checked
     from tests.test_train_flow import spy_rows_read
 
     rows, first, batch = 40, 6, 8  # train rows [6, 46) of a store of 50
-    group = zarr.open_group(str(tmp_path / "features.zarr"), mode="w")
-    group.create_array("features", shape=(50, 3, 4), chunks=(4, 3, 4), dtype="float16")[...] = \
+    store = tmp_path / "features.zarr"
+    zarr.open_group(str(store), mode="w").create_array("features", shape=(50, 3, 4), chunks=(4, 3, 4),
+                                                        dtype="float16")[...] = \
         np.random.default_rng(0).normal(size=(50, 3, 4)).astype(np.float16)
+    group = open_checked(store)
     normalizer = FeatureNormalizer(None, torch.ones(4, 1, 3))
     steps = range(2, 13)
     one = list(TrainFeatures(group, (first, first + rows), normalizer, batch, 5, 2).batches(steps))

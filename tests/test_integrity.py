@@ -18,14 +18,16 @@ import zarr
 
 import stages.fit_src as fit_src_stage
 from pipeline.artifacts import VOLATILE, ArtifactStore, DamagedError, content_digest
-from pipeline.data.codes import open_codes
+from pipeline.data.batches import WindowShuffle
+from pipeline.data.codes import TrainCodes, open_codes, rows_at
 from pipeline.data.shards import iter_jpegs, jpeg_members
 from pipeline.data.zarr_store import CRC32C, chunk_codecs, create_row_store, write_rows, write_small_array
 from stages.runner import plan, run_pipeline
+from storage_schemas import SchemaError
 from storage_schemas.success import DAMAGED
 from storage_schemas.success import FILENAME as SUCCESS
 from storage_schemas.zarr_layouts import CODES, array_name
-from tests.conftest import flip_byte
+from tests.conftest import byte_in_row, flip_byte
 
 FIT = ("src.steps=4",)
 TINY_FLOW = ("flow.width=16", "flow.heads=2", "flow.num_blocks=1", "flow.layers_per_block=1",
@@ -99,6 +101,16 @@ def test_a_flipped_byte_is_refused_by_the_next_reader_and_every_output_ends_bit_
     run_pipeline(cfg, until="sample")
     assert outputs(root) == expected
 
+    # 3b. a byte inside a row that train_flow's streamed reader reads as its bytes alone (part of an inner chunk,
+    # whose CRC-32C it cannot check): the row's own CRC-32C catches it
+    streamed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"in_memory_limit_gb": 0.0})})
+    codes, offset = byte_in_row(m["compress"].dir / "codes.zarr", "codes", first_streamed_row(streamed, m["compress"]))
+    flip_byte(codes, offset)
+    refused(streamed, "train_flow", codes, "`srcflow run` rebuilds it")
+    assert states(cfg)["compress"] == "damaged"
+    run_pipeline(cfg, until="sample")
+    assert outputs(root) == expected
+
     # 4. the flow's weights: sample reads them; a trained output is rebuilt only when asked to
     weights = m["train_flow"].dir / "flow.safetensors"
     flip_byte(weights, weights.stat().st_size // 2)
@@ -108,6 +120,54 @@ def test_a_flipped_byte_is_refused_by_the_next_reader_and_every_output_ends_bit_
     run_pipeline(cfg, until="sample", force=["train_flow"])
     assert outputs(root) == expected
     assert all(s == "done" for s in states(cfg).values()), states(cfg)
+
+
+class Killed(BaseException):
+    """A crash nothing in the stage catches (stands in for SIGKILL)."""
+
+
+def test_a_flipped_feature_byte_stops_fit_src_streamed_reader_and_the_repair_is_bit_identical(stores, monkeypatch):
+    """fit_src trains on its rows of each shuffle window read as their bytes alone. A byte flipped inside a feature
+    row while fit_src was interrupted (its PCA fitted, so the resumed run reads the features through that reader
+    alone) stops the resumed run in one line naming the shard file, nothing of fit_src is committed, and after `run`
+    every output equals a clean run's. Without the row CRC-32Cs it trained on the bad row and committed."""
+    expected = outputs(Path(stores("src-clean", until="compress").storage.root))
+    cfg = stores("src-damaged")
+    real = fit_src_stage.code_noise
+
+    def crash_at_step_8(seed, step, shape, device):
+        if step == 8:
+            raise Killed
+        return real(seed, step, shape, device)
+
+    monkeypatch.setattr(fit_src_stage, "code_noise", crash_at_step_8)
+    with pytest.raises(Killed):
+        run_pipeline(cfg, until="compress")
+    monkeypatch.undo()
+    s = {p.name: p for p in plan(cfg, "compress")}
+    assert s["fit_src"].state == "partial" and (s["fit_src"].path / fit_src_stage.PCA_FILE).is_file()
+
+    train_row = 25  # in epoch 1 of the resumed steps 5..11, every train row is read
+    features, offset = byte_in_row(s["encode"].path / "features.zarr", "features", train_row)
+    flip_byte(features, offset)
+    with pytest.raises(DamagedError) as e:
+        run_pipeline(cfg, until="fit_src")
+    message = str(e.value)
+    assert str(features) in message and "`srcflow run` rebuilds it" in message and "\n" not in message, message
+    s = {p.name: p.state for p in plan(cfg, "compress")}
+    assert s["encode"] == "damaged" and s["fit_src"] == "partial", s
+
+    run_pipeline(cfg, until="compress")
+    assert outputs(Path(cfg.storage.root)) == expected
+
+
+def first_streamed_row(cfg, compress) -> int:
+    """The last row of codes.zarr that train_flow's first step reads, streamed (its schedule, the views drawn): past
+    the train rows that its closing likelihood reads through Zarr, so only the streamed reader can catch it."""
+    t = cfg.train
+    data = TrainCodes(compress.dir / "codes.zarr", in_memory_limit_gb=0.0)
+    schedule = WindowShuffle(data.n, t.batch_size, t.seed, block=data.block, window=t.shuffle_window)
+    return data.start + int(rows_at(data, schedule, t.seed, schedule.positions(0)).max())
 
 
 @pytest.mark.parametrize("compress_too", ["intact", "damaged"])
@@ -145,8 +205,9 @@ def test_an_output_built_from_other_upstream_bytes_is_stale_and_rebuilt(stores, 
 
 
 def test_outputs_of_the_previous_layouts_are_read_as_before(stores):
-    """A `_SUCCESS.json` of schema 2 (no upstream content) and a Zarr store of schema 1 (no chunk checksums) stay
-    done and readable: nothing built before this change is rebuilt for it."""
+    """A `_SUCCESS.json` of schema 2 (no upstream content) and Zarr stores of schema 1 (no chunk checksums) and 2 (no
+    row checksums) stay done and readable, scattered rows too: nothing built before this change is rebuilt for it.
+    A schema 3 store without its row checksums is refused in one line, never read unchecked."""
     cfg = stores("older", *FIT, until="compress")
     m = run_pipeline(cfg, until="compress")
     success = m["compress"].dir / SUCCESS
@@ -157,19 +218,28 @@ def test_outputs_of_the_previous_layouts_are_read_as_before(stores):
     assert states(cfg)["compress"] == "done"
     run_pipeline(cfg, until="compress")
 
-    v2 = m["compress"].dir / "codes.zarr"
-    v1 = m["compress"].dir.parent / "v1-codes.zarr"
-    new = zarr.open_group(str(v2), mode="r")
+    v3 = m["compress"].dir / "codes.zarr"
+    new = zarr.open_group(str(v3), mode="r")
+    assert new.attrs["schema_version"] == 3 and "codes_crc32c" in new
     attrs = {k: v for k, v in new.attrs.items() if k != "schema_version"}
-    create_row_store(v1, CODES, new["codes"].shape[0], rows_per_shard=8, rows_per_chunk=4,
-                     row_shapes={"codes": (new["codes"].shape[1:], "float32")}, attrs=attrs, checksums=False)
-    write_rows(v1, 0, {name: new[name][...] for name in ("codes", "labels", "key", "view", "split")})
-    for name in ("code_mean", "code_std"):
-        write_small_array(v1, name, new[name][...], ("code_channel",))
-    group, attrs = open_codes(v1)
-    assert attrs["schema_version"] == 1 and CRC32C not in chunk_codecs(group["codes"]._array)
-    for name in ("codes", "labels", "key", "code_mean"):  # version 1 names the key array `keys`
-        assert np.array_equal(group[array_name(group, name)][...], new[name][...]), name
+    scattered = np.arange(1, new["codes"].shape[0], 3)
+    for schema in (1, 2):
+        old = m["compress"].dir.parent / f"v{schema}-codes.zarr"
+        create_row_store(old, CODES, new["codes"].shape[0], rows_per_shard=8, rows_per_chunk=4,
+                         row_shapes={"codes": (new["codes"].shape[1:], "float32")}, attrs=attrs, schema=schema)
+        write_rows(old, 0, {name: new[name][...] for name in ("codes", "labels", "key", "view", "split")})
+        for name in ("code_mean", "code_std"):
+            write_small_array(old, name, new[name][...], ("code_channel",))
+        group, read_attrs = open_codes(old)
+        assert read_attrs["schema_version"] == schema and "codes_crc32c" not in group
+        assert (CRC32C in chunk_codecs(group["codes"]._array)) == (schema == 2)
+        for name in ("codes", "labels", "key", "code_mean"):  # versions 1 and 2 name the key array `keys`
+            assert np.array_equal(group[array_name(group, name)][...], new[name][...]), name
+        assert np.array_equal(group["codes"].read_rows(scattered), new["codes"][scattered])  # unchecked, as before
+
+    zarr.open_group(str(old), mode="r+").attrs["schema_version"] = 3
+    with pytest.raises(SchemaError, match=r"v2-codes.zarr: missing array 'codes_crc32c'$"):
+        open_codes(old)
 
 
 def test_one_tar_reader_rule_full_member_names_and_a_key_twice_refused(tmp_path):

@@ -143,7 +143,7 @@ def test_the_direct_writer_writes_the_very_files_zarr_writes(tmp_path, n_rows, r
             files = write_rows(store, start, {"features": values[start:start + 16],
                                               "labels": np.arange(start, min(n_rows, start + 16), dtype=np.int32)},
                                direct=direct)
-            assert all(f.is_file() for f in files) and len(files) == 2
+            assert all(f.is_file() for f in files) and len(files) == 3  # features, features_crc32c, labels
         stores[direct] = store
     group = zarr.open_group(str(stores[True]), mode="r")
     assert raw_layout(group["features"]) and not raw_layout(group["labels"])  # compressed: through Zarr

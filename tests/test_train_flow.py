@@ -144,8 +144,6 @@ def spy_rows_read(monkeypatch, name: str) -> list[int]:
     """The rows of Zarr array `name` read from now on, through Zarr (slices and index arrays of the first axis) or
     zarr_store.read_rows, in any thread, each read counted once however the calls nest; a list, to compare as a
     multiset."""
-    from pipeline.data import codes, features
-
     rows, inside = [], threading.local()
 
     def spying(method):
@@ -167,8 +165,7 @@ def spy_rows_read(monkeypatch, name: str) -> list[int]:
 
     for method in ("__getitem__", "get_orthogonal_selection", "get_coordinate_selection", "get_basic_selection"):
         monkeypatch.setattr(zarr.Array, method, spying(getattr(zarr.Array, method)))
-    monkeypatch.setattr(codes, "read_store_rows", spying(zarr_store.read_rows))
-    monkeypatch.setattr(features, "read_rows", spying(zarr_store.read_rows))
+    monkeypatch.setattr(zarr_store, "read_rows", spying(zarr_store.read_rows))
     return rows
 
 
@@ -213,6 +210,41 @@ def test_scattered_rows_are_read_as_their_bytes_alone_and_equal_zarrs_read(tmp_p
     assert np.array_equal(got, arr.get_orthogonal_selection((rows,))) and not got[rows >= 48].any()
     index = 16 * 16 // rows_per_chunk if rows_per_chunk < 16 else 0  # per shard file: 16 bytes per inner chunk
     assert sum(read) == (rows < 48).sum() * TOKENS * DIM * 4 + 3 * index
+    # checked against the row CRC-32Cs (read through Zarr): the same bytes read from the shard files
+    read.clear()
+    crcs = zarr.open_group(str(path), mode="r")["codes_crc32c"].get_orthogonal_selection((rows,))
+    assert np.array_equal(zarr_store.read_rows(arr, rows, crcs), got)
+    assert sum(read) == (rows < 48).sum() * TOKENS * DIM * 4 + 3 * index
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_each_scattered_row_is_checked_against_its_crc32c_and_a_flipped_byte_names_the_file(tmp_path, direct):
+    """CheckedArray.read_rows checks every row it returns against the store's codes_crc32c (the CRC-32C of its bytes
+    as stored, written with the rows whichever way the shard was written): a byte flipped inside a row, whose inner
+    chunk's CRC-32C a scattered read never reads, is a one-line DamagedError naming the shard file and the row; the
+    other rows of that inner chunk, each checked, read as before."""
+    import crc32c
+
+    from pipeline.artifacts import DamagedError
+    from pipeline.integrity import open_checked
+    from tests.conftest import byte_in_row, flip_byte
+
+    path = tmp_path / "codes.zarr"
+    create_row_store(path, CODES, 32, rows_per_shard=16, rows_per_chunk=4, row_shapes={"codes": ((TOKENS, DIM),
+                                                                                                 "float32")}, attrs={})
+    values = np.random.default_rng(2).normal(size=(32, TOKENS, DIM)).astype(np.float32)
+    files = write_rows(path, 0, {"codes": values}, direct=direct)
+    assert {f.relative_to(path).parts[0] for f in files} == {"codes", "codes_crc32c"}  # both in the commit records
+    group = open_checked(path)
+    assert np.array_equal(group["codes_crc32c"][...], [crc32c.crc32c(v.astype("<f4").tobytes()) for v in values])
+
+    shard, offset = byte_in_row(path, "codes", 21)
+    flip_byte(shard, offset)
+    with pytest.raises(DamagedError) as e:
+        group["codes"].read_rows(np.array([1, 2, 21, 30]))
+    assert str(e.value) == f"{shard}: row 21 fails its CRC-32C"
+    same_chunk = np.array([1, 2, 20, 22, 23, 30])
+    assert np.array_equal(group["codes"].read_rows(same_chunk), values[same_chunk])
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -16,7 +16,8 @@ storage_schemas/zarr_layouts.py). The data order is a pure function of (seed, st
                     windows read one ahead on a second thread, or indexing the split held in memory when it
                     is small (`in_memory_limit_gb`: every process then reads the whole split once); both give
                     the same batches. Streamed, a rank reads only its own rows of each window, one view per
-                    image (the one drawn for it): window x T x d x 4 / W bytes, two windows held per process.
+                    image (the one drawn for it): window x T x d x 4 / W bytes, two windows held per process,
+                    each row checked against its CRC-32C.
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ import torch
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
-from pipeline.data.zarr_store import read_rows as read_store_rows
 from pipeline.integrity import CheckedGroup, open_checked
 from storage_schemas.zarr_layouts import CODES
 
 
 def open_codes(store: Path) -> tuple[CheckedGroup, dict]:
-    """The validated group (every read checks its chunks' CRC-32C) and its attrs; refuses a store of another
-    layout or version."""
+    """The validated group (every read checks its chunks' CRC-32C, `read_rows` each row's) and its attrs;
+    refuses a store of another layout or version."""
     attrs = CODES.validate(store)
     return open_checked(store), attrs
 
@@ -78,9 +78,10 @@ class TrainCodes:
         self.rows_read = rows if self.in_memory else 0
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Codes (k, T, d) of the given train rows (sorted, unique), their bytes alone (zarr_store.read_rows)."""
+        """Codes (k, T, d) of the given train rows (sorted, unique), their bytes alone, each row checked against its
+        CRC-32C (CheckedArray.read_rows)."""
         self.rows_read += len(rows)
-        return read_store_rows(self.group["codes"], self.start + rows)
+        return self.group["codes"].read_rows(self.start + rows)
 
 
 def view_choice(seed: int, step: int, global_batch: int, views: int) -> np.ndarray:

@@ -17,7 +17,6 @@ import torch
 
 from pipeline.data.batches import WindowShuffle, step_windows
 from pipeline.data.read_ahead import read_ahead
-from pipeline.data.zarr_store import read_rows
 from pipeline.integrity import CheckedGroup, open_checked, read_input
 from storage_schemas.zarr_layouts import FEATURES
 
@@ -91,8 +90,8 @@ def folder_stats(path: str) -> tuple[torch.Tensor | None, torch.Tensor]:
 
 
 def open_features(store: Path) -> tuple[CheckedGroup, dict]:
-    """The validated group (every read checks its chunks' CRC-32C) and its attrs; refuses a store of an unknown
-    layout or version."""
+    """The validated group (every read checks its chunks' CRC-32C, `read_rows` each row's) and its attrs;
+    refuses a store of an unknown layout or version."""
     attrs = FEATURES.validate(store)
     return open_checked(store), attrs
 
@@ -142,7 +141,7 @@ class TrainFeatures:
 
     def read_window(self, key: tuple[int, int], steps: range) -> tuple[np.ndarray, np.ndarray]:
         """(sorted rows, their stored features): this rank's rows of one window for the batches of `steps`, their
-        bytes alone (zarr_store.read_rows)."""
+        bytes alone, each row checked against its CRC-32C (CheckedArray.read_rows)."""
         rows = np.sort(self.schedule.images_at(self.schedule.window_positions(key, steps)))
         self.rows_read += len(rows)
-        return rows, read_rows(self.features, self.start + rows)
+        return rows, self.features.read_rows(self.start + rows)

@@ -6,7 +6,7 @@ marker `commits/{k:06d}.npz` (`pipeline.artifacts.Commits`: atomically, with the
 files `write_rows` returns, and any per-shard partial results such as statistics). A killed run
 redoes exactly the shards without a marker, so the final store is bit-identical to an uninterrupted
 run's; a damaged shard file costs only its shard. `read_rows` reads scattered rows of such a store back with
-reads of exactly their bytes.
+reads of exactly their bytes, each checked against its row CRC-32C (schema 3).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.artifacts import Commits
+from pipeline.integrity import RowChecksumError
 from pipeline.parallel import map_jobs
 from storage_schemas.success import write_atomic
-from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout, array_name
+from storage_schemas.zarr_layouts import SCHEMA_VERSION, ZarrLayout, array_name, row_crc_name
 
 Job = TypeVar("Job")
 
@@ -86,17 +87,18 @@ class UnlessCommitted:
 
 
 def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_shard: int, rows_per_chunk: int,
-                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict, checksums: bool = True) -> None:
+                     row_shapes: dict[str, tuple[tuple[int, ...], str]], attrs: dict,
+                     schema: int = SCHEMA_VERSION) -> None:
     """A fresh group: `row_shapes[name] = (shape after the row axis, on-disk dtype)` for each per-row array.
-    `checksums=False`: schema 1's layout, without chunk CRC-32Cs (what benchmarks/integrity.py compares against)."""
+    `schema`: an older layout (what benchmarks/integrity.py and the tests compare against): 1 without chunk
+    CRC-32Cs, 2 without row CRC-32Cs."""
     if Path(path).exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", attributes={"srcflow_schema": layout.kind,
-                                                               "schema_version": SCHEMA_VERSION if checksums else 1,
-                                                               **attrs})
-    crc = [Crc32cCodec()] if checksums else []
+                                                               "schema_version": schema, **attrs})
+    crc = [Crc32cCodec()] if schema >= 2 else []
     chunk = min(rows_per_chunk, rows_per_shard)
-    for name, spec in layout.arrays.items():
+    for name, spec in layout.arrays_of(schema).items():
         if not spec.per_row:
             continue
         tail, dtype = row_shapes.get(name, ((), spec.dtype))
@@ -116,14 +118,18 @@ def create_row_store(path: Path, layout: ZarrLayout, n_rows: int, *, rows_per_sh
 
 
 def write_rows(path: Path, start: int, arrays: dict[str, np.ndarray], direct: bool = True) -> list[Path]:
-    """Write whole shards starting at `start` (the caller owns these rows in every array). Returns the files
-    written (one Zarr storage chunk per shard and array), for the shard's commit marker.
+    """Write whole shards starting at `start` (the caller owns these rows in every array), and the CRC-32C of each
+    row of every array that has a row CRC array in this store (`<name>_crc32c`, schema 3; a store of an older
+    schema, resumed or repaired, is written in its own layout). Returns the files written (one Zarr storage chunk
+    per shard and array), for the shard's commit marker.
     Uncompressed arrays (features, codes) are written `direct`ly: each shard file as the bytes Zarr would
     write (`shard_file_parts`), in one pass, at the raw write rate; the rest (and `direct=False`) through Zarr."""
     group = zarr.open_group(str(path), mode="r+")
+    crcs = {row_crc_name(name): row_crc32c(np.ascontiguousarray(values, dtype=group[name].dtype.newbyteorder("<")))
+            for name, values in arrays.items() if row_crc_name(name) in group and row_crc_name(name) not in arrays}
     files = []
-    for name, values in arrays.items():
-        name = array_name(group, name)  # a version 1 store being resumed or repaired keeps its names
+    for name, values in {**arrays, **crcs}.items():
+        name = array_name(group, name)  # a version 1 or 2 store being resumed or repaired keeps its names
         # the runtime config is not stored with the array: say again that no chunk is checked for emptiness
         arr = group[name].with_config({"write_empty_chunks": True})
         unit = (arr.shards or arr.chunks)[0]
@@ -212,12 +218,20 @@ def shard_file_parts(arr, rows: np.ndarray) -> list[memoryview | bytes]:
     return [*parts, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
 
 
-def read_rows(arr, rows: np.ndarray) -> np.ndarray:
+def row_crc32c(rows: np.ndarray) -> np.ndarray:
+    """The CRC-32C of each row's bytes (the first axis; C-contiguous rows), uint32."""
+    import crc32c
+
+    return np.fromiter((crc32c.crc32c(row) for row in rows.reshape(len(rows), -1)), np.uint32, len(rows))
+
+
+def read_rows(arr, rows: np.ndarray, row_crcs: np.ndarray | None = None) -> np.ndarray:
     """arr[rows] for sorted, unique rows of the first axis. An array in the raw layout (`raw_layout`: features,
     codes) on a local or mounted filesystem is read from its storage files: each run of consecutive rows is one read
     of exactly its bytes (its inner chunk's offset from the shard's index), so a reader of scattered rows (a DDP
     rank's share of a shuffle window) reads those rows, not the inner chunks around them (Zarr's unit of a read,
-    encode.rows_per_chunk rows). Any other array is read through Zarr."""
+    encode.rows_per_chunk rows), and checks each against its CRC-32C in `row_crcs` (the store's `<name>_crc32c` at
+    those rows; RowChecksumError names the file). Any other array is read through Zarr (which checks its chunks)."""
     rows = np.asarray(rows, dtype=np.int64)
     root = getattr(arr.store, "root", None)
     if root is None or not raw_layout(arr):
@@ -248,6 +262,10 @@ def read_rows(arr, rows: np.ndarray) -> np.ndarray:
                 target = memoryview(flat[lo + run[0]:lo + run[-1] + 1]).cast("B")
                 if f.readinto(target) != len(target):
                     raise OSError(f"{path}: shorter than its shard index says (row {rows[lo + run[0]]})")
+        if row_crcs is not None:  # the rows read (an absent inner chunk is the fill value: nothing to check)
+            bad = np.flatnonzero(present & (row_crc32c(flat[lo:hi]) != row_crcs[lo:hi]))
+            if len(bad):
+                raise RowChecksumError(path, int(rows[lo + bad[0]]))
     return out.astype(arr.dtype, copy=False)
 
 
