@@ -75,11 +75,12 @@ from stages.plan.compute import encoder_flops
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = {
-    # the smoke config's encoder: input 56, patch 7 -> 8x8 tokens of 64 channels, 2 layers
+    # the smoke config's encoder: input 56, patch 7 -> 8x8 tokens of 64 channels, 2 layers (the decoder, unused,
+    # decodes them to the benchmark's 256 px)
     "smoke": ["encoder.input_size=56", "encoder.arch.embed_dim=64", "encoder.arch.depth=2",
-              "encoder.arch.num_heads=2", "encoder.arch.patch_size=7"],
+              "encoder.arch.num_heads=2", "encoder.arch.patch_size=7", "decoder.patch_size=32"],
     # the real DINOv2-B/reg4 at 224 (16x16 tokens of 768, 12 layers), random weights
-    "dinov2-b": ["encoder.input_size=224", "encoder.arch={}"],
+    "dinov2-b": ["encoder.input_size=224", "encoder.arch={}", "decoder.patch_size=16"],
 }
 
 

@@ -19,7 +19,8 @@ def test_gpu_benchmark_script_runs_on_cpu_at_smoke_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     results = report["results"]
-    assert report["mode"] == "cpu" and set(results) == {"encode-cpu-smoke", "train_flow-cpu-smoke", "sample-cpu-smoke"}
+    assert report["mode"] == "cpu" and set(results) == {"encode-cpu-smoke", "train_flow-cpu-smoke", "sample-cpu-smoke",
+                                                        "rehearse-cpu-smoke"}
     for name, part in results.items():
         assert "error" not in part, (name, (tmp_path / f"{name}.log").read_text()[-2000:])
     encode = results["encode-cpu-smoke"]
@@ -41,6 +42,10 @@ def test_gpu_benchmark_script_runs_on_cpu_at_smoke_size(tmp_path):
     assert sample["kv_two_pass"]["max_abs_diff"] < 1e-6  # batched CFG = two-pass CFG
     assert sample["jacobi"]["max_abs_diff"] < 1e-2 and sample["kv_vs_naive"] > 0
     assert set(sample["jacobi_per_block"]) == {"0", "1"} and sample["jacobi"]["passes_per_block"]["0"] >= 2
+    rehearse = results["rehearse-cpu-smoke"]
+    stages = list(rehearse["stages"])
+    assert stages[0] == "shard" and stages[-1] == "evaluate"
+    assert all(s["peak_rss_bytes"] > 0 and s["planned_peak_rss_bytes"] > 0 for s in rehearse["stages"].values())
 
 
 @pytest.mark.e2e

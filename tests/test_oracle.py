@@ -151,10 +151,12 @@ def test_a_folder_that_disagrees_with_the_config_is_refused_at_plan_time_naming_
                "decoder.intermediate_size=48", "decoder.patch_size=2", "src.dim=4", f"data.resolution={grid * 2}"]
     cfg = make_config(*fitting)
     assert len(encoder_weights_digest(cfg)) == 64 and len(decoder_inputs(cfg)["decoder_weights"]) == 64
-    for override, key in (("encoder.arch.depth=3", "encoder_num_hidden_layers"),
-                          (f"encoder.input_size={ours['input_size'] * 2}", "encoder_input_size"),
-                          ("decoder.depth=3", "decoder_num_hidden_layers")):
-        bad = make_config(*fitting, override)
+    # twice the input at patch 1 decodes to the same resolution: the config's shapes fit, the folder's do not
+    for overrides, key in ((["encoder.arch.depth=3"], "encoder_num_hidden_layers"),
+                           ([f"encoder.input_size={ours['input_size'] * 2}", "decoder.patch_size=1"],
+                            "encoder_input_size"),
+                           (["decoder.depth=3"], "decoder_num_hidden_layers")):
+        bad = make_config(*fitting, *overrides)
         with pytest.raises(ValueError) as err:
             encoder_weights_digest(bad)
             decoder_inputs(bad)

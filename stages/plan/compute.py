@@ -203,7 +203,8 @@ def _run_terms(plan, cfg: Config, data, measured: list[Measurement], target: Tar
     procs = 1 if single else min(scale.gpus if target.kind == "gpu" else cfg.runtime.workers, jobs)
     if stage == "evaluate":
         inception = [t for t in [record] if t] or [_flops_term("Inception-v3 (pool, logits, spatial)", plan.work,
-                                                               INCEPTION_FLOPS, "fp64", target, GPU_MFU)]
+                                                               INCEPTION_FLOPS, inception_precision(cfg), target,
+                                                               GPU_MFU)]
         return inception + _bayes_terms(cfg, data, target), procs
     if record is not None:
         return [record], procs
@@ -229,6 +230,11 @@ def _flops_term(what: str, units: int, flops_per_unit: float, precision: str, ta
     return Term(what, seconds, "run", "estimate", f"{units:,} x {flops_per_unit / 1e9:,.2f} GFLOP: {how}")
 
 
+def inception_precision(cfg: Config) -> str:
+    """The Inception's arithmetic (evaluate.inception_dtype) as a peak-rate key."""
+    return {"float64": "fp64", "float32": "fp32"}[cfg.evaluate.inception_dtype]
+
+
 def _per_unit(stage: str, cfg: Config) -> tuple[str, float, str, float]:
     """(what, FLOPs per unit of work, precision, share of the peak) of the stages timed by FLOPs."""
     from stages.plan.sizers import geometry, param_count
@@ -237,7 +243,8 @@ def _per_unit(stage: str, cfg: Config) -> tuple[str, float, str, float]:
     if stage == "compress":  # the SRC encoder branch: about half its parameters, per token
         return "SRC encoder forward per row", param_count("src", cfg) * tokens, "bf16", GPU_MFU
     if stage == "reference":
-        return "Inception-v3 per image (float64)", INCEPTION_FLOPS, "fp64", GPU_MFU
+        return (f"Inception-v3 per image ({cfg.evaluate.inception_dtype})", INCEPTION_FLOPS, inception_precision(cfg),
+                GPU_MFU)
     raise ValueError(f"no FLOP model for stage {stage!r}")
 
 

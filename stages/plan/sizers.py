@@ -264,13 +264,16 @@ def plan_evaluate(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
 
 
 def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> StagePlan:
-    """torch-fidelity's Inception runs in float64 here (pipeline/metrics/fidelity.py): 8 B per weight and value."""
+    """torch-fidelity's Inception runs in evaluate.inception_dtype (pipeline/metrics/fidelity.py): float64 by default,
+    8 B per weight and value (float32: 4)."""
     batch = min(cfg.evaluate.batch_size, max(images, 1))
+    size = 8 if cfg.evaluate.inception_dtype == "float64" else 4
     # its largest activations, 64 x 147 x 147 per image, a few alive at once; its weights also once in fp32
-    device = 12 * INCEPTION_PARAMS + batch * 64 * 147 * 147 * 8 * 6
+    device = (size + 4) * INCEPTION_PARAMS + batch * 64 * 147 * 147 * size * 6
     return StagePlan(name, "", images, "images", 1, outputs,
                      {"host_bytes": int(BASE_RSS + batch * cfg.data.resolution**2 * 3 * 2), "device_bytes": int(device),
-                      "basis": f"float64 Inception-v3 at 299 px, batch {batch}"}, None, batch_key="evaluate.batch_size")
+                      "basis": f"{cfg.evaluate.inception_dtype} Inception-v3 at 299 px, batch {batch}"}, None,
+                     batch_key="evaluate.batch_size")
 
 
 def _training(name: str, cfg: Config, steps: int, params: int, batch: int, seq: int, width: int, layers: int,

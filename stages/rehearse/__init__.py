@@ -288,7 +288,8 @@ def rehearsal_config(full: Config, store: Path, device: str, data_root: Path, cl
         # the generated tiny set: made in the scratch, its first classes; else the synsets read
         "data.classes": min(amounts.classes, full.data.generate_tiny.classes) if classes is None else classes,
         "data.max_per_class": amounts.images_per_class if classes is None or real_data else None,
-        **({} if classes is None else {"data.generate_tiny": None}),
+        # the tiny set is generated only where data.generate_tiny.root names: the scratch's data folder
+        **({"data.generate_tiny.root": str(data_root)} if classes is None else {"data.generate_tiny": None}),
         **{key: f["path"] for key, f in files.items()}, "evaluate.make_standin": False,
         **{f"{section}.{key}": value for section in ("fit_decoder", "src", "train")
            for key, value in (("steps", steps), ("ckpt_every", steps), ("log_every", 1))},
