@@ -167,7 +167,10 @@ def test_kill_9_of_srcflow_run_stops_its_prefect_server_and_frees_its_port(make_
         print(f"kill -9 -> server and all descendants gone: {seconds:.2f} s")
         assert tagged(tag) == []
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free again
+            # the port is free again: no socket listens on it (SO_REUSEADDR, as a server restarting binds: the
+            # closed connections' TIME_WAIT entries refuse a plain bind for a minute, which made this flaky)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
     finally:
         kill_all(descendants + tagged(tag))
         if run.poll() is None:

@@ -94,6 +94,16 @@ def plan_shard(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
                       "basis": "one image at a time per worker"}, None, batch_key="shard.workers")
 
 
+def checked_weights(plan: StagePlan, *params: int) -> StagePlan:
+    """A weights file is read whole and checked before its tensors are built from those bytes
+    (pipeline.integrity.read_verified, read_with_sha256): while its tensors are built the largest file's fp32 bytes
+    sit on the host beside them."""
+    largest = 4 * max(params)
+    plan.memory["host_bytes"] += largest
+    plan.memory["basis"] += f" + the checked bytes of its largest weights file ({largest / 1e9:.2f} GB)"
+    return plan
+
+
 def plan_encode(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     e = cfg.encode
     tokens, channels = geometry(cfg)
@@ -133,11 +143,12 @@ def plan_encode(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     per_image = 3 * cfg.encoder.input_size**2 * 4 + seq * width * act * 10
     device = (4 * params + (2 * params if bf16 else 0)  # fp32 weights (+ their bf16 copies under autocast)
               + jobs * (batch * per_image + shard_values * 18))
-    return StagePlan("encode", "", rows, "rows", cfg.runtime.workers, outputs,
-                     {"host_bytes": int(host), "device_bytes": int(device),
-                      "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {jobs} job(s) in flight, "
-                               f"each: a shard's features, float64 statistics temporaries, JPEGs and crops"}, None,
-                     batch_key="encode.batch_size", jobs=shards)
+    return checked_weights(StagePlan(
+        "encode", "", rows, "rows", cfg.runtime.workers, outputs,
+        {"host_bytes": int(host), "device_bytes": int(device),
+         "basis": f"{params / 1e6:.1f}M-param encoder, batch {batch}, {jobs} job(s) in flight, "
+                  f"each: a shard's features, float64 statistics temporaries, JPEGs and crops"}, None,
+        batch_key="encode.batch_size", jobs=shards), params)
 
 
 def plan_fit_decoder(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -155,8 +166,9 @@ def plan_fit_src(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     tokens, _ = geometry(cfg)
     extra = 4 * param_count("decoder", cfg)  # the frozen RAE decoder: the pixel loss, the grids and the report
     # encoder and decoder branches of `depth` blocks each, at width `hidden`
-    return _training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden, 2 * s.depth,
-                     "src.safetensors", "src.batch_size", scale, extra_device=extra)
+    return checked_weights(_training("fit_src", cfg, s.steps, param_count("src", cfg), s.batch_size, tokens, s.hidden,
+                                     2 * s.depth, "src.safetensors", "src.batch_size", scale, extra_device=extra),
+                           param_count("decoder", cfg))
 
 
 def plan_compress(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -195,8 +207,9 @@ def plan_train_flow(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     tokens, _ = geometry(cfg)
     layers = layers_of(cfg)
     grid = 4 * (param_count("decoder", cfg) + param_count("src", cfg))  # the TensorBoard grids' decoding models
-    return _training("train_flow", cfg, t.steps, param_count("flow", cfg, data.labels), t.batch_size, tokens + 1,
-                     f.width, sum(layers), "flow.safetensors", "train.batch_size", scale, extra_device=grid)
+    return checked_weights(_training("train_flow", cfg, t.steps, param_count("flow", cfg, data.labels), t.batch_size,
+                                     tokens + 1, f.width, sum(layers), "flow.safetensors", "train.batch_size", scale,
+                                     extra_device=grid), param_count("decoder", cfg), param_count("src", cfg))
 
 
 def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
@@ -216,11 +229,12 @@ def plan_sample(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     cache = max(layers_of(cfg)) * 2 * 2 * batch * (tokens + 1) * f.width * 4
     decode = batch * (tokens + 1) * cfg.decoder.hidden_size * 2 * 12
     device = 4 * (flow + dec + src) + cache + decode
-    return StagePlan("sample", "", scales * per_scale, "samples", cfg.runtime.workers, outputs,
-                     {"host_bytes": int(BASE_RSS + 2 * batch * r * r * 3), "device_bytes": int(device),
-                      "basis": f"{flow / 1e6:.0f}M flow + {dec / 1e6:.0f}M RAE decoder + KV cache at batch {batch} "
-                               f"x 2 CFG branches"}, None, batch_key="sample.batch_size",
-                     jobs=scales * math.ceil(per_scale / s.chunk_size))
+    return checked_weights(StagePlan(
+        "sample", "", scales * per_scale, "samples", cfg.runtime.workers, outputs,
+        {"host_bytes": int(BASE_RSS + 2 * batch * r * r * 3), "device_bytes": int(device),
+         "basis": f"{flow / 1e6:.0f}M flow + {dec / 1e6:.0f}M RAE decoder + KV cache at batch {batch} x 2 CFG "
+                  f"branches"}, None, batch_key="sample.batch_size", jobs=scales * math.ceil(per_scale / s.chunk_size)),
+        flow, dec, src)
 
 
 INCEPTION_PARAMS = 27_000_000  # the FID Inception-v3 (pool3 2048)
@@ -260,7 +274,7 @@ def plan_evaluate(cfg: Config, data: Dataset, scale: Scale) -> StagePlan:
     flow = param_count("flow", cfg, data.labels)  # the Bayes-rule pass holds the flow beside the Inception
     plan.memory["device_bytes"] += 4 * flow + FID_SQRTM_BYTES
     plan.memory["basis"] += f" + the {flow / 1e6:.0f}M flow (fp32) for the Bayes-rule pass + FID's matrix square roots"
-    return plan
+    return checked_weights(plan, flow)  # the Bayes pass loads the flow after the Inception is loaded
 
 
 def _inception(name: str, cfg: Config, images: int, outputs: list[Output]) -> StagePlan:
