@@ -121,6 +121,8 @@ def run_pull_steps(jobs: list[tuple[list, str]], cwd: Path, **env: str) -> list[
     """Each (pull steps, entrypoint): the steps, then the entrypoint's import, in a fresh process started in `cwd`,
     as a worker's flow run does them, with nothing of this checkout on the path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SRCFLOW_HOME")} | env
+    # the pull steps start Prefect's temporary server, whose 20 s start-up limit a busy machine misses (as srcflow's)
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     r = subprocess.run([sys.executable, "-c", PULL, json.dumps(jobs)], cwd=cwd, env=env, check=False,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
