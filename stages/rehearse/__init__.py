@@ -446,8 +446,9 @@ def _run_one(cfg: Config, stage: str, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                           os.environ.get("PYTHONPATH", "")])}
     try:  # the child's log goes where ours goes: stderr itself, or (a stream without a file) through a pipe
-        out = sys.stderr.fileno() and sys.stderr
-    except (AttributeError, OSError):
+        sys.stderr.fileno()
+        out = sys.stderr
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
         out = subprocess.PIPE
     proc = subprocess.run([sys.executable, "-m", "stages.rehearse.measure", str(request), str(result)],
                           env=env, stdout=out, stderr=subprocess.STDOUT if out is subprocess.PIPE else None,
